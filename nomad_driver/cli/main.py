@@ -1,0 +1,103 @@
+"""The `pyhpc` command: install the plugin, check jobspecs, show the configuration reference."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from nomad_driver import __version__
+
+PACKAGE_PARENT = Path(__file__).resolve().parents[2]
+
+
+def install_plugin(plugin_dir: str, name: str) -> int:
+    """Write an executable launcher that Nomad runs from its plugin_dir."""
+    directory = Path(plugin_dir)
+    if not directory.is_dir():
+        print(f"pyhpc: --plugin-dir {plugin_dir}: no such directory", file=sys.stderr)
+        return 2
+    launcher = (
+        f"#!{sys.executable}\n"
+        "# Installed by `pyhpc install-plugin`: Nomad runs this file as the pyhpc task driver.\n"
+        "import sys\n"
+        f"sys.path.insert(0, {str(PACKAGE_PARENT)!r})\n"
+        "from nomad_driver.driver.main import main\n"
+        "sys.exit(main())\n"
+    )
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".pyhpc-")
+    with os.fdopen(fd, "w") as f:
+        f.write(launcher)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, directory / name)
+    print(f"installed {directory / name}")
+    print(f'add to the agent configuration:  plugin "{name}" {{ config {{ }} }}')
+    return 0
+
+
+def validate(paths: list[str]) -> int:
+    from nomad_driver.driver import jobspec
+
+    failed = False
+    for path in paths:
+        try:
+            reports = jobspec.check(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            print(f"{path}: {err}", file=sys.stderr)
+            failed = True
+            continue
+        if not reports:
+            print(f"{path}: no task uses driver \"pyhpc\"")
+        for r in reports:
+            where = f"{path}:{r.line}: job {r.job!r} group {r.group!r} task {r.task!r}"
+            if r.problems:
+                failed = True
+                for problem in r.problems:
+                    print(f"{where}: {problem}", file=sys.stderr)
+            else:
+                print(f"{where}: ok")
+    return 1 if failed else 0
+
+
+def config_reference() -> int:
+    from nomad_driver.driver import config
+    from nomad_driver.wire import schema
+
+    print("### Plugin options (`plugin \"pyhpc\" { config { ... } }`)\n")
+    print(schema.markdown_table(config.PluginConfig))
+    print("\n### Task options (`config { ... }` of a task with `driver = \"pyhpc\"`)\n")
+    print(schema.markdown_table(config.TaskConfig))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pyhpc",
+        description="pyhpc: a Nomad task driver for HPC jobs in SquashFS containers.",
+    )
+    p.add_argument("--version", action="version", version=f"pyhpc {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    inst = sub.add_parser("install-plugin", help="install the driver into a Nomad plugin_dir")
+    inst.add_argument("--plugin-dir", required=True, help="the agent's plugin_dir")
+    inst.add_argument("--name", default="pyhpc", help="file name; must match the plugin block label")
+    job = sub.add_parser("jobspec", help="work with jobspecs")
+    job_sub = job.add_subparsers(dest="jobspec_command", required=True, metavar="ACTION")
+    val = job_sub.add_parser("validate", help="check the config of every pyhpc task")
+    val.add_argument("files", nargs="+", metavar="FILE")
+    sub.add_parser("config-reference", help="print the plugin and task option tables")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "install-plugin":
+        return install_plugin(args.plugin_dir, args.name)
+    if args.command == "jobspec":
+        return validate(args.files)
+    return config_reference()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

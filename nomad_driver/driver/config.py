@@ -1,0 +1,90 @@
+"""The plugin's two configurations, each declared once: the agent's `plugin "pyhpc" { config {} }`
+block and a task's `config {}` block. Their hclspec, decoding and docs all come from here."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from nomad_driver.wire.schema import option
+
+PLUGIN_NAME = "pyhpc"
+
+
+def _absolute(value: Any) -> str | None:
+    return None if str(value).startswith("/") else "must be an absolute path"
+
+
+def _absolute_dir_name(value: Any) -> str | None:
+    if not str(value).startswith("/"):
+        return "must be an absolute path"
+    if len(os.path.join(str(value), "tasks", "x" * 40, "control.sock")) > 107:
+        return "is too long for the task control sockets (unix socket paths are limited to 107 bytes)"
+    return None
+
+
+def _no_nul(value: Any) -> str | None:
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return "must not contain NUL bytes" if any("\0" in str(v) for v in items) else None
+
+
+@dataclass(frozen=True)
+class PluginConfig:
+    """`plugin "pyhpc" { config { ... } }` in the Nomad agent configuration."""
+
+    run_dir: str = option(
+        "string",
+        default="/run/pyhpc",
+        doc="Where task supervisors keep their sockets and exit status (one directory per task).",
+        check=_absolute_dir_name,
+    )
+    fingerprint_period: str = option(
+        "string",
+        default="30s",
+        doc='How often the driver re-checks its health, as a duration ("30s", "1m").',
+        check=lambda v: None if parse_duration(v) is not None else 'must be a duration like "30s"',
+    )
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """`config { ... }` of a task with `driver = "pyhpc"`."""
+
+    image: str = option(
+        "string",
+        doc="Absolute path of the SquashFS image on the client node.",
+        check=_absolute,
+    )
+    command: str = option(
+        "string",
+        doc="Program to run inside the image: an absolute path or a name looked up in PATH.",
+        check=lambda v: "must not be empty" if not str(v).strip() else _no_nul(v),
+    )
+    args: tuple[str, ...] = option(
+        "list(string)", default=(), doc="Arguments passed to the command.", check=_no_nul
+    )
+    work_dir: str = option(
+        "string", default="/", doc="Working directory inside the container.", check=_absolute
+    )
+
+
+def parse_duration(text: Any) -> float | None:
+    """Seconds in a Go-style duration such as "30s", "1m30s" or "500ms"; None if malformed."""
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    rest, total = str(text).strip(), 0.0
+    if not rest:
+        return None
+    while rest:
+        number = ""
+        while rest and (rest[0].isdigit() or rest[0] == "."):
+            number, rest = number + rest[0], rest[1:]
+        unit = next((u for u in ("ms", "s", "m", "h") if rest.startswith(u)), None)
+        if not number or unit is None:
+            return None
+        try:
+            total += float(number) * units[unit]
+        except ValueError:
+            return None
+        rest = rest[len(unit):]
+    return total

@@ -1,0 +1,63 @@
+"""Checking the `config {}` of every pyhpc task in a jobspec before Nomad sees it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import hcl2
+from hcl2.utils import SerializationOptions
+
+from nomad_driver.driver import config
+from nomad_driver.wire import schema
+
+_OPTIONS = SerializationOptions(
+    with_comments=False, explicit_blocks=False, strip_string_quotes=True, with_meta=True
+)
+
+
+@dataclass(frozen=True)
+class TaskReport:
+    job: str
+    group: str
+    task: str
+    line: int
+    problems: tuple[str, ...]
+
+
+def _labelled(blocks: Any) -> list[tuple[str, dict[str, Any]]]:
+    """python-hcl2 gives `block "label" {}` as [{label: body}, ...]."""
+    found = []
+    for item in blocks if isinstance(blocks, list) else [blocks]:
+        if isinstance(item, dict):
+            found += [(label, body) for label, body in item.items() if isinstance(body, dict)]
+    return found
+
+
+def _config_values(block: Any) -> dict[str, Any]:
+    body = block[0] if isinstance(block, list) and block else block
+    if not isinstance(body, dict):
+        return {}
+    return {k: v for k, v in body.items() if not k.startswith("__")}
+
+
+def check(text: str) -> list[TaskReport]:
+    """One report per pyhpc task; raises ValueError when the text is not HCL."""
+    try:
+        parsed = hcl2.loads(text, serialization_options=_OPTIONS)
+    except Exception as err:  # noqa: BLE001 - the parser raises many types
+        raise ValueError(f"not a valid HCL jobspec: {err}") from err
+    reports = []
+    for job_name, job in _labelled(parsed.get("job", [])):
+        for group_name, group in _labelled(job.get("group", [])):
+            for task_name, task in _labelled(group.get("task", [])):
+                if task.get("driver") != config.PLUGIN_NAME:
+                    continue
+                problems: tuple[str, ...] = ()
+                try:
+                    schema.load(config.TaskConfig, _config_values(task.get("config", {})), "")
+                except schema.ConfigError as err:
+                    problems = tuple(err.problems)
+                line = int(task.get("__start_line__", 0))
+                reports.append(TaskReport(job_name, group_name, task_name, line, problems))
+    return reports

@@ -1,0 +1,37 @@
+"""`nomad-driver-pyhpc`: the executable Nomad launches from its plugin_dir."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+import grpc
+
+from nomad_driver.goplugin import hclog, server
+
+NOMAD_HANDSHAKE = server.Handshake(
+    cookie_key="NOMAD_PLUGIN_MAGIC_COOKIE",
+    cookie_value="e4327c2e01eabfd75a8a67adb114fb34a757d57eee7728d857a8cec6e91a7255",
+    app_protocol_version=2,
+)
+
+
+def _register(grpc_server: grpc.Server, stop: threading.Event) -> None:
+    from nomad_driver.driver.service import DriverService
+    from nomad_driver.proto import base_pb2_grpc, driver_pb2_grpc
+
+    service = DriverService(stop)
+    base_pb2_grpc.add_BasePluginServicer_to_server(service, grpc_server)
+    driver_pb2_grpc.add_DriverServicer_to_server(service, grpc_server)
+
+
+def main() -> int:
+    level = os.environ.get("PYHPC_LOG_LEVEL", "debug").upper()
+    fallback = os.environ.get("PYHPC_LOG_FILE", "/var/log/pyhpc/plugin.log")
+    hclog.setup("pyhpc", getattr(hclog.logging, level, hclog.logging.DEBUG), fallback)
+    return server.serve(NOMAD_HANDSHAKE, _register)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,468 @@
+"""The Nomad BasePlugin and Driver services: each RPC maps onto the runtime and a TaskHandle.
+
+Rules from Nomad's Go client that shape this file: every sub-message the client dereferences is
+always set, long-lived streams never end on their own, StartTask fails with a gRPC error, and
+UNAVAILABLE is never used for an application error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf import any_pb2, timestamp_pb2
+from google.rpc import code_pb2, status_pb2
+from grpc_status import rpc_status
+
+from nomad_driver import __version__
+from nomad_driver.driver import config, execio
+from nomad_driver.driver.handle import TaskHandle
+from nomad_driver.driver.state import DriverState, StateError
+from nomad_driver.proto import base_pb2, driver_pb2, structs_pb2
+from nomad_driver.runtime import client, execs
+from nomad_driver.runtime.container import ContainerError
+from nomad_driver.runtime.spec import BindMount, ContainerSpec, ExitStatus
+from nomad_driver.runtime.stats import cpu_mhz
+from nomad_driver.wire import schema
+
+log = logging.getLogger("pyhpc.driver")
+API_VERSION = "v0.1.0"
+HANDLE_VERSION = 1
+STOP_GRACE_AFTER_KILL = 10.0
+
+
+def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str,
+          recoverable: bool | None = None) -> NoReturn:
+    """End the RPC with an error; with recoverable set, Nomad applies the restart policy."""
+    if recoverable is None:
+        context.abort(code, message)
+    detail = any_pb2.Any()
+    detail.Pack(structs_pb2.RecoverableError(recoverable=recoverable))
+    status = status_pb2.Status(code=code.value[0], message=message, details=[detail])
+    context.abort_with_status(rpc_status.to_status(status))
+    raise AssertionError("unreachable")  # abort_with_status raises
+
+
+def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def exit_result(status: ExitStatus | None) -> driver_pb2.ExitResult:
+    if status is None:
+        return driver_pb2.ExitResult(exit_code=0)
+    return driver_pb2.ExitResult(
+        exit_code=status.exit_code, signal=status.signal, oom_killed=status.oom_killed
+    )
+
+
+def parse_signal(name: str) -> int:
+    """"SIGTERM", "TERM", "sigterm" or "15" to a number; ValueError names what was wrong."""
+    text = name.strip().upper()
+    if text.isdigit() and 0 < int(text) < signal.NSIG:
+        return int(text)
+    if text and not text.startswith("SIG"):
+        text = "SIG" + text
+    try:
+        return int(signal.Signals[text])
+    except KeyError:
+        raise ValueError(f"unknown signal {name!r}") from None
+
+
+def run_key(task_id: str, name: str) -> str:
+    """A short, unique, path-safe directory name for a task id (alloc/task/random)."""
+    digest = hashlib.sha256(task_id.encode()).hexdigest()[:16]
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:24]
+    return f"{safe}-{digest}"
+
+
+class EventHub:
+    """Fan-out of driver task events to every open TaskEvents stream."""
+
+    def __init__(self) -> None:
+        self._subscribers: list[queue.Queue[driver_pb2.DriverTaskEvent]] = []
+        self._lock = threading.Lock()
+
+    def subscribe(self) -> queue.Queue[driver_pb2.DriverTaskEvent]:
+        q: queue.Queue[driver_pb2.DriverTaskEvent] = queue.Queue()
+        with self._lock:
+            self._subscribers.append(q)
+        return q
+
+    def unsubscribe(self, q: queue.Queue[driver_pb2.DriverTaskEvent]) -> None:
+        with self._lock:
+            if q in self._subscribers:
+                self._subscribers.remove(q)
+
+    def emit(self, handle: TaskHandle, message: str, **annotations: str) -> None:
+        event = driver_pb2.DriverTaskEvent(
+            task_id=handle.task_id, alloc_id=handle.alloc_id, task_name=handle.name,
+            timestamp=timestamp(time.time()), message=message, annotations=annotations,
+        )
+        with self._lock:
+            for q in self._subscribers:
+                q.put(event)
+
+
+def health_problems() -> list[str]:
+    """What this node lacks to run pyhpc containers (empty when healthy)."""
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("the plugin must run as root (Nomad's client runs as root)")
+    try:
+        with open("/proc/filesystems", encoding="ascii") as f:
+            filesystems = f.read().split()
+    except OSError:
+        filesystems = []
+    for fs in ("squashfs", "overlay"):
+        if fs not in filesystems:
+            problems.append(f"the kernel has no {fs} filesystem")
+    if not os.path.exists("/dev/loop-control"):
+        problems.append("/dev/loop-control is missing (loop devices are needed to mount images)")
+    if shutil.which("nsenter") is None:
+        problems.append("nsenter (util-linux) is not on PATH; exec into tasks needs it")
+    return problems
+
+
+class DriverService:
+    """Implements both BasePlugin and Driver; registered once for each service."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        self.stop = stop
+        self.config = config.PluginConfig()
+        self.tasks: dict[str, TaskHandle] = {}
+        self.lock = threading.Lock()
+        self.events = EventHub()
+        self.mhz = cpu_mhz()
+
+    # ---- BasePlugin -------------------------------------------------------------------------
+
+    def PluginInfo(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return base_pb2.PluginInfoResponse(
+            type=base_pb2.DRIVER, plugin_api_versions=[API_VERSION],
+            plugin_version=__version__, name=config.PLUGIN_NAME,
+        )
+
+    def ConfigSchema(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return base_pb2.ConfigSchemaResponse(spec=schema.hclspec(config.PluginConfig))
+
+    def SetConfig(self, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            loaded = schema.load(
+                config.PluginConfig, request.msgpack_config, 'plugin "pyhpc" config'
+            )
+        except schema.ConfigError as err:
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        self.config = loaded
+        log.info("configured", extra={"kv": {"run_dir": loaded.run_dir}})
+        return base_pb2.SetConfigResponse()
+
+    # ---- Driver: node-level -----------------------------------------------------------------
+
+    def TaskConfigSchema(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return driver_pb2.TaskConfigSchemaResponse(spec=schema.hclspec(config.TaskConfig))
+
+    def Capabilities(self, request: Any, context: grpc.ServicerContext) -> Any:
+        caps = driver_pb2.DriverCapabilities(
+            send_signals=True,
+            exec=True,
+            fs_isolation=driver_pb2.DriverCapabilities.IMAGE,
+            network_isolation_modes=[driver_pb2.NetworkIsolationSpec.HOST],
+            mount_configs=driver_pb2.DriverCapabilities.ANY_MOUNTS,
+        )
+        return driver_pb2.CapabilitiesResponse(capabilities=caps)
+
+    def _fingerprint(self) -> Any:
+        problems = health_problems()
+        attrs = {
+            "driver.pyhpc": structs_pb2.Attribute(bool_val=True),
+            "driver.pyhpc.version": structs_pb2.Attribute(string_val=__version__),
+            "driver.pyhpc.runtime": structs_pb2.Attribute(string_val="squashfs+overlay"),
+        }
+        state = driver_pb2.FingerprintResponse.HEALTHY
+        description = "Healthy"
+        if problems:
+            state = driver_pb2.FingerprintResponse.UNHEALTHY
+            description = "; ".join(problems)
+        return driver_pb2.FingerprintResponse(
+            attributes=attrs, health=state, health_description=description
+        )
+
+    def Fingerprint(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        done = threading.Event()
+        context.add_callback(done.set)
+        period = config.parse_duration(self.config.fingerprint_period) or 30.0
+        while not done.is_set() and not self.stop.is_set():
+            yield self._fingerprint()
+            done.wait(period)
+
+    def TaskEvents(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        q = self.events.subscribe()
+        done = threading.Event()
+        context.add_callback(done.set)
+        try:
+            while not done.is_set() and not self.stop.is_set():
+                try:
+                    yield q.get(timeout=1.0)
+                except queue.Empty:
+                    continue
+        finally:
+            self.events.unsubscribe(q)
+
+    # ---- Driver: task lifecycle -------------------------------------------------------------
+
+    def _handle(self, task_id: str, context: grpc.ServicerContext) -> TaskHandle:
+        with self.lock:
+            handle = self.tasks.get(task_id)
+        if handle is None:
+            abort(context, grpc.StatusCode.NOT_FOUND, f"task {task_id!r} is not known to pyhpc")
+        return handle
+
+    def _container_spec(self, task: Any, cfg: config.TaskConfig) -> ContainerSpec:
+        task_dir = os.path.join(task.alloc_dir, task.name)
+        mounts = [
+            BindMount(os.path.join(task.alloc_dir, "alloc"), "/alloc"),
+            BindMount(os.path.join(task_dir, "local"), "/local"),
+            BindMount(os.path.join(task_dir, "secrets"), "/secrets"),
+        ]
+        mounts += [BindMount(m.host_path, m.task_path, m.readonly) for m in task.mounts]
+        return ContainerSpec(
+            task_id=task.id, hostname=task.name[:63], image=cfg.image, command=cfg.command,
+            args=cfg.args, env=dict(task.env), work_dir=cfg.work_dir, user=task.user,
+            stdout_path=task.stdout_path or os.devnull, stderr_path=task.stderr_path or os.devnull,
+            mounts=tuple(mounts),
+        )
+
+    def StartTask(self, request: Any, context: grpc.ServicerContext) -> Any:
+        task = request.task
+        where = f'task "{task.name}" config'
+        try:
+            cfg = schema.load(config.TaskConfig, task.msgpack_driver_config, where)
+        except schema.ConfigError as err:
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        if not os.path.isfile(cfg.image):
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                  f"{where}: option 'image' = {cfg.image!r}: no such file on node {task.node_name!r}")
+        with self.lock:
+            if task.id in self.tasks:
+                abort(context, grpc.StatusCode.ALREADY_EXISTS, f"task {task.id!r} is already running")
+        run_dir = os.path.join(self.config.run_dir, "tasks", run_key(task.id, task.name))
+        os.makedirs(os.path.dirname(run_dir), mode=0o700, exist_ok=True)
+        try:
+            started = client.start(self._container_spec(task, cfg), run_dir)
+        except (client.StartError, OSError) as err:
+            client.remove(run_dir)
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"{where}: {err}")
+        state = DriverState(run_dir, started.supervisor_pid, started.init_pid, started.started_at)
+        handle = TaskHandle(task.id, task.name, task.alloc_id, state)
+        with self.lock:
+            self.tasks[task.id] = handle
+        log.info("task started", extra={"kv": {"task_id": task.id, "init_pid": started.init_pid}})
+        return driver_pb2.StartTaskResponse(
+            result=driver_pb2.StartTaskResponse.SUCCESS,
+            handle=driver_pb2.TaskHandle(
+                version=HANDLE_VERSION, config=task, state=driver_pb2.RUNNING,
+                driver_state=state.encode(),
+            ),
+        )
+
+    def RecoverTask(self, request: Any, context: grpc.ServicerContext) -> Any:
+        task = request.handle.config
+        task_id = task.id or request.task_id
+        with self.lock:
+            if task_id in self.tasks:
+                return driver_pb2.RecoverTaskResponse()
+        try:
+            state = DriverState.decode(request.handle.driver_state)
+        except StateError as err:
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"cannot recover {task_id!r}: {err}")
+        if not os.path.isdir(state.run_dir):
+            abort(context, grpc.StatusCode.NOT_FOUND,
+                  f"cannot recover {task_id!r}: its run directory {state.run_dir} is gone")
+        if client.exit_status(state.run_dir) is None and not client.alive(state.run_dir):
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                  f"cannot recover {task_id!r}: its supervisor is gone and left no exit status")
+        handle = TaskHandle(task_id, task.name, task.alloc_id, state)
+        with self.lock:
+            self.tasks.setdefault(task_id, handle)
+        log.info("task recovered", extra={"kv": {"task_id": task_id}})
+        self.events.emit(handle, "Task recovered by the pyhpc plugin")
+        return driver_pb2.RecoverTaskResponse()
+
+    def WaitTask(self, request: Any, context: grpc.ServicerContext) -> Any:
+        handle = self._handle(request.task_id, context)
+        while context.is_active():
+            result = handle.wait(1.0)
+            if result is not None:
+                return driver_pb2.WaitTaskResponse(result=exit_result(result), err=result.err)
+        abort(context, grpc.StatusCode.CANCELLED, "wait cancelled")
+
+    def StopTask(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with self.lock:
+            handle = self.tasks.get(request.task_id)
+        if handle is None or handle.exited.is_set():
+            return driver_pb2.StopTaskResponse()
+        try:
+            signum = parse_signal(request.signal) if request.signal else signal.SIGTERM
+        except ValueError as err:
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"kill_signal: {err}")
+        timeout = request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else 5.0
+        self._stop(handle, signum, timeout)
+        return driver_pb2.StopTaskResponse()
+
+    def _stop(self, handle: TaskHandle, signum: int, timeout: float) -> None:
+        """Signal, wait up to timeout, then SIGKILL the whole container."""
+        try:
+            if timeout > 0:
+                client.send_signal(handle.run_dir, signum)
+                self.events.emit(handle, f"Sent {signal.Signals(signum).name}, waiting {timeout:g}s")
+                if handle.wait(timeout) is not None:
+                    return
+            client.send_signal(handle.run_dir, signal.SIGKILL)
+            if timeout > 0:
+                self.events.emit(handle, f"Task did not stop within {timeout:g}s: sent SIGKILL")
+        except OSError:
+            pass  # the supervisor is gone: the task has exited
+        handle.wait(STOP_GRACE_AFTER_KILL)
+
+    def DestroyTask(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with self.lock:
+            handle = self.tasks.get(request.task_id)
+        if handle is None:
+            return driver_pb2.DestroyTaskResponse()
+        if not handle.exited.is_set():
+            if not request.force:
+                abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                      f"task {request.task_id!r} is still running; stop it first or use force")
+            self._stop(handle, signal.SIGKILL, 0)
+        with self.lock:
+            self.tasks.pop(request.task_id, None)
+        client.remove(handle.run_dir)
+        return driver_pb2.DestroyTaskResponse()
+
+    def InspectTask(self, request: Any, context: grpc.ServicerContext) -> Any:
+        handle = self._handle(request.task_id, context)
+        result = handle.result if handle.exited.is_set() else None
+        status = driver_pb2.TaskStatus(
+            id=handle.task_id, name=handle.name,
+            state=driver_pb2.EXITED if result else driver_pb2.RUNNING,
+            started_at=timestamp(handle.state.started_at),
+            completed_at=timestamp(result.completed_at if result else 0),
+            result=exit_result(result),
+        )
+        driver = driver_pb2.TaskDriverStatus(attributes={"run_dir": handle.run_dir})
+        return driver_pb2.InspectTaskResponse(task=status, driver=driver)
+
+    def TaskStats(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        with self.lock:
+            handle = self.tasks.get(request.task_id)
+        if handle is None:
+            return
+        interval = 1.0
+        if request.HasField("collection_interval"):
+            interval = max(request.collection_interval.ToTimedelta().total_seconds(), 0.1)
+        while context.is_active() and not handle.exited.is_set():
+            yield driver_pb2.TaskStatsResponse(stats=self._task_stats(handle))
+            handle.exited.wait(interval)
+
+    def _task_stats(self, handle: TaskHandle) -> Any:
+        usage = handle.usage()
+        cpu_fields = [
+            driver_pb2.CPUUsage.SYSTEM_MODE, driver_pb2.CPUUsage.USER_MODE,
+            driver_pb2.CPUUsage.PERCENT, driver_pb2.CPUUsage.TOTAL_TICKS,
+        ]
+        mem_fields = [driver_pb2.MemoryUsage.RSS]
+
+        def resource(percent: float, user: float, system: float, rss: int) -> Any:
+            return driver_pb2.TaskResourceUsage(
+                cpu=driver_pb2.CPUUsage(
+                    user_mode=user, system_mode=system, percent=percent,
+                    total_ticks=percent / 100.0 * self.mhz, measured_fields=cpu_fields,
+                ),
+                memory=driver_pb2.MemoryUsage(rss=rss, measured_fields=mem_fields),
+            )
+
+        return driver_pb2.TaskStats(
+            id=handle.task_id,
+            timestamp=timestamp(usage.timestamp),
+            agg_resource_usage=resource(
+                usage.percent, usage.user_seconds, usage.system_seconds, usage.rss_bytes
+            ),
+            resource_usage_by_pid={
+                str(pid): resource(0.0, u.user_seconds, u.system_seconds, u.rss_bytes)
+                for pid, u in usage.by_pid.items()
+            },
+        )
+
+    def SignalTask(self, request: Any, context: grpc.ServicerContext) -> Any:
+        handle = self._handle(request.task_id, context)
+        try:
+            signum = parse_signal(request.signal)
+        except ValueError as err:
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        if handle.exited.is_set():
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION, "the task has already exited")
+        try:
+            client.send_signal(handle.run_dir, signum)
+        except OSError as err:
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"cannot signal the task: {err}")
+        return driver_pb2.SignalTaskResponse()
+
+    # ---- exec -------------------------------------------------------------------------------
+
+    def _exec_argv(self, task_id: str, command: list[str], context: grpc.ServicerContext) -> list[str]:
+        handle = self._handle(task_id, context)
+        if handle.exited.is_set() or not execs.container_running(handle.state.init_pid):
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION, "the task is not running")
+        spec = handle.spec()
+        try:
+            return execs.exec_argv(handle.state.init_pid, command, spec.work_dir, spec.user)
+        except ContainerError as err:
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
+
+    def ExecTask(self, request: Any, context: grpc.ServicerContext) -> Any:
+        argv = self._exec_argv(request.task_id, list(request.command), context)
+        spec = self._handle(request.task_id, context).spec()
+        timeout = None
+        if request.HasField("timeout") and request.timeout.ToTimedelta().total_seconds() > 0:
+            timeout = request.timeout.ToTimedelta().total_seconds()
+        try:
+            done = subprocess.run(argv, env=spec.env, capture_output=True, timeout=timeout,
+                                  stdin=subprocess.DEVNULL, check=False)
+        except subprocess.TimeoutExpired as err:
+            return driver_pb2.ExecTaskResponse(
+                stdout=err.stdout or b"", stderr=err.stderr or b"",
+                result=driver_pb2.ExitResult(exit_code=124),
+            )
+        code = done.returncode
+        result = driver_pb2.ExitResult(exit_code=128 - code if code < 0 else code,
+                                       signal=-code if code < 0 else 0)
+        return driver_pb2.ExecTaskResponse(stdout=done.stdout, stderr=done.stderr, result=result)
+
+    def ExecTaskStreaming(self, request_iterator: Iterator[Any],
+                          context: grpc.ServicerContext) -> Iterator[Any]:
+        first = next(request_iterator, None)
+        if first is None or not first.HasField("setup"):
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, "the first message must be setup")
+        setup = first.setup
+        argv = self._exec_argv(setup.task_id, list(setup.command), context)
+        env = self._handle(setup.task_id, context).spec().env
+        yield from execio.stream(argv, env, setup.tty, request_iterator, context)
+
+    def CreateNetwork(self, request: Any, context: grpc.ServicerContext) -> Any:
+        abort(context, grpc.StatusCode.UNIMPLEMENTED, "pyhpc does not create networks")
+
+    def DestroyNetwork(self, request: Any, context: grpc.ServicerContext) -> Any:
+        abort(context, grpc.StatusCode.UNIMPLEMENTED, "pyhpc does not create networks")

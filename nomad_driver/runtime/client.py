@@ -1,0 +1,141 @@
+"""The plugin's side of a task supervisor: start one, wait for it, signal it, read its result.
+
+Everything goes through the task's run directory (spec, state, exit file and control socket),
+so a plugin process that did not start the supervisor can still drive it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from nomad_driver.runtime.spec import ContainerSpec, ExitStatus
+from nomad_driver.runtime.supervisor import EXIT_FILE, SOCKET_FILE, SPEC_FILE, STATE_FILE
+
+PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
+
+
+class StartError(Exception):
+    """The container did not start; the message says why, for the task's events."""
+
+
+@dataclass(frozen=True)
+class Started:
+    run_dir: str
+    supervisor_pid: int
+    init_pid: int
+    started_at: float
+
+
+def start(spec: ContainerSpec, run_dir: str, timeout: float = 60.0) -> Started:
+    """Launch a supervisor for spec and return once the task's command is running."""
+    os.makedirs(run_dir, mode=0o700, exist_ok=False)
+    with open(os.path.join(run_dir, SPEC_FILE), "w", encoding="utf-8") as f:
+        f.write(spec.to_json())
+    ready_r, ready_w = os.pipe()
+    log = os.open(os.path.join(run_dir, "supervisor.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nomad_driver.runtime.supervisor", run_dir, str(ready_w)],
+            pass_fds=(ready_w,),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            # Its own session: neither the agent's Ctrl-C nor the plugin's death reaches it.
+            start_new_session=True,
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": PACKAGE_PARENT},
+        )
+    finally:
+        os.close(ready_w)
+        os.close(log)
+    # Reap it while this plugin lives; after a plugin restart init does.
+    threading.Thread(target=proc.wait, name=f"reap-{proc.pid}", daemon=True).start()
+    try:
+        line = _read_line(ready_r, timeout)
+    finally:
+        os.close(ready_r)
+    if not line:
+        proc.kill()
+        raise StartError(f"the task supervisor did not report within {timeout:.0f}s; see {run_dir}/supervisor.log")
+    message = json.loads(line)
+    if "error" in message:
+        raise StartError(str(message["error"]))
+    return Started(run_dir, proc.pid, int(message["init_pid"]), float(message["started_at"]))
+
+
+def _read_line(fd: int, timeout: float) -> str:
+    data = b""
+    while not data.endswith(b"\n"):
+        ready, _, _ = select.select([fd], [], [], timeout)
+        if not ready:
+            return ""
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace")
+
+
+def exit_status(run_dir: str) -> ExitStatus | None:
+    try:
+        with open(os.path.join(run_dir, EXIT_FILE), encoding="utf-8") as f:
+            return ExitStatus.from_json(f.read())
+    except FileNotFoundError:
+        return None
+
+
+def state(run_dir: str) -> dict[str, float]:
+    with open(os.path.join(run_dir, STATE_FILE), encoding="utf-8") as f:
+        loaded: dict[str, float] = json.load(f)
+    return loaded
+
+
+def _request(run_dir: str, line: str, timeout: float | None) -> str:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(os.path.join(run_dir, SOCKET_FILE))
+        sock.sendall((line + "\n").encode())
+        return sock.makefile("r").readline().strip()
+
+
+def wait(run_dir: str) -> ExitStatus:
+    """Block until the task has exited and return how."""
+    done = exit_status(run_dir)
+    if done is not None:
+        return done
+    try:
+        reply = _request(run_dir, "wait", None)
+    except OSError:
+        reply = ""
+    if reply:
+        return ExitStatus.from_json(reply)
+    # The supervisor went away: it wrote the exit file first, unless it was killed itself.
+    done = exit_status(run_dir)
+    if done is not None:
+        return done
+    return ExitStatus(exit_code=-1, err="the task supervisor died; the task's exit status is lost")
+
+
+def alive(run_dir: str) -> bool:
+    return os.path.exists(os.path.join(run_dir, SOCKET_FILE)) and exit_status(run_dir) is None
+
+
+def send_signal(run_dir: str, signum: int) -> None:
+    if exit_status(run_dir) is not None:
+        return
+    reply = _request(run_dir, "kill" if signum == signal.SIGKILL else f"signal {signum}", 5.0)
+    if reply != "ok":
+        raise OSError(f"supervisor refused the signal: {reply}")
+
+
+def remove(run_dir: str) -> None:
+    shutil.rmtree(run_dir, ignore_errors=True)

@@ -1,0 +1,219 @@
+"""Building a container's root and starting its command, as a sequence of small steps.
+
+Every step runs inside the container's init process, after it entered fresh mount, UTS and IPC
+namespaces (and as PID 1 of a fresh PID namespace), so every mount made here disappears with
+the namespace: nothing is left on the host when the task ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+import struct
+
+from nomad_driver.runtime import linux
+from nomad_driver.runtime.spec import BindMount, ContainerSpec
+
+LOOP_CTL_GET_FREE = 0x4C82
+LOOP_CONFIGURE = 0x4C0A
+LO_FLAGS_READ_ONLY = 1
+LO_FLAGS_AUTOCLEAR = 4
+DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
+
+
+class ContainerError(Exception):
+    """A step failed; the message names the step and the path involved."""
+
+
+def enter_namespaces(spec: ContainerSpec) -> None:
+    linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC)
+    # Nothing mounted from here on may propagate back to the host.
+    linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    linux.sethostname(spec.hostname)
+
+
+def attach_loop(image: str) -> tuple[str, int]:
+    """Attach the image read-only to a free loop device that frees itself on the last unmount.
+
+    Returns the device and an open descriptor on it: closing that descriptor before the
+    device is mounted would detach it again (autoclear)."""
+    fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            for _ in range(16):  # another process may grab the free device first
+                number = fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
+                device = f"/dev/loop{number}"
+                if not os.path.exists(device):
+                    os.mknod(device, 0o660 | 0o060000, os.makedev(7, number))
+                loop = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    info = struct.pack(
+                        "<QQQQQIIII64s64s32sQQ",
+                        0, 0, 0, 0, 0, 0, 0, 0,
+                        LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR,
+                        image.encode()[:63], b"", b"", 0, 0,
+                    )
+                    config = struct.pack("<II", fd, 0) + info + b"\0" * 64
+                    fcntl.ioctl(loop, LOOP_CONFIGURE, config)
+                    return device, loop
+                except OSError as err:
+                    os.close(loop)
+                    if err.errno != errno.EBUSY:
+                        raise
+        finally:
+            os.close(ctl)
+    finally:
+        os.close(fd)
+    raise ContainerError(f"no free loop device for {image}")
+
+
+def mount_image(image: str, target: str) -> None:
+    device, loop = attach_loop(image)
+    try:
+        linux.mount(device, target, "squashfs", linux.MS_RDONLY | linux.MS_NODEV | linux.MS_NOSUID)
+    except OSError as err:
+        raise ContainerError(f"image {image} is not a readable SquashFS file ({err})") from err
+    finally:
+        os.close(loop)
+
+
+def make_rootfs(spec: ContainerSpec, scratch: str) -> str:
+    """Image (read-only) under a tmpfs upper layer: the task can write, the image never changes."""
+    linux.mount("tmpfs", scratch, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0755")
+    for name in ("image", "upper", "work", "root"):
+        os.mkdir(os.path.join(scratch, name))
+    image, root = os.path.join(scratch, "image"), os.path.join(scratch, "root")
+    mount_image(spec.image, image)
+    upper, work = os.path.join(scratch, "upper"), os.path.join(scratch, "work")
+    linux.mount(
+        "overlay", root, "overlay", linux.MS_NOSUID | linux.MS_NODEV,
+        f"lowerdir={image},upperdir={upper},workdir={work}",
+    )
+    return root
+
+
+def _inside(root: str, task_path: str) -> str:
+    target = os.path.normpath(os.path.join(root, task_path.lstrip("/")))
+    if not target.startswith(root.rstrip("/") + "/"):
+        raise ContainerError(f"mount target {task_path!r} leaves the container")
+    return target
+
+
+def bind_mounts(root: str, mounts: tuple[BindMount, ...]) -> None:
+    for m in mounts:
+        target = _inside(root, m.task_path)
+        if os.path.islink(target):
+            raise ContainerError(f"mount target {m.task_path!r} is a symlink in the image")
+        if os.path.isdir(m.host_path):
+            os.makedirs(target, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if not os.path.exists(target):
+                open(target, "a").close()  # noqa: SIM115
+        linux.mount(m.host_path, target, None, linux.MS_BIND | linux.MS_REC)
+        if m.read_only:
+            flags = linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NOSUID
+            linux.mount("none", target, None, flags | linux.MS_NODEV)
+
+
+def make_dev(root: str) -> None:
+    """A minimal /dev: a few host nodes bound in, a private devpts and /dev/shm."""
+    dev = os.path.join(root, "dev")
+    os.makedirs(dev, exist_ok=True)
+    linux.mount("tmpfs", dev, "tmpfs", linux.MS_NOSUID | linux.MS_NOEXEC, "mode=0755,size=64k")
+    for node in DEV_NODES:
+        target = os.path.join(dev, node)
+        open(target, "a").close()  # noqa: SIM115
+        linux.mount(f"/dev/{node}", target, None, linux.MS_BIND)
+    os.mkdir(os.path.join(dev, "pts"))
+    linux.mount(
+        "devpts", os.path.join(dev, "pts"), "devpts", linux.MS_NOSUID | linux.MS_NOEXEC,
+        "newinstance,ptmxmode=0666,mode=0620",
+    )
+    os.symlink("pts/ptmx", os.path.join(dev, "ptmx"))
+    os.mkdir(os.path.join(dev, "shm"))
+    linux.mount("shm", os.path.join(dev, "shm"), "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=1777")
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, os.path.join(dev, name))
+
+
+def make_sys(root: str) -> None:
+    sys_dir = os.path.join(root, "sys")
+    os.makedirs(sys_dir, exist_ok=True)
+    flags = linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
+    linux.mount("sysfs", sys_dir, "sysfs", flags)
+
+
+def copy_host_files(root: str) -> None:
+    """Name resolution as on the host (host networking is the HPC default)."""
+    etc = os.path.join(root, "etc")
+    if not os.path.isdir(etc) or os.path.islink(etc):
+        return
+    for name in ("resolv.conf", "hosts"):
+        src, dst = os.path.join("/etc", name), os.path.join(etc, name)
+        if os.path.isfile(src) and not os.path.islink(dst):
+            shutil.copyfile(src, dst)
+
+
+def pivot_into(root: str) -> None:
+    os.chdir(root)
+    os.mkdir(".oldroot")
+    linux.pivot_root(".", ".oldroot")
+    os.chdir("/")
+    linux.umount("/.oldroot", linux.MNT_DETACH)
+    os.rmdir("/.oldroot")
+    os.makedirs("/proc", exist_ok=True)
+    linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+
+
+def build(spec: ContainerSpec, scratch: str) -> None:
+    """All the steps, in order, leaving the calling process inside the container's root."""
+    enter_namespaces(spec)
+    root = make_rootfs(spec, scratch)
+    bind_mounts(root, spec.mounts)
+    make_dev(root)
+    make_sys(root)
+    copy_host_files(root)
+    pivot_into(root)
+
+
+def resolve_user(user: str, root: str = "/") -> tuple[int, int]:
+    """uid and gid of "name", "uid" or "name:gid", looked up in the container's own files."""
+    if not user:
+        return 0, 0
+    name, _, group = user.partition(":")
+    uid = int(name) if name.isdigit() else -1
+    gid = -1
+    try:
+        with open(os.path.join(root, "etc/passwd"), encoding="utf-8") as f:
+            for line in f:
+                fields = line.rstrip("\n").split(":")
+                if len(fields) >= 4 and name in (fields[0], fields[2]):
+                    uid, gid = int(fields[2]), int(fields[3])
+                    break
+    except OSError:
+        pass
+    if uid < 0:
+        raise ContainerError(f"user {name!r} does not exist in the image's /etc/passwd")
+    if group:
+        if not group.isdigit():
+            raise ContainerError(f"group {group!r} in user {user!r} must be numeric")
+        gid = int(group)
+    return uid, gid if gid >= 0 else uid
+
+
+def find_command(command: str, env: dict[str, str]) -> str:
+    if "/" in command:
+        if not os.path.isfile(command):
+            raise ContainerError(f"command {command!r} does not exist in the image")
+        if not os.access(command, os.X_OK):
+            raise ContainerError(f"command {command!r} is not executable")
+        return command
+    found = shutil.which(command, path=env.get("PATH", "/usr/local/bin:/usr/bin:/bin"))
+    if found is None:
+        raise ContainerError(f"command {command!r} was not found in the image's PATH")
+    return found

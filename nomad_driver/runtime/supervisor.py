@@ -1,0 +1,243 @@
+"""The per-task supervisor: a small process that outlives the plugin.
+
+It starts the container's init, answers `wait`, `signal N` and `kill` on a unix socket in the
+task's run directory, and writes the exit status to `exit.json` there before it exits, so a
+plugin started later (after a crash or an agent restart) can still learn how the task ended.
+
+Run as: python -m nomad_driver.runtime.supervisor RUN_DIR READY_FD
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+
+from nomad_driver.runtime.spec import ContainerSpec, ExitStatus, write_atomic
+
+SPEC_FILE = "spec.json"
+STATE_FILE = "state.json"
+EXIT_FILE = "exit.json"
+SOCKET_FILE = "control.sock"
+# Signals the init passes on to the task; SIGKILL and SIGSTOP cannot be caught, SIGCHLD is ours.
+FORWARDED = [
+    s for s in signal.valid_signals()
+    if s not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD) and s < signal.SIGRTMIN
+]
+
+
+def _write_line(fd: int, message: dict[str, object]) -> None:
+    os.write(fd, (json.dumps(message) + "\n").encode())
+
+
+def run_init(spec: ContainerSpec, scratch: str, ready_w: int, status_w: int, out: int, err: int) -> None:
+    """PID 1 of the container: build the root, start the command, forward signals, reap."""
+    from nomad_driver.runtime import container  # heavy (ctypes) only where it is needed
+
+    app_pid = 0
+
+    def forward(signum: int, _frame: object) -> None:
+        if app_pid:
+            try:
+                os.kill(app_pid, signum)
+            except ProcessLookupError:
+                pass
+
+    # Installed first: PID 1 ignores every signal it has no handler for.
+    for s in FORWARDED:
+        signal.signal(s, forward)
+    try:
+        container.build(spec, scratch)
+        uid, gid = container.resolve_user(spec.user)
+        path = container.find_command(spec.command, spec.env)
+        if not os.path.isdir(spec.work_dir):
+            raise container.ContainerError(f"work_dir {spec.work_dir!r} is not a directory in the image")
+    except (OSError, container.ContainerError) as error:
+        _write_line(ready_w, {"error": str(error)})
+        os._exit(127)
+
+    exec_r, exec_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            for s in FORWARDED:
+                signal.signal(s, signal.SIG_DFL)
+            os.setsid()
+            null = os.open("/dev/null", os.O_RDONLY)
+            os.dup2(null, 0)
+            os.dup2(out, 1)
+            os.dup2(err, 2)
+            os.chdir(spec.work_dir)
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            os.execve(path, [spec.command, *spec.args], spec.env)
+        except BaseException as error:  # noqa: BLE001 - report whatever stopped the exec
+            os.write(exec_w, f"cannot start {spec.command!r}: {error}".encode())
+        os._exit(127)
+    app_pid = pid
+    os.close(exec_w)
+    os.close(out)
+    os.close(err)
+    failure = b""
+    while chunk := os.read(exec_r, 4096):
+        failure += chunk
+    if failure:
+        _write_line(ready_w, {"error": failure.decode(errors="replace")})
+        os.waitpid(pid, 0)
+        os._exit(127)
+    _write_line(ready_w, {"ok": True})
+    os.close(ready_w)
+    while True:
+        try:
+            reaped, status = os.wait()
+        except ChildProcessError:
+            os._exit(0)
+        if reaped == app_pid:
+            os.write(status_w, f"{status}\n".encode())
+            os._exit(0)
+
+
+class Supervisor:
+    def __init__(self, run_dir: str, spec: ContainerSpec) -> None:
+        self.run_dir = run_dir
+        self.spec = spec
+        self.init_pid = 0
+        self.started_at = 0.0
+        self.status_r = -1
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.waiters: list[socket.socket] = []
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.run_dir, name)
+
+    def start(self) -> None:
+        """Start the container; raise RuntimeError with the reason if it could not start."""
+        sock = self.path(SOCKET_FILE)
+        if os.path.exists(sock):
+            os.unlink(sock)
+        self.listener.bind(sock)
+        os.chmod(sock, 0o600)
+        self.listener.listen(16)
+        # Logmon holds the read ends of Nomad's FIFOs; opening for writing returns at once.
+        out = os.open(self.spec.stdout_path, os.O_WRONLY)
+        err = os.open(self.spec.stderr_path, os.O_WRONLY)
+        ready_r, ready_w = os.pipe()
+        self.status_r, status_w = os.pipe()
+        scratch = self.path("mnt")
+        os.makedirs(scratch, exist_ok=True)
+        _unshare_pid()  # our next child is PID 1 of a new PID namespace
+        pid = os.fork()
+        if pid == 0:
+            self.listener.close()
+            os.close(ready_r)
+            os.close(self.status_r)
+            run_init(self.spec, scratch, ready_w, status_w, out, err)
+            os._exit(0)
+        self.init_pid = pid
+        for fd in (ready_w, status_w, out, err):
+            os.close(fd)
+        with os.fdopen(ready_r, "r") as ready:
+            line = ready.readline()
+        message = json.loads(line) if line.strip() else {"error": "container init exited early"}
+        if "error" in message:
+            os.waitpid(pid, 0)
+            raise RuntimeError(message["error"])
+        self.started_at = time.time()
+        state = {"init_pid": pid, "supervisor_pid": os.getpid(), "started_at": self.started_at}
+        write_atomic(self.path(STATE_FILE), json.dumps(state))
+
+    def serve(self) -> ExitStatus:
+        """Answer control requests until the container's init exits."""
+        sel = selectors.DefaultSelector()
+        pidfd = os.pidfd_open(self.init_pid)
+        sel.register(self.listener, selectors.EVENT_READ, "accept")
+        sel.register(pidfd, selectors.EVENT_READ, "exit")
+        while True:
+            for key, _ in sel.select():
+                if key.data == "exit":
+                    return self.finish()
+                conn, _ = self.listener.accept()
+                self.handle(conn)
+
+    def handle(self, conn: socket.socket) -> None:
+        conn.settimeout(2.0)
+        try:
+            request = conn.makefile("r").readline().split()
+        except OSError:
+            conn.close()
+            return
+        reply = "ok"
+        if request == ["wait"]:
+            self.waiters.append(conn)
+            return
+        if request == ["kill"]:
+            os.kill(self.init_pid, signal.SIGKILL)
+        elif len(request) == 2 and request[0] == "signal" and request[1].isdigit():
+            os.kill(self.init_pid, int(request[1]))
+        else:
+            reply = f"error unknown request {' '.join(request)!r}"
+        try:
+            conn.sendall((reply + "\n").encode())
+        except OSError:
+            pass
+        conn.close()
+
+    def finish(self) -> ExitStatus:
+        _, init_status = os.waitpid(self.init_pid, 0)
+        now = time.time()
+        os.set_blocking(self.status_r, False)
+        try:
+            raw = os.read(self.status_r, 64).decode().strip()
+        except BlockingIOError:
+            raw = ""
+        # The init reports the task's own wait status; if the init itself was killed
+        # (SIGKILL ends the whole PID namespace), its status is the task's.
+        result = ExitStatus.from_wait_status(int(raw) if raw else init_status, now)
+        write_atomic(self.path(EXIT_FILE), result.to_json())
+        for conn in self.waiters:
+            try:
+                conn.sendall((result.to_json() + "\n").encode())
+            except OSError:
+                pass
+            conn.close()
+        self.listener.close()
+        try:
+            os.unlink(self.path(SOCKET_FILE))
+        except FileNotFoundError:
+            pass
+        return result
+
+
+def _unshare_pid() -> None:
+    from nomad_driver.runtime import linux
+
+    linux.unshare(linux.CLONE_NEWPID)
+
+
+def main(argv: list[str]) -> int:
+    run_dir, ready_fd = argv[1], int(argv[2])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    try:
+        with open(os.path.join(run_dir, SPEC_FILE), encoding="utf-8") as f:
+            spec = ContainerSpec.from_json(f.read())
+        supervisor = Supervisor(run_dir, spec)
+        supervisor.start()
+    except Exception as error:  # noqa: BLE001 - every failure goes back to the plugin
+        _write_line(ready_fd, {"error": str(error)})
+        return 1
+    _write_line(ready_fd, {"init_pid": supervisor.init_pid, "started_at": supervisor.started_at})
+    os.close(ready_fd)
+    result = supervisor.serve()
+    print(f"task exited: {result.to_json()}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
