@@ -1,0 +1,142 @@
+"""Real containers through the supervisor: no Nomad, but real mounts and namespaces."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from nomad_driver.runtime import client
+from nomad_driver.runtime.spec import BindMount, ContainerSpec
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="containers need root here")
+
+
+def make_spec(tmp: Path, image: Path, *argv: str, user: str = "", work_dir: str = "/") -> ContainerSpec:
+    for d in ("alloc", "local", "secrets"):
+        (tmp / d).mkdir(exist_ok=True)
+    (tmp / "out").touch()
+    (tmp / "err").touch()
+    return ContainerSpec(
+        task_id="alloc/task/x", hostname="testtask", image=str(image), command=argv[0],
+        args=tuple(argv[1:]), env={"PATH": "/bin", "GREETING": "hi"}, work_dir=work_dir,
+        user=user, stdout_path=str(tmp / "out"), stderr_path=str(tmp / "err"),
+        mounts=(BindMount(str(tmp / "alloc"), "/alloc"), BindMount(str(tmp / "local"), "/local"),
+                BindMount(str(tmp / "secrets"), "/secrets", read_only=True)),
+    )
+
+
+def loop_devices_of(image: Path) -> list[str]:
+    found = []
+    for entry in Path("/sys/block").glob("loop*"):
+        backing = entry / "loop" / "backing_file"
+        if backing.exists() and backing.read_text().strip() == str(image):
+            found.append(entry.name)
+    return found
+
+
+def test_command_runs_in_its_own_root_with_output_and_exit_code(tmp_path: Path, busybox_image: Path) -> None:
+    spec = make_spec(tmp_path, busybox_image, "/bin/sh", "-c",
+                     'echo "$GREETING from $(hostname) pid $$"; ls /; echo oops >&2; exit 3')
+    started = client.start(spec, str(tmp_path / "run"))
+    result = client.wait(started.run_dir)
+    assert (result.exit_code, result.signal) == (3, 0)
+    out = (tmp_path / "out").read_text()
+    assert "hi from testtask pid 2" in out  # PID 1 is our init
+    for name in ("alloc", "local", "secrets", "proc", "dev", "bin"):
+        assert name in out.split()
+    assert (tmp_path / "err").read_text() == "oops\n"
+
+
+def test_nothing_is_left_mounted_or_attached_after_exit(tmp_path: Path, busybox_image: Path) -> None:
+    spec = make_spec(tmp_path, busybox_image, "/bin/true")
+    started = client.start(spec, str(tmp_path / "run"))
+    assert client.wait(started.run_dir).exit_code == 0
+    time.sleep(0.2)
+    assert str(tmp_path) not in Path("/proc/mounts").read_text()
+    assert loop_devices_of(busybox_image) == []
+
+
+def test_image_is_never_modified_and_writes_go_to_the_task_layer(tmp_path: Path, busybox_image: Path) -> None:
+    before = busybox_image.read_bytes()
+    spec = make_spec(tmp_path, busybox_image, "/bin/sh", "-c",
+                     "echo data > /bin/newfile && cat /bin/newfile && echo shared > /alloc/f")
+    started = client.start(spec, str(tmp_path / "run"))
+    assert client.wait(started.run_dir).exit_code == 0
+    assert busybox_image.read_bytes() == before
+    assert (tmp_path / "alloc" / "f").read_text() == "shared\n"
+
+
+def test_read_only_mount_cannot_be_written(tmp_path: Path, busybox_image: Path) -> None:
+    spec = make_spec(tmp_path, busybox_image, "/bin/sh", "-c", "echo x > /secrets/f")
+    started = client.start(spec, str(tmp_path / "run"))
+    assert client.wait(started.run_dir).exit_code != 0
+    assert not (tmp_path / "secrets" / "f").exists()
+
+
+def test_signal_reaches_the_command_through_init(tmp_path: Path, busybox_image: Path) -> None:
+    spec = make_spec(tmp_path, busybox_image, "/bin/sh", "-c",
+                     "trap 'echo term; exit 7' TERM; while true; do sleep 0.1; done")
+    started = client.start(spec, str(tmp_path / "run"))
+    time.sleep(0.3)
+    client.send_signal(started.run_dir, signal.SIGTERM)
+    result = client.wait(started.run_dir)
+    assert result.exit_code == 7
+    assert "term" in (tmp_path / "out").read_text()
+
+
+def test_sigkill_ends_the_whole_container_and_reports_signal_9(tmp_path: Path, busybox_image: Path) -> None:
+    spec = make_spec(tmp_path, busybox_image, "/bin/sh", "-c", "sleep 1000 & sleep 1000")
+    started = client.start(spec, str(tmp_path / "run"))
+    client.send_signal(started.run_dir, signal.SIGKILL)
+    result = client.wait(started.run_dir)
+    assert (result.exit_code, result.signal) == (137, 9)
+    time.sleep(0.2)
+    assert not Path(f"/proc/{started.init_pid}").exists()
+
+
+def test_exit_status_survives_the_supervisor(tmp_path: Path, busybox_image: Path) -> None:
+    spec = make_spec(tmp_path, busybox_image, "/bin/sh", "-c", "exit 42")
+    started = client.start(spec, str(tmp_path / "run"))
+    deadline = time.time() + 10
+    while Path(f"/proc/{started.supervisor_pid}").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    # A later plugin process only has the run directory.
+    assert client.wait(started.run_dir).exit_code == 42
+
+
+@pytest.mark.parametrize(
+    ("argv", "user", "work_dir", "expected"),
+    [
+        (("/bin/nope",), "", "/", "'/bin/nope' does not exist in the image"),
+        (("nope",), "", "/", "'nope' was not found in the image's PATH"),
+        (("/bin/true",), "ghost", "/", "user 'ghost' does not exist"),
+        (("/bin/true",), "", "/missing", "work_dir '/missing' is not a directory"),
+    ],
+)
+def test_bad_task_fails_to_start_with_a_clear_reason(
+    tmp_path: Path, busybox_image: Path, argv: tuple[str, ...], user: str, work_dir: str, expected: str
+) -> None:
+    spec = make_spec(tmp_path, busybox_image, *argv, user=user, work_dir=work_dir)
+    with pytest.raises(client.StartError, match=expected.replace("(", r"\(")):
+        client.start(spec, str(tmp_path / "run"))
+    time.sleep(0.2)
+    assert loop_devices_of(busybox_image) == []
+
+
+def test_not_a_squashfs_image_is_reported(tmp_path: Path) -> None:
+    bogus = tmp_path / "bogus.sqsh"
+    bogus.write_bytes(b"not an image" * 1000)
+    spec = make_spec(tmp_path, bogus, "/bin/true")
+    with pytest.raises(client.StartError, match="is not a readable SquashFS file"):
+        client.start(spec, str(tmp_path / "run"))
+
+
+def test_task_runs_as_the_requested_user(tmp_path: Path, busybox_image: Path) -> None:
+    spec = make_spec(tmp_path, busybox_image, "/bin/id", user="nobody")
+    started = client.start(spec, str(tmp_path / "run"))
+    assert client.wait(started.run_dir).exit_code == 0
+    assert "uid=65534" in (tmp_path / "out").read_text()
