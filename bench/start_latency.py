@@ -35,17 +35,27 @@ DRIVERS: dict[str, dict[str, Any]] = {
 
 def job(driver: str, name: str) -> dict[str, Any]:
     return {
-        "ID": name, "Name": name, "Type": "batch", "Datacenters": ["*"],
-        "TaskGroups": [{
-            "Name": "g", "Count": 1,
-            "RestartPolicy": {"Attempts": 0, "Mode": "fail"},
-            "ReschedulePolicy": {"Attempts": 0, "Unlimited": False},
-            "Tasks": [{
-                "Name": "t", "Driver": driver, "Config": DRIVERS[driver],
-                "Resources": {"CPU": 20, "MemoryMB": 32},
-                "LogConfig": {"MaxFiles": 1, "MaxFileSizeMB": 1},
-            }],
-        }],
+        "ID": name,
+        "Name": name,
+        "Type": "batch",
+        "Datacenters": ["*"],
+        "TaskGroups": [
+            {
+                "Name": "g",
+                "Count": 1,
+                "RestartPolicy": {"Attempts": 0, "Mode": "fail"},
+                "ReschedulePolicy": {"Attempts": 0, "Unlimited": False},
+                "Tasks": [
+                    {
+                        "Name": "t",
+                        "Driver": driver,
+                        "Config": DRIVERS[driver],
+                        "Resources": {"CPU": 20, "MemoryMB": 32},
+                        "LogConfig": {"MaxFiles": 1, "MaxFileSizeMB": 1},
+                    }
+                ],
+            }
+        ],
     }
 
 
@@ -55,7 +65,8 @@ def register(spec: dict[str, Any]) -> None:
 
 def allocs(job_id: str) -> list[dict[str, Any]]:
     result: list[dict[str, Any]] = requests.get(
-        f"{NOMAD}/v1/job/{job_id}/allocations", timeout=30).json()
+        f"{NOMAD}/v1/job/{job_id}/allocations", timeout=30
+    ).json()
     return result
 
 
@@ -65,7 +76,8 @@ def wait_done(job_id: str, timeout: float = 120) -> dict[str, Any]:
         found = allocs(job_id)
         if found and found[0]["ClientStatus"] in ("complete", "failed", "lost"):
             full: dict[str, Any] = requests.get(
-                f"{NOMAD}/v1/allocation/{found[0]['ID']}", timeout=30).json()
+                f"{NOMAD}/v1/allocation/{found[0]['ID']}", timeout=30
+            ).json()
             return full
         time.sleep(0.05)
     raise TimeoutError(f"{job_id} did not finish in {timeout}s")
@@ -84,7 +96,9 @@ def start_latency(driver: str, n: int) -> list[float]:
         alloc = wait_done(name)
         if alloc["ClientStatus"] != "complete":
             raise RuntimeError(f"{driver} job failed: {alloc['TaskStates']}")
-        started = next(e["Time"] for e in alloc["TaskStates"]["t"]["Events"] if e["Type"] == "Started")
+        started = next(
+            e["Time"] for e in alloc["TaskStates"]["t"]["Events"] if e["Type"] == "Started"
+        )
         samples.append(started / 1e9 - before)
         purge(name)
     return samples
@@ -129,12 +143,18 @@ def pgrep(pattern: str) -> list[int]:
 
 def memory() -> dict[str, float]:
     """Idle plugin RSS, then a running task's supervisor and container-init RSS."""
-    plugin = [p for p in pgrep("plugins/pyhpc") if "pgrep" not in Path(f"/proc/{p}/cmdline").read_text()]
+    plugin = [
+        p for p in pgrep("plugins/pyhpc") if "pgrep" not in Path(f"/proc/{p}/cmdline").read_text()
+    ]
     result = {"plugin_rss": max((rss_mb(p) for p in plugin), default=0.0)}
     name = f"bench-mem-{uuid.uuid4().hex[:8]}"
     spec = job("pyhpc", name)
     spec["Type"] = "service"
-    spec["TaskGroups"][0]["Tasks"][0]["Config"] = {"image": IMAGE, "command": "/bin/sleep", "args": ["600"]}
+    spec["TaskGroups"][0]["Tasks"][0]["Config"] = {
+        "image": IMAGE,
+        "command": "/bin/sleep",
+        "args": ["600"],
+    }
     register(spec)
     deadline = time.time() + 60
     sups: list[int] = []
@@ -164,8 +184,11 @@ def main() -> int:
         start_latency(driver, 3)  # warm-up: first runs pay for image and chroot caches
         lat = start_latency(driver, args.jobs)
         q = statistics.quantiles(lat, n=20)
-        rows[driver] = {"p50": statistics.median(lat), "p95": q[18],
-                        "tput": throughput(driver, args.batch)}
+        rows[driver] = {
+            "p50": statistics.median(lat),
+            "p95": q[18],
+            "tput": throughput(driver, args.batch),
+        }
         print(driver, rows[driver], flush=True)
     mem = memory()
     print(mem, flush=True)
@@ -175,8 +198,9 @@ def main() -> int:
         "# Foundation benchmark: pyhpc vs Nomad's exec and raw_exec",
         "",
         f"Command: `python bench/start_latency.py --jobs {args.jobs} --batch {args.batch}`  ",
-        f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {os.cpu_count()} cores; "
-        "one Nomad 1.6.3 agent (server+client) on loopback. Task: `/bin/true`.",
+        f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+        f"machine: {os.cpu_count()} cores; one Nomad 1.6.3 agent (server+client) on loopback. "
+        "Task: `/bin/true`.",
         "",
         "| driver | start p50 (s) | start p95 (s) | p50 vs exec | p50 vs raw_exec | batch of "
         f"{args.batch} (jobs/s) |",
@@ -194,8 +218,10 @@ def main() -> int:
         "| memory | MB | target |",
         "|---|---|---|",
         f"| plugin, idle (RSS) | {mem['plugin_rss']:.1f} | <= 60 |",
-        f"| per-task supervisor (RSS / PSS) | {mem['supervisor_rss']:.1f} / {mem['supervisor_pss']:.1f} | <= 12 |",
-        f"| per-task container init (RSS / PSS) | {mem['init_rss']:.1f} / {mem['init_pss']:.1f} | |",
+        f"| per-task supervisor (RSS / PSS) | {mem['supervisor_rss']:.1f} / "
+        f"{mem['supervisor_pss']:.1f} | <= 12 |",
+        f"| per-task container init (RSS / PSS) | {mem['init_rss']:.1f} / "
+        f"{mem['init_pss']:.1f} | |",
         "",
     ]
     Path(args.out).write_text("\n".join(lines))

@@ -49,7 +49,7 @@ def validate(paths: list[str]) -> int:
             failed = True
             continue
         if not reports:
-            print(f"{path}: no task uses driver \"pyhpc\"")
+            print(f'{path}: no task uses driver "pyhpc"')
         for r in reports:
             where = f"{path}:{r.line}: job {r.job!r} group {r.group!r} task {r.task!r}"
             if r.problems:
@@ -65,9 +65,9 @@ def config_reference() -> int:
     from nomad_driver.driver import config
     from nomad_driver.wire import schema
 
-    print("### Plugin options (`plugin \"pyhpc\" { config { ... } }`)\n")
+    print('### Plugin options (`plugin "pyhpc" { config { ... } }`)\n')
     print(schema.markdown_table(config.PluginConfig))
-    print("\n### Task options (`config { ... }` of a task with `driver = \"pyhpc\"`)\n")
+    print('\n### Task options (`config { ... }` of a task with `driver = "pyhpc"`)\n')
     print(schema.markdown_table(config.TaskConfig))
     return 0
 
@@ -81,7 +81,9 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     inst = sub.add_parser("install-plugin", help="install the driver into a Nomad plugin_dir")
     inst.add_argument("--plugin-dir", required=True, help="the agent's plugin_dir")
-    inst.add_argument("--name", default="pyhpc", help="file name; must match the plugin block label")
+    inst.add_argument(
+        "--name", default="pyhpc", help="file name; must match the plugin block label"
+    )
     job = sub.add_parser("jobspec", help="work with jobspecs")
     job_sub = job.add_subparsers(dest="jobspec_command", required=True, metavar="ACTION")
     val = job_sub.add_parser("validate", help="check the config of every pyhpc task")

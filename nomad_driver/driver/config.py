@@ -20,7 +20,9 @@ def _absolute_dir_name(value: Any) -> str | None:
     if not str(value).startswith("/"):
         return "must be an absolute path"
     if len(os.path.join(str(value), "tasks", "x" * 40, "control.sock")) > 107:
-        return "is too long for the task control sockets (unix socket paths are limited to 107 bytes)"
+        return (
+            "is too long for the task control sockets (unix socket paths are limited to 107 bytes)"
+        )
     return None
 
 
@@ -86,5 +88,5 @@ def parse_duration(text: Any) -> float | None:
             total += float(number) * units[unit]
         except ValueError:
             return None
-        rest = rest[len(unit):]
+        rest = rest[len(unit) :]
     return total

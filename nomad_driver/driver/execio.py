@@ -59,25 +59,43 @@ def _out(channel: str, data: bytes = b"", close: bool = False) -> Any:
     return driver_pb2.ExecTaskStreamingResponse(**{channel: op})
 
 
-def stream(argv: list[str], env: dict[str, str], tty: bool, requests: Iterator[Any],
-           context: grpc.ServicerContext) -> Iterator[Any]:
+def stream(
+    argv: list[str],
+    env: dict[str, str],
+    tty: bool,
+    requests: Iterator[Any],
+    context: grpc.ServicerContext,
+) -> Iterator[Any]:
     if tty:
         master, slave = pty.openpty()
         _resize(master, 24, 80)
-        proc = subprocess.Popen(argv, env=env, stdin=slave, stdout=slave, stderr=slave,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            argv, env=env, stdin=slave, stdout=slave, stderr=slave, start_new_session=True
+        )
         os.close(slave)
         outputs = {master: "stdout"}
         stdin_fd = os.dup(master)
     else:
-        proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         assert proc.stdin and proc.stdout and proc.stderr
         outputs = {proc.stdout.fileno(): "stdout", proc.stderr.fileno(): "stderr"}
         stdin_fd = proc.stdin.fileno()
-    threading.Thread(target=_feed, args=(requests, stdin_fd, master if tty else None),
-                     daemon=True).start()
-    context.add_callback(lambda: proc.poll() is None and proc.kill())
+    threading.Thread(
+        target=_feed, args=(requests, stdin_fd, master if tty else None), daemon=True
+    ).start()
+
+    def cancel() -> None:
+        if proc.poll() is None:
+            proc.kill()
+
+    context.add_callback(cancel)
     sel = selectors.DefaultSelector()
     for fd in outputs:
         os.set_blocking(fd, False)
@@ -105,8 +123,9 @@ def stream(argv: list[str], env: dict[str, str], tty: bool, requests: Iterator[A
     code = proc.wait()
     yield _out("stdout", close=True)
     yield _out("stderr", close=True)
-    result = driver_pb2.ExitResult(exit_code=128 - code if code < 0 else code,
-                                   signal=-code if code < 0 else 0)
+    result = driver_pb2.ExitResult(
+        exit_code=128 - code if code < 0 else code, signal=-code if code < 0 else 0
+    )
     yield driver_pb2.ExecTaskStreamingResponse(exited=True, result=result)
     if tty:
         for fd in (master, stdin_fd):

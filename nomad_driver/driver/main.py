@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -27,9 +28,9 @@ def _register(grpc_server: grpc.Server, stop: threading.Event) -> None:
 
 
 def main() -> int:
-    level = os.environ.get("PYHPC_LOG_LEVEL", "debug").upper()
+    level = logging.getLevelName(os.environ.get("PYHPC_LOG_LEVEL", "DEBUG").upper())
     fallback = os.environ.get("PYHPC_LOG_FILE", "/var/log/pyhpc/plugin.log")
-    hclog.setup("pyhpc", getattr(hclog.logging, level, hclog.logging.DEBUG), fallback)
+    hclog.setup("pyhpc", level if isinstance(level, int) else logging.DEBUG, fallback)
     return server.serve(NOMAD_HANDSHAKE, _register)
 
 

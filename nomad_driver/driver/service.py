@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import any_pb2, timestamp_pb2
-from google.rpc import code_pb2, status_pb2
+from google.rpc import status_pb2
 from grpc_status import rpc_status
 
 from nomad_driver import __version__
@@ -42,8 +42,12 @@ HANDLE_VERSION = 1
 STOP_GRACE_AFTER_KILL = 10.0
 
 
-def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str,
-          recoverable: bool | None = None) -> NoReturn:
+def abort(
+    context: grpc.ServicerContext,
+    code: grpc.StatusCode,
+    message: str,
+    recoverable: bool | None = None,
+) -> NoReturn:
     """End the RPC with an error; with recoverable set, Nomad applies the restart policy."""
     if recoverable is None:
         context.abort(code, message)
@@ -69,7 +73,7 @@ def exit_result(status: ExitStatus | None) -> driver_pb2.ExitResult:
 
 
 def parse_signal(name: str) -> int:
-    """"SIGTERM", "TERM", "sigterm" or "15" to a number; ValueError names what was wrong."""
+    """ "SIGTERM", "TERM", "sigterm" or "15" to a number; ValueError names what was wrong."""
     text = name.strip().upper()
     if text.isdigit() and 0 < int(text) < signal.NSIG:
         return int(text)
@@ -108,8 +112,12 @@ class EventHub:
 
     def emit(self, handle: TaskHandle, message: str, **annotations: str) -> None:
         event = driver_pb2.DriverTaskEvent(
-            task_id=handle.task_id, alloc_id=handle.alloc_id, task_name=handle.name,
-            timestamp=timestamp(time.time()), message=message, annotations=annotations,
+            task_id=handle.task_id,
+            alloc_id=handle.alloc_id,
+            task_name=handle.name,
+            timestamp=timestamp(time.time()),
+            message=message,
+            annotations=annotations,
         )
         with self._lock:
             for q in self._subscribers:
@@ -151,8 +159,10 @@ class DriverService:
 
     def PluginInfo(self, request: Any, context: grpc.ServicerContext) -> Any:
         return base_pb2.PluginInfoResponse(
-            type=base_pb2.DRIVER, plugin_api_versions=[API_VERSION],
-            plugin_version=__version__, name=config.PLUGIN_NAME,
+            type=base_pb2.DRIVER,
+            plugin_api_versions=[API_VERSION],
+            plugin_version=__version__,
+            name=config.PLUGIN_NAME,
         )
 
     def ConfigSchema(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -239,9 +249,16 @@ class DriverService:
         ]
         mounts += [BindMount(m.host_path, m.task_path, m.readonly) for m in task.mounts]
         return ContainerSpec(
-            task_id=task.id, hostname=task.name[:63], image=cfg.image, command=cfg.command,
-            args=cfg.args, env=dict(task.env), work_dir=cfg.work_dir, user=task.user,
-            stdout_path=task.stdout_path or os.devnull, stderr_path=task.stderr_path or os.devnull,
+            task_id=task.id,
+            hostname=task.name[:63],
+            image=cfg.image,
+            command=cfg.command,
+            args=cfg.args,
+            env=dict(task.env),
+            work_dir=cfg.work_dir,
+            user=task.user,
+            stdout_path=task.stdout_path or os.devnull,
+            stderr_path=task.stderr_path or os.devnull,
             mounts=tuple(mounts),
         )
 
@@ -253,11 +270,16 @@ class DriverService:
         except schema.ConfigError as err:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
         if not os.path.isfile(cfg.image):
-            abort(context, grpc.StatusCode.FAILED_PRECONDITION,
-                  f"{where}: option 'image' = {cfg.image!r}: no such file on node {task.node_name!r}")
+            abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{where}: option 'image' = {cfg.image!r}: no such file on node {task.node_name!r}",
+            )
         with self.lock:
             if task.id in self.tasks:
-                abort(context, grpc.StatusCode.ALREADY_EXISTS, f"task {task.id!r} is already running")
+                abort(
+                    context, grpc.StatusCode.ALREADY_EXISTS, f"task {task.id!r} is already running"
+                )
         run_dir = os.path.join(self.config.run_dir, "tasks", run_key(task.id, task.name))
         os.makedirs(os.path.dirname(run_dir), mode=0o700, exist_ok=True)
         try:
@@ -273,7 +295,9 @@ class DriverService:
         return driver_pb2.StartTaskResponse(
             result=driver_pb2.StartTaskResponse.SUCCESS,
             handle=driver_pb2.TaskHandle(
-                version=HANDLE_VERSION, config=task, state=driver_pb2.RUNNING,
+                version=HANDLE_VERSION,
+                config=task,
+                state=driver_pb2.RUNNING,
                 driver_state=state.encode(),
             ),
         )
@@ -289,11 +313,17 @@ class DriverService:
         except StateError as err:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"cannot recover {task_id!r}: {err}")
         if not os.path.isdir(state.run_dir):
-            abort(context, grpc.StatusCode.NOT_FOUND,
-                  f"cannot recover {task_id!r}: its run directory {state.run_dir} is gone")
+            abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"cannot recover {task_id!r}: its run directory {state.run_dir} is gone",
+            )
         if client.exit_status(state.run_dir) is None and not client.alive(state.run_dir):
-            abort(context, grpc.StatusCode.FAILED_PRECONDITION,
-                  f"cannot recover {task_id!r}: its supervisor is gone and left no exit status")
+            abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"cannot recover {task_id!r}: its supervisor is gone and left no exit status",
+            )
         handle = TaskHandle(task_id, task.name, task.alloc_id, state)
         with self.lock:
             self.tasks.setdefault(task_id, handle)
@@ -318,7 +348,9 @@ class DriverService:
             signum = parse_signal(request.signal) if request.signal else signal.SIGTERM
         except ValueError as err:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"kill_signal: {err}")
-        timeout = request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else 5.0
+        timeout = (
+            request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else 5.0
+        )
         self._stop(handle, signum, timeout)
         return driver_pb2.StopTaskResponse()
 
@@ -327,7 +359,9 @@ class DriverService:
         try:
             if timeout > 0:
                 client.send_signal(handle.run_dir, signum)
-                self.events.emit(handle, f"Sent {signal.Signals(signum).name}, waiting {timeout:g}s")
+                self.events.emit(
+                    handle, f"Sent {signal.Signals(signum).name}, waiting {timeout:g}s"
+                )
                 if handle.wait(timeout) is not None:
                     return
             client.send_signal(handle.run_dir, signal.SIGKILL)
@@ -344,8 +378,11 @@ class DriverService:
             return driver_pb2.DestroyTaskResponse()
         if not handle.exited.is_set():
             if not request.force:
-                abort(context, grpc.StatusCode.FAILED_PRECONDITION,
-                      f"task {request.task_id!r} is still running; stop it first or use force")
+                abort(
+                    context,
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"task {request.task_id!r} is still running; stop it first or use force",
+                )
             self._stop(handle, signal.SIGKILL, 0)
         with self.lock:
             self.tasks.pop(request.task_id, None)
@@ -356,7 +393,8 @@ class DriverService:
         handle = self._handle(request.task_id, context)
         result = handle.result if handle.exited.is_set() else None
         status = driver_pb2.TaskStatus(
-            id=handle.task_id, name=handle.name,
+            id=handle.task_id,
+            name=handle.name,
             state=driver_pb2.EXITED if result else driver_pb2.RUNNING,
             started_at=timestamp(handle.state.started_at),
             completed_at=timestamp(result.completed_at if result else 0),
@@ -380,16 +418,21 @@ class DriverService:
     def _task_stats(self, handle: TaskHandle) -> Any:
         usage = handle.usage()
         cpu_fields = [
-            driver_pb2.CPUUsage.SYSTEM_MODE, driver_pb2.CPUUsage.USER_MODE,
-            driver_pb2.CPUUsage.PERCENT, driver_pb2.CPUUsage.TOTAL_TICKS,
+            driver_pb2.CPUUsage.SYSTEM_MODE,
+            driver_pb2.CPUUsage.USER_MODE,
+            driver_pb2.CPUUsage.PERCENT,
+            driver_pb2.CPUUsage.TOTAL_TICKS,
         ]
         mem_fields = [driver_pb2.MemoryUsage.RSS]
 
         def resource(percent: float, user: float, system: float, rss: int) -> Any:
             return driver_pb2.TaskResourceUsage(
                 cpu=driver_pb2.CPUUsage(
-                    user_mode=user, system_mode=system, percent=percent,
-                    total_ticks=percent / 100.0 * self.mhz, measured_fields=cpu_fields,
+                    user_mode=user,
+                    system_mode=system,
+                    percent=percent,
+                    total_ticks=percent / 100.0 * self.mhz,
+                    measured_fields=cpu_fields,
                 ),
                 memory=driver_pb2.MemoryUsage(rss=rss, measured_fields=mem_fields),
             )
@@ -422,7 +465,9 @@ class DriverService:
 
     # ---- exec -------------------------------------------------------------------------------
 
-    def _exec_argv(self, task_id: str, command: list[str], context: grpc.ServicerContext) -> list[str]:
+    def _exec_argv(
+        self, task_id: str, command: list[str], context: grpc.ServicerContext
+    ) -> list[str]:
         handle = self._handle(task_id, context)
         if handle.exited.is_set() or not execs.container_running(handle.state.init_pid):
             abort(context, grpc.StatusCode.FAILED_PRECONDITION, "the task is not running")
@@ -439,20 +484,29 @@ class DriverService:
         if request.HasField("timeout") and request.timeout.ToTimedelta().total_seconds() > 0:
             timeout = request.timeout.ToTimedelta().total_seconds()
         try:
-            done = subprocess.run(argv, env=spec.env, capture_output=True, timeout=timeout,
-                                  stdin=subprocess.DEVNULL, check=False)
+            done = subprocess.run(
+                argv,
+                env=spec.env,
+                capture_output=True,
+                timeout=timeout,
+                stdin=subprocess.DEVNULL,
+                check=False,
+            )
         except subprocess.TimeoutExpired as err:
             return driver_pb2.ExecTaskResponse(
-                stdout=err.stdout or b"", stderr=err.stderr or b"",
+                stdout=err.stdout or b"",
+                stderr=err.stderr or b"",
                 result=driver_pb2.ExitResult(exit_code=124),
             )
         code = done.returncode
-        result = driver_pb2.ExitResult(exit_code=128 - code if code < 0 else code,
-                                       signal=-code if code < 0 else 0)
+        result = driver_pb2.ExitResult(
+            exit_code=128 - code if code < 0 else code, signal=-code if code < 0 else 0
+        )
         return driver_pb2.ExecTaskResponse(stdout=done.stdout, stderr=done.stderr, result=result)
 
-    def ExecTaskStreaming(self, request_iterator: Iterator[Any],
-                          context: grpc.ServicerContext) -> Iterator[Any]:
+    def ExecTaskStreaming(
+        self, request_iterator: Iterator[Any], context: grpc.ServicerContext
+    ) -> Iterator[Any]:
         first = next(request_iterator, None)
         if first is None or not first.HasField("setup"):
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, "the first message must be setup")

@@ -42,7 +42,9 @@ def start(spec: ContainerSpec, run_dir: str, timeout: float = 60.0) -> Started:
     with open(os.path.join(run_dir, SPEC_FILE), "w", encoding="utf-8") as f:
         f.write(spec.to_json())
     ready_r, ready_w = os.pipe()
-    log = os.open(os.path.join(run_dir, "supervisor.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    log = os.open(
+        os.path.join(run_dir, "supervisor.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
+    )
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "nomad_driver.runtime.supervisor", run_dir, str(ready_w)],
@@ -65,7 +67,10 @@ def start(spec: ContainerSpec, run_dir: str, timeout: float = 60.0) -> Started:
         os.close(ready_r)
     if not line:
         proc.kill()
-        raise StartError(f"the task supervisor did not report within {timeout:.0f}s; see {run_dir}/supervisor.log")
+        raise StartError(
+            f"the task supervisor did not report within {timeout:.0f}s; "
+            f"see {run_dir}/supervisor.log"
+        )
     message = json.loads(line)
     if "error" in message:
         raise StartError(str(message["error"]))

@@ -52,9 +52,20 @@ def attach_loop(image: str) -> tuple[str, int]:
                 try:
                     info = struct.pack(
                         "<QQQQQIIII64s64s32sQQ",
-                        0, 0, 0, 0, 0, 0, 0, 0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
                         LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR,
-                        image.encode()[:63], b"", b"", 0, 0,
+                        image.encode()[:63],
+                        b"",
+                        b"",
+                        0,
+                        0,
                     )
                     config = struct.pack("<II", fd, 0) + info + b"\0" * 64
                     fcntl.ioctl(loop, LOOP_CONFIGURE, config)
@@ -89,7 +100,10 @@ def make_rootfs(spec: ContainerSpec, scratch: str) -> str:
     mount_image(spec.image, image)
     upper, work = os.path.join(scratch, "upper"), os.path.join(scratch, "work")
     linux.mount(
-        "overlay", root, "overlay", linux.MS_NOSUID | linux.MS_NODEV,
+        "overlay",
+        root,
+        "overlay",
+        linux.MS_NOSUID | linux.MS_NODEV,
         f"lowerdir={image},upperdir={upper},workdir={work}",
     )
     return root
@@ -130,14 +144,23 @@ def make_dev(root: str) -> None:
         linux.mount(f"/dev/{node}", target, None, linux.MS_BIND)
     os.mkdir(os.path.join(dev, "pts"))
     linux.mount(
-        "devpts", os.path.join(dev, "pts"), "devpts", linux.MS_NOSUID | linux.MS_NOEXEC,
+        "devpts",
+        os.path.join(dev, "pts"),
+        "devpts",
+        linux.MS_NOSUID | linux.MS_NOEXEC,
         "newinstance,ptmxmode=0666,mode=0620",
     )
     os.symlink("pts/ptmx", os.path.join(dev, "ptmx"))
     os.mkdir(os.path.join(dev, "shm"))
-    linux.mount("shm", os.path.join(dev, "shm"), "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=1777")
-    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+    linux.mount(
+        "shm", os.path.join(dev, "shm"), "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=1777"
+    )
+    for name, target in (
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ):
         os.symlink(target, os.path.join(dev, name))
 
 

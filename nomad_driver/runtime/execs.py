@@ -20,9 +20,14 @@ def exec_argv(init_pid: int, command: list[str], work_dir: str, user: str) -> li
     return [
         "nsenter",
         f"--target={init_pid}",
-        "--mount", "--uts", "--ipc", "--pid",
-        "--root", f"--wd={work_dir}",
-        f"--setuid={uid}", f"--setgid={gid}",
+        "--mount",
+        "--uts",
+        "--ipc",
+        "--pid",
+        "--root",
+        f"--wd={work_dir}",
+        f"--setuid={uid}",
+        f"--setgid={gid}",
         "--",
         *command,
     ]

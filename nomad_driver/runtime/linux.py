@@ -38,7 +38,9 @@ def _check(result: int, what: str, path: str = "") -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}", path or None)
 
 
-def mount(source: str, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+def mount(
+    source: str, target: str, fstype: str | None, flags: int, data: str | None = None
+) -> None:
     _check(
         _libc.mount(
             source.encode(),
@@ -65,7 +67,9 @@ def setns(fd: int, nstype: int = 0) -> None:
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
-    _check(_libc.syscall(SYS_PIVOT_ROOT, new_root.encode(), put_old.encode()), "pivot_root", new_root)
+    _check(
+        _libc.syscall(SYS_PIVOT_ROOT, new_root.encode(), put_old.encode()), "pivot_root", new_root
+    )
 
 
 def sethostname(name: str) -> None:

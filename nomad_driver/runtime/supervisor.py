@@ -25,7 +25,8 @@ EXIT_FILE = "exit.json"
 SOCKET_FILE = "control.sock"
 # Signals the init passes on to the task; SIGKILL and SIGSTOP cannot be caught, SIGCHLD is ours.
 FORWARDED = [
-    s for s in signal.valid_signals()
+    s
+    for s in signal.valid_signals()
     if s not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD) and s < signal.SIGRTMIN
 ]
 
@@ -34,7 +35,9 @@ def _write_line(fd: int, message: dict[str, object]) -> None:
     os.write(fd, (json.dumps(message) + "\n").encode())
 
 
-def run_init(spec: ContainerSpec, scratch: str, ready_w: int, status_w: int, out: int, err: int) -> None:
+def run_init(
+    spec: ContainerSpec, scratch: str, ready_w: int, status_w: int, out: int, err: int
+) -> None:
     """PID 1 of the container: build the root, start the command, forward signals, reap."""
     from nomad_driver.runtime import container  # heavy (ctypes) only where it is needed
 
@@ -55,7 +58,9 @@ def run_init(spec: ContainerSpec, scratch: str, ready_w: int, status_w: int, out
         uid, gid = container.resolve_user(spec.user)
         path = container.find_command(spec.command, spec.env)
         if not os.path.isdir(spec.work_dir):
-            raise container.ContainerError(f"work_dir {spec.work_dir!r} is not a directory in the image")
+            raise container.ContainerError(
+                f"work_dir {spec.work_dir!r} is not a directory in the image"
+            )
     except (OSError, container.ContainerError) as error:
         _write_line(ready_w, {"error": str(error)})
         os._exit(127)

@@ -74,7 +74,9 @@ def hcl_literal(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(hcl_literal(v) for v in value) + "]"
     if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{json.dumps(k)} = {hcl_literal(v)}" for k, v in value.items()) + "}"
+        return (
+            "{" + ", ".join(f"{json.dumps(k)} = {hcl_literal(v)}" for k, v in value.items()) + "}"
+        )
     raise TypeError(f"no HCL literal for {value!r}")
 
 

@@ -16,7 +16,7 @@ def record(message: str, level: int = logging.INFO) -> logging.LogRecord:
 
 
 def test_record_has_string_level_message_and_microsecond_timestamp() -> None:
-    line = json.loads(format_record(record("hello %s" % 5, logging.WARNING)))
+    line = json.loads(format_record(record("hello 5", logging.WARNING)))
     assert line["@level"] == "warn" and line["@message"] == "hello 5"
     assert line["@timestamp"].endswith("+00:00") and len(line["@timestamp"].split(".")[1]) == 12
 

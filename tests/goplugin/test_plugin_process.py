@@ -37,8 +37,9 @@ class Plugin:
 
 @pytest.fixture
 def plugin(tmp_path: os.PathLike[str]) -> Iterator[Plugin]:
-    proc = subprocess.Popen(PLUGIN, env=host_env(tmp_path), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        PLUGIN, env=host_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline().decode()
     p = Plugin(proc, line)

@@ -15,17 +15,29 @@ from nomad_driver.runtime.spec import BindMount, ContainerSpec
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="containers need root here")
 
 
-def make_spec(tmp: Path, image: Path, *argv: str, user: str = "", work_dir: str = "/") -> ContainerSpec:
+def make_spec(
+    tmp: Path, image: Path, *argv: str, user: str = "", work_dir: str = "/"
+) -> ContainerSpec:
     for d in ("alloc", "local", "secrets"):
         (tmp / d).mkdir(exist_ok=True)
     (tmp / "out").touch()
     (tmp / "err").touch()
     return ContainerSpec(
-        task_id="alloc/task/x", hostname="testtask", image=str(image), command=argv[0],
-        args=tuple(argv[1:]), env={"PATH": "/bin", "GREETING": "hi"}, work_dir=work_dir,
-        user=user, stdout_path=str(tmp / "out"), stderr_path=str(tmp / "err"),
-        mounts=(BindMount(str(tmp / "alloc"), "/alloc"), BindMount(str(tmp / "local"), "/local"),
-                BindMount(str(tmp / "secrets"), "/secrets", read_only=True)),
+        task_id="alloc/task/x",
+        hostname="testtask",
+        image=str(image),
+        command=argv[0],
+        args=tuple(argv[1:]),
+        env={"PATH": "/bin", "GREETING": "hi"},
+        work_dir=work_dir,
+        user=user,
+        stdout_path=str(tmp / "out"),
+        stderr_path=str(tmp / "err"),
+        mounts=(
+            BindMount(str(tmp / "alloc"), "/alloc"),
+            BindMount(str(tmp / "local"), "/local"),
+            BindMount(str(tmp / "secrets"), "/secrets", read_only=True),
+        ),
     )
 
 
@@ -38,9 +50,16 @@ def loop_devices_of(image: Path) -> list[str]:
     return found
 
 
-def test_command_runs_in_its_own_root_with_output_and_exit_code(tmp_path: Path, busybox_image: Path) -> None:
-    spec = make_spec(tmp_path, busybox_image, "/bin/sh", "-c",
-                     'echo "$GREETING from $(hostname) pid $$"; ls /; echo oops >&2; exit 3')
+def test_command_runs_in_its_own_root_with_output_and_exit_code(
+    tmp_path: Path, busybox_image: Path
+) -> None:
+    spec = make_spec(
+        tmp_path,
+        busybox_image,
+        "/bin/sh",
+        "-c",
+        'echo "$GREETING from $(hostname) pid $$"; ls /; echo oops >&2; exit 3',
+    )
     started = client.start(spec, str(tmp_path / "run"))
     result = client.wait(started.run_dir)
     assert (result.exit_code, result.signal) == (3, 0)
@@ -51,7 +70,9 @@ def test_command_runs_in_its_own_root_with_output_and_exit_code(tmp_path: Path, 
     assert (tmp_path / "err").read_text() == "oops\n"
 
 
-def test_nothing_is_left_mounted_or_attached_after_exit(tmp_path: Path, busybox_image: Path) -> None:
+def test_nothing_is_left_mounted_or_attached_after_exit(
+    tmp_path: Path, busybox_image: Path
+) -> None:
     spec = make_spec(tmp_path, busybox_image, "/bin/true")
     started = client.start(spec, str(tmp_path / "run"))
     assert client.wait(started.run_dir).exit_code == 0
@@ -60,10 +81,17 @@ def test_nothing_is_left_mounted_or_attached_after_exit(tmp_path: Path, busybox_
     assert loop_devices_of(busybox_image) == []
 
 
-def test_image_is_never_modified_and_writes_go_to_the_task_layer(tmp_path: Path, busybox_image: Path) -> None:
+def test_image_is_never_modified_and_writes_go_to_the_task_layer(
+    tmp_path: Path, busybox_image: Path
+) -> None:
     before = busybox_image.read_bytes()
-    spec = make_spec(tmp_path, busybox_image, "/bin/sh", "-c",
-                     "echo data > /bin/newfile && cat /bin/newfile && echo shared > /alloc/f")
+    spec = make_spec(
+        tmp_path,
+        busybox_image,
+        "/bin/sh",
+        "-c",
+        "echo data > /bin/newfile && cat /bin/newfile && echo shared > /alloc/f",
+    )
     started = client.start(spec, str(tmp_path / "run"))
     assert client.wait(started.run_dir).exit_code == 0
     assert busybox_image.read_bytes() == before
@@ -78,8 +106,13 @@ def test_read_only_mount_cannot_be_written(tmp_path: Path, busybox_image: Path) 
 
 
 def test_signal_reaches_the_command_through_init(tmp_path: Path, busybox_image: Path) -> None:
-    spec = make_spec(tmp_path, busybox_image, "/bin/sh", "-c",
-                     "trap 'echo term; exit 7' TERM; while true; do sleep 0.1; done")
+    spec = make_spec(
+        tmp_path,
+        busybox_image,
+        "/bin/sh",
+        "-c",
+        "trap 'echo term; exit 7' TERM; while true; do sleep 0.1; done",
+    )
     started = client.start(spec, str(tmp_path / "run"))
     time.sleep(0.3)
     client.send_signal(started.run_dir, signal.SIGTERM)
@@ -88,7 +121,9 @@ def test_signal_reaches_the_command_through_init(tmp_path: Path, busybox_image: 
     assert "term" in (tmp_path / "out").read_text()
 
 
-def test_sigkill_ends_the_whole_container_and_reports_signal_9(tmp_path: Path, busybox_image: Path) -> None:
+def test_sigkill_ends_the_whole_container_and_reports_signal_9(
+    tmp_path: Path, busybox_image: Path
+) -> None:
     spec = make_spec(tmp_path, busybox_image, "/bin/sh", "-c", "sleep 1000 & sleep 1000")
     started = client.start(spec, str(tmp_path / "run"))
     client.send_signal(started.run_dir, signal.SIGKILL)
@@ -118,7 +153,12 @@ def test_exit_status_survives_the_supervisor(tmp_path: Path, busybox_image: Path
     ],
 )
 def test_bad_task_fails_to_start_with_a_clear_reason(
-    tmp_path: Path, busybox_image: Path, argv: tuple[str, ...], user: str, work_dir: str, expected: str
+    tmp_path: Path,
+    busybox_image: Path,
+    argv: tuple[str, ...],
+    user: str,
+    work_dir: str,
+    expected: str,
 ) -> None:
     spec = make_spec(tmp_path, busybox_image, *argv, user=user, work_dir=work_dir)
     with pytest.raises(client.StartError, match=expected.replace("(", r"\(")):

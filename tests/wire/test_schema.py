@@ -31,8 +31,10 @@ def test_nomad_msgpack_decodes_into_the_dataclass_with_defaults() -> None:
 
 
 def test_every_problem_is_reported_with_its_option_name() -> None:
-    data = cty.encode({"image": "relative.sqsh", "command": None, "args": None, "work_dir": None},
-                      schema.object_type(TaskConfig))
+    data = cty.encode(
+        {"image": "relative.sqsh", "command": None, "args": None, "work_dir": None},
+        schema.object_type(TaskConfig),
+    )
     with pytest.raises(schema.ConfigError) as err:
         schema.load(TaskConfig, data, 'task "t" config')
     text = str(err.value)
@@ -42,9 +44,12 @@ def test_every_problem_is_reported_with_its_option_name() -> None:
 
 
 def test_wrong_shape_from_the_wire_names_the_path() -> None:
-    wrong = cty.encode({"image": "/i", "command": "/c", "args": "x", "work_dir": None},
-                       cty.parse_type("object({image = string, command = string, args = string,"
-                                      " work_dir = string})"))
+    wrong = cty.encode(
+        {"image": "/i", "command": "/c", "args": "x", "work_dir": None},
+        cty.parse_type(
+            "object({image = string, command = string, args = string, work_dir = string})"
+        ),
+    )
     with pytest.raises(schema.ConfigError, match="args"):
         schema.load(TaskConfig, wrong, "task config")
 
