@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO
 
+REPO = Path(__file__).resolve().parents[2]
 IMAGE = "/var/lib/pyhpc/images/busybox.sqsh"
 NO_RETRY = """
     restart {
@@ -30,13 +30,21 @@ NO_RETRY = """
 
 @pytest.fixture(scope="module", autouse=True)
 def demo_image() -> str:
-    subprocess.run([str(REPO / "scripts" / "make-demo-image.sh"), IMAGE], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [str(REPO / "scripts" / "make-demo-image.sh"), IMAGE], check=True, capture_output=True
+    )
     return IMAGE
 
 
-def job(name: str, script: str, *, type_: str = "batch", task_extra: str = "",
-        config_extra: str = "", command: str | None = "/bin/sh") -> str:
+def job(
+    name: str,
+    script: str,
+    *,
+    type_: str = "batch",
+    task_extra: str = "",
+    config_extra: str = "",
+    command: str | None = "/bin/sh",
+) -> str:
     command_line = f'command = "{command}"' if command else ""
     return f"""
 job "{name}" {{
@@ -77,7 +85,9 @@ def events_text(cluster: Any, alloc: dict[str, Any]) -> str:
     )
 
 
-def running_alloc(cluster: Any, job_id: str, marker: str = "", timeout: float = 60) -> dict[str, Any]:
+def running_alloc(
+    cluster: Any, job_id: str, marker: str = "", timeout: float = 60
+) -> dict[str, Any]:
     alloc = cluster.wait_alloc(job_id, {"running"}, timeout=timeout)
     deadline = time.monotonic() + timeout
     while marker and marker not in cluster.alloc_logs(alloc["ID"], "t"):
@@ -92,8 +102,9 @@ def release(cluster: Any, alloc_id: str) -> None:
 
 
 def plugin_pids(cluster: Any) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", f"{cluster.state_dir}/plugins/pyhpc"],
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["pgrep", "-f", f"{cluster.state_dir}/plugins/pyhpc"], capture_output=True, text=True
+    ).stdout
     return [int(p) for p in out.split()]
 
 
@@ -123,11 +134,18 @@ def test_nonzero_exit_fails_the_allocation_with_the_exit_code_in_events(cluster:
 
 
 def test_job_stop_sends_kill_signal_then_sigkill_after_kill_timeout(cluster: Any) -> None:
-    polite = job("e2e-polite", "trap 'echo got USR1; exit 0' USR1; echo ready; "
-                 "while true; do sleep 0.2; done", type_="service",
-                 task_extra='      kill_signal = "SIGUSR1"\n      kill_timeout = "10s"')
-    stubborn = job("e2e-stubborn", "trap '' TERM; echo ready; while true; do sleep 0.2; done",
-                   type_="service", task_extra='      kill_timeout = "2s"')
+    polite = job(
+        "e2e-polite",
+        "trap 'echo got USR1; exit 0' USR1; echo ready; while true; do sleep 0.2; done",
+        type_="service",
+        task_extra='      kill_signal = "SIGUSR1"\n      kill_timeout = "10s"',
+    )
+    stubborn = job(
+        "e2e-stubborn",
+        "trap '' TERM; echo ready; while true; do sleep 0.2; done",
+        type_="service",
+        task_extra='      kill_timeout = "2s"',
+    )
     for spec, name in ((polite, "e2e-polite"), (stubborn, "e2e-stubborn")):
         cluster.run_job(spec)
         running_alloc(cluster, name, "ready")
@@ -151,12 +169,14 @@ def test_job_stop_sends_kill_signal_then_sigkill_after_kill_timeout(cluster: Any
 
 
 def test_alloc_signal_exec_and_stats_on_a_running_task(cluster: Any) -> None:
-    job_id = cluster.run_job(job(
-        "e2e-running",
-        "trap 'echo got HUP' HUP; echo ready; while true; do i=0; "
-        "while [ $i -lt 20000 ]; do i=$((i+1)); done; sleep 0.1; done",
-        type_="service",
-    ))
+    job_id = cluster.run_job(
+        job(
+            "e2e-running",
+            "trap 'echo got HUP' HUP; echo ready; while true; do i=0; "
+            "while [ $i -lt 20000 ]; do i=$((i+1)); done; sleep 0.1; done",
+            type_="service",
+        )
+    )
     alloc = running_alloc(cluster, job_id, "ready")
     alloc_id = alloc["ID"]
 
@@ -167,21 +187,39 @@ def test_alloc_signal_exec_and_stats_on_a_running_task(cluster: Any) -> None:
         time.sleep(0.3)
 
     # exec without a tty: exit code, stdout, stdin passthrough.
-    done = cluster.nomad("alloc", "exec", "-i", "-t=false", "-task", "t", alloc_id,
-                         "/bin/sh", "-c", "head -n1; hostname; exit 43",
-                         check=False, input="first line\nsecond line\n")
+    done = cluster.nomad(
+        "alloc",
+        "exec",
+        "-i",
+        "-t=false",
+        "-task",
+        "t",
+        alloc_id,
+        "/bin/sh",
+        "-c",
+        "head -n1; hostname; exit 43",
+        check=False,
+        input="first line\nsecond line\n",
+    )
     assert done.returncode == 43, done.stderr
     assert done.stdout.splitlines() == ["first line", "t"]
 
     # exec with a tty, inside a real pseudo-terminal of 40x100: stty size sees it.
-    nomad = shlex.join([str(cluster.nomad_bin), "alloc", "exec", "-t", "-task", "t", alloc_id,
-                        "/bin/stty", "size"])
-    tty = subprocess.run(["script", "-qec", f"stty rows 40 cols 100; {nomad}", "/dev/null"],
-                         env=cluster.env, capture_output=True, text=True, timeout=60,
-                         stdin=subprocess.DEVNULL)
+    nomad = shlex.join(
+        [str(cluster.nomad_bin), "alloc", "exec", "-t", "-task", "t", alloc_id, "/bin/stty", "size"]
+    )
+    tty = subprocess.run(
+        ["script", "-qec", f"stty rows 40 cols 100; {nomad}", "/dev/null"],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
     assert "40 100" in tty.stdout, tty.stdout + tty.stderr
-    no_tty = cluster.nomad("alloc", "exec", "-t=false", "-task", "t", alloc_id, "/bin/stty",
-                           "size", check=False)
+    no_tty = cluster.nomad(
+        "alloc", "exec", "-t=false", "-task", "t", alloc_id, "/bin/stty", "size", check=False
+    )
     assert no_tty.returncode != 0
 
     deadline = time.monotonic() + 30
@@ -198,10 +236,12 @@ def test_alloc_signal_exec_and_stats_on_a_running_task(cluster: Any) -> None:
 
 
 def test_task_survives_kill_9_of_the_plugin_and_reports_its_real_exit_code(cluster: Any) -> None:
-    job_id = cluster.run_job(job(
-        "e2e-plugin-crash",
-        "echo ready; while [ ! -f /alloc/go ]; do sleep 0.2; done; echo finishing; exit 5",
-    ))
+    job_id = cluster.run_job(
+        job(
+            "e2e-plugin-crash",
+            "echo ready; while [ ! -f /alloc/go ]; do sleep 0.2; done; echo finishing; exit 5",
+        )
+    )
     alloc = running_alloc(cluster, job_id, "ready")
     before = plugin_pids(cluster)
     assert before, "no pyhpc plugin process found"
@@ -226,9 +266,12 @@ def test_task_survives_kill_9_of_the_plugin_and_reports_its_real_exit_code(clust
 @pytest.mark.parametrize("kill", [False, True], ids=["graceful", "sigkill"])
 def test_task_survives_an_agent_restart(cluster: Any, kill: bool) -> None:
     name = f"e2e-agent-restart-{'kill' if kill else 'int'}"
-    job_id = cluster.run_job(job(
-        name, "echo ready; while [ ! -f /alloc/go ]; do sleep 0.2; done; echo finishing; exit 6",
-    ))
+    job_id = cluster.run_job(
+        job(
+            name,
+            "echo ready; while [ ! -f /alloc/go ]; do sleep 0.2; done; echo finishing; exit 6",
+        )
+    )
     alloc = running_alloc(cluster, job_id, "ready")
     cluster.restart_nomad(kill=kill)
     alloc = cluster.wait_alloc(job_id, {"running"}, timeout=60)
@@ -267,17 +310,31 @@ def test_bad_task_config_fails_the_task_with_the_field_named(
 def test_bad_plugin_config_stops_the_agent_with_our_message(cluster: Any, tmp_path: Path) -> None:
     plugins = tmp_path / "plugins"
     plugins.mkdir()
-    subprocess.run(["python3", "-m", "nomad_driver.cli.main", "install-plugin",
-                    "--plugin-dir", str(plugins)], check=True, capture_output=True, cwd=REPO)
+    subprocess.run(
+        ["python3", "-m", "nomad_driver.cli.main", "install-plugin", "--plugin-dir", str(plugins)],
+        check=True,
+        capture_output=True,
+        cwd=REPO,
+    )
     config = tmp_path / "agent.hcl"
     config.write_text(
-        'ports {\n  http = 7646\n  rpc = 7647\n  serf = 7648\n}\n'
+        "ports {\n  http = 7646\n  rpc = 7647\n  serf = 7648\n}\n"
         'plugin "pyhpc" {\n  config {\n    run_dir = "relative/dir"\n  }\n}\n'
     )
     done = subprocess.run(
-        [str(cluster.nomad_bin), "agent", "-dev", "-bind=127.0.0.1", f"-plugin-dir={plugins}",
-         f"-config={config}", f"-data-dir={tmp_path / 'data'}"],
-        capture_output=True, text=True, timeout=120, env=cluster.env,
+        [
+            str(cluster.nomad_bin),
+            "agent",
+            "-dev",
+            "-bind=127.0.0.1",
+            f"-plugin-dir={plugins}",
+            f"-config={config}",
+            f"-data-dir={tmp_path / 'data'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=cluster.env,
     )
     output = done.stdout + done.stderr
     assert done.returncode != 0

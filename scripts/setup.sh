@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Install everything pyhpc's demo and tests need on a fresh Debian machine (run as root):
+# Debian packages, a virtualenv with the package and its test tools in .venv, and the test
+# bed (Nomad, Consul, Vault built from their Go modules into ~/.cache/pyhpc/testbed).
+# Safe to re-run: each step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+say() { printf '[setup %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
+
+packages=(squashfs-tools busybox-static util-linux iproute2 gcc libc6-dev file procps)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  say "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+python=${PYTHON:-python3}
+if [[ ! -x .venv/bin/python ]]; then
+  say "creating .venv with $($python --version)"
+  "$python" -m venv .venv
+fi
+if ! .venv/bin/python -c "import nomad_driver, grpc_tools, hypothesis, pytest" 2>/dev/null \
+   || [[ pyproject.toml -nt .venv/.installed ]]; then
+  say "installing pyhpc and its test tools into .venv"
+  .venv/bin/pip install -q --upgrade pip >/dev/null
+  .venv/bin/pip install -q -e '.[dev]'
+  touch .venv/.installed
+fi
+
+say "building the test bed (cached after the first run)"
+scripts/testbed/build.sh all
+
+say "building the demo image"
+scripts/make-demo-image.sh >/dev/null
+say "ready"
