@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from nomad_driver.runtime.security import CAP_NUMBER, DEFAULT_CAPS
 from nomad_driver.wire.schema import option
 
 PLUGIN_NAME = "pyhpc"
@@ -24,6 +25,17 @@ def _absolute_dir_name(value: Any) -> str | None:
             "is too long for the task control sockets (unix socket paths are limited to 107 bytes)"
         )
     return None
+
+
+def _capabilities(value: Any) -> str | None:
+    unknown = [v for v in value if str(v).upper().removeprefix("CAP_") not in (*CAP_NUMBER, "ALL")]
+    return f"unknown capabilities {unknown}" if unknown else None
+
+
+def _seccomp(value: Any) -> str | None:
+    if value in ("default", "unconfined") or str(value).startswith("/"):
+        return None
+    return 'must be "default", "unconfined" or the absolute path of a Docker-format JSON profile'
 
 
 def _no_nul(value: Any) -> str | None:
@@ -48,6 +60,18 @@ class PluginConfig:
         check=lambda v: None if parse_duration(v) is not None else 'must be a duration like "30s"',
     )
 
+    allow_caps: tuple[str, ...] = option(
+        "list(string)",
+        default=tuple(sorted(DEFAULT_CAPS)),
+        doc="Capabilities a task may ask for with cap_add (Docker's default set unless changed).",
+        check=_capabilities,
+    )
+    allow_unconfined_seccomp: bool = option(
+        "bool",
+        default=False,
+        doc='Whether a task may turn seccomp off with seccomp = "unconfined".',
+    )
+
 
 @dataclass(frozen=True)
 class TaskConfig:
@@ -68,6 +92,25 @@ class TaskConfig:
     )
     work_dir: str = option(
         "string", default="/", doc="Working directory inside the container.", check=_absolute
+    )
+    cap_add: tuple[str, ...] = option(
+        "list(string)",
+        default=(),
+        doc="Capabilities added to Docker's default set; each must be in the plugin's allow_caps.",
+        check=_capabilities,
+    )
+    cap_drop: tuple[str, ...] = option(
+        "list(string)",
+        default=(),
+        doc='Capabilities removed from the default set ("ALL" drops every one).',
+        check=_capabilities,
+    )
+    seccomp: str = option(
+        "string",
+        default="default",
+        doc='"default" (blocks what Docker\'s default blocks), "unconfined" (if the plugin allows '
+        "it), or the absolute path of a Docker-format JSON profile on the node.",
+        check=_seccomp,
     )
 
 

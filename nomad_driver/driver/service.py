@@ -30,7 +30,7 @@ from nomad_driver.driver import config, execio
 from nomad_driver.driver.handle import TaskHandle
 from nomad_driver.driver.state import DriverState, StateError
 from nomad_driver.proto import base_pb2, driver_pb2, structs_pb2
-from nomad_driver.runtime import client, execs
+from nomad_driver.runtime import client, enter, security
 from nomad_driver.runtime.container import ContainerError
 from nomad_driver.runtime.spec import BindMount, ContainerSpec, ExitStatus
 from nomad_driver.runtime.stats import cpu_mhz
@@ -260,6 +260,10 @@ class DriverService:
             stdout_path=task.stdout_path or os.devnull,
             stderr_path=task.stderr_path or os.devnull,
             mounts=tuple(mounts),
+            capabilities=tuple(
+                security.capability_set(cfg.cap_add, cfg.cap_drop, self.config.allow_caps)
+            ),
+            seccomp=security.seccomp_policy(cfg.seccomp, self.config.allow_unconfined_seccomp),
         )
 
     def StartTask(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -280,10 +284,14 @@ class DriverService:
                 abort(
                     context, grpc.StatusCode.ALREADY_EXISTS, f"task {task.id!r} is already running"
                 )
+        try:
+            spec = self._container_spec(task, cfg)
+        except security.PolicyError as err:
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"{where}: {err}")
         run_dir = os.path.join(self.config.run_dir, "tasks", run_key(task.id, task.name))
         os.makedirs(os.path.dirname(run_dir), mode=0o700, exist_ok=True)
         try:
-            started = client.start(self._container_spec(task, cfg), run_dir)
+            started = client.start(spec, run_dir)
         except (client.StartError, OSError) as err:
             client.remove(run_dir)
             abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"{where}: {err}")
@@ -469,24 +477,22 @@ class DriverService:
         self, task_id: str, command: list[str], context: grpc.ServicerContext
     ) -> list[str]:
         handle = self._handle(task_id, context)
-        if handle.exited.is_set() or not execs.container_running(handle.state.init_pid):
+        if handle.exited.is_set() or not os.path.exists(f"/proc/{handle.state.init_pid}/ns/mnt"):
             abort(context, grpc.StatusCode.FAILED_PRECONDITION, "the task is not running")
-        spec = handle.spec()
         try:
-            return execs.exec_argv(handle.state.init_pid, command, spec.work_dir, spec.user)
+            return enter.argv(handle.run_dir, handle.state.init_pid, command)
         except ContainerError as err:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
 
     def ExecTask(self, request: Any, context: grpc.ServicerContext) -> Any:
         argv = self._exec_argv(request.task_id, list(request.command), context)
-        spec = self._handle(request.task_id, context).spec()
         timeout = None
         if request.HasField("timeout") and request.timeout.ToTimedelta().total_seconds() > 0:
             timeout = request.timeout.ToTimedelta().total_seconds()
         try:
             done = subprocess.run(
                 argv,
-                env=spec.env,
+                env=client.helper_env(),
                 capture_output=True,
                 timeout=timeout,
                 stdin=subprocess.DEVNULL,
@@ -512,8 +518,7 @@ class DriverService:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, "the first message must be setup")
         setup = first.setup
         argv = self._exec_argv(setup.task_id, list(setup.command), context)
-        env = self._handle(setup.task_id, context).spec().env
-        yield from execio.stream(argv, env, setup.tty, request_iterator, context)
+        yield from execio.stream(argv, client.helper_env(), setup.tty, request_iterator, context)
 
     def CreateNetwork(self, request: Any, context: grpc.ServicerContext) -> Any:
         abort(context, grpc.StatusCode.UNIMPLEMENTED, "pyhpc does not create networks")

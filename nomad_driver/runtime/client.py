@@ -36,6 +36,11 @@ class Started:
     started_at: float
 
 
+def helper_env() -> dict[str, str]:
+    """Environment of our helper processes (supervisor, exec): nothing of the plugin's own."""
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": PACKAGE_PARENT}
+
+
 def start(spec: ContainerSpec, run_dir: str, timeout: float = 60.0) -> Started:
     """Launch a supervisor for spec and return once the task's command is running."""
     os.makedirs(run_dir, mode=0o700, exist_ok=False)
@@ -54,7 +59,7 @@ def start(spec: ContainerSpec, run_dir: str, timeout: float = 60.0) -> Started:
             stderr=log,
             # Its own session: neither the agent's Ctrl-C nor the plugin's death reaches it.
             start_new_session=True,
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": PACKAGE_PARENT},
+            env=helper_env(),
         )
     finally:
         os.close(ready_w)

@@ -35,6 +35,9 @@ class ContainerSpec:
     stdout_path: str
     stderr_path: str
     mounts: tuple[BindMount, ...]
+    capabilities: tuple[str, ...] = ()
+    # A checked Docker-format seccomp profile; None runs the task unconfined.
+    seccomp: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -44,6 +47,7 @@ class ContainerSpec:
         raw: dict[str, Any] = json.loads(text)
         raw["args"] = tuple(raw["args"])
         raw["mounts"] = tuple(BindMount(**m) for m in raw["mounts"])
+        raw["capabilities"] = tuple(raw.get("capabilities", ()))
         return cls(**raw)
 
 

@@ -39,7 +39,7 @@ def run_init(
     spec: ContainerSpec, scratch: str, ready_w: int, status_w: int, out: int, err: int
 ) -> None:
     """PID 1 of the container: build the root, start the command, forward signals, reap."""
-    from nomad_driver.runtime import container  # heavy (ctypes) only where it is needed
+    from nomad_driver.runtime import container  # loaded by Supervisor.start() already
 
     app_pid = 0
 
@@ -77,9 +77,10 @@ def run_init(
             os.dup2(out, 1)
             os.dup2(err, 2)
             os.chdir(spec.work_dir)
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
+            # Nothing of the plugin or supervisor crosses into the task but fds 0-2.
+            os.closerange(3, exec_w)
+            os.closerange(exec_w + 1, 65536)
+            restrict(spec, uid, gid)
             os.execve(path, [spec.command, *spec.args], spec.env)
         except BaseException as error:  # noqa: BLE001 - report whatever stopped the exec
             os.write(exec_w, f"cannot start {spec.command!r}: {error}".encode())
@@ -105,6 +106,21 @@ def run_init(
         if reaped == app_pid:
             os.write(status_w, f"{status}\n".encode())
             os._exit(0)
+
+
+def restrict(spec: ContainerSpec, uid: int, gid: int) -> None:
+    """Become the task's user with only its capabilities, no_new_privs and seccomp: last steps."""
+    from nomad_driver.runtime import security
+
+    os.setgroups([])
+    security.limit_bounding_set(spec.capabilities)
+    os.setgid(gid)
+    os.setuid(uid)
+    if uid == 0:
+        security.set_capabilities(spec.capabilities)
+    security.set_no_new_privs()
+    if spec.seccomp is not None:
+        security.apply_seccomp(spec.seccomp)
 
 
 class Supervisor:
@@ -133,6 +149,13 @@ class Supervisor:
         err = os.open(self.spec.stderr_path, os.O_WRONLY)
         ready_r, ready_w = os.pipe()
         self.status_r, status_w = os.pipe()
+        # Everything the init and the task's last steps import is loaded now, in the host's
+        # mount namespace: after pivot_root the package is out of sight.
+        from nomad_driver.runtime import container, security  # noqa: F401
+
+        if self.spec.seccomp is not None:
+            import pyseccomp  # noqa: F401 - its import runs ldconfig: keep that out of the task
+
         scratch = self.path("mnt")
         os.makedirs(scratch, exist_ok=True)
         _unshare_pid()  # our next child is PID 1 of a new PID namespace

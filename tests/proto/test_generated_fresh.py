@@ -10,7 +10,9 @@ def test_generated_modules_match_the_proto_files(tmp_path: Path) -> None:
     assert fresh, "protoc produced nothing"
     for path in fresh:
         committed = generate.PROTO_DIR / path.name
-        assert committed.exists(), f"{path.name} is not committed; run python -m nomad_driver.proto.generate"
+        assert committed.exists(), (
+            f"{path.name} is not committed; run python -m nomad_driver.proto.generate"
+        )
         assert committed.read_text() == path.read_text(), (
             f"{path.name} is stale; run python -m nomad_driver.proto.generate"
         )

@@ -1,0 +1,83 @@
+"""Run an extra command inside a running container, under the task's own restrictions.
+
+`nomad alloc exec` and script checks use this instead of a bare nsenter: the command joins the
+container's namespaces and root, and gets the same user, capabilities, no_new_privs and seccomp
+filter as the task itself. A separate small process, so the plugin's threads never fork.
+
+Run as: python -m nomad_driver.runtime.enter RUN_DIR INIT_PID -- COMMAND [ARGS...]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+from nomad_driver.runtime import container, linux, security
+from nomad_driver.runtime.spec import ContainerSpec
+from nomad_driver.runtime.supervisor import SPEC_FILE, restrict
+
+NAMESPACES = (
+    ("ipc", linux.CLONE_NEWIPC),
+    ("uts", linux.CLONE_NEWUTS),
+    ("pid", linux.CLONE_NEWPID),
+    ("mnt", linux.CLONE_NEWNS),
+)
+
+
+def argv(run_dir: str, init_pid: int, command: list[str]) -> list[str]:
+    """The command line the plugin spawns for one exec session."""
+    if not command:
+        raise container.ContainerError("exec needs a command")
+    return [
+        sys.executable,
+        "-m",
+        "nomad_driver.runtime.enter",
+        run_dir,
+        str(init_pid),
+        "--",
+        *command,
+    ]
+
+
+def main(args: list[str]) -> int:
+    run_dir, init_pid, command = args[1], int(args[2]), args[4:]
+    with open(os.path.join(run_dir, SPEC_FILE), encoding="utf-8") as f:
+        spec = ContainerSpec.from_json(f.read())
+    if spec.seccomp is not None:
+        import pyseccomp  # noqa: F401 - loaded before the host's files disappear
+    fds = [(os.open(f"/proc/{init_pid}/ns/{name}", os.O_RDONLY), kind) for name, kind in NAMESPACES]
+    root = os.open(f"/proc/{init_pid}/root", os.O_RDONLY | os.O_DIRECTORY)
+    for fd, kind in fds:
+        linux.setns(fd, kind)
+        os.close(fd)
+    os.fchdir(root)
+    os.chroot(".")
+    os.close(root)
+    pid = os.fork()  # only a child lands in the container's PID namespace
+    if pid == 0:
+        try:
+            uid, gid = container.resolve_user(spec.user)
+            path = container.find_command(command[0], spec.env)
+            os.chdir(spec.work_dir)
+            restrict(spec, uid, gid)
+            os.execve(path, command, spec.env)
+        except (OSError, container.ContainerError, security.PolicyError) as err:
+            sys.stderr.write(f"pyhpc exec: {err}\n")
+        os._exit(127)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(sig, lambda s, _f: os.kill(pid, s))
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+        os.kill(os.getpid(), os.WTERMSIG(status))
+    return os.waitstatus_to_exitcode(status)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv))
+    except (OSError, ValueError, IndexError, json.JSONDecodeError) as error:
+        sys.stderr.write(f"pyhpc exec: cannot enter the container: {error}\n")
+        sys.exit(126)

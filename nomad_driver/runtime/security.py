@@ -1,0 +1,281 @@
+"""What a task may do once it runs: capabilities, no_new_privs and a seccomp filter.
+
+Profiles use Docker's JSON format (defaultAction, syscalls[].names/action/args, architectures),
+so existing profiles carry over. Parsing happens in the plugin, before a task starts, so a bad
+profile is refused with its path and field; only the parsed, checked form reaches the runtime.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+CAPABILITIES = (
+    "CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID KILL SETGID SETUID SETPCAP LINUX_IMMUTABLE "
+    "NET_BIND_SERVICE NET_BROADCAST NET_ADMIN NET_RAW IPC_LOCK IPC_OWNER SYS_MODULE SYS_RAWIO "
+    "SYS_CHROOT SYS_PTRACE SYS_PACCT SYS_ADMIN SYS_BOOT SYS_NICE SYS_RESOURCE SYS_TIME "
+    "SYS_TTY_CONFIG MKNOD LEASE AUDIT_WRITE AUDIT_CONTROL SETFCAP MAC_OVERRIDE MAC_ADMIN SYSLOG "
+    "WAKE_ALARM BLOCK_SUSPEND AUDIT_READ PERFMON BPF CHECKPOINT_RESTORE"
+).split()
+CAP_NUMBER = {name: number for number, name in enumerate(CAPABILITIES)}
+# Docker's default set: what ordinary container images expect root to be able to do.
+DEFAULT_CAPS = frozenset(
+    "CHOWN DAC_OVERRIDE FSETID FOWNER MKNOD NET_RAW SETGID SETUID SETFCAP SETPCAP "
+    "NET_BIND_SERVICE SYS_CHROOT KILL AUDIT_WRITE".split()
+)
+
+# Refused with EPERM by the default profile: what Docker's default profile blocks for a
+# container without CAP_SYS_ADMIN, plus the new mount API.
+DEFAULT_DENIED = (
+    "acct add_key bpf clock_adjtime clock_settime create_module delete_module finit_module "
+    "fsconfig fsmount fsopen fspick get_kernel_syms get_mempolicy init_module ioperm iopl "
+    "kcmp kexec_file_load kexec_load keyctl lookup_dcookie mbind mount move_mount "
+    "move_pages name_to_handle_at nfsservctl open_by_handle_at open_tree perf_event_open "
+    "pivot_root process_vm_readv process_vm_writev ptrace query_module quotactl reboot "
+    "request_key set_mempolicy setns settimeofday stime swapoff swapon sysfs _sysctl syslog "
+    "umount umount2 unshare uselib userfaultfd ustat vm86 vm86old"
+).split()
+# clone() flags that create namespaces: denied like unshare().
+NAMESPACE_FLAGS = (
+    0x00020000,
+    0x04000000,
+    0x08000000,
+    0x10000000,
+    0x20000000,
+    0x40000000,
+    0x02000000,
+)
+
+ACTIONS = {
+    "SCMP_ACT_ALLOW",
+    "SCMP_ACT_ERRNO",
+    "SCMP_ACT_KILL",
+    "SCMP_ACT_KILL_PROCESS",
+    "SCMP_ACT_KILL_THREAD",
+    "SCMP_ACT_TRAP",
+    "SCMP_ACT_LOG",
+}
+OPERATORS = {
+    "SCMP_CMP_NE",
+    "SCMP_CMP_LT",
+    "SCMP_CMP_LE",
+    "SCMP_CMP_EQ",
+    "SCMP_CMP_GE",
+    "SCMP_CMP_GT",
+    "SCMP_CMP_MASKED_EQ",
+}
+
+
+class PolicyError(ValueError):
+    """A capability name or seccomp profile that cannot be used; the message says which."""
+
+
+def capability_set(add: Iterable[str], drop: Iterable[str], allowed: Iterable[str]) -> list[str]:
+    """The task's capabilities: the default set, plus add, minus drop, within the admin's list."""
+
+    def normalise(names: Iterable[str], field: str) -> set[str]:
+        out = set()
+        for raw in names:
+            name = raw.strip().upper().removeprefix("CAP_")
+            if name == "ALL":
+                out |= set(CAPABILITIES)
+            elif name not in CAP_NUMBER:
+                raise PolicyError(f"{field}: unknown capability {raw!r}")
+            else:
+                out.add(name)
+        return out
+
+    permitted = normalise(allowed, "allow_caps")
+    wanted = normalise(add, "cap_add")
+    beyond = sorted(wanted - permitted - DEFAULT_CAPS)
+    if beyond:
+        raise PolicyError(f"cap_add: {', '.join(beyond)} not in the plugin's allow_caps")
+    return sorted((DEFAULT_CAPS | wanted) - normalise(drop, "cap_drop"))
+
+
+def default_profile() -> dict[str, Any]:
+    """The default seccomp profile, in the same Docker JSON form custom profiles use."""
+    rules: list[dict[str, Any]] = [
+        {"names": list(DEFAULT_DENIED), "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EPERM},
+        # glibc falls back to clone() when clone3 is missing; clone's flags can be checked.
+        {"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.ENOSYS},
+    ]
+    for flag in NAMESPACE_FLAGS:
+        rules.append(
+            {
+                "names": ["clone"],
+                "action": "SCMP_ACT_ERRNO",
+                "errnoRet": errno.EPERM,
+                "args": [{"index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ"}],
+            }
+        )
+    return {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": rules}
+
+
+def check_profile(profile: Any, source: str) -> dict[str, Any]:
+    """Validate a Docker-format profile; return it as the runtime will apply it."""
+
+    def fail(what: str) -> PolicyError:
+        return PolicyError(f"seccomp profile {source}: {what}")
+
+    if not isinstance(profile, Mapping):
+        raise fail("must be a JSON object")
+    if profile.get("defaultAction") not in ACTIONS:
+        raise fail(
+            f"defaultAction {profile.get('defaultAction')!r} is not one of {sorted(ACTIONS)}"
+        )
+    syscalls = profile.get("syscalls", [])
+    if not isinstance(syscalls, list):
+        raise fail("syscalls must be a list")
+    import pyseccomp
+
+    for i, rule in enumerate(syscalls):
+        where = f"syscalls[{i}]"
+        if not isinstance(rule, Mapping):
+            raise fail(f"{where} must be an object")
+        names = rule.get("names") or ([rule["name"]] if "name" in rule else [])
+        if not names or not all(isinstance(n, str) for n in names):
+            raise fail(f"{where}.names must be a non-empty list of syscall names")
+        if rule.get("action") not in ACTIONS:
+            raise fail(f"{where}.action {rule.get('action')!r} is not one of {sorted(ACTIONS)}")
+        for j, arg in enumerate(rule.get("args") or []):
+            if not isinstance(arg, Mapping) or arg.get("op") not in OPERATORS:
+                raise fail(f"{where}.args[{j}].op must be one of {sorted(OPERATORS)}")
+            if not isinstance(arg.get("index"), int) or not 0 <= arg["index"] <= 5:
+                raise fail(f"{where}.args[{j}].index must be 0 to 5")
+        known = [n for n in names if _resolves(pyseccomp, n)]
+        if not known:
+            raise fail(f"{where}: no syscall of {names} exists on this architecture")
+    return dict(profile)
+
+
+def _resolves(pyseccomp: Any, name: str) -> bool:
+    try:
+        return int(pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, name)) >= 0
+    except (ValueError, RuntimeError, TypeError, OSError):
+        return False
+
+
+def load_profile(text: str, source: str) -> dict[str, Any]:
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise PolicyError(f"seccomp profile {source}: not valid JSON ({err})") from err
+    return check_profile(raw, source)
+
+
+# ---- applied in the task's process, just before exec --------------------------------------
+
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)  # find_library would spawn ldconfig
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def _prctl(option: int, arg: int, what: str) -> None:
+    if _libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        if err != errno.EINVAL:  # EINVAL: a capability this kernel does not know
+            raise OSError(err, f"{what}: {errno.errorcode.get(err, err)}")
+
+
+def limit_bounding_set(keep: Iterable[str]) -> None:
+    """Drop every capability not kept from the bounding set (needs CAP_SETPCAP: call as root)."""
+    kept = {CAP_NUMBER[name] for name in keep}
+    for number in range(64):
+        if number not in kept:
+            try:
+                _prctl(PR_CAPBSET_DROP, number, "drop capability")
+            except OSError:
+                break
+    _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, "clear ambient capabilities")
+
+
+def set_capabilities(keep: Iterable[str]) -> None:
+    """Effective, permitted and inheritable become exactly `keep` (for a root task)."""
+    mask = 0
+    for name in keep:
+        mask |= 1 << CAP_NUMBER[name]
+    header = (ctypes.c_uint32 * 2)(LINUX_CAPABILITY_VERSION_3, 0)
+    low, high = mask & 0xFFFFFFFF, mask >> 32
+    data = (ctypes.c_uint32 * 6)(low, low, 0, high, high, 0)
+    if _libc.capset(header, data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capset: {errno.errorcode.get(err, err)}")
+
+
+def set_no_new_privs() -> None:
+    _prctl(PR_SET_NO_NEW_PRIVS, 1, "no_new_privs")
+
+
+def apply_seccomp(profile: Mapping[str, Any]) -> None:
+    """Load a checked Docker-format profile into the kernel for this process and its children."""
+    import pyseccomp as sc
+
+    def action(rule: Mapping[str, Any]) -> Any:
+        name = rule["action"]
+        if name == "SCMP_ACT_ERRNO":
+            return sc.ERRNO(int(rule.get("errnoRet", errno.EPERM)))
+        return {
+            "SCMP_ACT_ALLOW": sc.ALLOW,
+            "SCMP_ACT_KILL": sc.KILL,
+            "SCMP_ACT_KILL_THREAD": sc.KILL,
+            "SCMP_ACT_KILL_PROCESS": sc.KILL_PROCESS,
+            "SCMP_ACT_TRAP": sc.TRAP,
+            "SCMP_ACT_LOG": sc.LOG,
+        }[name]
+
+    ops = {
+        "SCMP_CMP_NE": sc.NE,
+        "SCMP_CMP_LT": sc.LT,
+        "SCMP_CMP_LE": sc.LE,
+        "SCMP_CMP_EQ": sc.EQ,
+        "SCMP_CMP_GE": sc.GE,
+        "SCMP_CMP_GT": sc.GT,
+        "SCMP_CMP_MASKED_EQ": sc.MASKED_EQ,
+    }
+    default = action(
+        {
+            "action": profile["defaultAction"],
+            "errnoRet": profile.get("defaultErrnoRet", errno.EPERM),
+        }
+    )
+    flt = sc.SyscallFilter(defaction=default)
+    for rule in profile.get("syscalls", []):
+        act = action(rule)
+        if act == default:
+            continue
+        args = []
+        for a in rule.get("args") or []:
+            if a["op"] == "SCMP_CMP_MASKED_EQ":
+                args.append(sc.Arg(a["index"], ops[a["op"]], a["value"], a.get("valueTwo", 0)))
+            else:
+                args.append(sc.Arg(a["index"], ops[a["op"]], a["value"]))
+        for name in rule.get("names") or [rule["name"]]:
+            if _resolves(sc, name):
+                flt.add_rule(act, name, *args)
+    flt.load()
+
+
+def seccomp_policy(choice: str, allow_unconfined: bool) -> dict[str, Any] | None:
+    """The profile for a task's `seccomp` choice: "default", "unconfined" or a profile path."""
+    if choice == "default":
+        return default_profile()
+    if choice == "unconfined":
+        if not allow_unconfined:
+            raise PolicyError(
+                'seccomp = "unconfined" is not allowed on this node '
+                "(the plugin's allow_unconfined_seccomp is false)"
+            )
+        return None
+    try:
+        with open(choice, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as err:
+        raise PolicyError(f"seccomp profile {choice}: cannot read it ({err.strerror})") from err
+    return load_profile(text, choice)
