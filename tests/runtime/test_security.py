@@ -183,7 +183,8 @@ def test_cap_add_within_the_allowlist_and_drop_all() -> None:
         ("{not json", "not valid JSON"),
         ('{"defaultAction": "ALLOW_ALL"}', "defaultAction 'ALLOW_ALL' is not one of"),
         (
-            '{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["chmod"], "action": "X"}]}',
+            '{"defaultAction": "SCMP_ACT_ALLOW", '
+            '"syscalls": [{"names": ["chmod"], "action": "X"}]}',
             r"syscalls\[0\].action 'X'",
         ),
         (
@@ -193,7 +194,8 @@ def test_cap_add_within_the_allowlist_and_drop_all() -> None:
         ),
         (
             '{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["chmod"], '
-            '"action": "SCMP_ACT_ERRNO", "args": [{"index": 9, "value": 1, "op": "SCMP_CMP_EQ"}]}]}',
+            '"action": "SCMP_ACT_ERRNO", '
+            '"args": [{"index": 9, "value": 1, "op": "SCMP_CMP_EQ"}]}]}',
             r"args\[0\].index must be 0 to 5",
         ),
     ],
