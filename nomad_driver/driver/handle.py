@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass
 
 from nomad_driver.driver.state import DriverState
 from nomad_driver.runtime import client, stats
+from nomad_driver.runtime.cgroups import Cgroup
 from nomad_driver.runtime.spec import ContainerSpec, ExitStatus
 
 
@@ -31,6 +33,7 @@ class TaskHandle:
         self.exited = threading.Event()
         self._last: tuple[float, float] | None = None
         self._lock = threading.Lock()
+        self.cgroup = Cgroup(os.path.basename(state.run_dir))
         threading.Thread(target=self._watch, name=f"wait-{name}", daemon=True).start()
 
     def _watch(self) -> None:
@@ -50,16 +53,21 @@ class TaskHandle:
         return self.result
 
     def usage(self) -> Usage:
-        """The task's processes (not our init) and their CPU share since the last sample."""
+        """The task's usage from its cgroup (or its processes, our init excepted), with the CPU
+        share since the last sample."""
         now = time.time()
         by_pid = stats.tree_usage(self.state.init_pid)
         by_pid.pop(self.state.init_pid, None)
         user = sum(u.user_seconds for u in by_pid.values())
         system = sum(u.system_seconds for u in by_pid.values())
+        rss = sum(u.rss_bytes for u in by_pid.values())
+        cpu_total = user + system
+        measured = self.cgroup.usage()
+        if measured is not None:
+            cpu_total, rss = measured.cpu_seconds, measured.rss_bytes
         with self._lock:
-            last, self._last = self._last, (now, user + system)
+            last, self._last = self._last, (now, cpu_total)
         percent = 0.0
         if last is not None and now > last[0]:
-            percent = max(0.0, (user + system - last[1]) / (now - last[0]) * 100.0)
-        rss = sum(u.rss_bytes for u in by_pid.values())
+            percent = max(0.0, (cpu_total - last[1]) / (now - last[0]) * 100.0)
         return Usage(now, user, system, percent, rss, by_pid)

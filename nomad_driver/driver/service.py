@@ -31,6 +31,7 @@ from nomad_driver.driver.handle import TaskHandle
 from nomad_driver.driver.state import DriverState, StateError
 from nomad_driver.proto import base_pb2, driver_pb2, structs_pb2
 from nomad_driver.runtime import client, enter, security
+from nomad_driver.runtime.cgroups import Limits
 from nomad_driver.runtime.container import ContainerError
 from nomad_driver.runtime.spec import BindMount, ContainerSpec, ExitStatus
 from nomad_driver.runtime.stats import cpu_mhz
@@ -90,6 +91,19 @@ def run_key(task_id: str, name: str) -> str:
     digest = hashlib.sha256(task_id.encode()).hexdigest()[:16]
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:24]
     return f"{safe}-{digest}"
+
+
+def limits_of(resources: Any) -> Limits:
+    """Nomad's allocation as cgroup limits: memory (soft), memory_max (hard), shares, cores."""
+    mib = 1024 * 1024
+    memory = resources.allocated_resources.memory
+    linux = resources.linux_resources
+    return Limits(
+        memory_bytes=memory.memory_mb * mib,
+        memory_max_bytes=max(memory.memory_max_mb * mib, linux.memory_limit_bytes),
+        cpu_shares=linux.cpu_shares or resources.allocated_resources.cpu.cpu_shares,
+        cpuset_cpus=linux.cpuset_cpus,
+    )
 
 
 class EventHub:
@@ -264,6 +278,7 @@ class DriverService:
                 security.capability_set(cfg.cap_add, cfg.cap_drop, self.config.allow_caps)
             ),
             seccomp=security.seccomp_policy(cfg.seccomp, self.config.allow_unconfined_seccomp),
+            limits=limits_of(task.resources),
         )
 
     def StartTask(self, request: Any, context: grpc.ServicerContext) -> Any:

@@ -12,6 +12,8 @@ import os
 import tempfile
 from typing import Any
 
+from nomad_driver.runtime.cgroups import Limits
+
 
 @dataclasses.dataclass(frozen=True)
 class BindMount:
@@ -38,6 +40,7 @@ class ContainerSpec:
     capabilities: tuple[str, ...] = ()
     # A checked Docker-format seccomp profile; None runs the task unconfined.
     seccomp: dict[str, Any] | None = None
+    limits: Limits | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -48,6 +51,7 @@ class ContainerSpec:
         raw["args"] = tuple(raw["args"])
         raw["mounts"] = tuple(BindMount(**m) for m in raw["mounts"])
         raw["capabilities"] = tuple(raw.get("capabilities", ()))
+        raw["limits"] = Limits(**raw["limits"]) if raw.get("limits") else None
         return cls(**raw)
 
 

@@ -9,6 +9,7 @@ Run as: python -m nomad_driver.runtime.supervisor RUN_DIR READY_FD
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import selectors
@@ -17,6 +18,7 @@ import socket
 import sys
 import time
 
+from nomad_driver.runtime.cgroups import Cgroup
 from nomad_driver.runtime.spec import ContainerSpec, ExitStatus, write_atomic
 
 SPEC_FILE = "spec.json"
@@ -36,7 +38,13 @@ def _write_line(fd: int, message: dict[str, object]) -> None:
 
 
 def run_init(
-    spec: ContainerSpec, scratch: str, ready_w: int, status_w: int, out: int, err: int
+    spec: ContainerSpec,
+    scratch: str,
+    ready_w: int,
+    status_w: int,
+    out: int,
+    err: int,
+    cgroup: Cgroup | None,
 ) -> None:
     """PID 1 of the container: build the root, start the command, forward signals, reap."""
     from nomad_driver.runtime import container  # loaded by Supervisor.start() already
@@ -54,6 +62,8 @@ def run_init(
     for s in FORWARDED:
         signal.signal(s, forward)
     try:
+        if cgroup is not None:
+            cgroup.join()  # before anything runs, so every process of the task is counted
         container.build(spec, scratch)
         uid, gid = container.resolve_user(spec.user)
         path = container.find_command(spec.command, spec.env)
@@ -132,6 +142,7 @@ class Supervisor:
         self.status_r = -1
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.waiters: list[socket.socket] = []
+        self.cgroup = Cgroup(os.path.basename(run_dir)) if spec.limits is not None else None
 
     def path(self, name: str) -> str:
         return os.path.join(self.run_dir, name)
@@ -156,6 +167,8 @@ class Supervisor:
         if self.spec.seccomp is not None:
             import pyseccomp  # noqa: F401 - its import runs ldconfig: keep that out of the task
 
+        if self.cgroup is not None and self.spec.limits is not None:
+            self.cgroup.create(self.spec.limits)
         scratch = self.path("mnt")
         os.makedirs(scratch, exist_ok=True)
         _unshare_pid()  # our next child is PID 1 of a new PID namespace
@@ -164,7 +177,7 @@ class Supervisor:
             self.listener.close()
             os.close(ready_r)
             os.close(self.status_r)
-            run_init(self.spec, scratch, ready_w, status_w, out, err)
+            run_init(self.spec, scratch, ready_w, status_w, out, err, self.cgroup)
             os._exit(0)
         self.init_pid = pid
         for fd in (ready_w, status_w, out, err):
@@ -174,6 +187,8 @@ class Supervisor:
         message = json.loads(line) if line.strip() else {"error": "container init exited early"}
         if "error" in message:
             os.waitpid(pid, 0)
+            if self.cgroup is not None:
+                self.cgroup.remove()
             raise RuntimeError(message["error"])
         self.started_at = time.time()
         state = {"init_pid": pid, "supervisor_pid": os.getpid(), "started_at": self.started_at}
@@ -226,6 +241,10 @@ class Supervisor:
         # The init reports the task's own wait status; if the init itself was killed
         # (SIGKILL ends the whole PID namespace), its status is the task's.
         result = ExitStatus.from_wait_status(int(raw) if raw else init_status, now)
+        if self.cgroup is not None:
+            if self.cgroup.oom_kills() > 0:
+                result = dataclasses.replace(result, oom_killed=True)
+            self.cgroup.remove()
         write_atomic(self.path(EXIT_FILE), result.to_json())
         for conn in self.waiters:
             try:

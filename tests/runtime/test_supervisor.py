@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -180,3 +181,31 @@ def test_task_runs_as_the_requested_user(tmp_path: Path, busybox_image: Path) ->
     started = client.start(spec, str(tmp_path / "run"))
     assert client.wait(started.run_dir).exit_code == 0
     assert "uid=65534" in (tmp_path / "out").read_text()
+
+
+def test_task_over_its_memory_limit_is_oom_killed_and_reported(
+    tmp_path: Path, busybox_image: Path
+) -> None:
+    from nomad_driver.runtime.cgroups import Limits
+
+    spec = make_spec(
+        tmp_path, busybox_image, "/bin/dd", "if=/dev/zero", "of=/dev/null", "bs=200M", "count=1"
+    )
+    spec = dataclasses.replace(
+        spec, limits=Limits(memory_bytes=32 << 20, memory_max_bytes=32 << 20)
+    )
+    started = client.start(spec, str(tmp_path / "run"))
+    result = client.wait(started.run_dir)
+    assert result.oom_killed, result
+    assert result.signal == signal.SIGKILL
+
+
+def test_cgroup_is_removed_after_the_task(tmp_path: Path, busybox_image: Path) -> None:
+    from nomad_driver.runtime.cgroups import Cgroup, Limits
+
+    spec = make_spec(tmp_path, busybox_image, "/bin/sh", "-c", "cat /proc/self/cgroup")
+    spec = dataclasses.replace(spec, limits=Limits(memory_bytes=64 << 20, cpu_shares=100))
+    started = client.start(spec, str(tmp_path / "run"))
+    assert client.wait(started.run_dir).exit_code == 0
+    assert "pyhpc/run" in (tmp_path / "out").read_text()
+    assert not any(os.path.exists(p) for p in Cgroup("run").paths())

@@ -1,0 +1,175 @@
+"""Resource limits and accounting for one task through cgroups, v1 or v2 (both exist on real
+clusters; this module detects which). A task's cgroup is named after its run directory."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+ROOT = "/sys/fs/cgroup"
+V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "cpuset")
+PARENT = "pyhpc"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What Nomad allocated: memory (soft) and memory_max (hard), CPU shares, reserved cores."""
+
+    memory_bytes: int = 0
+    memory_max_bytes: int = 0
+    cpu_shares: int = 0
+    cpuset_cpus: str = ""
+    pids_max: int = 0
+
+
+@dataclass(frozen=True)
+class Usage:
+    memory_bytes: int
+    rss_bytes: int
+    cache_bytes: int
+    max_memory_bytes: int
+    cpu_seconds: float
+
+
+def version() -> int:
+    return 2 if os.path.exists(os.path.join(ROOT, "cgroup.controllers")) else 1
+
+
+def _write(path: str, value: str) -> None:
+    with open(path, "w", encoding="ascii") as f:
+        f.write(value)
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="ascii") as f:
+        return f.read().strip()
+
+
+def _keyed(path: str) -> dict[str, int]:
+    try:
+        return {k: int(v) for k, v in (line.split()[:2] for line in _read(path).splitlines())}
+    except (OSError, ValueError):
+        return {}
+
+
+class Cgroup:
+    """One task's cgroup(s). All methods tolerate a cgroup that is already gone."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.version = version()
+
+    def paths(self) -> list[str]:
+        if self.version == 2:
+            return [os.path.join(ROOT, PARENT, self.name)]
+        return [
+            os.path.join(ROOT, c, PARENT, self.name)
+            for c in V1_CONTROLLERS
+            if os.path.isdir(os.path.join(ROOT, c))
+        ]
+
+    def _path(self, controller: str) -> str:
+        if self.version == 2:
+            return os.path.join(ROOT, PARENT, self.name)
+        return os.path.join(ROOT, controller, PARENT, self.name)
+
+    def create(self, limits: Limits) -> None:
+        if self.version == 2:
+            parent = os.path.join(ROOT, PARENT)
+            os.makedirs(parent, exist_ok=True)
+            wanted = {"+memory", "+cpu", "+pids", "+cpuset"}
+            available = set(
+                "+" + c for c in _read(os.path.join(ROOT, "cgroup.controllers")).split()
+            )
+            for c in sorted(wanted & available):
+                _write(os.path.join(ROOT, "cgroup.subtree_control"), c)
+                _write(os.path.join(parent, "cgroup.subtree_control"), c)
+        else:
+            cpuset_parent = os.path.join(ROOT, "cpuset", PARENT)
+            if os.path.isdir(os.path.join(ROOT, "cpuset")) and not os.path.isdir(cpuset_parent):
+                os.makedirs(cpuset_parent, exist_ok=True)
+                for f in ("cpuset.cpus", "cpuset.mems"):  # a v1 cpuset starts empty
+                    _write(os.path.join(cpuset_parent, f), _read(os.path.join(ROOT, "cpuset", f)))
+        for path in self.paths():
+            os.makedirs(path, exist_ok=True)
+        self._apply(limits)
+
+    def _apply(self, limits: Limits) -> None:
+        hard = max(limits.memory_max_bytes, limits.memory_bytes)
+        if self.version == 2:
+            p = self._path("")
+            if hard:
+                _write(os.path.join(p, "memory.max"), str(hard))
+                if os.path.exists(os.path.join(p, "memory.swap.max")):
+                    _write(os.path.join(p, "memory.swap.max"), "0")
+            if limits.memory_bytes and limits.memory_max_bytes > limits.memory_bytes:
+                _write(os.path.join(p, "memory.low"), str(limits.memory_bytes))
+            if limits.cpu_shares:
+                # cgroup v1 shares 2..262144 map onto v2 weights 1..10000 (the runc formula).
+                weight = 1 + ((limits.cpu_shares - 2) * 9999) // 262142
+                _write(os.path.join(p, "cpu.weight"), str(max(1, min(10000, weight))))
+            if limits.pids_max:
+                _write(os.path.join(p, "pids.max"), str(limits.pids_max))
+            if limits.cpuset_cpus:
+                _write(os.path.join(p, "cpuset.cpus"), limits.cpuset_cpus)
+            return
+        mem = self._path("memory")
+        if hard:
+            _write(os.path.join(mem, "memory.limit_in_bytes"), str(hard))
+            swap = os.path.join(mem, "memory.memsw.limit_in_bytes")
+            if os.path.exists(swap):
+                _write(swap, str(hard))
+        if limits.memory_bytes and limits.memory_max_bytes > limits.memory_bytes:
+            _write(os.path.join(mem, "memory.soft_limit_in_bytes"), str(limits.memory_bytes))
+        if limits.cpu_shares:
+            _write(os.path.join(self._path("cpu"), "cpu.shares"), str(max(2, limits.cpu_shares)))
+        if limits.pids_max and os.path.isdir(self._path("pids")):
+            _write(os.path.join(self._path("pids"), "pids.max"), str(limits.pids_max))
+        cpuset = self._path("cpuset")
+        if os.path.isdir(cpuset):
+            parent = os.path.dirname(cpuset)
+            _write(os.path.join(cpuset, "cpuset.mems"), _read(os.path.join(parent, "cpuset.mems")))
+            _write(
+                os.path.join(cpuset, "cpuset.cpus"),
+                limits.cpuset_cpus or _read(os.path.join(parent, "cpuset.cpus")),
+            )
+
+    def join(self) -> None:
+        """Move the calling process (and so all it starts) into the cgroup(s)."""
+        for path in self.paths():
+            _write(os.path.join(path, "cgroup.procs"), "0")
+
+    def oom_kills(self) -> int:
+        if self.version == 2:
+            return _keyed(os.path.join(self._path(""), "memory.events")).get("oom_kill", 0)
+        return _keyed(os.path.join(self._path("memory"), "memory.oom_control")).get("oom_kill", 0)
+
+    def usage(self) -> Usage | None:
+        try:
+            if self.version == 2:
+                p = self._path("")
+                stat = _keyed(os.path.join(p, "memory.stat"))
+                cpu = _keyed(os.path.join(p, "cpu.stat")).get("usage_usec", 0) / 1e6
+                current = int(_read(os.path.join(p, "memory.current")))
+                peak_file = os.path.join(p, "memory.peak")
+                peak = int(_read(peak_file)) if os.path.exists(peak_file) else 0
+                return Usage(current, stat.get("anon", 0), stat.get("file", 0), peak, cpu)
+            mem = self._path("memory")
+            stat = _keyed(os.path.join(mem, "memory.stat"))
+            cpu = int(_read(os.path.join(self._path("cpuacct"), "cpuacct.usage"))) / 1e9
+            return Usage(
+                int(_read(os.path.join(mem, "memory.usage_in_bytes"))),
+                stat.get("total_rss", stat.get("rss", 0)),
+                stat.get("total_cache", stat.get("cache", 0)),
+                int(_read(os.path.join(mem, "memory.max_usage_in_bytes"))),
+                cpu,
+            )
+        except (OSError, ValueError):
+            return None
+
+    def remove(self) -> None:
+        for path in self.paths():
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass
