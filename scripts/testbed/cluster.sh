@@ -1,0 +1,589 @@
+#!/usr/bin/env bash
+# A one-machine Nomad + Consul + Vault cluster on loopback, for the demo and the
+# end-to-end tests.
+#
+#   scripts/testbed/cluster.sh up                    start Consul, Vault, Nomad (waits until the node is ready)
+#   scripts/testbed/cluster.sh down                  stop everything, unmount, remove the state dir
+#   scripts/testbed/cluster.sh status                what runs, and whether it answers
+#   scripts/testbed/cluster.sh restart-nomad [--kill]  restart the Nomad agent on the same data_dir
+#                                                    (SIGINT, graceful; --kill: SIGKILL the agent only)
+#   scripts/testbed/cluster.sh env                   export lines for NOMAD_ADDR & co (eval "$(... env)")
+#
+# Layout (state dir ${PYHPC_CLUSTER_DIR:-/tmp/pyhpc-cluster}):
+#   logs/{consul,vault,nomad}.log   agent logs (Nomad's is appended across restarts)
+#   pids/{consul,vault,nomad}.pid   agent pids
+#   nomad/data/                     Nomad data_dir (raft, client state, alloc dirs)
+#   nomad/agent.hcl                 generated agent config
+#   plugins/                        Nomad plugin_dir (the pyhpc driver is installed here)
+#
+# Consul and Vault run in -dev mode (in memory). Nomad is NOT in -dev mode: it keeps
+# its state in data_dir so an agent restart (graceful or SIGKILL) recovers running
+# tasks, which is what the restart tests exercise.
+#
+# Everything listens on 127.0.0.1 only:
+#   Nomad 4646 (http) 4647 (rpc) 4648 (serf); Consul 8500 (http) 8502 (grpc) 8600 (dns)
+#   8300-8302 (server/serf); Vault 8200 (api) 8201 (cluster).
+#
+# Environment:
+#   PYHPC_CLUSTER_DIR    state dir (default /tmp/pyhpc-cluster)
+#   PYHPC_TESTBED_CACHE  where build.sh put the binaries (default ~/.cache/pyhpc/testbed)
+#   PYHPC_NO_PLUGIN=1    do not install the pyhpc plugin nor load plugin-config/pyhpc.hcl
+#   PYHPC_PYTHON         interpreter used to install the plugin (default python3)
+#   NOMAD_READY_TIMEOUT  seconds to wait for the Nomad node (default 90)
+
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
+repo="$(cd "$here/../.." && pwd -P)"
+cd /    # nothing this script spawns should hold a directory (e.g. the state dir) busy
+cache_root="${PYHPC_TESTBED_CACHE:-$HOME/.cache/pyhpc/testbed}"
+
+STATE="${PYHPC_CLUSTER_DIR:-/tmp/pyhpc-cluster}"
+LOGS="$STATE/logs"
+PIDS="$STATE/pids"
+NOMAD_DATA="$STATE/nomad/data"
+NOMAD_HCL="$STATE/nomad/agent.hcl"
+NOMAD_CONFIGS="$STATE/nomad/config-files"   # the -config files 'up' chose, for restarts
+PLUGIN_DIR="$STATE/plugins"
+PYHPC_HCL="$repo/plugin-config/pyhpc.hcl"
+
+NOMAD_ADDR_LOCAL="http://127.0.0.1:4646"
+CONSUL_ADDR_LOCAL="127.0.0.1:8500"
+VAULT_ADDR_LOCAL="http://127.0.0.1:8200"
+VAULT_TOKEN_LOCAL="root"
+READY_TIMEOUT="${NOMAD_READY_TIMEOUT:-90}"
+
+# Our own processes must not talk to anything but this cluster.
+export CHECKPOINT_DISABLE=1
+export NOMAD_ADDR="$NOMAD_ADDR_LOCAL" CONSUL_HTTP_ADDR="$CONSUL_ADDR_LOCAL"
+export VAULT_ADDR="$VAULT_ADDR_LOCAL" VAULT_TOKEN="$VAULT_TOKEN_LOCAL"
+unset NOMAD_TOKEN CONSUL_HTTP_TOKEN NOMAD_REGION NOMAD_NAMESPACE
+
+log()  { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+warn() { printf '[%s] WARNING: %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die()  { printf 'cluster.sh: error: %s\n' "$*" >&2; exit 1; }
+
+# --------------------------------------------------------------------------------------
+# Binaries: the same cache paths build.sh writes (version read from the wrapper go.mod).
+# --------------------------------------------------------------------------------------
+bin_path() {   # bin_path PRODUCT -> path of the cached binary
+  local p="$1" v
+  v=$(awk -v m="github.com/hashicorp/$p" '$1 == m && $2 ~ /^v/ { sub(/^v/, "", $2); print $2; exit }' \
+        "$here/$p/go.mod")
+  [[ -n "$v" ]] || die "cannot read the $p version from $here/$p/go.mod"
+  printf '%s/%s-%s/%s\n' "$cache_root" "$p" "$v" "$p"
+}
+NOMAD_BIN=$(bin_path nomad)
+CONSUL_BIN=$(bin_path consul)
+VAULT_BIN=$(bin_path vault)
+
+require_binaries() {
+  local missing=() b
+  for b in "$NOMAD_BIN" "$CONSUL_BIN" "$VAULT_BIN"; do
+    [[ -x "$b" ]] || missing+=("$b")
+  done
+  if ((${#missing[@]})); then
+    printf 'cluster.sh: test-bed binaries missing:\n' >&2
+    printf '  %s\n' "${missing[@]}" >&2
+    printf 'build them first (several minutes per product on 2 cores):\n  %s/build.sh all\n' \
+      "$here" >&2
+    exit 1
+  fi
+}
+
+# --------------------------------------------------------------------------------------
+# Process helpers
+# --------------------------------------------------------------------------------------
+# pid_of NAME -> the recorded pid if that process is alive and still runs our binary
+# (a stale pid file must never make us signal an unrelated process).
+pid_of() {
+  local f="$PIDS/$1.pid" pid exe want
+  [[ -f "$f" ]] || return 0
+  pid=$(<"$f")
+  [[ -n "$pid" ]] && alive "$pid" || return 0
+  case "$1" in
+    nomad) want="$NOMAD_BIN" ;; consul) want="$CONSUL_BIN" ;; vault) want="$VAULT_BIN" ;;
+  esac
+  exe=$(readlink "/proc/$pid/exe" 2>/dev/null) || return 0
+  # "(deleted)" when build.sh replaced the binary while it was running.
+  if [[ "$exe" == "$want" || "$exe" == "$want (deleted)" ]]; then printf '%s\n' "$pid"; fi
+}
+
+alive() {      # alive PID -> true if the process exists and is not a zombie
+  local st
+  st=$(awk '{ sub(/^.*\) /, ""); print $1 }' "/proc/$1/stat" 2>/dev/null) || return 1
+  [[ -n "$st" && "$st" != Z ]]
+}
+
+http_get() {   # http_get URL: body on stdout; loopback only, so never through a proxy
+  curl -sf -m 5 --noproxy '*' "$1" 2>/dev/null
+}
+
+is_listening() {   # is_listening PORT -> true if something listens on that TCP port
+  [[ -n "$(ss -Hltn "sport = :$1" 2>/dev/null)" ]]
+}
+
+wait_gone() {   # wait_gone PID SECONDS -> true once the pid is gone
+  local pid="$1" n=$(($2 * 10))
+  while ((n-- > 0)); do
+    alive "$pid" || return 0
+    sleep 0.1
+  done
+  ! alive "$pid"
+}
+
+log_tail() {   # log_tail NAME [LINES]: print the end of an agent log to stderr
+  local f="$LOGS/$1.log"
+  [[ -f "$f" ]] || return 0
+  printf -- '---- last %s lines of %s ----\n' "${2:-40}" "$f" >&2
+  tail -n "${2:-40}" "$f" >&2
+  printf -- '----\n' >&2
+}
+
+# start_daemon NAME CMD...: run CMD in its own session (so a Ctrl-C in the calling
+# terminal or the end of a pytest run does not reach it), cwd = state dir, output
+# appended to logs/NAME.log, pid recorded in pids/NAME.pid.
+start_daemon() {
+  local name="$1"; shift
+  (
+    cd "$STATE"
+    exec setsid "$@" </dev/null >>"$LOGS/$name.log" 2>&1
+  ) &
+  local pid=$! n=50
+  echo "$pid" >"$PIDS/$name.pid"
+  # The subshell becomes the agent after two execs (setsid, then the binary).
+  while ((n-- > 0)) && [[ -z "$(pid_of "$name")" ]]; do
+    alive "$pid" || break
+    sleep 0.1
+  done
+}
+
+# stop_daemon NAME SIGNAL GRACE: send SIGNAL, wait GRACE seconds, then SIGKILL.
+stop_daemon() {
+  local name="$1" sig="$2" grace="$3" pid
+  pid=$(pid_of "$name")
+  if [[ -z "$pid" ]]; then rm -f "$PIDS/$name.pid"; return 0; fi
+  log "$name: stopping (pid $pid, SIG$sig)"
+  kill -s "$sig" "$pid" 2>/dev/null || true
+  if ! wait_gone "$pid" "$grace"; then
+    warn "$name did not exit within ${grace}s; sending SIGKILL"
+    kill -s KILL "$pid" 2>/dev/null || true
+    wait_gone "$pid" 10 || die "$name (pid $pid) survives SIGKILL"
+  fi
+  rm -f "$PIDS/$name.pid"
+}
+
+# --------------------------------------------------------------------------------------
+# Consul and Vault (dev mode, in memory)
+# --------------------------------------------------------------------------------------
+consul_ready() { "$CONSUL_BIN" members >/dev/null 2>&1 && [[ -n "$(consul_leader)" ]]; }
+consul_leader() { http_get "http://$CONSUL_ADDR_LOCAL/v1/status/leader" | tr -d '"'; }
+vault_ready()  { "$VAULT_BIN" status >/dev/null 2>&1; }
+
+wait_for() {   # wait_for NAME SECONDS CHECK-FUNCTION
+  local name="$1" secs="$2" check="$3" n
+  n=$((secs * 4))
+  while ((n-- > 0)); do
+    if "$check"; then return 0; fi
+    [[ -n "$(pid_of "$name")" ]] || { log_tail "$name"; die "$name exited during startup"; }
+    sleep 0.25
+  done
+  log_tail "$name"
+  die "$name not ready after ${secs}s"
+}
+
+start_consul() {
+  if [[ -n "$(pid_of consul)" ]]; then log "consul: already running"; return 0; fi
+  log "consul: starting (dev mode, 127.0.0.1:8500)"
+  start_daemon consul "$CONSUL_BIN" agent -dev \
+    -node=pyhpc-dev -bind=127.0.0.1 -client=127.0.0.1 -advertise=127.0.0.1 \
+    -log-level=info
+  wait_for consul 30 consul_ready
+  log "consul: ready (leader $(consul_leader))"
+}
+
+start_vault() {
+  if [[ -n "$(pid_of vault)" ]]; then log "vault: already running"; return 0; fi
+  log "vault: starting (dev mode, 127.0.0.1:8200, root token 'root')"
+  # -dev-no-store-token: do not write ~/.vault-token.
+  start_daemon vault "$VAULT_BIN" server -dev -dev-root-token-id="$VAULT_TOKEN_LOCAL" \
+    -dev-listen-address=127.0.0.1:8200 -dev-no-store-token
+  wait_for vault 30 vault_ready
+  log "vault: ready (unsealed)"
+}
+
+# --------------------------------------------------------------------------------------
+# Nomad (server + client in one agent, persistent data_dir)
+# --------------------------------------------------------------------------------------
+write_nomad_config() {
+  cat >"$NOMAD_HCL" <<EOF
+# Generated by scripts/testbed/cluster.sh - edits are overwritten by 'up'.
+name       = "pyhpc-dev"
+region     = "global"
+datacenter = "dc1"
+data_dir   = "$NOMAD_DATA"
+plugin_dir = "$PLUGIN_DIR"
+bind_addr  = "127.0.0.1"
+log_level  = "DEBUG"
+disable_update_check = true
+
+advertise {
+  http = "127.0.0.1"
+  rpc  = "127.0.0.1"
+  serf = "127.0.0.1"
+}
+
+ports {
+  http = 4646
+  rpc  = 4647
+  serf = 4648
+}
+
+server {
+  enabled          = true
+  bootstrap_expect = 1
+}
+
+client {
+  enabled           = true
+  network_interface = "lo"
+  options {
+    # These fingerprinters probe cloud metadata at 169.254.169.254: never here.
+    "fingerprint.denylist" = "env_aws,env_gce,env_azure,env_digitalocean"
+  }
+}
+
+plugin "raw_exec" {
+  config {
+    enabled = true
+  }
+}
+
+consul {
+  address = "$CONSUL_ADDR_LOCAL"
+}
+
+vault {
+  enabled = true
+  address = "$VAULT_ADDR_LOCAL"
+  token   = "$VAULT_TOKEN_LOCAL"
+}
+EOF
+}
+
+# Node ID and status of the local client, as "ID STATUS" ("" if the agent is not up).
+nomad_node_line() {
+  { "$NOMAD_BIN" node status 2>/dev/null || true; } | awk 'NR == 2 { print $1, $NF }'
+}
+
+# wait_nomad_ready LOG-OFFSET: wait until the client registered *in this run of the
+# agent* (log line after LOG-OFFSET) and the server reports the node ready. Checking
+# the log matters after a restart: the server's restored state says "ready" before
+# the restarted client has re-registered.
+wait_nomad_ready() {
+  local off="$1" deadline=$(($(date +%s) + READY_TIMEOUT)) line
+  while (($(date +%s) < deadline)); do
+    if [[ -z "$(pid_of nomad)" ]]; then
+      log_tail nomad 60
+      die "nomad agent exited during startup (see $LOGS/nomad.log)"
+    fi
+    # (grep reads a process substitution: with pipefail, `tail | grep -q` can fail on SIGPIPE)
+    if grep -q 'client: node registration complete' <(tail -c +"$((off + 1))" "$LOGS/nomad.log"); then
+      line=$(nomad_node_line)
+      if [[ "$line" == *" ready" ]]; then
+        log "nomad: node ${line%% *} ready"
+        return 0
+      fi
+    fi
+    sleep 0.5
+  done
+  log_tail nomad 60
+  die "nomad node not ready after ${READY_TIMEOUT}s (see $LOGS/nomad.log)"
+}
+
+# If the pyhpc plugin is installed, report whether Nomad detected the driver (warning
+# only: a broken driver should not stop the cluster from coming up for debugging).
+report_pyhpc_driver() {
+  [[ -x "$PLUGIN_DIR/pyhpc" ]] || return 0   # not installed (PYHPC_NO_PLUGIN=1)
+  local n=40 detected=""
+  while ((n-- > 0)); do
+    detected=$(http_get "$NOMAD_ADDR_LOCAL/v1/nodes?resources=false" \
+      | python3 -c 'import json,sys
+nodes = json.load(sys.stdin)
+d = (nodes[0].get("Drivers") or {}).get("pyhpc") if nodes else None
+print("%s %s %s" % (d["Detected"], d["Healthy"], d["HealthDescription"]) if d else "")' 2>/dev/null || true)
+    [[ "$detected" == True\ True* ]] && { log "nomad: pyhpc driver detected and healthy"; return 0; }
+    sleep 0.5
+  done
+  warn "pyhpc driver not detected/healthy after 20s (${detected:-no fingerprint}); see $LOGS/nomad.log"
+}
+
+install_plugin() {
+  mkdir -p "$PLUGIN_DIR"
+  if [[ "${PYHPC_NO_PLUGIN:-0}" == 1 ]]; then
+    log "nomad: PYHPC_NO_PLUGIN=1: not installing the pyhpc plugin"
+    return 0
+  fi
+  log "nomad: installing the pyhpc plugin into $PLUGIN_DIR"
+  (cd "$repo" && "${PYHPC_PYTHON:-python3}" -m nomad_driver.cli.main install-plugin \
+      --plugin-dir "$PLUGIN_DIR") || die "plugin install failed"
+  [[ -x "$PLUGIN_DIR/pyhpc" ]] || die "install-plugin did not create $PLUGIN_DIR/pyhpc"
+}
+
+# choose_nomad_configs: record which config files the agent loads (kept for restarts,
+# so restart-nomad runs the agent exactly as 'up' did).
+choose_nomad_configs() {
+  printf '%s\n' "$NOMAD_HCL" >"$NOMAD_CONFIGS"
+  if [[ "${PYHPC_NO_PLUGIN:-0}" != 1 ]]; then
+    [[ -f "$PYHPC_HCL" ]] || die "missing $PYHPC_HCL (plugin \"pyhpc\" { config { ... } })"
+    printf '%s\n' "$PYHPC_HCL" >>"$NOMAD_CONFIGS"
+  fi
+}
+
+start_nomad() {
+  if [[ -n "$(pid_of nomad)" ]]; then log "nomad: already running"; return 0; fi
+  [[ $(id -u) == 0 ]] || die "the Nomad client must run as root (it mounts alloc dirs)"
+  [[ -f "$NOMAD_CONFIGS" ]] || die "no $NOMAD_CONFIGS (run '$0 up')"
+  local -a cfg=() f
+  while IFS= read -r f; do
+    [[ -f "$f" ]] || die "nomad config file $f is missing"
+    cfg+=(-config="$f")
+  done <"$NOMAD_CONFIGS"
+  local off=0
+  [[ -f "$LOGS/nomad.log" ]] && off=$(stat -c %s "$LOGS/nomad.log")
+  log "nomad: starting agent (server+client, data_dir $NOMAD_DATA, ${cfg[*]})"
+  start_daemon nomad "$NOMAD_BIN" agent "${cfg[@]}"
+  wait_nomad_ready "$off"
+}
+
+# --------------------------------------------------------------------------------------
+# Teardown helpers
+# --------------------------------------------------------------------------------------
+
+# Every process that belongs to this cluster: agents, Nomad executors/logmon, plugin
+# processes and task processes. They are found by their working directory, executable
+# or command line pointing into the state dir (all agents start with cwd = state dir,
+# tasks run in alloc dirs under it), plus all their descendants.
+cluster_pids() {
+  local pid cwd exe cmd d
+  local -a seeds=()
+  # Never this script, nor the shell (or pytest) that called it, even if one of them
+  # sits in the state dir: exclude our ancestors.
+  local -A mine=()
+  pid=$BASHPID
+  while [[ -n "$pid" && "$pid" != 0 ]]; do
+    mine[$pid]=1
+    pid=$(awk '{ sub(/^.*\) /, ""); print $2 }' "/proc/$pid/stat" 2>/dev/null) || break
+  done
+  mine[$$]=1
+  for d in /proc/[0-9]*; do
+    pid=${d#/proc/}
+    [[ -n "${mine[$pid]:-}" ]] && continue
+    cwd=$(readlink "$d/cwd" 2>/dev/null) || continue
+    exe=$(readlink "$d/exe" 2>/dev/null) || exe=""
+    cmd=$(tr '\0' ' ' <"$d/cmdline" 2>/dev/null) || cmd=""
+    if [[ "$cwd" == "$STATE" || "$cwd" == "$STATE"/* || "$exe" == "$STATE"/* \
+          || "$cmd" == *"$STATE"* ]]; then
+      seeds+=("$pid")
+    fi
+  done
+  ((${#seeds[@]})) || return 0
+  # Close over descendants (ps gives pid/ppid for everything at once).
+  ps -eo pid=,ppid= | awk -v seeds="${seeds[*]}" -v mine="${!mine[*]}" '
+    BEGIN {
+      n = split(seeds, s, " "); for (i = 1; i <= n; i++) keep[s[i]] = 1
+      n = split(mine, m, " ");  for (i = 1; i <= n; i++) skip[m[i]] = 1
+    }
+    { parent[$1] = $2 }
+    END {
+      do {
+        changed = 0
+        for (p in parent) if (!(p in keep) && (parent[p] in keep)) { keep[p] = 1; changed = 1 }
+      } while (changed)
+      for (p in keep) if (!(p in skip) && (p in parent)) print p
+    }'
+}
+
+kill_leftovers() {
+  local -a pids
+  mapfile -t pids < <(cluster_pids)
+  ((${#pids[@]})) || return 0
+  log "killing ${#pids[@]} leftover process(es): $(ps -o pid=,comm= -p "$(IFS=,; echo "${pids[*]}")" | tr -s ' \n' ' ')"
+  kill -s TERM "${pids[@]}" 2>/dev/null || true
+  local p
+  for p in "${pids[@]}"; do wait_gone "$p" 5 || kill -s KILL "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait_gone "$p" 5 || warn "process $p survives SIGKILL"; done
+}
+
+# Mount points under the state dir, deepest first (mountinfo escapes blanks as \040).
+state_mounts() {
+  awk -v st="$STATE" '{
+      mp = $5; gsub(/\\040/, " ", mp)
+      if (mp == st || index(mp, st "/") == 1) print length(mp) "\t" mp
+    }' /proc/self/mountinfo | sort -rn | cut -f2- | uniq
+}
+
+unmount_all() {
+  local mp tries=0
+  while [[ -n "$(state_mounts)" ]]; do
+    if ((tries++ >= 5)); then
+      warn "still mounted under $STATE:"; state_mounts >&2
+      return 1
+    fi
+    while IFS= read -r mp; do
+      log "unmounting $mp"
+      umount "$mp" 2>/dev/null || umount -l "$mp" 2>/dev/null || warn "cannot unmount $mp"
+    done < <(state_mounts)
+  done
+}
+
+# Before the agent goes, ask Nomad to stop every job so tasks end through their
+# drivers (their own cleanup runs). Bounded; whatever is left is killed afterwards.
+stop_all_jobs() {
+  [[ -n "$(pid_of nomad)" ]] || return 0
+  local jobs j
+  jobs=$(http_get "$NOMAD_ADDR_LOCAL/v1/jobs" | python3 -c '
+import json, sys
+for j in json.load(sys.stdin):
+    if j.get("Status") != "dead":
+        print(j["ID"])' 2>/dev/null || true)
+  [[ -n "$jobs" ]] || return 0
+  log "nomad: stopping jobs: $(echo $jobs)"
+  for j in $jobs; do
+    timeout 30 "$NOMAD_BIN" job stop -detach -yes "$j" >/dev/null 2>&1 || true
+  done
+  # Wait (max 30 s) until no allocation is pending/running on the client.
+  local n=60 busy
+  while ((n-- > 0)); do
+    busy=$(http_get "$NOMAD_ADDR_LOCAL/v1/allocations" | python3 -c '
+import json, sys
+print(sum(a["ClientStatus"] in ("pending", "running") for a in json.load(sys.stdin)))' \
+      2>/dev/null || echo 0)
+    [[ "$busy" == 0 ]] && return 0
+    sleep 0.5
+  done
+  warn "allocations still running after 30s; they will be killed"
+}
+
+# --------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------
+cmd_up() {
+  require_binaries
+  mkdir -p "$LOGS" "$PIDS" "$NOMAD_DATA" "$PLUGIN_DIR"
+  # Refuse to start next to something else that holds our ports (ours may run already:
+  # `up` is idempotent and only starts what is missing).
+  local port owner
+  for port in 4646 4647 4648 8200 8201 8300 8301 8302 8500 8502 8600; do
+    case $port in
+      464?) owner=nomad ;;
+      820?) owner=vault ;;
+      *) owner=consul ;;
+    esac
+    if is_listening "$port" && [[ -z "$(pid_of "$owner")" ]]; then
+      die "port $port ($owner) is already in use by another process:" \
+          "$(ss -Hltnp "sport = :$port" | head -n1)"
+    fi
+  done
+  local t0; t0=$(date +%s)
+  start_consul
+  start_vault
+  if [[ -z "$(pid_of nomad)" ]]; then
+    write_nomad_config
+    choose_nomad_configs
+    install_plugin
+  fi
+  start_nomad
+  report_pyhpc_driver
+  log "cluster up in $(($(date +%s) - t0)) s (state: $STATE)"
+  log "use it with: eval \"\$($0 env)\""
+}
+
+cmd_down() {
+  stop_all_jobs
+  # Nomad first (SIGINT = graceful shutdown; the server does not leave, no matter).
+  stop_daemon nomad INT 30
+  stop_daemon vault INT 15
+  stop_daemon consul INT 15
+  # Executors, logmon, plugins and tasks outlive the agent by design: end them.
+  kill_leftovers
+  unmount_all || die "could not unmount everything under $STATE; not removing it"
+  if [[ -d "$STATE" ]]; then
+    rm -rf --one-file-system "$STATE" || die "could not remove $STATE"
+  fi
+  # Nothing of ours may listen any more.
+  local port busy=()
+  for port in 4646 4647 4648 8200 8201 8300 8301 8302 8500 8502 8600; do
+    is_listening "$port" && busy+=("$port")
+  done
+  if ((${#busy[@]})); then
+    warn "still listening on: ${busy[*]}"
+    ss -Hltnp | grep -E ":($(IFS='|'; echo "${busy[*]}"))\b" >&2 || true
+    exit 1
+  fi
+  log "cluster down (state dir removed)"
+}
+
+cmd_status() {
+  local rc=0 name pid
+  for name in consul vault nomad; do
+    pid=$(pid_of "$name")
+    if [[ -n "$pid" ]]; then
+      printf '%-7s running  pid %-7s %s\n' "$name" "$pid" "$(readlink "/proc/$pid/exe")"
+    else
+      printf '%-7s stopped\n' "$name"; rc=1
+    fi
+  done
+  [[ -n "$(pid_of consul)" ]] && { echo "--- consul members"; "$CONSUL_BIN" members 2>&1 || rc=1; }
+  [[ -n "$(pid_of vault)" ]] && { echo "--- vault status"; "$VAULT_BIN" status 2>&1 || rc=1; }
+  if [[ -n "$(pid_of nomad)" ]]; then
+    echo "--- nomad server members"; "$NOMAD_BIN" server members 2>&1 || rc=1
+    echo "--- nomad node status";    "$NOMAD_BIN" node status 2>&1 || rc=1
+    echo "--- nomad job status";     "$NOMAD_BIN" job status 2>&1 || true
+  fi
+  echo "--- state: $STATE"
+  return "$rc"
+}
+
+cmd_restart_nomad() {
+  local kill=0
+  case "${1:-}" in
+    --kill) kill=1 ;;
+    "") ;;
+    *) die "usage: $0 restart-nomad [--kill]" ;;
+  esac
+  require_binaries
+  [[ -f "$NOMAD_HCL" ]] || die "no cluster in $STATE (run '$0 up' first)"
+  if ((kill)); then
+    # Crash simulation: only the agent dies; executors and tasks keep running.
+    stop_daemon nomad KILL 10
+  else
+    stop_daemon nomad INT 30
+  fi
+  # The listeners must be gone before the new agent binds them.
+  local n=100
+  while ((n-- > 0)) && { is_listening 4646 || is_listening 4647; }; do sleep 0.1; done
+  start_nomad
+  report_pyhpc_driver
+}
+
+cmd_env() {
+  cat <<EOF
+export NOMAD_ADDR=$NOMAD_ADDR_LOCAL
+export CONSUL_HTTP_ADDR=$CONSUL_ADDR_LOCAL
+export VAULT_ADDR=$VAULT_ADDR_LOCAL
+export VAULT_TOKEN=$VAULT_TOKEN_LOCAL
+export PATH=$(dirname "$NOMAD_BIN"):$(dirname "$CONSUL_BIN"):$(dirname "$VAULT_BIN"):\$PATH
+EOF
+}
+
+usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+
+case "${1:-}" in
+  up) cmd_up ;;
+  down) cmd_down ;;
+  status) cmd_status ;;
+  restart-nomad) shift; cmd_restart_nomad "$@" ;;
+  env) cmd_env ;;
+  *) usage ;;
+esac
