@@ -146,10 +146,11 @@ def serve(
     os.close(devnull)
     log.debug("plugin serving", extra={"kv": {"address": sock_path, "pid": os.getpid()}})
 
-    while not stop.wait(0.5):
+    while not stop.wait(0.2):
         pass
+    # The host SIGKILLs us 2 s after Shutdown: clean up first, then stop serving.
+    shutil.rmtree(sock_dir, ignore_errors=True)
     if on_stop is not None:
         on_stop()
-    server.stop(grace=0.5).wait(1.0)
-    shutil.rmtree(sock_dir, ignore_errors=True)
+    server.stop(grace=0.3).wait(0.5)
     return 0

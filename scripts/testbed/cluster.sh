@@ -448,7 +448,7 @@ for j in json.load(sys.stdin):
     if j.get("Status") != "dead":
         print(j["ID"])' 2>/dev/null || true)
   [[ -n "$jobs" ]] || return 0
-  log "nomad: stopping jobs: $(echo $jobs)"
+  log "nomad: stopping jobs: ${jobs//$'\n'/ }"
   for j in $jobs; do
     timeout 30 "$NOMAD_BIN" job stop -detach -yes "$j" >/dev/null 2>&1 || true
   done
