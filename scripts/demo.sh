@@ -4,10 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+export PYHPC_PYTHON="$PWD/.venv/bin/python"
 scripts/testbed/cluster.sh up
 eval "$(scripts/testbed/cluster.sh env)"
-nomad=$(scripts/testbed/cluster.sh nomad-path)
-"$nomad" job run jobspecs/hello.nomad
-alloc=$("$nomad" job allocs -json hello | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)[0]["ID"])')
+nomad job run jobspecs/hello.nomad
+alloc=$(nomad job allocs -t '{{ (index . 0).ID }}' hello)
 echo "--- nomad alloc logs $alloc hello"
-"$nomad" alloc logs "$alloc" hello
+nomad alloc logs "$alloc" hello
+echo "--- the cluster keeps running; stop it with: scripts/testbed/cluster.sh down"

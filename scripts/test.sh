@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+export PYHPC_PYTHON="$PWD/.venv/bin/python"
 exec .venv/bin/python -m pytest -q -p no:cacheprovider tests "$@"

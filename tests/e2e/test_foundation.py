@@ -7,6 +7,7 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -311,7 +312,7 @@ def test_bad_plugin_config_stops_the_agent_with_our_message(cluster: Any, tmp_pa
     plugins = tmp_path / "plugins"
     plugins.mkdir()
     subprocess.run(
-        ["python3", "-m", "nomad_driver.cli.main", "install-plugin", "--plugin-dir", str(plugins)],
+        [sys.executable, "-m", "nomad_driver.cli.main", "install-plugin", "--plugin-dir", str(plugins)],
         check=True,
         capture_output=True,
         cwd=REPO,

@@ -1,0 +1,55 @@
+"""Runtime guarantees seen through the real Nomad: OOM kills, policy refusals, seccomp."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from test_foundation import IMAGE, events_text, job
+
+
+def test_task_over_its_memory_limit_is_oom_killed_and_nomad_shows_it(cluster: Any) -> None:
+    spec = job("e2e-oom", "dd if=/dev/zero of=/dev/null bs=300M count=1").replace(
+        "memory = 64", "memory = 32"
+    )
+    job_id = cluster.run_job(spec)
+    alloc = cluster.wait_alloc(job_id, {"failed"})
+    terminated = [e for e in cluster.task_events(alloc, "t") if e["Type"] == "Terminated"]
+    assert terminated, events_text(cluster, alloc)
+    assert terminated[-1]["Details"].get("oom_killed") == "true", events_text(cluster, alloc)
+    assert "OOM Killed: true" in cluster.nomad("alloc", "status", alloc["ID"]).stdout
+    cluster.stop_job(job_id)
+
+
+def test_capability_outside_the_allowlist_is_refused_before_start(cluster: Any) -> None:
+    job_id = cluster.run_job(job("e2e-cap", "true", config_extra='        cap_add = ["SYS_ADMIN"]'))
+    alloc = cluster.wait_alloc(job_id, {"failed"})
+    text = events_text(cluster, alloc)
+    assert "cap_add: SYS_ADMIN not in the plugin's allow_caps" in text, text
+    assert "Started" not in [e["Type"] for e in cluster.task_events(alloc, "t")]
+    cluster.stop_job(job_id)
+
+
+def test_malformed_seccomp_profile_is_refused_naming_it(cluster: Any, tmp_path: Path) -> None:
+    profile = tmp_path / "bad.json"
+    profile.write_text(json.dumps({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+        {"names": ["chmod"], "action": "SCMP_ACT_SOMETIMES"}]}))
+    job_id = cluster.run_job(job("e2e-seccomp-bad", "true",
+                                 config_extra=f'        seccomp = "{profile}"'))
+    alloc = cluster.wait_alloc(job_id, {"failed"})
+    text = events_text(cluster, alloc)
+    assert f"seccomp profile {profile}: syscalls[0].action 'SCMP_ACT_SOMETIMES'" in text, text
+    cluster.stop_job(job_id)
+
+
+def test_default_seccomp_profile_applies_to_jobs(cluster: Any) -> None:
+    job_id = cluster.run_job(job(
+        "e2e-seccomp-default",
+        "grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status; unshare -m true || echo denied",
+    ))
+    alloc = cluster.wait_alloc(job_id, {"complete"})
+    out = cluster.alloc_logs(alloc["ID"], "t")
+    assert "Seccomp:\t2" in out and "NoNewPrivs:\t1" in out and "denied" in out, out
+    assert IMAGE
+    cluster.stop_job(job_id)
