@@ -29,6 +29,7 @@ from nomad_driver import __version__
 from nomad_driver.driver import config, execio
 from nomad_driver.driver.handle import TaskHandle
 from nomad_driver.driver.state import DriverState, StateError
+from nomad_driver.goplugin import hclog
 from nomad_driver.proto import base_pb2, driver_pb2, structs_pb2
 from nomad_driver.runtime import client, enter, security
 from nomad_driver.runtime.cgroups import Limits
@@ -190,6 +191,8 @@ class DriverService:
         except schema.ConfigError as err:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
         self.config = loaded
+        # After an agent restart our stderr pipe is gone: log next to the tasks instead.
+        hclog.set_fallback(os.path.join(loaded.run_dir, "plugin.log"))
         log.info("configured", extra={"kv": {"run_dir": loaded.run_dir}})
         return base_pb2.SetConfigResponse()
 

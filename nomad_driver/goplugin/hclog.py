@@ -104,3 +104,9 @@ def setup(name: str, level: int = logging.DEBUG, fallback_path: str | None = Non
         _handler.set_fallback(fallback_path)
     logging.getLogger(name).setLevel(level)
     return _handler
+
+
+def set_fallback(path: str) -> None:
+    """Where logs go once stderr is broken (no-op before setup())."""
+    if _handler is not None:
+        _handler.set_fallback(path)

@@ -4,15 +4,14 @@ clusters; this module detects which). A task's cgroup is named after its run dir
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 ROOT = "/sys/fs/cgroup"
 V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "cpuset")
 PARENT = "pyhpc"
 
 
-@dataclass(frozen=True)
-class Limits:
+class Limits(NamedTuple):  # NamedTuple: loaded by every supervisor (see spec.py)
     """What Nomad allocated: memory (soft) and memory_max (hard), CPU shares, reserved cores."""
 
     memory_bytes: int = 0
@@ -22,8 +21,7 @@ class Limits:
     pids_max: int = 0
 
 
-@dataclass(frozen=True)
-class Usage:
+class Usage(NamedTuple):
     memory_bytes: int
     rss_bytes: int
     cache_bytes: int

@@ -46,7 +46,7 @@ def main(args: list[str]) -> int:
     with open(os.path.join(run_dir, SPEC_FILE), encoding="utf-8") as f:
         spec = ContainerSpec.from_json(f.read())
     if spec.seccomp is not None:
-        import pyseccomp  # noqa: F401 - loaded before the host's files disappear
+        security.load_libseccomp()  # before the host's files disappear
     fds = [(os.open(f"/proc/{init_pid}/ns/{name}", os.O_RDONLY), kind) for name, kind in NAMESPACES]
     root = os.open(f"/proc/{init_pid}/root", os.O_RDONLY | os.O_DIRECTORY)
     for fd, kind in fds:

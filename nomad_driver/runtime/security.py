@@ -213,6 +213,20 @@ def set_no_new_privs() -> None:
     _prctl(PR_SET_NO_NEW_PRIVS, 1, "no_new_privs")
 
 
+def load_libseccomp() -> None:
+    """Import pyseccomp without letting ctypes.util.find_library spawn ldconfig: this runs
+    inside the container's PID namespace, where a stray child would take PID 2."""
+    import ctypes.util
+
+    known = {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}
+    original = ctypes.util.find_library
+    ctypes.util.find_library = lambda name: known.get(name) or original(name)
+    try:
+        import pyseccomp  # noqa: F401
+    finally:
+        ctypes.util.find_library = original
+
+
 def apply_seccomp(profile: Mapping[str, Any]) -> None:
     """Load a checked Docker-format profile into the kernel for this process and its children."""
     import pyseccomp as sc

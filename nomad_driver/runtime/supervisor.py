@@ -9,7 +9,6 @@ Run as: python -m nomad_driver.runtime.supervisor RUN_DIR READY_FD
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import selectors
@@ -47,7 +46,12 @@ def run_init(
     cgroup: Cgroup | None,
 ) -> None:
     """PID 1 of the container: build the root, start the command, forward signals, reap."""
-    from nomad_driver.runtime import container  # loaded by Supervisor.start() already
+    # Loaded here, in the init only (the long-lived supervisor stays small), and before
+    # pivot_root: from inside the container the package is out of sight.
+    from nomad_driver.runtime import container, security
+
+    if spec.seccomp is not None:
+        security.load_libseccomp()
 
     app_pid = 0
 
@@ -160,13 +164,6 @@ class Supervisor:
         err = os.open(self.spec.stderr_path, os.O_WRONLY)
         ready_r, ready_w = os.pipe()
         self.status_r, status_w = os.pipe()
-        # Everything the init and the task's last steps import is loaded now, in the host's
-        # mount namespace: after pivot_root the package is out of sight.
-        from nomad_driver.runtime import container, security  # noqa: F401
-
-        if self.spec.seccomp is not None:
-            import pyseccomp  # noqa: F401 - its import runs ldconfig: keep that out of the task
-
         if self.cgroup is not None and self.spec.limits is not None:
             self.cgroup.create(self.spec.limits)
         scratch = self.path("mnt")
@@ -243,7 +240,7 @@ class Supervisor:
         result = ExitStatus.from_wait_status(int(raw) if raw else init_status, now)
         if self.cgroup is not None:
             if self.cgroup.oom_kills() > 0:
-                result = dataclasses.replace(result, oom_killed=True)
+                result = result._replace(oom_killed=True)
             self.cgroup.remove()
         write_atomic(self.path(EXIT_FILE), result.to_json())
         for conn in self.waiters:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import time
@@ -191,9 +190,7 @@ def test_task_over_its_memory_limit_is_oom_killed_and_reported(
     spec = make_spec(
         tmp_path, busybox_image, "/bin/dd", "if=/dev/zero", "of=/dev/null", "bs=200M", "count=1"
     )
-    spec = dataclasses.replace(
-        spec, limits=Limits(memory_bytes=32 << 20, memory_max_bytes=32 << 20)
-    )
+    spec = spec._replace(limits=Limits(memory_bytes=32 << 20, memory_max_bytes=32 << 20))
     started = client.start(spec, str(tmp_path / "run"))
     result = client.wait(started.run_dir)
     assert result.oom_killed, result
@@ -204,7 +201,7 @@ def test_cgroup_is_removed_after_the_task(tmp_path: Path, busybox_image: Path) -
     from nomad_driver.runtime.cgroups import Cgroup, Limits
 
     spec = make_spec(tmp_path, busybox_image, "/bin/sh", "-c", "cat /proc/self/cgroup")
-    spec = dataclasses.replace(spec, limits=Limits(memory_bytes=64 << 20, cpu_shares=100))
+    spec = spec._replace(limits=Limits(memory_bytes=64 << 20, cpu_shares=100))
     started = client.start(spec, str(tmp_path / "run"))
     assert client.wait(started.run_dir).exit_code == 0
     assert "pyhpc/run" in (tmp_path / "out").read_text()
