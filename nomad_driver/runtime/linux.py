@@ -1,5 +1,6 @@
 """Thin ctypes wrappers for the Linux calls the standard library lacks on Python 3.11
-(mount, umount2, unshare, setns, pivot_root, sethostname). Errors raise OSError with the path."""
+(mount, umount2, unshare, setns, pivot_root, sethostname, prctl, capset). Errors raise OSError
+naming the call and the path."""
 
 from __future__ import annotations
 
@@ -74,3 +75,18 @@ def pivot_root(new_root: str, put_old: str) -> None:
 def sethostname(name: str) -> None:
     raw = name.encode()[:64]
     _check(_libc.sethostname(raw, len(raw)), "sethostname")
+
+
+def prctl(option: int, arg: int, what: str) -> None:
+    _check(_libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0), what)
+
+
+LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def capset(mask: int) -> None:
+    """Set effective, permitted and inheritable capabilities of this thread to mask."""
+    header = (ctypes.c_uint32 * 2)(LINUX_CAPABILITY_VERSION_3, 0)
+    low, high = mask & 0xFFFFFFFF, mask >> 32
+    data = (ctypes.c_uint32 * 6)(low, low, 0, high, high, 0)
+    _check(_libc.capset(header, data), "capset")

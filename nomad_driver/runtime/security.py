@@ -7,11 +7,12 @@ profile is refused with its path and field; only the parsed, checked form reache
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+from nomad_driver.runtime import linux
 
 CAPABILITIES = (
     "CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID KILL SETGID SETUID SETPCAP LINUX_IMMUTABLE "
@@ -169,48 +170,34 @@ def load_profile(text: str, source: str) -> dict[str, Any]:
 
 # ---- applied in the task's process, just before exec --------------------------------------
 
-_libc = ctypes.CDLL("libc.so.6", use_errno=True)  # find_library would spawn ldconfig
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
-LINUX_CAPABILITY_VERSION_3 = 0x20080522
-
-
-def _prctl(option: int, arg: int, what: str) -> None:
-    if _libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        if err != errno.EINVAL:  # EINVAL: a capability this kernel does not know
-            raise OSError(err, f"{what}: {errno.errorcode.get(err, err)}")
 
 
 def limit_bounding_set(keep: Iterable[str]) -> None:
     """Drop every capability not kept from the bounding set (needs CAP_SETPCAP: call as root)."""
     kept = {CAP_NUMBER[name] for name in keep}
     for number in range(64):
-        if number not in kept:
-            try:
-                _prctl(PR_CAPBSET_DROP, number, "drop capability")
-            except OSError:
+        if number in kept:
+            continue
+        try:
+            linux.prctl(PR_CAPBSET_DROP, number, "drop capability")
+        except OSError as err:
+            if err.errno == errno.EINVAL:  # past the last capability this kernel knows
                 break
-    _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, "clear ambient capabilities")
+            raise
+    linux.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, "clear ambient capabilities")
 
 
 def set_capabilities(keep: Iterable[str]) -> None:
     """Effective, permitted and inheritable become exactly `keep` (for a root task)."""
-    mask = 0
-    for name in keep:
-        mask |= 1 << CAP_NUMBER[name]
-    header = (ctypes.c_uint32 * 2)(LINUX_CAPABILITY_VERSION_3, 0)
-    low, high = mask & 0xFFFFFFFF, mask >> 32
-    data = (ctypes.c_uint32 * 6)(low, low, 0, high, high, 0)
-    if _libc.capset(header, data) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"capset: {errno.errorcode.get(err, err)}")
+    linux.capset(sum(1 << CAP_NUMBER[name] for name in set(keep)))
 
 
 def set_no_new_privs() -> None:
-    _prctl(PR_SET_NO_NEW_PRIVS, 1, "no_new_privs")
+    linux.prctl(PR_SET_NO_NEW_PRIVS, 1, "no_new_privs")
 
 
 def load_libseccomp() -> None:
