@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from nomad_driver.driver.state import DriverState
@@ -24,7 +25,14 @@ class Usage:
 
 
 class TaskHandle:
-    def __init__(self, task_id: str, name: str, alloc_id: str, state: DriverState) -> None:
+    def __init__(
+        self,
+        task_id: str,
+        name: str,
+        alloc_id: str,
+        state: DriverState,
+        on_exit: Callable[[TaskHandle], None] | None = None,
+    ) -> None:
         self.task_id = task_id
         self.name = name
         self.alloc_id = alloc_id
@@ -33,11 +41,14 @@ class TaskHandle:
         self.exited = threading.Event()
         self._last: tuple[float, float] | None = None
         self._lock = threading.Lock()
+        self._on_exit = on_exit
         self.cgroup = Cgroup(os.path.basename(state.run_dir))
         threading.Thread(target=self._watch, name=f"wait-{name}", daemon=True).start()
 
     def _watch(self) -> None:
         self.result = client.wait(self.state.run_dir)
+        if self._on_exit is not None:
+            self._on_exit(self)
         self.exited.set()
 
     @property

@@ -18,11 +18,15 @@ NOMAD_HANDSHAKE = server.Handshake(
 )
 
 
+_service: list[object] = []
+
+
 def _register(grpc_server: grpc.Server, stop: threading.Event) -> None:
     from nomad_driver.driver.service import DriverService
     from nomad_driver.proto import base_pb2_grpc, driver_pb2_grpc
 
     service = DriverService(stop)
+    _service.append(service)
     base_pb2_grpc.add_BasePluginServicer_to_server(service, grpc_server)
     driver_pb2_grpc.add_DriverServicer_to_server(service, grpc_server)
 
@@ -31,7 +35,13 @@ def main() -> int:
     level = logging.getLevelName(os.environ.get("PYHPC_LOG_LEVEL", "DEBUG").upper())
     fallback = os.environ.get("PYHPC_LOG_FILE", "/var/log/pyhpc/plugin.log")
     hclog.setup("pyhpc", level if isinstance(level, int) else logging.DEBUG, fallback)
-    return server.serve(NOMAD_HANDSHAKE, _register)
+
+    def survives_host() -> bool:
+        # Only the agent's real instance (configured with nomad_config) is reattached after
+        # an agent crash; fingerprint and validation instances must not outlive the agent.
+        return any(getattr(s, "serving_agent", False) for s in _service)
+
+    return server.serve(NOMAD_HANDSHAKE, _register, survives_host=survives_host)
 
 
 if __name__ == "__main__":

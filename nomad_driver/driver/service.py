@@ -165,6 +165,7 @@ class DriverService:
     def __init__(self, stop: threading.Event) -> None:
         self.stop = stop
         self.config = config.PluginConfig()
+        self.serving_agent = False
         self.tasks: dict[str, TaskHandle] = {}
         self.lock = threading.Lock()
         self.events = EventHub()
@@ -191,6 +192,7 @@ class DriverService:
         except schema.ConfigError as err:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
         self.config = loaded
+        self.serving_agent = request.HasField("nomad_config")
         # After an agent restart our stderr pipe is gone: log next to the tasks instead.
         hclog.set_fallback(os.path.join(loaded.run_dir, "plugin.log"))
         log.info("configured", extra={"kv": {"run_dir": loaded.run_dir}})
@@ -314,7 +316,7 @@ class DriverService:
             client.remove(run_dir)
             abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"{where}: {err}")
         state = DriverState(run_dir, started.supervisor_pid, started.init_pid, started.started_at)
-        handle = TaskHandle(task.id, task.name, task.alloc_id, state)
+        handle = TaskHandle(task.id, task.name, task.alloc_id, state, self._exited)
         with self.lock:
             self.tasks[task.id] = handle
         log.info("task started", extra={"kv": {"task_id": task.id, "init_pid": started.init_pid}})
@@ -350,12 +352,20 @@ class DriverService:
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"cannot recover {task_id!r}: its supervisor is gone and left no exit status",
             )
-        handle = TaskHandle(task_id, task.name, task.alloc_id, state)
+        handle = TaskHandle(task_id, task.name, task.alloc_id, state, self._exited)
         with self.lock:
             self.tasks.setdefault(task_id, handle)
         log.info("task recovered", extra={"kv": {"task_id": task_id}})
         self.events.emit(handle, "Task recovered by the pyhpc plugin")
         return driver_pb2.RecoverTaskResponse()
+
+    def _exited(self, handle: TaskHandle) -> None:
+        """Say in the task's events what Nomad 1.6's own messages leave out."""
+        result = handle.result
+        if result is not None and result.oom_killed:
+            self.events.emit(handle, "OOM killed: the task used more memory than it was given")
+        elif result is not None and result.err:
+            self.events.emit(handle, result.err)
 
     def WaitTask(self, request: Any, context: grpc.ServicerContext) -> Any:
         handle = self._handle(request.task_id, context)

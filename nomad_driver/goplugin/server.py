@@ -106,8 +106,13 @@ def serve(
     register: Callable[[grpc.Server, threading.Event], None],
     *,
     on_stop: Callable[[], None] | None = None,
+    survives_host: Callable[[], bool] = lambda: True,
 ) -> int:
-    """Run a plugin until the host asks it to stop. Returns the process exit status."""
+    """Run a plugin until the host asks it to stop. Returns the process exit status.
+
+    survives_host() is asked when the host process goes away: a plugin the host may reattach
+    to keeps running; one that was only started for a fingerprint or validation pass exits.
+    """
     # Ctrl-C in the agent's terminal reaches the whole process group; go plugins ignore it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
@@ -146,8 +151,11 @@ def serve(
     os.close(devnull)
     log.debug("plugin serving", extra={"kv": {"address": sock_path, "pid": os.getpid()}})
 
+    host = os.getppid()
     while not stop.wait(0.2):
-        pass
+        if os.getppid() != host and not survives_host():
+            log.info("the host exited before configuring this plugin; stopping")
+            break
     # The host SIGKILLs us 2 s after Shutdown: clean up first, then stop serving.
     shutil.rmtree(sock_dir, ignore_errors=True)
     if on_stop is not None:

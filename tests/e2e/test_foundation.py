@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = "/var/lib/pyhpc/images/busybox.sqsh"
 NO_RETRY = """
@@ -312,7 +311,14 @@ def test_bad_plugin_config_stops_the_agent_with_our_message(cluster: Any, tmp_pa
     plugins = tmp_path / "plugins"
     plugins.mkdir()
     subprocess.run(
-        [sys.executable, "-m", "nomad_driver.cli.main", "install-plugin", "--plugin-dir", str(plugins)],
+        [
+            sys.executable,
+            "-m",
+            "nomad_driver.cli.main",
+            "install-plugin",
+            "--plugin-dir",
+            str(plugins),
+        ],
         check=True,
         capture_output=True,
         cwd=REPO,
@@ -341,3 +347,8 @@ def test_bad_plugin_config_stops_the_agent_with_our_message(cluster: Any, tmp_pa
     assert done.returncode != 0
     assert "run_dir" in output and "must be an absolute path" in output, output[-3000:]
     assert "Traceback" not in output
+    # The plugin instances that agent started must not outlive it.
+    deadline = time.monotonic() + 5
+    while subprocess.run(["pgrep", "-f", str(plugins)], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "plugin processes outlived the agent that failed"
+        time.sleep(0.2)

@@ -18,7 +18,7 @@ def test_task_over_its_memory_limit_is_oom_killed_and_nomad_shows_it(cluster: An
     terminated = [e for e in cluster.task_events(alloc, "t") if e["Type"] == "Terminated"]
     assert terminated, events_text(cluster, alloc)
     assert terminated[-1]["Details"].get("oom_killed") == "true", events_text(cluster, alloc)
-    assert "OOM Killed: true" in cluster.nomad("alloc", "status", alloc["ID"]).stdout
+    assert "OOM killed" in cluster.nomad("alloc", "status", alloc["ID"]).stdout
     cluster.stop_job(job_id)
 
 
@@ -33,10 +33,17 @@ def test_capability_outside_the_allowlist_is_refused_before_start(cluster: Any) 
 
 def test_malformed_seccomp_profile_is_refused_naming_it(cluster: Any, tmp_path: Path) -> None:
     profile = tmp_path / "bad.json"
-    profile.write_text(json.dumps({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
-        {"names": ["chmod"], "action": "SCMP_ACT_SOMETIMES"}]}))
-    job_id = cluster.run_job(job("e2e-seccomp-bad", "true",
-                                 config_extra=f'        seccomp = "{profile}"'))
+    profile.write_text(
+        json.dumps(
+            {
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "syscalls": [{"names": ["chmod"], "action": "SCMP_ACT_SOMETIMES"}],
+            }
+        )
+    )
+    job_id = cluster.run_job(
+        job("e2e-seccomp-bad", "true", config_extra=f'        seccomp = "{profile}"')
+    )
     alloc = cluster.wait_alloc(job_id, {"failed"})
     text = events_text(cluster, alloc)
     assert f"seccomp profile {profile}: syscalls[0].action 'SCMP_ACT_SOMETIMES'" in text, text
@@ -44,10 +51,12 @@ def test_malformed_seccomp_profile_is_refused_naming_it(cluster: Any, tmp_path: 
 
 
 def test_default_seccomp_profile_applies_to_jobs(cluster: Any) -> None:
-    job_id = cluster.run_job(job(
-        "e2e-seccomp-default",
-        "grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status; unshare -m true || echo denied",
-    ))
+    job_id = cluster.run_job(
+        job(
+            "e2e-seccomp-default",
+            "grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status; unshare -m true || echo denied",
+        )
+    )
     alloc = cluster.wait_alloc(job_id, {"complete"})
     out = cluster.alloc_logs(alloc["ID"], "t")
     assert "Seccomp:\t2" in out and "NoNewPrivs:\t1" in out and "denied" in out, out
