@@ -1,6 +1,7 @@
 # The pyhpc task driver, as the Nomad agent loads it from plugin_dir.
 # The block label must equal the file name in plugin_dir ("pyhpc", see `pyhpc install-plugin`).
-# Every option is listed by `pyhpc config-reference`.
+# Every option is listed by `pyhpc config-reference`; a bad value stops the agent with a
+# message naming the option.
 plugin "pyhpc" {
   config {
     # Per-task supervisor sockets and exit status live here; keep it on a local disk or tmpfs.
@@ -8,5 +9,14 @@ plugin "pyhpc" {
 
     # How often the driver re-checks the node (loop devices, squashfs, overlay, nsenter).
     fingerprint_period = "30s"
+
+    # Capabilities a task may add with cap_add. Tasks start with Docker's default set; listing
+    # more here (e.g. "SYS_PTRACE" for debuggers) lets jobspecs ask for them.
+    allow_caps = ["AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD",
+                  "NET_BIND_SERVICE", "NET_RAW", "SETFCAP", "SETGID", "SETPCAP", "SETUID",
+                  "SYS_CHROOT"]
+
+    # Whether a jobspec may say seccomp = "unconfined". Keep false on shared clusters.
+    allow_unconfined_seccomp = false
   }
 }
