@@ -93,6 +93,21 @@ class TaskConfig:
     work_dir: str = option(
         "string", default="/", doc="Working directory inside the container.", check=_absolute
     )
+    writable: str = option(
+        "string",
+        default="tmpfs",
+        doc='Writable layer over the image: "tmpfs" (in memory), "disk" (in the task directory) '
+        'or "none" (read-only root; /alloc, /local and /secrets stay writable).',
+        check=lambda v: (
+            None if v in ("tmpfs", "disk", "none") else 'must be "tmpfs", "disk" or "none"'
+        ),
+    )
+    network: str = option(
+        "string",
+        default="host",
+        doc='"host" (the node\'s network, the HPC default) or "none" (loopback only).',
+        check=lambda v: None if v in ("host", "none") else 'must be "host" or "none"',
+    )
     cap_add: tuple[str, ...] = option(
         "list(string)",
         default=(),

@@ -284,6 +284,9 @@ class DriverService:
             ),
             seccomp=security.seccomp_policy(cfg.seccomp, self.config.allow_unconfined_seccomp),
             limits=limits_of(task.resources),
+            writable=cfg.writable,
+            upper_dir=os.path.join(task_dir, "pyhpc-layer") if cfg.writable == "disk" else "",
+            network=cfg.network,
         )
 
     def StartTask(self, request: Any, context: grpc.ServicerContext) -> Any:

@@ -28,10 +28,26 @@ class ContainerError(Exception):
 
 
 def enter_namespaces(spec: ContainerSpec) -> None:
-    linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC)
+    flags = linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC
+    if spec.network == "none":
+        flags |= linux.CLONE_NEWNET
+    linux.unshare(flags)
     # Nothing mounted from here on may propagate back to the host.
     linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
     linux.sethostname(spec.hostname)
+    if spec.network == "none":
+        loopback_up()
+
+
+def loopback_up() -> None:
+    """A fresh network namespace has only lo, and it is down."""
+    import socket
+
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = struct.pack("16sH22x", b"lo", 0)
+        flags = struct.unpack("16sH22x", fcntl.ioctl(sock, siocgifflags, request))[1]
+        fcntl.ioctl(sock, siocsifflags, struct.pack("16sH22x", b"lo", flags | iff_up))
 
 
 def attach_loop(image: str) -> tuple[str, int]:
@@ -92,19 +108,36 @@ def mount_image(image: str, target: str) -> None:
 
 
 def make_rootfs(spec: ContainerSpec, scratch: str) -> str:
-    """Image (read-only) under a tmpfs upper layer: the task can write, the image never changes."""
+    """The image, read-only, under the writable layer the task asked for:
+    tmpfs (default), disk (upper layer in spec.upper_dir) or none (read-only root).
+    The image itself never changes."""
     linux.mount("tmpfs", scratch, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0755")
-    for name in ("image", "upper", "work", "root"):
-        os.mkdir(os.path.join(scratch, name))
     image, root = os.path.join(scratch, "image"), os.path.join(scratch, "root")
+    os.mkdir(image)
+    os.mkdir(root)
     mount_image(spec.image, image)
-    upper, work = os.path.join(scratch, "upper"), os.path.join(scratch, "work")
+    flags = linux.MS_NOSUID | linux.MS_NODEV
+    if spec.writable == "none":
+        # A read-only overlay: a small layer of mount points over the image.
+        skel = os.path.join(scratch, "skel")
+        for path in ("dev", "proc", "sys", ".oldroot", *(m.task_path for m in spec.mounts)):
+            target = _inside(skel, path)
+            if os.path.exists(os.path.join(image, path.lstrip("/"))) or os.path.exists(target):
+                continue
+            source = next((m.host_path for m in spec.mounts if m.task_path == path), "")
+            if source and not os.path.isdir(source):
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                open(target, "a").close()  # noqa: SIM115
+            else:
+                os.makedirs(target)
+        linux.mount("overlay", root, "overlay", flags | linux.MS_RDONLY, f"lowerdir={skel}:{image}")
+        return root
+    layer = spec.upper_dir if spec.writable == "disk" else os.path.join(scratch, "layer")
+    upper, work = os.path.join(layer, "upper"), os.path.join(layer, "work")
+    os.makedirs(upper, exist_ok=True)
+    os.makedirs(work, exist_ok=True)
     linux.mount(
-        "overlay",
-        root,
-        "overlay",
-        linux.MS_NOSUID | linux.MS_NODEV,
-        f"lowerdir={image},upperdir={upper},workdir={work}",
+        "overlay", root, "overlay", flags, f"lowerdir={image},upperdir={upper},workdir={work}"
     )
     return root
 
@@ -184,11 +217,14 @@ def copy_host_files(root: str) -> None:
 
 def pivot_into(root: str) -> None:
     os.chdir(root)
-    os.mkdir(".oldroot")
+    os.makedirs(".oldroot", exist_ok=True)  # a read-only root brings its own
     linux.pivot_root(".", ".oldroot")
     os.chdir("/")
     linux.umount("/.oldroot", linux.MNT_DETACH)
-    os.rmdir("/.oldroot")
+    try:
+        os.rmdir("/.oldroot")
+    except OSError:  # read-only root
+        pass
     os.makedirs("/proc", exist_ok=True)
     linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
 
@@ -200,7 +236,8 @@ def build(spec: ContainerSpec, scratch: str) -> None:
     bind_mounts(root, spec.mounts)
     make_dev(root)
     make_sys(root)
-    copy_host_files(root)
+    if spec.writable != "none":
+        copy_host_files(root)
     pivot_into(root)
 
 

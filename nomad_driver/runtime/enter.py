@@ -19,6 +19,7 @@ from nomad_driver.runtime.spec import ContainerSpec
 from nomad_driver.runtime.supervisor import SPEC_FILE, restrict
 
 NAMESPACES = (
+    ("net", linux.CLONE_NEWNET),
     ("ipc", linux.CLONE_NEWIPC),
     ("uts", linux.CLONE_NEWUTS),
     ("pid", linux.CLONE_NEWPID),

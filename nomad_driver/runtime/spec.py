@@ -39,6 +39,9 @@ class ContainerSpec(NamedTuple):
     # A checked Docker-format seccomp profile; None runs the task unconfined.
     seccomp: dict[str, Any] | None = None
     limits: Limits | None = None
+    writable: str = "tmpfs"  # "tmpfs", "disk" (upper layer in upper_dir) or "none"
+    upper_dir: str = ""
+    network: str = "host"  # "host" or "none"
 
     def to_json(self) -> str:
         raw = self._asdict()

@@ -206,3 +206,50 @@ def test_cgroup_is_removed_after_the_task(tmp_path: Path, busybox_image: Path) -
     assert client.wait(started.run_dir).exit_code == 0
     assert "pyhpc/run" in (tmp_path / "out").read_text()
     assert not any(os.path.exists(p) for p in Cgroup("run").paths())
+
+
+def test_writable_none_gives_a_read_only_root_with_writable_alloc_dirs(
+    tmp_path: Path, busybox_image: Path
+) -> None:
+    spec = make_spec(
+        tmp_path,
+        busybox_image,
+        "/bin/sh",
+        "-c",
+        "touch /newfile || echo root-ro; echo ok > /alloc/f && echo alloc-rw",
+    )
+    spec = spec._replace(writable="none")
+    started = client.start(spec, str(tmp_path / "run"))
+    assert client.wait(started.run_dir).exit_code == 0
+    out = (tmp_path / "out").read_text()
+    assert "root-ro" in out and "alloc-rw" in out, out
+    assert str(tmp_path) not in Path("/proc/mounts").read_text()
+
+
+def test_writable_disk_keeps_the_layer_in_the_given_directory(
+    tmp_path: Path, busybox_image: Path
+) -> None:
+    spec = make_spec(tmp_path, busybox_image, "/bin/sh", "-c", "echo kept > /bin/newfile")
+    spec = spec._replace(writable="disk", upper_dir=str(tmp_path / "layer"))
+    started = client.start(spec, str(tmp_path / "run"))
+    assert client.wait(started.run_dir).exit_code == 0
+    assert (tmp_path / "layer" / "upper" / "bin" / "newfile").read_text() == "kept\n"
+
+
+def test_network_none_leaves_only_loopback_and_it_is_up(
+    tmp_path: Path, busybox_image: Path
+) -> None:
+    spec = make_spec(
+        tmp_path,
+        busybox_image,
+        "/bin/sh",
+        "-c",
+        "cat /proc/net/dev; cat /sys/class/net/lo/operstate /sys/class/net/lo/flags",
+    )
+    spec = spec._replace(network="none")
+    started = client.start(spec, str(tmp_path / "run"))
+    assert client.wait(started.run_dir).exit_code == 0
+    out = (tmp_path / "out").read_text()
+    interfaces = [line.split(":")[0].strip() for line in out.splitlines() if ":" in line]
+    assert interfaces == ["lo"], out
+    assert int(out.split()[-1], 16) & 1, "lo is not up"
