@@ -62,3 +62,29 @@ def test_default_seccomp_profile_applies_to_jobs(cluster: Any) -> None:
     assert "Seccomp:\t2" in out and "NoNewPrivs:\t1" in out and "denied" in out, out
     assert IMAGE
     cluster.stop_job(job_id)
+
+
+def test_read_only_root_and_no_network_from_a_jobspec(cluster: Any) -> None:
+    job_id = cluster.run_job(
+        job(
+            "e2e-ro-nonet",
+            "touch /x 2>/dev/null || echo root-ro; echo hi > /local/f && echo local-rw; "
+            "grep -c : /proc/net/dev",
+            config_extra='        writable = "none"\n        network  = "none"',
+        )
+    )
+    alloc = cluster.wait_alloc(job_id, {"complete"})
+    out = cluster.alloc_logs(alloc["ID"], "t")
+    # /proc/net/dev: the two header lines have no colon, each interface line has one.
+    assert out.split() == ["root-ro", "local-rw", "1"], out
+    cluster.stop_job(job_id)
+
+
+def test_bad_writable_value_is_refused_naming_the_option(cluster: Any) -> None:
+    job_id = cluster.run_job(
+        job("e2e-bad-writable", "true", config_extra='        writable = "sometimes"')
+    )
+    alloc = cluster.wait_alloc(job_id, {"failed"})
+    text = events_text(cluster, alloc)
+    assert 'option \'writable\' = \'sometimes\': must be "tmpfs", "disk" or "none"' in text, text
+    cluster.stop_job(job_id)
