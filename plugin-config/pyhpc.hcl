@@ -10,6 +10,10 @@ plugin "pyhpc" {
     # How often the driver re-checks the node (loop devices, squashfs, overlay, nsenter).
     fingerprint_period = "30s"
 
+    # Where task images may come from. Symlinks are resolved and whole path components
+    # compared, so "/var/lib/pyhpc/images" does not admit "/var/lib/pyhpc/images2".
+    image_dirs = ["/var/lib/pyhpc/images"]
+
     # Capabilities a task may add with cap_add. Tasks start with Docker's default set; listing
     # more here (e.g. "SYS_PTRACE" for debuggers) lets jobspecs ask for them.
     allow_caps = ["AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD",

@@ -60,6 +60,15 @@ class PluginConfig:
         check=lambda v: None if parse_duration(v) is not None else 'must be a duration like "30s"',
     )
 
+    image_dirs: tuple[str, ...] = option(
+        "list(string)",
+        default=("/",),
+        doc="Directories task images may come from (symlinks resolved, whole path components); "
+        'narrow it on shared clusters, e.g. ["/var/lib/pyhpc/images"].',
+        check=lambda v: (
+            None if all(str(d).startswith("/") for d in v) else "must be absolute paths"
+        ),
+    )
     allow_caps: tuple[str, ...] = option(
         "list(string)",
         default=tuple(sorted(DEFAULT_CAPS)),

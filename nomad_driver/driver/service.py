@@ -34,6 +34,7 @@ from nomad_driver.proto import base_pb2, driver_pb2, structs_pb2
 from nomad_driver.runtime import client, enter, security
 from nomad_driver.runtime.cgroups import Limits
 from nomad_driver.runtime.container import ContainerError
+from nomad_driver.runtime.paths import within
 from nomad_driver.runtime.spec import BindMount, ContainerSpec, ExitStatus
 from nomad_driver.runtime.stats import cpu_mhz
 from nomad_driver.wire import schema
@@ -259,7 +260,8 @@ class DriverService:
             abort(context, grpc.StatusCode.NOT_FOUND, f"task {task_id!r} is not known to pyhpc")
         return handle
 
-    def _container_spec(self, task: Any, cfg: config.TaskConfig) -> ContainerSpec:
+    def _container_spec(self, task: Any, cfg: config.TaskConfig, image: str) -> ContainerSpec:
+        """image: the checked real path, so a symlink swapped later cannot redirect the mount."""
         task_dir = os.path.join(task.alloc_dir, task.name)
         mounts = [
             BindMount(os.path.join(task.alloc_dir, "alloc"), "/alloc"),
@@ -270,7 +272,7 @@ class DriverService:
         return ContainerSpec(
             task_id=task.id,
             hostname=task.name[:63],
-            image=cfg.image,
+            image=image,
             command=cfg.command,
             args=cfg.args,
             env=dict(task.env),
@@ -296,7 +298,15 @@ class DriverService:
             cfg = schema.load(config.TaskConfig, task.msgpack_driver_config, where)
         except schema.ConfigError as err:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        if not os.path.isfile(cfg.image):
+        image = within(cfg.image, self.config.image_dirs)
+        if image is None:
+            abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{where}: option 'image' = {cfg.image!r} is outside the plugin's image_dirs "
+                f"{list(self.config.image_dirs)}",
+            )
+        if not os.path.isfile(image):
             abort(
                 context,
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -308,7 +318,7 @@ class DriverService:
                     context, grpc.StatusCode.ALREADY_EXISTS, f"task {task.id!r} is already running"
                 )
         try:
-            spec = self._container_spec(task, cfg)
+            spec = self._container_spec(task, cfg, image)
         except security.PolicyError as err:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"{where}: {err}")
         run_dir = os.path.join(self.config.run_dir, "tasks", run_key(task.id, task.name))

@@ -101,6 +101,27 @@ class _Broker(goplugin_pb2_grpc.GRPCBrokerServicer):  # type: ignore[misc]
         return iter(())
 
 
+SOCKET_DIR_PREFIX = "pyhpc-plugin-"
+
+
+def remove_stale_socket_dirs(parent: str) -> None:
+    """Remove socket directories left by plugin processes that no longer exist."""
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        pid_text = name.removeprefix(SOCKET_DIR_PREFIX).split("-")[0]
+        if not name.startswith(SOCKET_DIR_PREFIX) or not pid_text.isdigit():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        except PermissionError:
+            pass  # alive, someone else's
+
+
 def serve(
     hs: Handshake,
     register: Callable[[grpc.Server, threading.Event], None],
@@ -123,7 +144,7 @@ def serve(
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    sock_dir = tempfile.mkdtemp(prefix="pyhpc-plugin-")
+    sock_dir = tempfile.mkdtemp(prefix=f"{SOCKET_DIR_PREFIX}{os.getpid()}-")
     sock_path = os.path.join(sock_dir, "plugin.sock")
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="rpc"),
@@ -150,6 +171,9 @@ def serve(
     os.dup2(devnull, 1)
     os.close(devnull)
     log.debug("plugin serving", extra={"kv": {"address": sock_path, "pid": os.getpid()}})
+    # After the handshake, so the host is not kept waiting: a plugin the host SIGKILLed could
+    # not remove its socket directory.
+    remove_stale_socket_dirs(os.path.dirname(sock_dir))
 
     host = os.getppid()
     while not stop.wait(0.2):

@@ -88,3 +88,12 @@ def test_bad_writable_value_is_refused_naming_the_option(cluster: Any) -> None:
     text = events_text(cluster, alloc)
     assert 'option \'writable\' = \'sometimes\': must be "tmpfs", "disk" or "none"' in text, text
     cluster.stop_job(job_id)
+
+
+def test_image_outside_the_plugins_image_dirs_is_refused(cluster: Any, tmp_path: Path) -> None:
+    # The cluster's plugin config allows images under /var/lib/pyhpc/images only.
+    job_id = cluster.run_job(job("e2e-image-dirs", "true").replace(IMAGE, "/etc/passwd"))
+    alloc = cluster.wait_alloc(job_id, {"failed"})
+    text = events_text(cluster, alloc)
+    assert "option 'image' = '/etc/passwd' is outside the plugin's image_dirs" in text, text
+    cluster.stop_job(job_id)

@@ -114,3 +114,31 @@ def test_logs_are_hclog_json_on_stderr(plugin: Plugin) -> None:
         assert line["@level"] in {"trace", "debug", "info", "warn", "error"}
         # Go layout 2006-01-02T15:04:05.000000Z07:00: exactly six fractional digits.
         assert len(line["@timestamp"].split(".")[1].split("+")[0].rstrip("Z")) == 6
+
+
+def test_socket_dirs_of_dead_plugins_are_removed(tmp_path: os.PathLike[str]) -> None:
+    import tempfile
+    from pathlib import Path
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = Path(tempfile.gettempdir()) / f"pyhpc-plugin-{dead.pid}-abc"
+    stale.mkdir(exist_ok=True)
+    (stale / "plugin.sock").touch()
+    alive = Path(tempfile.gettempdir()) / f"pyhpc-plugin-{os.getpid()}-abc"
+    alive.mkdir(exist_ok=True)
+    try:
+        proc = subprocess.Popen(
+            PLUGIN, env=host_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        )
+        assert proc.stdout is not None
+        proc.stdout.readline()
+        deadline = time.monotonic() + 10
+        while stale.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.kill()
+        proc.wait()
+        assert not stale.exists()
+        assert alive.exists(), "a live process's directory was removed"
+    finally:
+        alive.rmdir()
