@@ -69,6 +69,12 @@ class PluginConfig:
             None if all(str(d).startswith("/") for d in v) else "must be absolute paths"
         ),
     )
+    pids_max: int = option(
+        "number",
+        default=16384,
+        doc="Most processes and threads one task may have (a fork bomb stops there); 0: no limit.",
+        check=lambda v: None if int(v) == v and v >= 0 else "must be a whole number >= 0",
+    )
     allow_caps: tuple[str, ...] = option(
         "list(string)",
         default=tuple(sorted(DEFAULT_CAPS)),

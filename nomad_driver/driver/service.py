@@ -285,7 +285,7 @@ class DriverService:
                 security.capability_set(cfg.cap_add, cfg.cap_drop, self.config.allow_caps)
             ),
             seccomp=security.seccomp_policy(cfg.seccomp, self.config.allow_unconfined_seccomp),
-            limits=limits_of(task.resources),
+            limits=limits_of(task.resources)._replace(pids_max=int(self.config.pids_max)),
             writable=cfg.writable,
             upper_dir=os.path.join(task_dir, "pyhpc-layer") if cfg.writable == "disk" else "",
             network=cfg.network,

@@ -253,3 +253,22 @@ def test_network_none_leaves_only_loopback_and_it_is_up(
     interfaces = [line.split(":")[0].strip() for line in out.splitlines() if ":" in line]
     assert interfaces == ["lo"], out
     assert int(out.split()[-1], 16) & 1, "lo is not up"
+
+
+def test_pids_limit_stops_a_fork_bomb(tmp_path: Path, busybox_image: Path) -> None:
+    from nomad_driver.runtime.cgroups import Limits
+
+    spec = make_spec(
+        tmp_path, busybox_image, "/bin/sh", "-c", "for i in $(seq 1 40); do sleep 1 & done; wait"
+    )
+    started = client.start(spec._replace(limits=Limits(pids_max=16)), str(tmp_path / "run"))
+    client.wait(started.run_dir)
+    # 16 processes at most, our init and the shell among them: the 40 sleeps cannot all start.
+    assert "can't fork: Resource temporarily unavailable" in (tmp_path / "err").read_text()
+    unlimited = make_spec(
+        tmp_path, busybox_image, "/bin/sh", "-c", "for i in $(seq 1 40); do sleep 1 & done; wait"
+    )
+    (tmp_path / "err").write_text("")
+    started = client.start(unlimited, str(tmp_path / "run2"))
+    client.wait(started.run_dir)
+    assert "fork" not in (tmp_path / "err").read_text()
