@@ -14,6 +14,17 @@ plugin "pyhpc" {
     # compared, so "/var/lib/pyhpc/images" does not admit "/var/lib/pyhpc/images2".
     image_dirs = ["/var/lib/pyhpc/images"]
 
+    # Host directories a jobspec may bind in with `mounts = ["/scratch/me:/data:ro"]`.
+    # Empty: none. Same path rules as image_dirs.
+    mount_dirs = []
+
+    # Host devices (or directories of them) a jobspec may pass through with `devices`,
+    # e.g. ["/dev/infiniband"]. Devices reserved by Nomad device plugins need no entry.
+    allow_devices = []
+
+    # Most processes and threads one task may have; 0 lifts the limit.
+    pids_max = 16384
+
     # Capabilities a task may add with cap_add. Tasks start with Docker's default set; listing
     # more here (e.g. "SYS_PTRACE" for debuggers) lets jobspecs ask for them.
     allow_caps = ["AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD",

@@ -38,6 +38,17 @@ def _seccomp(value: Any) -> str | None:
     return 'must be "default", "unconfined" or the absolute path of a Docker-format JSON profile'
 
 
+def _binds(value: Any) -> str | None:
+    from nomad_driver.runtime.paths import parse_bind
+
+    try:
+        for item in value:
+            parse_bind(str(item), "")
+    except ValueError as err:
+        return str(err).lstrip(": ")
+    return None
+
+
 def _no_nul(value: Any) -> str | None:
     items = value if isinstance(value, (list, tuple)) else [value]
     return "must not contain NUL bytes" if any("\0" in str(v) for v in items) else None
@@ -67,6 +78,24 @@ class PluginConfig:
         'narrow it on shared clusters, e.g. ["/var/lib/pyhpc/images"].',
         check=lambda v: (
             None if all(str(d).startswith("/") for d in v) else "must be absolute paths"
+        ),
+    )
+    mount_dirs: tuple[str, ...] = option(
+        "list(string)",
+        default=(),
+        doc="Host directories tasks may bind in with `mounts` (none unless listed), "
+        'e.g. ["/scratch", "/projects"]; symlinks resolved, whole path components compared.',
+        check=lambda v: (
+            None if all(str(d).startswith("/") for d in v) else "must be absolute paths"
+        ),
+    )
+    allow_devices: tuple[str, ...] = option(
+        "list(string)",
+        default=(),
+        doc="Host devices (or directories of them) tasks may pass through, "
+        'e.g. ["/dev/infiniband"].',
+        check=lambda v: (
+            None if all(str(d).startswith("/dev/") for d in v) else "must be under /dev/"
         ),
     )
     pids_max: int = option(
@@ -122,6 +151,20 @@ class TaskConfig:
         default="host",
         doc='"host" (the node\'s network, the HPC default) or "none" (loopback only).',
         check=lambda v: None if v in ("host", "none") else 'must be "host" or "none"',
+    )
+    mounts: tuple[str, ...] = option(
+        "list(string)",
+        default=(),
+        doc='Host directories to bind in, "SRC[:DST[:ro|rw]]"; SRC must be inside the plugin\'s '
+        "mount_dirs.",
+        check=_binds,
+    )
+    devices: tuple[str, ...] = option(
+        "list(string)",
+        default=(),
+        doc='Host devices to pass through, "HOST[:CONTAINER]" (e.g. "/dev/infiniband/uverbs0"); '
+        "each must be in the plugin's allow_devices.",
+        check=_binds,
     )
     cap_add: tuple[str, ...] = option(
         "list(string)",

@@ -14,6 +14,7 @@ import queue
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -34,7 +35,7 @@ from nomad_driver.proto import base_pb2, driver_pb2, structs_pb2
 from nomad_driver.runtime import client, enter, security
 from nomad_driver.runtime.cgroups import Limits
 from nomad_driver.runtime.container import ContainerError
-from nomad_driver.runtime.paths import within
+from nomad_driver.runtime.paths import parse_bind, within
 from nomad_driver.runtime.spec import BindMount, ContainerSpec, ExitStatus
 from nomad_driver.runtime.stats import cpu_mhz
 from nomad_driver.wire import schema
@@ -269,6 +270,11 @@ class DriverService:
             BindMount(os.path.join(task_dir, "secrets"), "/secrets"),
         ]
         mounts += [BindMount(m.host_path, m.task_path, m.readonly) for m in task.mounts]
+        mounts += self._allowed_binds(cfg.mounts, self.config.mount_dirs, "mounts", "mount_dirs")
+        devices = [BindMount(d.host_path, d.task_path) for d in task.devices]  # Nomad reserved
+        devices += self._allowed_binds(
+            cfg.devices, self.config.allow_devices, "devices", "allow_devices"
+        )
         return ContainerSpec(
             task_id=task.id,
             hostname=task.name[:63],
@@ -289,7 +295,32 @@ class DriverService:
             writable=cfg.writable,
             upper_dir=os.path.join(task_dir, "pyhpc-layer") if cfg.writable == "disk" else "",
             network=cfg.network,
+            devices=tuple(devices),
         )
+
+    @staticmethod
+    def _allowed_binds(
+        items: tuple[str, ...], allowed: tuple[str, ...], field: str, allowlist: str
+    ) -> list[BindMount]:
+        """Task mounts and devices, each checked against the admin's list; PolicyError names it."""
+        binds = []
+        for item in items:
+            try:
+                src, dst, read_only = parse_bind(item, field)
+            except ValueError as err:
+                raise security.PolicyError(str(err)) from err
+            real = within(src, allowed)
+            if real is None:
+                raise security.PolicyError(
+                    f"{field}: {src!r} is outside the plugin's {allowlist} {list(allowed)}"
+                )
+            if not os.path.exists(real):
+                raise security.PolicyError(f"{field}: {src!r} does not exist on this node")
+            mode = os.stat(real).st_mode
+            if field == "devices" and not (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)):
+                raise security.PolicyError(f"devices: {src!r} is not a device")
+            binds.append(BindMount(real, dst, read_only))
+        return binds
 
     def StartTask(self, request: Any, context: grpc.ServicerContext) -> Any:
         task = request.task

@@ -235,6 +235,7 @@ def build(spec: ContainerSpec, scratch: str) -> None:
     root = make_rootfs(spec, scratch)
     bind_mounts(root, spec.mounts)
     make_dev(root)
+    bind_mounts(root, spec.devices)  # after make_dev: its tmpfs would hide them
     make_sys(root)
     if spec.writable != "none":
         copy_host_files(root)

@@ -42,10 +42,12 @@ class ContainerSpec(NamedTuple):
     writable: str = "tmpfs"  # "tmpfs", "disk" (upper layer in upper_dir) or "none"
     upper_dir: str = ""
     network: str = "host"  # "host" or "none"
+    devices: tuple[BindMount, ...] = ()
 
     def to_json(self) -> str:
         raw = self._asdict()
         raw["mounts"] = [m._asdict() for m in self.mounts]
+        raw["devices"] = [d._asdict() for d in self.devices]
         raw["limits"] = self.limits._asdict() if self.limits else None
         return json.dumps(raw, sort_keys=True)
 
@@ -54,6 +56,7 @@ class ContainerSpec(NamedTuple):
         raw: dict[str, Any] = json.loads(text)
         raw["args"] = tuple(raw["args"])
         raw["mounts"] = tuple(BindMount(**m) for m in raw["mounts"])
+        raw["devices"] = tuple(BindMount(**d) for d in raw.get("devices", ()))
         raw["capabilities"] = tuple(raw.get("capabilities", ()))
         raw["limits"] = Limits(**raw["limits"]) if raw.get("limits") else None
         return cls(**raw)

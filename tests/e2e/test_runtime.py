@@ -97,3 +97,23 @@ def test_image_outside_the_plugins_image_dirs_is_refused(cluster: Any, tmp_path:
     text = events_text(cluster, alloc)
     assert "option 'image' = '/etc/passwd' is outside the plugin's image_dirs" in text, text
     cluster.stop_job(job_id)
+
+
+def test_mounts_and_devices_outside_the_allowlists_are_refused(cluster: Any) -> None:
+    for name, extra, expected in [
+        (
+            "e2e-mount-denied",
+            '        mounts = ["/etc:/hostetc:ro"]',
+            "mounts: '/etc' is outside the plugin's mount_dirs",
+        ),
+        (
+            "e2e-device-denied",
+            '        devices = ["/dev/loop-control"]',
+            "devices: '/dev/loop-control' is outside the plugin's allow_devices",
+        ),
+    ]:
+        job_id = cluster.run_job(job(name, "true", config_extra=extra))
+        alloc = cluster.wait_alloc(job_id, {"failed"})
+        text = events_text(cluster, alloc)
+        assert expected in text, text
+        cluster.stop_job(job_id)

@@ -21,3 +21,20 @@ def test_symlinks_are_resolved_before_the_check(tmp_path: Path) -> None:
     (tmp_path / "images" / "link.sqsh").symlink_to(secret)
     assert within(str(tmp_path / "images" / "link.sqsh"), [str(tmp_path / "images")]) is None
     assert within(str(tmp_path / "images" / "link.sqsh"), ["/"]) == str(secret)
+
+
+def test_bind_syntax_is_checked_and_named() -> None:
+    import pytest
+
+    from nomad_driver.runtime.paths import parse_bind
+
+    assert parse_bind("/scratch", "mounts") == ("/scratch", "/scratch", False)
+    assert parse_bind("/scratch/a:/data:ro", "mounts") == ("/scratch/a", "/data", True)
+    for bad, message in [
+        ("rel:/x", "absolute"),
+        ("/a:/b:rx", "ro or rw"),
+        ("/a:/b/../../etc", "'..'"),
+        ("/a:/b:ro:x", r"SRC\[:DST"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            parse_bind(bad, "mounts")

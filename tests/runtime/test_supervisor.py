@@ -272,3 +272,18 @@ def test_pids_limit_stops_a_fork_bomb(tmp_path: Path, busybox_image: Path) -> No
     started = client.start(unlimited, str(tmp_path / "run2"))
     client.wait(started.run_dir)
     assert "fork" not in (tmp_path / "err").read_text()
+
+
+def test_passed_through_device_is_usable_inside(tmp_path: Path, busybox_image: Path) -> None:
+    spec = make_spec(
+        tmp_path,
+        busybox_image,
+        "/bin/sh",
+        "-c",
+        "ls -l /dev/hostzero; head -c 4 /dev/hostzero | od -An -tx1",
+    )
+    spec = spec._replace(devices=(BindMount("/dev/zero", "/dev/hostzero"),))
+    started = client.start(spec, str(tmp_path / "run"))
+    assert client.wait(started.run_dir).exit_code == 0
+    out = (tmp_path / "out").read_text()
+    assert out.startswith("crw") and "00 00 00 00" in out, out
