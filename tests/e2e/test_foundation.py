@@ -85,6 +85,18 @@ def events_text(cluster: Any, alloc: dict[str, Any]) -> str:
     )
 
 
+def refused(cluster: Any, spec: str, expected: str) -> dict[str, Any]:
+    """Run a jobspec whose task must fail before it starts, with `expected` in its events."""
+    job_id = cluster.run_job(spec)
+    alloc = cluster.wait_alloc(job_id, {"failed"})
+    text = events_text(cluster, alloc)
+    assert expected in text, text
+    assert "Traceback" not in text
+    assert "Started" not in [e["Type"] for e in cluster.task_events(alloc, "t")], text
+    cluster.stop_job(job_id)
+    return alloc
+
+
 def running_alloc(
     cluster: Any, job_id: str, marker: str = "", timeout: float = 60
 ) -> dict[str, Any]:
@@ -298,12 +310,7 @@ def test_bad_task_config_fails_the_task_with_the_field_named(
     spec = job(name, "true", config_extra=config_extra, **spec_kwargs)
     if name == "e2e-bad-image":
         spec = spec.replace(IMAGE, "/var/lib/pyhpc/images/does-not-exist.sqsh")
-    job_id = cluster.run_job(spec)
-    alloc = cluster.wait_alloc(job_id, {"failed"})
-    text = events_text(cluster, alloc)
-    assert expected in text, text
-    assert "Traceback" not in text
-    cluster.stop_job(job_id)
+    refused(cluster, spec, expected)
     assert cluster.node()["Drivers"]["pyhpc"]["Healthy"], "bad input hurt the driver"
 
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from test_foundation import IMAGE, events_text, job
+from test_foundation import IMAGE, events_text, job, refused
 
 
 def test_task_over_its_memory_limit_is_oom_killed_and_nomad_shows_it(cluster: Any) -> None:
@@ -23,12 +23,8 @@ def test_task_over_its_memory_limit_is_oom_killed_and_nomad_shows_it(cluster: An
 
 
 def test_capability_outside_the_allowlist_is_refused_before_start(cluster: Any) -> None:
-    job_id = cluster.run_job(job("e2e-cap", "true", config_extra='        cap_add = ["SYS_ADMIN"]'))
-    alloc = cluster.wait_alloc(job_id, {"failed"})
-    text = events_text(cluster, alloc)
-    assert "cap_add: SYS_ADMIN not in the plugin's allow_caps" in text, text
-    assert "Started" not in [e["Type"] for e in cluster.task_events(alloc, "t")]
-    cluster.stop_job(job_id)
+    spec = job("e2e-cap", "true", config_extra='        cap_add = ["SYS_ADMIN"]')
+    refused(cluster, spec, "cap_add: SYS_ADMIN not in the plugin's allow_caps")
 
 
 def test_malformed_seccomp_profile_is_refused_naming_it(cluster: Any, tmp_path: Path) -> None:
@@ -41,13 +37,8 @@ def test_malformed_seccomp_profile_is_refused_naming_it(cluster: Any, tmp_path: 
             }
         )
     )
-    job_id = cluster.run_job(
-        job("e2e-seccomp-bad", "true", config_extra=f'        seccomp = "{profile}"')
-    )
-    alloc = cluster.wait_alloc(job_id, {"failed"})
-    text = events_text(cluster, alloc)
-    assert f"seccomp profile {profile}: syscalls[0].action 'SCMP_ACT_SOMETIMES'" in text, text
-    cluster.stop_job(job_id)
+    spec = job("e2e-seccomp-bad", "true", config_extra=f'        seccomp = "{profile}"')
+    refused(cluster, spec, f"seccomp profile {profile}: syscalls[0].action 'SCMP_ACT_SOMETIMES'")
 
 
 def test_default_seccomp_profile_applies_to_jobs(cluster: Any) -> None:
@@ -81,22 +72,14 @@ def test_read_only_root_and_no_network_from_a_jobspec(cluster: Any) -> None:
 
 
 def test_bad_writable_value_is_refused_naming_the_option(cluster: Any) -> None:
-    job_id = cluster.run_job(
-        job("e2e-bad-writable", "true", config_extra='        writable = "sometimes"')
-    )
-    alloc = cluster.wait_alloc(job_id, {"failed"})
-    text = events_text(cluster, alloc)
-    assert 'option \'writable\' = \'sometimes\': must be "tmpfs", "disk" or "none"' in text, text
-    cluster.stop_job(job_id)
+    spec = job("e2e-bad-writable", "true", config_extra='        writable = "sometimes"')
+    refused(cluster, spec, 'option \'writable\' = \'sometimes\': must be "tmpfs", "disk" or "none"')
 
 
 def test_image_outside_the_plugins_image_dirs_is_refused(cluster: Any, tmp_path: Path) -> None:
     # The cluster's plugin config allows images under /var/lib/pyhpc/images only.
-    job_id = cluster.run_job(job("e2e-image-dirs", "true").replace(IMAGE, "/etc/passwd"))
-    alloc = cluster.wait_alloc(job_id, {"failed"})
-    text = events_text(cluster, alloc)
-    assert "option 'image' = '/etc/passwd' is outside the plugin's image_dirs" in text, text
-    cluster.stop_job(job_id)
+    spec = job("e2e-image-dirs", "true").replace(IMAGE, "/etc/passwd")
+    refused(cluster, spec, "option 'image' = '/etc/passwd' is outside the plugin's image_dirs")
 
 
 def test_mounts_and_devices_outside_the_allowlists_are_refused(cluster: Any) -> None:
@@ -112,8 +95,4 @@ def test_mounts_and_devices_outside_the_allowlists_are_refused(cluster: Any) -> 
             "devices: '/dev/loop-control' is outside the plugin's allow_devices",
         ),
     ]:
-        job_id = cluster.run_job(job(name, "true", config_extra=extra))
-        alloc = cluster.wait_alloc(job_id, {"failed"})
-        text = events_text(cluster, alloc)
-        assert expected in text, text
-        cluster.stop_job(job_id)
+        refused(cluster, job(name, "true", config_extra=extra), expected)

@@ -6,11 +6,12 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from nomad_driver.runtime import client
-from nomad_driver.runtime.spec import BindMount, ContainerSpec
+from nomad_driver.runtime.spec import BindMount, ContainerSpec, ExitStatus
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="containers need root here")
 
@@ -48,6 +49,13 @@ def loop_devices_of(image: Path) -> list[str]:
         if backing.exists() and backing.read_text().strip() == str(image):
             found.append(entry.name)
     return found
+
+
+def run_script(tmp: Path, image: Path, script: str, **overrides: Any) -> tuple[ExitStatus, str]:
+    """Run a shell script in a container made from make_spec plus overrides; its stdout."""
+    spec = make_spec(tmp, image, "/bin/sh", "-c", script)._replace(**overrides)
+    started = client.start(spec, str(tmp / f"run-{len(list(tmp.glob('run*')))}"))
+    return client.wait(started.run_dir), (tmp / "out").read_text()
 
 
 def test_command_runs_in_its_own_root_with_output_and_exit_code(
@@ -211,17 +219,13 @@ def test_cgroup_is_removed_after_the_task(tmp_path: Path, busybox_image: Path) -
 def test_writable_none_gives_a_read_only_root_with_writable_alloc_dirs(
     tmp_path: Path, busybox_image: Path
 ) -> None:
-    spec = make_spec(
+    result, out = run_script(
         tmp_path,
         busybox_image,
-        "/bin/sh",
-        "-c",
         "touch /newfile || echo root-ro; echo ok > /alloc/f && echo alloc-rw",
+        writable="none",
     )
-    spec = spec._replace(writable="none")
-    started = client.start(spec, str(tmp_path / "run"))
-    assert client.wait(started.run_dir).exit_code == 0
-    out = (tmp_path / "out").read_text()
+    assert result.exit_code == 0
     assert "root-ro" in out and "alloc-rw" in out, out
     assert str(tmp_path) not in Path("/proc/mounts").read_text()
 
@@ -229,27 +233,27 @@ def test_writable_none_gives_a_read_only_root_with_writable_alloc_dirs(
 def test_writable_disk_keeps_the_layer_in_the_given_directory(
     tmp_path: Path, busybox_image: Path
 ) -> None:
-    spec = make_spec(tmp_path, busybox_image, "/bin/sh", "-c", "echo kept > /bin/newfile")
-    spec = spec._replace(writable="disk", upper_dir=str(tmp_path / "layer"))
-    started = client.start(spec, str(tmp_path / "run"))
-    assert client.wait(started.run_dir).exit_code == 0
+    result, _ = run_script(
+        tmp_path,
+        busybox_image,
+        "echo kept > /bin/newfile",
+        writable="disk",
+        upper_dir=str(tmp_path / "layer"),
+    )
+    assert result.exit_code == 0
     assert (tmp_path / "layer" / "upper" / "bin" / "newfile").read_text() == "kept\n"
 
 
 def test_network_none_leaves_only_loopback_and_it_is_up(
     tmp_path: Path, busybox_image: Path
 ) -> None:
-    spec = make_spec(
+    result, out = run_script(
         tmp_path,
         busybox_image,
-        "/bin/sh",
-        "-c",
         "cat /proc/net/dev; cat /sys/class/net/lo/operstate /sys/class/net/lo/flags",
+        network="none",
     )
-    spec = spec._replace(network="none")
-    started = client.start(spec, str(tmp_path / "run"))
-    assert client.wait(started.run_dir).exit_code == 0
-    out = (tmp_path / "out").read_text()
+    assert result.exit_code == 0
     interfaces = [line.split(":")[0].strip() for line in out.splitlines() if ":" in line]
     assert interfaces == ["lo"], out
     assert int(out.split()[-1], 16) & 1, "lo is not up"
@@ -275,15 +279,11 @@ def test_pids_limit_stops_a_fork_bomb(tmp_path: Path, busybox_image: Path) -> No
 
 
 def test_passed_through_device_is_usable_inside(tmp_path: Path, busybox_image: Path) -> None:
-    spec = make_spec(
+    result, out = run_script(
         tmp_path,
         busybox_image,
-        "/bin/sh",
-        "-c",
         "ls -l /dev/hostzero; head -c 4 /dev/hostzero | od -An -tx1",
+        devices=(BindMount("/dev/zero", "/dev/hostzero"),),
     )
-    spec = spec._replace(devices=(BindMount("/dev/zero", "/dev/hostzero"),))
-    started = client.start(spec, str(tmp_path / "run"))
-    assert client.wait(started.run_dir).exit_code == 0
-    out = (tmp_path / "out").read_text()
+    assert result.exit_code == 0
     assert out.startswith("crw") and "00 00 00 00" in out, out
