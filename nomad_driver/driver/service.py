@@ -354,11 +354,21 @@ class DriverService:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"{where}: {err}")
         run_dir = os.path.join(self.config.run_dir, "tasks", run_key(task.id, task.name))
         os.makedirs(os.path.dirname(run_dir), mode=0o700, exist_ok=True)
+        if os.path.exists(run_dir):  # never reuse (or remove) another start's directory
+            abort(context, grpc.StatusCode.ALREADY_EXISTS, f"{run_dir} already exists")
         try:
             started = client.start(spec, run_dir)
         except (client.StartError, OSError) as err:
             client.remove(run_dir)
-            abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"{where}: {err}")
+            # Recoverable errors let Nomad apply the job's restart policy; a bad image or
+            # command would only fail again.
+            retry = isinstance(err, OSError) or err.recoverable
+            abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{where}: {err}",
+                recoverable=True if retry else None,
+            )
         state = DriverState(run_dir, started.supervisor_pid, started.init_pid, started.started_at)
         handle = TaskHandle(task.id, task.name, task.alloc_id, state, self._exited)
         with self.lock:

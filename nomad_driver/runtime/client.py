@@ -43,7 +43,12 @@ PYTHON = [sys.executable, "-S"]
 
 
 class StartError(Exception):
-    """The container did not start; the message says why, for the task's events."""
+    """The container did not start; the message says why, for the task's events.
+    recoverable: a retry may succeed (the node was slow), unlike a bad image or command."""
+
+    def __init__(self, message: str, recoverable: bool = False) -> None:
+        super().__init__(message)
+        self.recoverable = recoverable
 
 
 @dataclass(frozen=True)
@@ -92,7 +97,8 @@ def start(spec: ContainerSpec, run_dir: str, timeout: float = 60.0) -> Started:
         proc.kill()
         raise StartError(
             f"the task supervisor did not report within {timeout:.0f}s; "
-            f"see {run_dir}/supervisor.log"
+            f"see {run_dir}/supervisor.log",
+            recoverable=True,
         )
     message = json.loads(line)
     if "error" in message:
