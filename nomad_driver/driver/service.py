@@ -96,6 +96,18 @@ def run_key(task_id: str, name: str) -> str:
     return f"{safe}-{digest}"
 
 
+def group_netns(task: Any, cfg: config.TaskConfig) -> str:
+    """The network namespace Nomad created for the group, if the group asked for one."""
+    iso = task.network_isolation_spec
+    if iso.mode != driver_pb2.NetworkIsolationSpec.GROUP or not iso.path:
+        return ""
+    if cfg.network == "none":
+        raise security.PolicyError(
+            'network = "none" conflicts with the group\'s network block; remove one of them'
+        )
+    return str(iso.path)
+
+
 def limits_of(resources: Any) -> Limits:
     """Nomad's allocation as cgroup limits: memory (soft), memory_max (hard), shares, cores."""
     mib = 1024 * 1024
@@ -210,7 +222,10 @@ class DriverService:
             send_signals=True,
             exec=True,
             fs_isolation=driver_pb2.DriverCapabilities.IMAGE,
-            network_isolation_modes=[driver_pb2.NetworkIsolationSpec.HOST],
+            network_isolation_modes=[
+                driver_pb2.NetworkIsolationSpec.HOST,
+                driver_pb2.NetworkIsolationSpec.GROUP,
+            ],
             mount_configs=driver_pb2.DriverCapabilities.ANY_MOUNTS,
         )
         return driver_pb2.CapabilitiesResponse(capabilities=caps)
@@ -296,6 +311,7 @@ class DriverService:
             upper_dir=os.path.join(task_dir, "pyhpc-layer") if cfg.writable == "disk" else "",
             network=cfg.network,
             devices=tuple(devices),
+            netns_path=group_netns(task, cfg),
         )
 
     @staticmethod

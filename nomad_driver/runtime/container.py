@@ -29,13 +29,20 @@ class ContainerError(Exception):
 
 def enter_namespaces(spec: ContainerSpec) -> None:
     flags = linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC
-    if spec.network == "none":
+    if spec.netns_path:
+        # The namespace Nomad made for the task group (bridge mode, Consul service mesh).
+        fd = os.open(spec.netns_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            linux.setns(fd, linux.CLONE_NEWNET)
+        finally:
+            os.close(fd)
+    elif spec.network == "none":
         flags |= linux.CLONE_NEWNET
     linux.unshare(flags)
     # Nothing mounted from here on may propagate back to the host.
     linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
     linux.sethostname(spec.hostname)
-    if spec.network == "none":
+    if spec.network == "none" and not spec.netns_path:
         loopback_up()
 
 

@@ -43,6 +43,7 @@ class ContainerSpec(NamedTuple):
     upper_dir: str = ""
     network: str = "host"  # "host" or "none"
     devices: tuple[BindMount, ...] = ()
+    netns_path: str = ""  # a network namespace to join (Nomad's group network), else network
 
     def to_json(self) -> str:
         raw = self._asdict()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -287,3 +288,35 @@ def test_passed_through_device_is_usable_inside(tmp_path: Path, busybox_image: P
     )
     assert result.exit_code == 0
     assert out.startswith("crw") and "00 00 00 00" in out, out
+
+
+def test_task_joins_a_given_network_namespace(tmp_path: Path, busybox_image: Path) -> None:
+    name = f"pyhpc-test-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                name,
+                "ip",
+                "link",
+                "add",
+                "probe0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "probe1",
+            ],
+            check=True,
+        )
+        result, out = run_script(
+            tmp_path, busybox_image, "cat /proc/net/dev", netns_path=f"/var/run/netns/{name}"
+        )
+        assert result.exit_code == 0
+        interfaces = sorted(line.split(":")[0].strip() for line in out.splitlines() if ":" in line)
+        assert interfaces == ["lo", "probe0", "probe1"], out
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
