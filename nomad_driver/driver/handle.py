@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from nomad_driver.driver.state import DriverState
 from nomad_driver.runtime import client, stats
 from nomad_driver.runtime.cgroups import Cgroup
-from nomad_driver.runtime.spec import ContainerSpec, ExitStatus
+from nomad_driver.runtime.spec import ExitStatus
 
 
 @dataclass(frozen=True)
@@ -54,10 +54,6 @@ class TaskHandle:
     @property
     def run_dir(self) -> str:
         return self.state.run_dir
-
-    def spec(self) -> ContainerSpec:
-        with open(f"{self.run_dir}/spec.json", encoding="utf-8") as f:
-            return ContainerSpec.from_json(f.read())
 
     def wait(self, timeout: float | None) -> ExitStatus | None:
         self.exited.wait(timeout)

@@ -126,7 +126,6 @@ def serve(
     hs: Handshake,
     register: Callable[[grpc.Server, threading.Event], None],
     *,
-    on_stop: Callable[[], None] | None = None,
     survives_host: Callable[[], bool] = lambda: True,
 ) -> int:
     """Run a plugin until the host asks it to stop. Returns the process exit status.
@@ -182,7 +181,5 @@ def serve(
             break
     # The host SIGKILLs us 2 s after Shutdown: clean up first, then stop serving.
     shutil.rmtree(sock_dir, ignore_errors=True)
-    if on_stop is not None:
-        on_stop()
     server.stop(grace=0.3).wait(0.5)
     return 0

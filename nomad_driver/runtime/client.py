@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nomad_driver.runtime.spec import ContainerSpec, ExitStatus
-from nomad_driver.runtime.supervisor import EXIT_FILE, SOCKET_FILE, SPEC_FILE, STATE_FILE
+from nomad_driver.runtime.supervisor import EXIT_FILE, SOCKET_FILE, SPEC_FILE
 
 PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 
@@ -125,12 +125,6 @@ def exit_status(run_dir: str) -> ExitStatus | None:
             return ExitStatus.from_json(f.read())
     except FileNotFoundError:
         return None
-
-
-def state(run_dir: str) -> dict[str, float]:
-    with open(os.path.join(run_dir, STATE_FILE), encoding="utf-8") as f:
-        loaded: dict[str, float] = json.load(f)
-    return loaded
 
 
 def _request(run_dir: str, line: str, timeout: float | None) -> str:

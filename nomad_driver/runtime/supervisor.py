@@ -21,7 +21,6 @@ from nomad_driver.runtime.cgroups import Cgroup
 from nomad_driver.runtime.spec import ContainerSpec, ExitStatus, write_atomic
 
 SPEC_FILE = "spec.json"
-STATE_FILE = "state.json"
 EXIT_FILE = "exit.json"
 SOCKET_FILE = "control.sock"
 # Signals the init passes on to the task; SIGKILL and SIGSTOP cannot be caught, SIGCHLD is ours.
@@ -188,8 +187,6 @@ class Supervisor:
                 self.cgroup.remove()
             raise RuntimeError(message["error"])
         self.started_at = time.time()
-        state = {"init_pid": pid, "supervisor_pid": os.getpid(), "started_at": self.started_at}
-        write_atomic(self.path(STATE_FILE), json.dumps(state))
 
     def serve(self) -> ExitStatus:
         """Answer control requests until the container's init exits."""
