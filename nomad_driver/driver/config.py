@@ -8,18 +8,29 @@ from dataclasses import dataclass
 from typing import Any
 
 from nomad_driver.runtime.security import CAP_NUMBER, DEFAULT_CAPS
-from nomad_driver.wire.schema import option
+from nomad_driver.wire.schema import Check, option
 
 PLUGIN_NAME = "pyhpc"
 
 
-def _absolute(value: Any) -> str | None:
-    return None if str(value).startswith("/") else "must be an absolute path"
+def _under(prefix: str) -> Check:
+    """A check that a path, or every path of a list, starts with prefix."""
+
+    def check(value: Any) -> str | None:
+        if isinstance(value, (list, tuple)):
+            wrong = [v for v in value if not str(v).startswith(prefix)]
+            return f"{wrong} must be absolute paths under {prefix}" if wrong else None
+        return None if str(value).startswith(prefix) else "must be an absolute path"
+
+    return check
+
+
+_absolute = _under("/")
 
 
 def _absolute_dir_name(value: Any) -> str | None:
-    if not str(value).startswith("/"):
-        return "must be an absolute path"
+    if _absolute(value):
+        return _absolute(value)
     if len(os.path.join(str(value), "tasks", "x" * 40, "control.sock")) > 107:
         return (
             "is too long for the task control sockets (unix socket paths are limited to 107 bytes)"
@@ -76,27 +87,21 @@ class PluginConfig:
         default=("/",),
         doc="Directories task images may come from (symlinks resolved, whole path components); "
         'narrow it on shared clusters, e.g. ["/var/lib/pyhpc/images"].',
-        check=lambda v: (
-            None if all(str(d).startswith("/") for d in v) else "must be absolute paths"
-        ),
+        check=_absolute,
     )
     mount_dirs: tuple[str, ...] = option(
         "list(string)",
         default=(),
         doc="Host directories tasks may bind in with `mounts` (none unless listed), "
         'e.g. ["/scratch", "/projects"]; symlinks resolved, whole path components compared.',
-        check=lambda v: (
-            None if all(str(d).startswith("/") for d in v) else "must be absolute paths"
-        ),
+        check=_absolute,
     )
     allow_devices: tuple[str, ...] = option(
         "list(string)",
         default=(),
         doc="Host devices (or directories of them) tasks may pass through, "
         'e.g. ["/dev/infiniband"].',
-        check=lambda v: (
-            None if all(str(d).startswith("/dev/") for d in v) else "must be under /dev/"
-        ),
+        check=_under("/dev/"),
     )
     pids_max: int = option(
         "number",

@@ -70,3 +70,10 @@ def test_readme_table_lists_every_option() -> None:
     table = schema.markdown_table(TaskConfig)
     for name in ("image", "command", "args", "work_dir"):
         assert f"| `{name}` |" in table
+
+
+def test_path_list_options_name_the_paths_that_are_wrong() -> None:
+    with pytest.raises(schema.ConfigError) as err:
+        schema.load(PluginConfig, {"image_dirs": ["/ok", "rel"], "allow_devices": ["/etc"]}, "p")
+    assert "['rel'] must be absolute paths under /" in str(err.value)
+    assert "['/etc'] must be absolute paths under /dev/" in str(err.value)
