@@ -85,6 +85,15 @@ def events_text(cluster: Any, alloc: dict[str, Any]) -> str:
     )
 
 
+def completed(cluster: Any, spec: str) -> tuple[str, str]:
+    """Run a jobspec whose task must succeed; its stdout and stderr."""
+    job_id = cluster.run_job(spec)
+    alloc = cluster.wait_alloc(job_id, {"complete"})
+    logs = cluster.alloc_logs(alloc["ID"], "t"), cluster.alloc_logs(alloc["ID"], "t", stderr=True)
+    cluster.stop_job(job_id)
+    return logs
+
+
 def refused(cluster: Any, spec: str, expected: str) -> dict[str, Any]:
     """Run a jobspec whose task must fail before it starts, with `expected` in its events."""
     job_id = cluster.run_job(spec)
@@ -129,11 +138,11 @@ def test_node_lists_pyhpc_detected_and_healthy_with_attributes(cluster: Any) -> 
 
 
 def test_batch_job_output_reaches_alloc_logs(cluster: Any) -> None:
-    job_id = cluster.run_job(job("e2e-hello", 'echo "out from $(hostname)"; echo "err line" >&2'))
-    alloc = cluster.wait_alloc(job_id, {"complete"})
-    assert cluster.alloc_logs(alloc["ID"], "t") == "out from t\n"
-    assert cluster.alloc_logs(alloc["ID"], "t", stderr=True) == "err line\n"
-    cluster.stop_job(job_id)
+    out, err = completed(
+        cluster, job("e2e-hello", 'echo "out from $(hostname)"; echo "err line" >&2')
+    )
+    assert out == "out from t\n"
+    assert err == "err line\n"
 
 
 def test_nonzero_exit_fails_the_allocation_with_the_exit_code_in_events(cluster: Any) -> None:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from test_foundation import IMAGE, events_text, job, refused
+from test_foundation import IMAGE, completed, events_text, job, refused
 
 
 def test_task_over_its_memory_limit_is_oom_killed_and_nomad_shows_it(cluster: Any) -> None:
@@ -42,33 +42,28 @@ def test_malformed_seccomp_profile_is_refused_naming_it(cluster: Any, tmp_path: 
 
 
 def test_default_seccomp_profile_applies_to_jobs(cluster: Any) -> None:
-    job_id = cluster.run_job(
+    out, _ = completed(
+        cluster,
         job(
             "e2e-seccomp-default",
             "grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status; unshare -m true || echo denied",
-        )
+        ),
     )
-    alloc = cluster.wait_alloc(job_id, {"complete"})
-    out = cluster.alloc_logs(alloc["ID"], "t")
     assert "Seccomp:\t2" in out and "NoNewPrivs:\t1" in out and "denied" in out, out
-    assert IMAGE
-    cluster.stop_job(job_id)
 
 
 def test_read_only_root_and_no_network_from_a_jobspec(cluster: Any) -> None:
-    job_id = cluster.run_job(
+    out, _ = completed(
+        cluster,
         job(
             "e2e-ro-nonet",
             "touch /x 2>/dev/null || echo root-ro; echo hi > /local/f && echo local-rw; "
             "grep -c : /proc/net/dev",
             config_extra='        writable = "none"\n        network  = "none"',
-        )
+        ),
     )
-    alloc = cluster.wait_alloc(job_id, {"complete"})
-    out = cluster.alloc_logs(alloc["ID"], "t")
     # /proc/net/dev: the two header lines have no colon, each interface line has one.
     assert out.split() == ["root-ro", "local-rw", "1"], out
-    cluster.stop_job(job_id)
 
 
 def test_bad_writable_value_is_refused_naming_the_option(cluster: Any) -> None:
