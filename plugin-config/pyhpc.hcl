@@ -7,7 +7,7 @@ plugin "pyhpc" {
     # Per-task supervisor sockets and exit status live here; keep it on a local disk or tmpfs.
     run_dir = "/run/pyhpc"
 
-    # How often the driver re-checks the node (loop devices, squashfs, overlay, nsenter).
+    # How often the driver re-checks the node (root, loop devices, squashfs, overlay).
     fingerprint_period = "30s"
 
     # Where task images may come from. Symlinks are resolved and whole path components

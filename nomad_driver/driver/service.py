@@ -12,7 +12,6 @@ import logging
 import os
 import queue
 import re
-import shutil
 import signal
 import stat
 import subprocess
@@ -168,8 +167,6 @@ def health_problems() -> list[str]:
             problems.append(f"the kernel has no {fs} filesystem")
     if not os.path.exists("/dev/loop-control"):
         problems.append("/dev/loop-control is missing (loop devices are needed to mount images)")
-    if shutil.which("nsenter") is None:
-        problems.append("nsenter (util-linux) is not on PATH; exec into tasks needs it")
     return problems
 
 
