@@ -31,6 +31,13 @@ plugin "pyhpc" {
                   "NET_BIND_SERVICE", "NET_RAW", "SETFCAP", "SETGID", "SETPCAP", "SETUID",
                   "SYS_CHROOT"]
 
+    # Tasks run in a user namespace. A task running as root (no `user` in the jobspec) is
+    # remapped: container ids 0..COUNT-1 are host ids FIRST..; its capabilities count only
+    # inside, and image files owned by root are its own. A task with `user = "1000"` is
+    # mapped to uid 1000 alone. Keep the range clear of real users' ids (like /etc/subuid).
+    user_namespace = true
+    root_id_range  = "100000:65536"
+
     # Whether a jobspec may say seccomp = "unconfined". Keep false on shared clusters.
     allow_unconfined_seccomp = false
   }

@@ -65,6 +65,15 @@ def _no_nul(value: Any) -> str | None:
     return "must not contain NUL bytes" if any("\0" in str(v) for v in items) else None
 
 
+def parse_id_range(value: str) -> tuple[int, int] | None:
+    """ "FIRST:COUNT" host ids, FIRST > 0, inside the 32-bit id space; None if malformed."""
+    first, sep, count = str(value).partition(":")
+    if not (sep and first.isdigit() and count.isdigit()):
+        return None
+    start, size = int(first), int(count)
+    return (start, size) if start > 0 and size > 0 and start + size <= 2**32 - 1 else None
+
+
 @dataclass(frozen=True)
 class PluginConfig:
     """`plugin "pyhpc" { config { ... } }` in the Nomad agent configuration."""
@@ -114,6 +123,20 @@ class PluginConfig:
         default=tuple(sorted(DEFAULT_CAPS)),
         doc="Capabilities a task may ask for with cap_add (Docker's default set unless changed).",
         check=_capabilities,
+    )
+    user_namespace: bool = option(
+        "bool",
+        default=True,
+        doc="Run tasks in a user namespace: a task running as root becomes the host ids of "
+        "root_id_range (its capabilities count only inside), any other user is mapped to itself "
+        "alone. false: container root is host root, with capabilities still bounded.",
+    )
+    root_id_range: str = option(
+        "string",
+        default="100000:65536",
+        doc='Host uids and gids that container ids 0.. map to for root tasks, as "FIRST:COUNT"; '
+        "keep it clear of real users' ids.",
+        check=lambda v: None if parse_id_range(v) else 'must be "FIRST:COUNT", e.g. "100000:65536"',
     )
     allow_unconfined_seccomp: bool = option(
         "bool",

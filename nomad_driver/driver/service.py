@@ -34,6 +34,7 @@ from nomad_driver.proto import base_pb2, driver_pb2, structs_pb2
 from nomad_driver.runtime import client, enter, security
 from nomad_driver.runtime.cgroups import Limits
 from nomad_driver.runtime.container import ContainerError
+from nomad_driver.runtime.imagemount import SharedImages
 from nomad_driver.runtime.paths import parse_bind, within
 from nomad_driver.runtime.spec import BindMount, ContainerSpec, ExitStatus
 from nomad_driver.runtime.stats import cpu_mhz
@@ -249,6 +250,11 @@ class DriverService:
         period = config.parse_duration(self.config.fingerprint_period) or 30.0
         while not done.is_set() and not self.stop.is_set():
             yield self._fingerprint()
+            # Image mounts whose tasks' supervisors were killed: found here, at the latest.
+            try:
+                SharedImages(os.path.join(self.config.run_dir, "images")).sweep()
+            except OSError as err:
+                log.warning("image mount sweep failed", extra={"kv": {"error": str(err)}})
             done.wait(period)
 
     def TaskEvents(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
@@ -309,6 +315,12 @@ class DriverService:
             network=cfg.network,
             devices=tuple(devices),
             netns_path=group_netns(task, cfg),
+            images_dir=os.path.join(self.config.run_dir, "images"),
+            userns=(
+                config.parse_id_range(self.config.root_id_range)
+                if self.config.user_namespace
+                else None
+            ),
         )
 
     @staticmethod

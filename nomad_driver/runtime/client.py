@@ -19,6 +19,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from nomad_driver.runtime.container import ContainerError
+from nomad_driver.runtime.imagemount import SharedImages
 from nomad_driver.runtime.spec import ContainerSpec, ExitStatus
 from nomad_driver.runtime.supervisor import EXIT_FILE, SOCKET_FILE, SPEC_FILE
 
@@ -67,6 +69,21 @@ def helper_env() -> dict[str, str]:
 def start(spec: ContainerSpec, run_dir: str, timeout: float = 60.0) -> Started:
     """Launch a supervisor for spec and return once the task's command is running."""
     os.makedirs(run_dir, mode=0o700, exist_ok=False)
+    images, owner = SharedImages(spec.images_dir), os.path.basename(run_dir)
+    try:
+        spec = spec._replace(image_root=images.acquire(spec.image, owner))
+    except ContainerError as err:
+        raise StartError(str(err)) from err
+    except OSError as err:
+        raise StartError(f"cannot use image {spec.image}: {err.strerror or err}") from err
+    try:
+        return _start_supervisor(spec, run_dir, timeout)
+    except BaseException:
+        images.release(owner)
+        raise
+
+
+def _start_supervisor(spec: ContainerSpec, run_dir: str, timeout: float) -> Started:
     with open(os.path.join(run_dir, SPEC_FILE), "w", encoding="utf-8") as f:
         f.write(spec.to_json())
     ready_r, ready_w = os.pipe()

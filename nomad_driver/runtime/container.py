@@ -12,6 +12,7 @@ import fcntl
 import os
 import shutil
 import struct
+from typing import NamedTuple
 
 from nomad_driver.runtime import linux
 from nomad_driver.runtime.spec import BindMount, ContainerSpec
@@ -114,15 +115,74 @@ def mount_image(image: str, target: str) -> None:
         os.close(loop)
 
 
-def make_rootfs(spec: ContainerSpec, scratch: str) -> str:
+class IdMaps(NamedTuple):
+    """A container's user namespace: /proc/PID/uid_map and gid_map lines, and the host uid
+    and gid its root is (None when container root is not mapped)."""
+
+    uid_map: str
+    gid_map: str
+    root_on_host: tuple[int, int] | None
+
+
+def id_maps(root_range: tuple[int, int], uid: int, gid: int) -> IdMaps:
+    """Root remapping when the task runs as root (container ids 0.. on host ids first..),
+    otherwise the task's own uid and gid mapped to themselves and nothing else."""
+    if uid == 0:
+        first, count = root_range
+        line = f"0 {first} {count}\n"
+        return IdMaps(line, line, (first, first))
+    return IdMaps(f"{uid} {uid} 1\n", f"{gid} {gid} 1\n", None)
+
+
+def new_user_namespace(maps: IdMaps) -> int:
+    """A user namespace with the given maps, returned as an open descriptor. A short-lived
+    child creates it; we write its maps from outside, which needs CAP_SETUID here."""
+    go_r, go_w = os.pipe2(os.O_CLOEXEC)
+    made_r, made_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(go_w)
+            os.close(made_r)
+            linux.unshare(linux.CLONE_NEWUSER)
+            os.write(made_w, b"1")
+            os.read(go_r, 1)
+        finally:
+            os._exit(0)
+    os.close(made_w)
+    os.close(go_r)
+    try:
+        if os.read(made_r, 1) != b"1":
+            raise ContainerError("could not create a user namespace")
+        for name, text in (("uid_map", maps.uid_map), ("gid_map", maps.gid_map)):
+            try:
+                with open(f"/proc/{pid}/{name}", "w", encoding="ascii") as f:
+                    f.write(text)
+            except OSError as err:
+                raise ContainerError(f"cannot write {name} {text.strip()!r}: {err}") from err
+        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(go_w)
+        os.close(made_r)
+        os.waitpid(pid, 0)
+
+
+def make_rootfs(
+    spec: ContainerSpec, scratch: str, image_root: str, userns: tuple[int, IdMaps] | None = None
+) -> str:
     """The image, read-only, under the writable layer the task asked for:
     tmpfs (default), disk (upper layer in spec.upper_dir) or none (read-only root).
-    The image itself never changes."""
+    The image itself never changes. With root remapping the image is seen through the user
+    namespace's id map, so the container's root owns what the image's root owns."""
     linux.mount("tmpfs", scratch, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0755")
     image, root = os.path.join(scratch, "image"), os.path.join(scratch, "root")
-    os.mkdir(image)
     os.mkdir(root)
-    mount_image(spec.image, image)
+    remapped = userns is not None and userns[1].root_on_host is not None
+    if userns is not None and remapped:
+        os.mkdir(image)
+        linux.idmapped_bind(image_root, image, userns[0])
+    else:
+        image = image_root
     flags = linux.MS_NOSUID | linux.MS_NODEV
     if spec.writable == "none":
         # A read-only overlay: a small layer of mount points over the image.
@@ -143,6 +203,12 @@ def make_rootfs(spec: ContainerSpec, scratch: str) -> str:
     upper, work = os.path.join(layer, "upper"), os.path.join(layer, "work")
     os.makedirs(upper, exist_ok=True)
     os.makedirs(work, exist_ok=True)
+    if remapped:
+        # The upper directory is the root directory's inode: same owner as the image's root
+        # (as the id-mapped view shows it), so the container's root owns its "/".
+        st = os.stat(image)
+        os.chown(upper, st.st_uid, st.st_gid)
+        os.chmod(upper, st.st_mode & 0o7777)
     linux.mount(
         "overlay", root, "overlay", flags, f"lowerdir={image},upperdir={upper},workdir={work}"
     )
@@ -220,6 +286,9 @@ def copy_host_files(root: str) -> None:
         src, dst = os.path.join("/etc", name), os.path.join(etc, name)
         if os.path.isfile(src) and not os.path.islink(dst):
             shutil.copyfile(src, dst)
+            # Owned like /etc itself: the container's root, under root remapping too.
+            st = os.stat(etc)
+            os.chown(dst, st.st_uid, st.st_gid)
 
 
 def pivot_into(root: str) -> None:
@@ -236,10 +305,13 @@ def pivot_into(root: str) -> None:
     linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
 
 
-def build(spec: ContainerSpec, scratch: str) -> None:
-    """All the steps, in order, leaving the calling process inside the container's root."""
+def build(
+    spec: ContainerSpec, scratch: str, image_root: str, userns: tuple[int, IdMaps] | None = None
+) -> None:
+    """All the steps, in order, leaving the calling process inside the container's root.
+    userns: the user namespace (descriptor, maps) the task will run in; the init stays outside."""
     enter_namespaces(spec)
-    root = make_rootfs(spec, scratch)
+    root = make_rootfs(spec, scratch, image_root, userns)
     bind_mounts(root, spec.mounts)
     make_dev(root)
     bind_mounts(root, spec.devices)  # after make_dev: its tmpfs would hide them
@@ -256,8 +328,11 @@ def resolve_user(user: str, root: str = "/") -> tuple[int, int]:
     name, _, group = user.partition(":")
     uid = int(name) if name.isdigit() else -1
     gid = -1
+    passwd = os.path.realpath(os.path.join(root, "etc/passwd"))
+    if not passwd.startswith(os.path.realpath(root).rstrip("/") + "/"):
+        passwd = "/nonexistent"  # a link out of the image: read nothing of the host's
     try:
-        with open(os.path.join(root, "etc/passwd"), encoding="utf-8") as f:
+        with open(passwd, encoding="utf-8") as f:
             for line in f:
                 fields = line.rstrip("\n").split(":")
                 if len(fields) >= 4 and name in (fields[0], fields[2]):

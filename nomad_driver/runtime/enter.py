@@ -42,6 +42,15 @@ def argv(run_dir: str, init_pid: int, command: list[str]) -> list[str]:
     ]
 
 
+def task_user_namespace(init_pid: int) -> int:
+    """The task runs in a user namespace its init stays out of: take it from init's child."""
+    with open(f"/proc/{init_pid}/task/{init_pid}/children", encoding="ascii") as f:
+        children = f.read().split()
+    if not children:
+        raise OSError(f"the container's init (pid {init_pid}) has no task process")
+    return os.open(f"/proc/{children[0]}/ns/user", os.O_RDONLY)
+
+
 def main(args: list[str]) -> int:
     run_dir, init_pid, command = args[1], int(args[2]), args[4:]
     with open(os.path.join(run_dir, SPEC_FILE), encoding="utf-8") as f:
@@ -50,6 +59,7 @@ def main(args: list[str]) -> int:
         security.load_libseccomp()  # before the host's files disappear
     fds = [(os.open(f"/proc/{init_pid}/ns/{name}", os.O_RDONLY), kind) for name, kind in NAMESPACES]
     root = os.open(f"/proc/{init_pid}/root", os.O_RDONLY | os.O_DIRECTORY)
+    userns = task_user_namespace(init_pid) if spec.userns is not None else -1
     for fd, kind in fds:
         linux.setns(fd, kind)
         os.close(fd)
@@ -61,6 +71,8 @@ def main(args: list[str]) -> int:
         try:
             uid, gid = container.resolve_user(spec.user)
             path = container.find_command(command[0], spec.env)
+            if userns >= 0:  # as the task's init does: checks first, as host root
+                linux.setns(userns, linux.CLONE_NEWUSER)
             os.chdir(spec.work_dir)
             restrict(spec, uid, gid)
             os.execve(path, command, spec.env)

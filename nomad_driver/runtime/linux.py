@@ -27,9 +27,16 @@ MS_PRIVATE = 1 << 18
 MS_SLAVE = 1 << 19
 MNT_DETACH = 2
 
-SYS_PIVOT_ROOT = 155  # x86_64
+# x86_64 numbers; the new mount API (open_tree, move_mount, mount_setattr) is the same on arm64.
+SYS_PIVOT_ROOT = 155
 if os.uname().machine == "aarch64":
     SYS_PIVOT_ROOT = 41
+SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_MOUNT_SETATTR = 428, 429, 442
+OPEN_TREE_CLONE = 1
+AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOUNT_ATTR_IDMAP = 0x00100000
 
 
 def _check(result: int, what: str, path: str = "") -> None:
@@ -56,6 +63,31 @@ def mount(
 
 def umount(target: str, flags: int = 0) -> None:
     _check(_libc.umount2(target.encode(), flags), "umount", target)
+
+
+def idmapped_bind(source: str, target: str, userns_fd: int) -> None:
+    """Bind source at target with its file owners shown through the user namespace's id map
+    (so files owned by 0 in the image belong to the container's root, whoever that is on the
+    host)."""
+    tree = _libc.syscall(SYS_OPEN_TREE, AT_FDCWD, source.encode(), OPEN_TREE_CLONE)
+    if tree < 0:
+        _check(-1, "open_tree", source)
+    try:
+        attr = (ctypes.c_uint64 * 4)(MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
+        _check(
+            _libc.syscall(SYS_MOUNT_SETATTR, tree, b"", AT_EMPTY_PATH, attr, ctypes.sizeof(attr)),
+            "mount_setattr idmap",
+            source,
+        )
+        _check(
+            _libc.syscall(
+                SYS_MOVE_MOUNT, tree, b"", AT_FDCWD, target.encode(), MOVE_MOUNT_F_EMPTY_PATH
+            ),
+            "move_mount",
+            target,
+        )
+    finally:
+        os.close(tree)
 
 
 def unshare(flags: int) -> None:

@@ -44,6 +44,14 @@ class ContainerSpec(NamedTuple):
     network: str = "host"  # "host" or "none"
     devices: tuple[BindMount, ...] = ()
     netns_path: str = ""  # a network namespace to join (Nomad's group network), else network
+    # Where images are mounted once per digest and shared (see imagemount); image_root is this
+    # task's image there, filled in by client.start.
+    images_dir: str = "/run/pyhpc/images"
+    image_root: str = ""
+    # (first host id, count) that container ids 0.. map to when the task runs as root: a user
+    # namespace with root remapping. A non-root task gets its own ids mapped to themselves.
+    # None: no user namespace (container root is host root, with capabilities bounded).
+    userns: tuple[int, int] | None = None
 
     def to_json(self) -> str:
         raw = self._asdict()
@@ -60,6 +68,7 @@ class ContainerSpec(NamedTuple):
         raw["devices"] = tuple(BindMount(**d) for d in raw.get("devices", ()))
         raw["capabilities"] = tuple(raw.get("capabilities", ()))
         raw["limits"] = Limits(**raw["limits"]) if raw.get("limits") else None
+        raw["userns"] = tuple(raw["userns"]) if raw.get("userns") else None
         return cls(**raw)
 
 

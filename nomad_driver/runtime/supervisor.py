@@ -16,9 +16,14 @@ import signal
 import socket
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from nomad_driver.runtime.cgroups import Cgroup
+from nomad_driver.runtime.imagemount import SharedImages
 from nomad_driver.runtime.spec import ContainerSpec, ExitStatus, write_atomic
+
+if TYPE_CHECKING:
+    from nomad_driver.runtime.container import IdMaps
 
 SPEC_FILE = "spec.json"
 EXIT_FILE = "exit.json"
@@ -38,6 +43,7 @@ def _write_line(fd: int, message: dict[str, object]) -> None:
 def run_init(
     spec: ContainerSpec,
     scratch: str,
+    userns: tuple[int, IdMaps] | None,
     ready_w: int,
     status_w: int,
     out: int,
@@ -47,7 +53,7 @@ def run_init(
     """PID 1 of the container: build the root, start the command, forward signals, reap."""
     # Loaded here, in the init only (the long-lived supervisor stays small), and before
     # pivot_root: from inside the container the package is out of sight.
-    from nomad_driver.runtime import container, security
+    from nomad_driver.runtime import container, linux, security
 
     if spec.seccomp is not None:
         security.load_libseccomp()
@@ -67,7 +73,7 @@ def run_init(
     try:
         if cgroup is not None:
             cgroup.join()  # before anything runs, so every process of the task is counted
-        container.build(spec, scratch)
+        container.build(spec, scratch, spec.image_root, userns)
         uid, gid = container.resolve_user(spec.user)
         path = container.find_command(spec.command, spec.env)
         if not os.path.isdir(spec.work_dir):
@@ -89,6 +95,8 @@ def run_init(
             os.dup2(null, 0)
             os.dup2(out, 1)
             os.dup2(err, 2)
+            if userns is not None:
+                linux.setns(userns[0], linux.CLONE_NEWUSER)
             os.chdir(spec.work_dir)
             # Nothing of the plugin or supervisor crosses into the task but fds 0-2.
             os.closerange(3, exec_w)
@@ -99,6 +107,8 @@ def run_init(
             os.write(exec_w, f"cannot start {spec.command!r}: {error}".encode())
         os._exit(127)
     app_pid = pid
+    if userns is not None:
+        os.close(userns[0])
     os.close(exec_w)
     os.close(out)
     os.close(err)
@@ -146,6 +156,8 @@ class Supervisor:
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.waiters: list[socket.socket] = []
         self.cgroup = Cgroup(os.path.basename(run_dir)) if spec.limits is not None else None
+        self.images = SharedImages(spec.images_dir)
+        self.owner = os.path.basename(run_dir)
 
     def path(self, name: str) -> str:
         return os.path.join(self.run_dir, name)
@@ -167,17 +179,22 @@ class Supervisor:
             self.cgroup.create(self.spec.limits)
         scratch = self.path("mnt")
         os.makedirs(scratch, exist_ok=True)
+        # The image's mount stays while this process lives, whatever happens to the plugin.
+        self.images.hold(self.spec.image_root, self.owner, os.getpid())
+        userns = self.user_namespace()
         _unshare_pid()  # our next child is PID 1 of a new PID namespace
         pid = os.fork()
         if pid == 0:
             self.listener.close()
             os.close(ready_r)
             os.close(self.status_r)
-            run_init(self.spec, scratch, ready_w, status_w, out, err, self.cgroup)
+            run_init(self.spec, scratch, userns, ready_w, status_w, out, err, self.cgroup)
             os._exit(0)
         self.init_pid = pid
         for fd in (ready_w, status_w, out, err):
             os.close(fd)
+        if userns is not None:
+            os.close(userns[0])
         with os.fdopen(ready_r, "r") as ready:
             line = ready.readline()
         message = json.loads(line) if line.strip() else {"error": "container init exited early"}
@@ -185,8 +202,19 @@ class Supervisor:
             os.waitpid(pid, 0)
             if self.cgroup is not None:
                 self.cgroup.remove()
+            self.images.release(self.owner)
             raise RuntimeError(message["error"])
         self.started_at = time.time()
+
+    def user_namespace(self) -> tuple[int, IdMaps] | None:
+        """Made here, before the PID namespace: its short-lived creator must not be PID 1."""
+        if self.spec.userns is None:
+            return None
+        from nomad_driver.runtime import container
+
+        uid, gid = container.resolve_user(self.spec.user, self.spec.image_root)
+        maps = container.id_maps(self.spec.userns, uid, gid)
+        return container.new_user_namespace(maps), maps
 
     def serve(self) -> ExitStatus:
         """Answer control requests until the container's init exits."""
@@ -239,6 +267,7 @@ class Supervisor:
             if self.cgroup.oom_kills() > 0:
                 result = result._replace(oom_killed=True)
             self.cgroup.remove()
+        self.images.release(self.owner)
         write_atomic(self.path(EXIT_FILE), result.to_json())
         for conn in self.waiters:
             try:

@@ -129,6 +129,23 @@ def plugin_pids(cluster: Any) -> list[int]:
     return [int(p) for p in out.split()]
 
 
+def kill_plugin_and_await_recovery(cluster: Any, *allocs: dict[str, Any]) -> None:
+    """kill -9 the plugin; return once Nomad relaunched it and it recovered every alloc."""
+    before = plugin_pids(cluster)
+    assert before, "no pyhpc plugin process found"
+    for pid in before:
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while not (set(plugin_pids(cluster)) - set(before)):
+        assert time.monotonic() < deadline, "Nomad did not relaunch the plugin"
+        time.sleep(0.5)
+    for alloc in allocs:
+        while "recovered" not in events_text(cluster, cluster.alloc(alloc["ID"])):
+            assert time.monotonic() < deadline, "the task was not recovered"
+            time.sleep(0.5)
+        assert cluster.alloc(alloc["ID"])["ClientStatus"] == "running"
+
+
 def test_node_lists_pyhpc_detected_and_healthy_with_attributes(cluster: Any) -> None:
     out = cluster.nomad("node", "status", "-self", "-verbose").stdout
     line = next(x for x in out.splitlines() if x.split()[:1] == ["pyhpc"])
@@ -264,18 +281,7 @@ def test_task_survives_kill_9_of_the_plugin_and_reports_its_real_exit_code(clust
         )
     )
     alloc = running_alloc(cluster, job_id, "ready")
-    before = plugin_pids(cluster)
-    assert before, "no pyhpc plugin process found"
-    for pid in before:
-        os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 60
-    while not (set(plugin_pids(cluster)) - set(before)):
-        assert time.monotonic() < deadline, "Nomad did not relaunch the plugin"
-        time.sleep(0.5)
-    while "recovered" not in events_text(cluster, cluster.alloc(alloc["ID"])):
-        assert time.monotonic() < deadline, "the task was not recovered"
-        time.sleep(0.5)
-    assert cluster.alloc(alloc["ID"])["ClientStatus"] == "running"
+    kill_plugin_and_await_recovery(cluster, alloc)
     release(cluster, alloc["ID"])
     done = cluster.wait_alloc(job_id, {"failed"})
     terminated = [e for e in cluster.task_events(done, "t") if e["Type"] == "Terminated"]

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
-from test_foundation import IMAGE, completed, events_text, job, refused
+from test_foundation import (
+    IMAGE,
+    completed,
+    events_text,
+    job,
+    kill_plugin_and_await_recovery,
+    refused,
+    release,
+    running_alloc,
+)
 
 
 def test_task_over_its_memory_limit_is_oom_killed_and_nomad_shows_it(cluster: Any) -> None:
@@ -91,3 +101,47 @@ def test_mounts_and_devices_outside_the_allowlists_are_refused(cluster: Any) -> 
         ),
     ]:
         refused(cluster, job(name, "true", config_extra=extra), expected)
+
+
+def image_mounts() -> list[str]:
+    return [
+        line.split()[4]
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        if line.split()[4].startswith("/run/pyhpc/images/")
+    ]
+
+
+def image_loops() -> list[str]:
+    return [
+        p.parent.parent.name
+        for p in Path("/sys/block").glob("loop*/loop/backing_file")
+        if p.read_text().strip() == IMAGE
+    ]
+
+
+def test_tasks_share_one_remapped_image_mount_released_after_a_plugin_kill(
+    cluster: Any,
+) -> None:
+    wait_for_go = (
+        "cat /proc/self/uid_map; id -u; echo ready; while [ ! -e /alloc/go ]; do sleep 0.2; done"
+    )
+    a = cluster.run_job(job("e2e-share-a", wait_for_go))
+    b = cluster.run_job(job("e2e-share-b", wait_for_go))
+    alloc_a = running_alloc(cluster, a, "ready")
+    alloc_b = running_alloc(cluster, b, "ready")
+    # Root remapped as plugin-config/pyhpc.hcl says (root_id_range = "100000:65536").
+    assert cluster.alloc_logs(alloc_a["ID"], "t").split()[:4] == ["0", "100000", "65536", "0"]
+    assert len(image_mounts()) == 1 and len(image_loops()) == 1
+
+    kill_plugin_and_await_recovery(cluster, alloc_a, alloc_b)
+    release(cluster, alloc_a["ID"])
+    cluster.wait_alloc(a, {"complete"})
+    assert len(image_mounts()) == 1, "task b still runs on the image"
+    release(cluster, alloc_b["ID"])
+    cluster.wait_alloc(b, {"complete"})
+    deadline = time.monotonic() + 10
+    while image_mounts() or image_loops():
+        assert time.monotonic() < deadline, (image_mounts(), image_loops())
+        time.sleep(0.2)
+    cluster.stop_job(a)
+    cluster.stop_job(b)

@@ -56,6 +56,16 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(params=[None, (100000, 65536)], ids=["host-root", "remapped-root"], autouse=True)
+def userns(request: pytest.FixtureRequest) -> object:
+    """Every check holds with and without a user namespace (the admin may turn it off)."""
+    USERNS[0] = request.param
+    return request.param
+
+
+USERNS: list[tuple[int, int] | None] = [None]
+
+
 def run(
     tmp: Path,
     image: Path,
@@ -81,8 +91,10 @@ def run(
         mounts=(),
         capabilities=tuple(sorted(security.DEFAULT_CAPS)) if caps is None else caps,
         seccomp=profile,  # type: ignore[arg-type]
+        images_dir=str(tmp / "images"),
+        userns=USERNS[0],
     )
-    run_dir = tmp / f"run-{len(list(tmp.iterdir()))}"
+    run_dir = tmp / f"run-{len(list(tmp.glob('run-*')))}"
     started = client.start(spec, str(run_dir))
     return client.wait(started.run_dir).exit_code, (tmp / "out").read_text()
 

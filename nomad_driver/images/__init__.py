@@ -1,0 +1,1 @@
+"""Images: digests, import, store and distribution. Knows nothing of gRPC or Nomad."""

@@ -1,0 +1,48 @@
+"""SHA-256 digests of image files, hashed once and then remembered.
+
+A multi-gigabyte SquashFS must not be re-read on every task start. The cache key is what proves
+the file is unchanged: device, inode, size, mtime and ctime (ctime cannot be set by a user, so
+`touch -d` cannot fake an old entry). The cache lives in a directory only root can write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from nomad_driver.runtime.spec import write_atomic
+
+CHUNK = 1 << 20
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def _key(st: os.stat_result) -> str:
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+def file_digest(path: str, cache_dir: str | None = None) -> str:
+    """ "sha256:<hex>" of the file at path, from the cache when the file is provably unchanged."""
+    if cache_dir is None:
+        return sha256_file(path)
+    st = os.stat(path)
+    entry = os.path.join(cache_dir, f"{st.st_dev}-{st.st_ino}")
+    key = _key(st)
+    try:
+        with open(entry, encoding="ascii") as f:
+            cached_key, _, cached = f.read().strip().partition(" ")
+        if cached_key == key and cached.startswith("sha256:"):
+            return cached
+    except (OSError, UnicodeDecodeError):
+        pass
+    digest = sha256_file(path)
+    if _key(os.stat(path)) == key:  # not changed while we read it
+        os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+        write_atomic(entry, f"{key} {digest}\n")
+    return digest

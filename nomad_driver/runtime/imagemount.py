@@ -1,0 +1,141 @@
+"""Image mounts shared by every container of one image digest, counted by who uses them.
+
+One read-only SquashFS mount per digest under DIR/<hex>/root, used as the lower layer of each
+container's overlay. Each user holds a reference file DIR/<hex>/refs/<owner> naming its process
+(pid and start time); the mount goes when the last live reference goes. The counts are the files
+themselves, checked against the live processes, so they survive a plugin restart unchanged and a
+killed user's reference is found stale by the next `sweep`.
+
+Unmounting is lazy (MNT_DETACH) and the loop device clears itself: a container that still uses
+the image keeps its view, and the kernel frees the device after the last user is gone.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from nomad_driver.runtime import linux
+
+LOCK_FILE = ".lock"
+DIGEST_CACHE = ".digests"
+
+
+def process_identity(pid: int) -> str:
+    """pid plus its start time: a reused pid is a different process."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return f"{pid} {fields[19]}"
+    except (OSError, IndexError):
+        return ""
+
+
+class SharedImages:
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        fd = os.open(os.path.join(self.directory, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def acquire(self, image: str, owner: str, pid: int | None = None) -> str:
+        """Mount image (once per digest) and hold a reference for owner, kept while process
+        pid (default: the caller) lives. Returns the mounted root."""
+        if "/" in owner or owner.startswith("."):
+            raise ValueError(f"bad image reference owner {owner!r}")
+        from nomad_driver.images.digest import file_digest  # hashlib: not in every supervisor
+
+        digest = file_digest(image, os.path.join(self.directory, DIGEST_CACHE))
+        base = os.path.join(self.directory, digest.partition(":")[2])
+        root, refs = os.path.join(base, "root"), os.path.join(base, "refs")
+        identity = process_identity(os.getpid() if pid is None else pid)
+        with self._locked():
+            os.makedirs(root, exist_ok=True)
+            os.makedirs(refs, exist_ok=True)
+            if not os.path.ismount(root):
+                from nomad_driver.runtime.container import mount_image
+
+                try:
+                    mount_image(image, root)
+                except BaseException:
+                    self._unmount_if_unused(base)
+                    raise
+            with open(os.path.join(refs, owner), "w", encoding="ascii") as f:
+                f.write(identity)
+        return root
+
+    def hold(self, root: str, owner: str, pid: int) -> None:
+        """Hand owner's reference on the mount at root over to process pid."""
+        refs = os.path.join(os.path.dirname(root), "refs")
+        with self._locked():
+            if os.path.isdir(refs):
+                with open(os.path.join(refs, owner), "w", encoding="ascii") as f:
+                    f.write(process_identity(pid))
+
+    def release(self, owner: str) -> None:
+        with self._locked():
+            for base in self._bases():
+                try:
+                    os.unlink(os.path.join(base, "refs", owner))
+                except FileNotFoundError:
+                    continue
+                self._unmount_if_unused(base)
+
+    def sweep(self) -> list[str]:
+        """Drop references of processes that are gone; unmount what nobody uses. Returns the
+        digests unmounted."""
+        if not os.path.isdir(self.directory):
+            return []
+        gone = []
+        with self._locked():
+            for base in self._bases():
+                if self._unmount_if_unused(base):
+                    gone.append("sha256:" + os.path.basename(base))
+        return gone
+
+    def users(self, digest: str) -> list[str]:
+        refs = os.path.join(self.directory, digest.partition(":")[2], "refs")
+        return sorted(os.listdir(refs)) if os.path.isdir(refs) else []
+
+    def _bases(self) -> list[str]:
+        return [
+            os.path.join(self.directory, name)
+            for name in os.listdir(self.directory)
+            if not name.startswith(".")
+        ]
+
+    def _unmount_if_unused(self, base: str) -> bool:
+        refs = os.path.join(base, "refs")
+        live = 0
+        for owner in os.listdir(refs) if os.path.isdir(refs) else ():
+            path = os.path.join(refs, owner)
+            try:
+                with open(path, encoding="ascii") as f:
+                    identity = f.read().strip()
+            except OSError:
+                continue
+            pid = identity.partition(" ")[0]
+            if pid.isdigit() and process_identity(int(pid)) == identity:
+                live += 1
+            else:
+                os.unlink(path)
+        if live:
+            return False
+        root = os.path.join(base, "root")
+        if os.path.ismount(root):
+            linux.umount(root, linux.MNT_DETACH)
+        for path in (refs, root, base):
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass
+        return True

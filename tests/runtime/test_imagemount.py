@@ -1,0 +1,83 @@
+"""One mount per image digest, shared by its containers and gone with the last of them,
+including when a supervisor is killed and its reference is found stale."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from nomad_driver.runtime import client
+from nomad_driver.runtime.imagemount import SharedImages
+from tests.runtime.test_supervisor import loop_devices_of, make_spec
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="containers need root here")
+
+
+def mounts_under(directory: Path) -> list[str]:
+    return [
+        line.split()[4]
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        if line.split()[4].startswith(str(directory) + "/")
+    ]
+
+
+def start_sleeper(tmp: Path, image: Path, name: str, images: Path) -> client.Started:
+    spec = make_spec(tmp, image, "/bin/sh", "-c", "sleep 60")._replace(images_dir=str(images))
+    return client.start(spec, str(tmp / name))
+
+
+def eventually(check: object, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_tasks_of_one_image_share_one_mount_released_after_the_last(
+    tmp_path: Path, busybox_image: Path
+) -> None:
+    images = tmp_path / "images"
+    first = start_sleeper(tmp_path, busybox_image, "run-a", images)
+    second = start_sleeper(tmp_path, busybox_image, "run-b", images)
+    try:
+        assert len(mounts_under(images)) == 1
+        assert len(loop_devices_of(busybox_image)) == 1
+        client.send_signal(first.run_dir, signal.SIGKILL)
+        client.wait(first.run_dir)
+        assert len(mounts_under(images)) == 1  # the second task still uses it
+    finally:
+        client.send_signal(second.run_dir, signal.SIGKILL)
+        client.wait(second.run_dir)
+    assert mounts_under(images) == []
+    assert eventually(lambda: loop_devices_of(busybox_image) == [])
+    assert [p.name for p in images.iterdir() if not p.name.startswith(".")] == []
+
+
+def test_reference_of_a_killed_supervisor_is_swept(tmp_path: Path, busybox_image: Path) -> None:
+    images = tmp_path / "images"
+    started = start_sleeper(tmp_path, busybox_image, "run", images)
+    shared = SharedImages(str(images))
+    assert shared.sweep() == []  # a live reference keeps the mount
+    os.kill(started.supervisor_pid, signal.SIGKILL)
+    os.kill(started.init_pid, signal.SIGKILL)  # the whole container goes with its init
+    assert eventually(lambda: not Path(f"/proc/{started.supervisor_pid}").exists())
+    assert len(shared.sweep()) == 1
+    assert mounts_under(images) == []
+    assert eventually(lambda: loop_devices_of(busybox_image) == [])
+
+
+def test_a_file_that_is_not_squashfs_leaves_nothing_behind(tmp_path: Path) -> None:
+    bogus = tmp_path / "bogus.sqsh"
+    bogus.write_bytes(b"\0" * 8192)
+    images = tmp_path / "images"
+    with pytest.raises(Exception, match="not a readable SquashFS file"):
+        SharedImages(str(images)).acquire(str(bogus), "t1")
+    assert mounts_under(images) == []
+    assert [p.name for p in images.iterdir() if not p.name.startswith(".")] == []
+    assert loop_devices_of(bogus) == []
