@@ -1,14 +1,14 @@
-"""The `pyhpc` command: install the plugin, check jobspecs, show the configuration reference."""
+"""The `pyhpc` command: run containers, install the plugin, check jobspecs, show the options."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from nomad_driver import __version__
+from nomad_driver.cli import run
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 
@@ -27,6 +27,8 @@ def install_plugin(plugin_dir: str, name: str) -> int:
         "from nomad_driver.driver.main import main\n"
         "sys.exit(main())\n"
     )
+    import tempfile
+
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".pyhpc-")
     with os.fdopen(fd, "w") as f:
         f.write(launcher)
@@ -89,6 +91,7 @@ def parser() -> argparse.ArgumentParser:
     val = job_sub.add_parser("validate", help="check the config of every pyhpc task")
     val.add_argument("files", nargs="+", metavar="FILE")
     sub.add_parser("config-reference", help="print the plugin and task option tables")
+    run.add_parser(sub)
     return p
 
 
@@ -98,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         return install_plugin(args.plugin_dir, args.name)
     if args.command == "jobspec":
         return validate(args.files)
+    if args.command == "run":
+        return run.run(args)
     return config_reference()
 
 

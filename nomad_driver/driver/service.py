@@ -13,7 +13,6 @@ import os
 import queue
 import re
 import signal
-import stat
 import subprocess
 import threading
 import time
@@ -26,7 +25,7 @@ from google.rpc import status_pb2
 from grpc_status import rpc_status
 
 from nomad_driver import __version__
-from nomad_driver.driver import config, execio
+from nomad_driver.driver import config, execio, policy
 from nomad_driver.driver.handle import TaskHandle
 from nomad_driver.driver.state import DriverState, StateError
 from nomad_driver.goplugin import hclog
@@ -35,7 +34,6 @@ from nomad_driver.runtime import client, enter, security
 from nomad_driver.runtime.cgroups import Limits
 from nomad_driver.runtime.container import ContainerError
 from nomad_driver.runtime.imagemount import SharedImages
-from nomad_driver.runtime.paths import parse_bind, within
 from nomad_driver.runtime.spec import BindMount, ContainerSpec, ExitStatus
 from nomad_driver.runtime.stats import cpu_mhz
 from nomad_driver.wire import schema
@@ -280,7 +278,6 @@ class DriverService:
         return handle
 
     def _container_spec(self, task: Any, cfg: config.TaskConfig, image: str) -> ContainerSpec:
-        """image: the checked real path, so a symlink swapped later cannot redirect the mount."""
         task_dir = os.path.join(task.alloc_dir, task.name)
         mounts = [
             BindMount(os.path.join(task.alloc_dir, "alloc"), "/alloc"),
@@ -288,64 +285,20 @@ class DriverService:
             BindMount(os.path.join(task_dir, "secrets"), "/secrets"),
         ]
         mounts += [BindMount(m.host_path, m.task_path, m.readonly) for m in task.mounts]
-        mounts += self._allowed_binds(cfg.mounts, self.config.mount_dirs, "mounts", "mount_dirs")
-        devices = [BindMount(d.host_path, d.task_path) for d in task.devices]  # Nomad reserved
-        devices += self._allowed_binds(
-            cfg.devices, self.config.allow_devices, "devices", "allow_devices"
-        )
-        return ContainerSpec(
+        ctx = policy.TaskContext(
             task_id=task.id,
-            hostname=task.name[:63],
-            image=image,
-            command=cfg.command,
-            args=cfg.args,
+            hostname=task.name,
             env=dict(task.env),
-            work_dir=cfg.work_dir,
             user=task.user,
-            stdout_path=task.stdout_path or os.devnull,
-            stderr_path=task.stderr_path or os.devnull,
+            stdout_path=task.stdout_path,
+            stderr_path=task.stderr_path,
             mounts=tuple(mounts),
-            capabilities=tuple(
-                security.capability_set(cfg.cap_add, cfg.cap_drop, self.config.allow_caps)
-            ),
-            seccomp=security.seccomp_policy(cfg.seccomp, self.config.allow_unconfined_seccomp),
-            limits=limits_of(task.resources)._replace(pids_max=int(self.config.pids_max)),
-            writable=cfg.writable,
-            upper_dir=os.path.join(task_dir, "pyhpc-layer") if cfg.writable == "disk" else "",
-            network=cfg.network,
-            devices=tuple(devices),
+            devices=tuple(BindMount(d.host_path, d.task_path) for d in task.devices),
+            limits=limits_of(task.resources),
+            upper_dir=os.path.join(task_dir, "pyhpc-layer"),
             netns_path=group_netns(task, cfg),
-            images_dir=os.path.join(self.config.run_dir, "images"),
-            userns=(
-                config.parse_id_range(self.config.root_id_range)
-                if self.config.user_namespace
-                else None
-            ),
         )
-
-    @staticmethod
-    def _allowed_binds(
-        items: tuple[str, ...], allowed: tuple[str, ...], field: str, allowlist: str
-    ) -> list[BindMount]:
-        """Task mounts and devices, each checked against the admin's list; PolicyError names it."""
-        binds = []
-        for item in items:
-            try:
-                src, dst, read_only = parse_bind(item, field)
-            except ValueError as err:
-                raise security.PolicyError(str(err)) from err
-            real = within(src, allowed)
-            if real is None:
-                raise security.PolicyError(
-                    f"{field}: {src!r} is outside the plugin's {allowlist} {list(allowed)}"
-                )
-            if not os.path.exists(real):
-                raise security.PolicyError(f"{field}: {src!r} does not exist on this node")
-            mode = os.stat(real).st_mode
-            if field == "devices" and not (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)):
-                raise security.PolicyError(f"devices: {src!r} is not a device")
-            binds.append(BindMount(real, dst, read_only))
-        return binds
+        return policy.container_spec(self.config, cfg, image, ctx)
 
     def StartTask(self, request: Any, context: grpc.ServicerContext) -> Any:
         task = request.task
@@ -354,19 +307,15 @@ class DriverService:
             cfg = schema.load(config.TaskConfig, task.msgpack_driver_config, where)
         except schema.ConfigError as err:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        image = within(cfg.image, self.config.image_dirs)
-        if image is None:
-            abort(
-                context,
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"{where}: option 'image' = {cfg.image!r} is outside the plugin's image_dirs "
-                f"{list(self.config.image_dirs)}",
-            )
-        if not os.path.isfile(image):
+        try:
+            image = policy.checked_image(self.config, cfg.image)
+        except security.PolicyError as err:
+            abort(context, grpc.StatusCode.PERMISSION_DENIED, f"{where}: {err}")
+        except FileNotFoundError as err:
             abort(
                 context,
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"{where}: option 'image' = {cfg.image!r}: no such file on node {task.node_name!r}",
+                f"{where}: {err} on node {task.node_name!r}",
             )
         with self.lock:
             if task.id in self.tasks:

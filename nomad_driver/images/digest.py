@@ -7,7 +7,6 @@ the file is unchanged: device, inode, size, mtime and ctime (ctime cannot be set
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 from nomad_driver.runtime.spec import write_atomic
@@ -16,6 +15,8 @@ CHUNK = 1 << 20
 
 
 def sha256_file(path: str) -> str:
+    import hashlib  # OpenSSL: 4 MB and milliseconds, paid only when a file must be hashed
+
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):

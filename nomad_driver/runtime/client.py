@@ -71,7 +71,7 @@ def start(spec: ContainerSpec, run_dir: str, timeout: float = 60.0) -> Started:
     os.makedirs(run_dir, mode=0o700, exist_ok=False)
     images, owner = SharedImages(spec.images_dir), os.path.basename(run_dir)
     try:
-        spec = spec._replace(image_root=images.acquire(spec.image, owner))
+        spec = spec.with_seccomp_bpf()._replace(image_root=images.acquire(spec.image, owner))
     except ContainerError as err:
         raise StartError(str(err)) from err
     except OSError as err:

@@ -216,17 +216,23 @@ def make_rootfs(
 
 
 def _inside(root: str, task_path: str) -> str:
+    """root/task_path, refused if it leaves root or passes through a symlink of the image:
+    before pivot_root an image's `/mnt -> /etc` would resolve to the host's /etc."""
     target = os.path.normpath(os.path.join(root, task_path.lstrip("/")))
     if not target.startswith(root.rstrip("/") + "/"):
         raise ContainerError(f"mount target {task_path!r} leaves the container")
+    path = root.rstrip("/")
+    for part in target[len(path) + 1 :].split("/"):
+        path = os.path.join(path, part)
+        if os.path.islink(path):
+            inner = "/" + path[len(root.rstrip("/")) + 1 :]
+            raise ContainerError(f"mount target {task_path!r}: {inner} is a symlink in the image")
     return target
 
 
 def bind_mounts(root: str, mounts: tuple[BindMount, ...]) -> None:
     for m in mounts:
         target = _inside(root, m.task_path)
-        if os.path.islink(target):
-            raise ContainerError(f"mount target {m.task_path!r} is a symlink in the image")
         if os.path.isdir(m.host_path):
             os.makedirs(target, exist_ok=True)
         else:
@@ -241,7 +247,7 @@ def bind_mounts(root: str, mounts: tuple[BindMount, ...]) -> None:
 
 def make_dev(root: str) -> None:
     """A minimal /dev: a few host nodes bound in, a private devpts and /dev/shm."""
-    dev = os.path.join(root, "dev")
+    dev = _inside(root, "/dev")
     os.makedirs(dev, exist_ok=True)
     linux.mount("tmpfs", dev, "tmpfs", linux.MS_NOSUID | linux.MS_NOEXEC, "mode=0755,size=64k")
     for node in DEV_NODES:
@@ -271,7 +277,7 @@ def make_dev(root: str) -> None:
 
 
 def make_sys(root: str) -> None:
-    sys_dir = os.path.join(root, "sys")
+    sys_dir = _inside(root, "/sys")
     os.makedirs(sys_dir, exist_ok=True)
     flags = linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
     linux.mount("sysfs", sys_dir, "sysfs", flags)
@@ -291,7 +297,15 @@ def copy_host_files(root: str) -> None:
             os.chown(dst, st.st_uid, st.st_gid)
 
 
+# Docker's masked and read-only /proc paths: host-wide knobs a task must not turn, and
+# kernel memory and keys it must not read.
+PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")
+PROC_MASKED = ("kcore", "keys", "timer_list", "sched_debug", "latency_stats", "acpi", "scsi")
+
+
 def pivot_into(root: str) -> None:
+    for path in ("/.oldroot", "/proc"):
+        _inside(root, path)
     os.chdir(root)
     os.makedirs(".oldroot", exist_ok=True)  # a read-only root brings its own
     linux.pivot_root(".", ".oldroot")
@@ -303,6 +317,23 @@ def pivot_into(root: str) -> None:
         pass
     os.makedirs("/proc", exist_ok=True)
     linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+    protect_proc("/proc")
+
+
+def protect_proc(proc: str) -> None:
+    for name in PROC_READ_ONLY:
+        path = os.path.join(proc, name)
+        if os.path.exists(path):
+            linux.mount(path, path, None, linux.MS_BIND | linux.MS_REC)
+            flags = linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NOSUID
+            linux.mount("none", path, None, flags | linux.MS_NODEV | linux.MS_NOEXEC)
+    for name in PROC_MASKED:
+        path = os.path.join(proc, name)
+        if os.path.isdir(path):
+            linux.mount("tmpfs", path, "tmpfs", linux.MS_RDONLY, "size=0")
+        elif os.path.exists(path):
+            # /dev/null here is the one make_dev bound in from the host, not the image's.
+            linux.mount("/dev/null", path, None, linux.MS_BIND)
 
 
 def build(

@@ -16,7 +16,7 @@ import sys
 
 from nomad_driver.runtime import container, linux, security
 from nomad_driver.runtime.spec import ContainerSpec
-from nomad_driver.runtime.supervisor import SPEC_FILE, restrict
+from nomad_driver.runtime.supervisor import SPEC_FILE, enter_work_dir, restrict
 
 NAMESPACES = (
     ("net", linux.CLONE_NEWNET),
@@ -54,9 +54,7 @@ def task_user_namespace(init_pid: int) -> int:
 def main(args: list[str]) -> int:
     run_dir, init_pid, command = args[1], int(args[2]), args[4:]
     with open(os.path.join(run_dir, SPEC_FILE), encoding="utf-8") as f:
-        spec = ContainerSpec.from_json(f.read())
-    if spec.seccomp is not None:
-        security.load_libseccomp()  # before the host's files disappear
+        spec = ContainerSpec.from_json(f.read()).with_seccomp_bpf()  # before the chroot
     fds = [(os.open(f"/proc/{init_pid}/ns/{name}", os.O_RDONLY), kind) for name, kind in NAMESPACES]
     root = os.open(f"/proc/{init_pid}/root", os.O_RDONLY | os.O_DIRECTORY)
     userns = task_user_namespace(init_pid) if spec.userns is not None else -1
@@ -73,7 +71,7 @@ def main(args: list[str]) -> int:
             path = container.find_command(command[0], spec.env)
             if userns >= 0:  # as the task's init does: checks first, as host root
                 linux.setns(userns, linux.CLONE_NEWUSER)
-            os.chdir(spec.work_dir)
+            enter_work_dir(spec.work_dir)
             restrict(spec, uid, gid)
             os.execve(path, command, spec.env)
         except (OSError, container.ContainerError, security.PolicyError) as err:

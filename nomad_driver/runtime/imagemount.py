@@ -54,6 +54,7 @@ class SharedImages:
             raise ValueError(f"bad image reference owner {owner!r}")
         from nomad_driver.images.digest import file_digest  # hashlib: not in every supervisor
 
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
         digest = file_digest(image, os.path.join(self.directory, DIGEST_CACHE))
         base = os.path.join(self.directory, digest.partition(":")[2])
         root, refs = os.path.join(base, "root"), os.path.join(base, "refs")

@@ -39,6 +39,11 @@ MOVE_MOUNT_F_EMPTY_PATH = 0x4
 MOUNT_ATTR_IDMAP = 0x00100000
 
 
+def libc() -> ctypes.CDLL:
+    """The C library, loaded once, before any pivot_root hides the host's files."""
+    return _libc
+
+
 def _check(result: int, what: str, path: str = "") -> None:
     if result != 0:
         err = ctypes.get_errno()

@@ -52,6 +52,18 @@ class ContainerSpec(NamedTuple):
     # namespace with root remapping. A non-root task gets its own ids mapped to themselves.
     # None: no user namespace (container root is host root, with capabilities bounded).
     userns: tuple[int, int] | None = None
+    stdin_path: str = ""  # the task's stdin; empty: /dev/null (Nomad tasks have none)
+    seccomp_bpf: str = ""  # seccomp compiled to BPF, base64 (see with_seccomp_bpf)
+
+    def with_seccomp_bpf(self) -> ContainerSpec:
+        """Compiled here, before any container step: the init and exec only load it."""
+        if self.seccomp is None or self.seccomp_bpf:
+            return self
+        import base64
+
+        from nomad_driver.runtime.security import compile_seccomp
+
+        return self._replace(seccomp_bpf=base64.b64encode(compile_seccomp(self.seccomp)).decode())
 
     def to_json(self) -> str:
         raw = self._asdict()

@@ -9,6 +9,8 @@ Run as: python -m nomad_driver.runtime.supervisor RUN_DIR READY_FD
 
 from __future__ import annotations
 
+import base64
+import errno
 import json
 import os
 import selectors
@@ -46,17 +48,14 @@ def run_init(
     userns: tuple[int, IdMaps] | None,
     ready_w: int,
     status_w: int,
-    out: int,
-    err: int,
+    stdio: tuple[int, int, int],
     cgroup: Cgroup | None,
 ) -> None:
     """PID 1 of the container: build the root, start the command, forward signals, reap."""
     # Loaded here, in the init only (the long-lived supervisor stays small), and before
     # pivot_root: from inside the container the package is out of sight.
-    from nomad_driver.runtime import container, linux, security
-
-    if spec.seccomp is not None:
-        security.load_libseccomp()
+    # security: restrict() needs it after pivot_root, when the package is out of sight.
+    from nomad_driver.runtime import container, linux, security  # noqa: F401
 
     app_pid = 0
 
@@ -83,6 +82,8 @@ def run_init(
     except (OSError, container.ContainerError) as error:
         _write_line(ready_w, {"error": str(error)})
         os._exit(127)
+    # The task must not reach this host-root process through /proc/1 (CVE-2019-5736 style).
+    linux.prctl(4, 0, "PR_SET_DUMPABLE")  # PR_SET_DUMPABLE
 
     exec_r, exec_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
@@ -91,16 +92,15 @@ def run_init(
             for s in FORWARDED:
                 signal.signal(s, signal.SIG_DFL)
             os.setsid()
-            null = os.open("/dev/null", os.O_RDONLY)
-            os.dup2(null, 0)
-            os.dup2(out, 1)
-            os.dup2(err, 2)
+            for target, fd in enumerate(stdio):
+                os.dup2(fd, target)
+            # Nothing of the plugin or supervisor crosses into the task but fds 0-2; closed
+            # before the chdir, so no work_dir can be /proc/self/fd/N of a host directory.
+            close_all_but(exec_w, *(userns[:1] if userns else ()))
             if userns is not None:
                 linux.setns(userns[0], linux.CLONE_NEWUSER)
-            os.chdir(spec.work_dir)
-            # Nothing of the plugin or supervisor crosses into the task but fds 0-2.
-            os.closerange(3, exec_w)
-            os.closerange(exec_w + 1, 65536)
+                os.close(userns[0])
+            enter_work_dir(spec.work_dir)
             restrict(spec, uid, gid)
             os.execve(path, [spec.command, *spec.args], spec.env)
         except BaseException as error:  # noqa: BLE001 - report whatever stopped the exec
@@ -110,8 +110,8 @@ def run_init(
     if userns is not None:
         os.close(userns[0])
     os.close(exec_w)
-    os.close(out)
-    os.close(err)
+    for fd in stdio:
+        os.close(fd)
     failure = b""
     while chunk := os.read(exec_r, 4096):
         failure += chunk
@@ -131,6 +131,21 @@ def run_init(
             os._exit(0)
 
 
+def close_all_but(*keep: int) -> None:
+    """Close every descriptor from 3 up except those in keep."""
+    low = 3
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 65536)
+
+
+def enter_work_dir(path: str) -> None:
+    os.chdir(path)
+    if not os.getcwd().startswith("/"):  # "(unreachable)/...": outside this root
+        raise PermissionError(f"work_dir {path!r} is outside the container")
+
+
 def restrict(spec: ContainerSpec, uid: int, gid: int) -> None:
     """Become the task's user with only its capabilities, no_new_privs and seccomp: last steps."""
     from nomad_driver.runtime import security
@@ -143,13 +158,13 @@ def restrict(spec: ContainerSpec, uid: int, gid: int) -> None:
         security.set_capabilities(spec.capabilities)
     security.set_no_new_privs()
     if spec.seccomp is not None:
-        security.apply_seccomp(spec.seccomp)
+        security.load_bpf(base64.b64decode(spec.seccomp_bpf))
 
 
 class Supervisor:
     def __init__(self, run_dir: str, spec: ContainerSpec) -> None:
         self.run_dir = run_dir
-        self.spec = spec
+        self.spec = spec.with_seccomp_bpf()
         self.init_pid = 0
         self.started_at = 0.0
         self.status_r = -1
@@ -170,9 +185,9 @@ class Supervisor:
         self.listener.bind(sock)
         os.chmod(sock, 0o600)
         self.listener.listen(16)
-        # Logmon holds the read ends of Nomad's FIFOs; opening for writing returns at once.
-        out = os.open(self.spec.stdout_path, os.O_WRONLY)
-        err = os.open(self.spec.stderr_path, os.O_WRONLY)
+        out = _open_stdio(self.spec.stdout_path, os.O_WRONLY)
+        err = _open_stdio(self.spec.stderr_path, os.O_WRONLY)
+        stdin = _open_stdio(self.spec.stdin_path or os.devnull, os.O_RDONLY)
         ready_r, ready_w = os.pipe()
         self.status_r, status_w = os.pipe()
         if self.cgroup is not None and self.spec.limits is not None:
@@ -188,10 +203,10 @@ class Supervisor:
             self.listener.close()
             os.close(ready_r)
             os.close(self.status_r)
-            run_init(self.spec, scratch, userns, ready_w, status_w, out, err, self.cgroup)
+            run_init(self.spec, scratch, userns, ready_w, status_w, (stdin, out, err), self.cgroup)
             os._exit(0)
         self.init_pid = pid
-        for fd in (ready_w, status_w, out, err):
+        for fd in (ready_w, status_w, stdin, out, err):
             os.close(fd)
         if userns is not None:
             os.close(userns[0])
@@ -281,6 +296,27 @@ class Supervisor:
         except FileNotFoundError:
             pass
         return result
+
+
+def _open_stdio(path: str, flags: int) -> int:
+    """/proc/self/fd/N is this process's own descriptor N, shared (with its file offset) rather
+    than reopened: `pyhpc run > file` then writes where the shell expects.
+
+    Nomad's log FIFOs sit in alloc/logs, which the task can write: a task restarted in the same
+    allocation could have left a symlink there (exec2's CVE-2026-8052). Neither the file nor its
+    directory may be a symlink."""
+    prefix = "/proc/self/fd/"
+    if path.startswith(prefix) and path[len(prefix) :].isdigit():
+        return os.dup(int(path[len(prefix) :]))
+    if os.path.islink(os.path.dirname(path)):
+        raise PermissionError(f"{os.path.dirname(path)} is a symlink; refusing to open {path}")
+    try:
+        # Logmon holds the read ends of Nomad's FIFOs; opening for writing returns at once.
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise PermissionError(f"{path} is a symlink; refusing to open it") from err
+        raise
 
 
 def _unshare_pid() -> None:

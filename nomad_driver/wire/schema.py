@@ -9,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from nomad_driver.proto import hclspec_pb2
 from nomad_driver.wire import cty
+
+if TYPE_CHECKING:
+    from nomad_driver.proto import hclspec_pb2
 
 T = TypeVar("T")
 Check = Callable[[Any], str | None]
@@ -82,6 +84,9 @@ def hcl_literal(value: Any) -> str:
 
 def hclspec(cls: type[Any]) -> hclspec_pb2.Spec:
     """The hclspec Object Nomad decodes the HCL block against."""
+    # protobuf loads here only: `pyhpc run` decodes configs but never sends a spec to Nomad.
+    from nomad_driver.proto import hclspec_pb2
+
     attributes: dict[str, hclspec_pb2.Spec] = {}
     for name, spec in options(cls):
         attr = hclspec_pb2.Attr(name=name, type=spec.hcl_type, required=spec.required)

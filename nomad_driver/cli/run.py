@@ -1,0 +1,206 @@
+"""`pyhpc run`: the driver's container runtime from the command line (enroot start / ch-run).
+
+Same policy as the Nomad driver: the admin's `plugin "pyhpc"` block (default
+/etc/pyhpc/pyhpc.hcl) decides which images, mounts, devices, capabilities and seccomp choices
+are allowed, and whether root is remapped. This process supervises the container itself (no
+helper process), forwards signals to it and exits with its exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+DEFAULT_CONFIG = "/etc/pyhpc/pyhpc.hcl"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+FORWARDED = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "run",
+        help="run a command in a SquashFS image, as the driver would",
+        description="Run COMMAND (default /bin/sh) in a container of the SquashFS IMAGE, under "
+        "the same policy as the Nomad driver. Exits with the command's exit code "
+        "(128+N when killed by signal N).",
+        epilog="example: pyhpc run --mount /scratch/me:/data --env OMP_NUM_THREADS=8 "
+        "/var/lib/pyhpc/images/busybox.sqsh -- sh -c 'ls /data'",
+    )
+    p.add_argument("image", metavar="IMAGE", help="SquashFS image file")
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help=f'agent configuration with the plugin "pyhpc" block (default {DEFAULT_CONFIG} '
+        "if it exists, else the built-in defaults)",
+    )
+    p.add_argument(
+        "--writable",
+        choices=("tmpfs", "disk", "none"),
+        default="tmpfs",
+        help="writable layer over the image (default tmpfs; disk: in --layer-dir)",
+    )
+    p.add_argument("--layer-dir", metavar="DIR", help="where --writable disk keeps its layer")
+    p.add_argument("--network", choices=("host", "none"), default="host")
+    p.add_argument("--seccomp", default="default", metavar="default|unconfined|PROFILE.json")
+    p.add_argument("--cap-add", action="append", default=[], metavar="CAP")
+    p.add_argument("--cap-drop", action="append", default=[], metavar="CAP")
+    p.add_argument(
+        "--mount",
+        action="append",
+        default=[],
+        metavar="SRC[:DST[:ro|rw]]",
+        help="bind a host directory (must be in the policy's mount_dirs)",
+    )
+    p.add_argument(
+        "--device",
+        action="append",
+        default=[],
+        metavar="PATH[:DST]",
+        help="pass a host device through (must be in the policy's allow_devices)",
+    )
+    p.add_argument("--env", "-e", action="append", default=[], metavar="K=V")
+    p.add_argument("--workdir", "-w", default="/", metavar="DIR")
+    p.add_argument("--hostname", default="", help="default: the image file's name")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument(
+        "--root",
+        action="store_true",
+        help="run as the container's root (remapped to the policy's root_id_range)",
+    )
+    who.add_argument(
+        "--user",
+        "-u",
+        metavar="UID[:GID]",
+        help="run as this user, mapped to itself (default: the sudo caller, else root)",
+    )
+
+
+def _fail(message: str, code: int = 125) -> int:
+    print(f"pyhpc run: {message}", file=sys.stderr)
+    return code
+
+
+def _default_user(args: argparse.Namespace) -> str:
+    if args.root:
+        return ""
+    if args.user:
+        return str(args.user)
+    sudo_uid, sudo_gid = os.environ.get("SUDO_UID", ""), os.environ.get("SUDO_GID", "")
+    if sudo_uid.isdigit() and sudo_uid != "0":
+        return f"{sudo_uid}:{sudo_gid}" if sudo_gid.isdigit() else sudo_uid
+    return ""
+
+
+def run(args: argparse.Namespace) -> int:
+    from nomad_driver.driver import config, policy
+    from nomad_driver.runtime import security
+    from nomad_driver.runtime.cgroups import Limits
+    from nomad_driver.wire import schema
+
+    if os.geteuid() != 0:
+        return _fail("needs root for loop mounts and namespaces; run it with sudo")
+    command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    command = command or ["/bin/sh"]
+    env = {"PATH": DEFAULT_PATH, "TERM": os.environ.get("TERM", "xterm"), "HOME": "/root"}
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            return _fail(f"--env {item!r}: expected KEY=VALUE")
+        env[key] = value
+    config_path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
+    try:
+        if config_path:
+            from nomad_driver.driver import jobspec  # python-hcl2: only with a config file
+
+            with open(config_path, encoding="utf-8") as f:
+                plugin = jobspec.plugin_config(f.read(), config_path)
+        else:
+            plugin = schema.load(config.PluginConfig, {}, "built-in defaults")
+        task = schema.load(
+            config.TaskConfig,
+            {
+                "image": os.path.abspath(args.image),
+                "command": command[0],
+                "args": command[1:],
+                "work_dir": args.workdir,
+                "writable": args.writable,
+                "network": args.network,
+                "mounts": args.mount,
+                "devices": args.device,
+                "cap_add": args.cap_add,
+                "cap_drop": args.cap_drop,
+                "seccomp": args.seccomp,
+            },
+            "command line",
+        )
+        image = policy.checked_image(plugin, task.image)
+        name = args.hostname or os.path.basename(image).split(".")[0] or "pyhpc"
+        run_dir = os.path.join(plugin.run_dir, "tasks", f"run-{os.getpid()}-{time.time_ns()}")
+        layer = args.layer_dir or os.path.join(run_dir, "layer")
+        ctx = policy.TaskContext(
+            task_id=f"pyhpc-run/{os.getpid()}",
+            hostname=name,
+            env=env,
+            user=_default_user(args),
+            stdin_path="/proc/self/fd/0",
+            stdout_path="/proc/self/fd/1",
+            stderr_path="/proc/self/fd/2",
+            limits=Limits(),
+            upper_dir=layer,
+        )
+        spec = policy.container_spec(plugin, task, image, ctx)
+    except (schema.ConfigError, security.PolicyError) as err:
+        return _fail(str(err))
+    except OSError as err:
+        return _fail(f"{err.filename}: {err.strerror}" if err.filename else str(err))
+    return supervise(spec, run_dir)
+
+
+def supervise(spec: object, run_dir: str) -> int:
+    import shutil
+
+    # Loaded here, before the fork, so the container's init finds them already in memory.
+    from nomad_driver.runtime import container, security  # noqa: F401
+    from nomad_driver.runtime.container import ContainerError
+    from nomad_driver.runtime.imagemount import SharedImages
+    from nomad_driver.runtime.spec import ContainerSpec
+    from nomad_driver.runtime.supervisor import Supervisor
+
+    assert isinstance(spec, ContainerSpec)
+    os.makedirs(run_dir, mode=0o700)
+    images = SharedImages(spec.images_dir)
+    owner = os.path.basename(run_dir)
+    try:
+        try:
+            spec = spec._replace(image_root=images.acquire(spec.image, owner))
+            supervisor = Supervisor(run_dir, spec)
+            supervisor.start()
+        except (OSError, ContainerError, RuntimeError) as err:
+            images.release(owner)
+            return _fail(str(err))
+
+        def forward(signum: int, _frame: object) -> None:
+            try:
+                os.kill(supervisor.init_pid, signum)
+            except ProcessLookupError:
+                pass
+
+        for s in FORWARDED:
+            signal.signal(s, forward)
+        result = supervisor.finish()
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    if result.err:
+        return _fail(result.err)
+    return result.exit_code
