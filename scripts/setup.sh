@@ -31,6 +31,9 @@ if ! .venv/bin/python -c "import nomad_driver, grpc_tools, hypothesis, pytest" 2
   .venv/bin/pip install -q -e '.[dev]'
   touch .venv/.installed
 fi
+# Byte-compiled once: each task's supervisor and `pyhpc run` start from .pyc files, even where
+# PYTHONDONTWRITEBYTECODE stops Python from writing them itself.
+.venv/bin/python -m compileall -q nomad_driver >/dev/null
 
 say "building the test bed (cached after the first run)"
 scripts/testbed/build.sh all
