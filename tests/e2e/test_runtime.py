@@ -145,3 +145,12 @@ def test_tasks_share_one_remapped_image_mount_released_after_a_plugin_kill(
         time.sleep(0.2)
     cluster.stop_job(a)
     cluster.stop_job(b)
+
+
+def test_task_with_reserved_cores_is_pinned_to_them(cluster: Any) -> None:
+    spec = job("e2e-cores", "grep Cpus_allowed_list /proc/self/status").replace(
+        "cpu    = 100", "cores  = 1"
+    )
+    out, _ = completed(cluster, spec)
+    cpus = out.split()[-1]
+    assert cpus.isdigit(), out  # one core, not a range or list

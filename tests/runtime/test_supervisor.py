@@ -320,3 +320,25 @@ def test_task_joins_a_given_network_namespace(tmp_path: Path, busybox_image: Pat
         assert interfaces == ["lo", "probe0", "probe1"], out
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def test_orphaned_processes_are_reaped_by_the_init(tmp_path: Path, busybox_image: Path) -> None:
+    result, out = run_script(
+        tmp_path,
+        busybox_image,
+        "for i in 1 2 3; do sh -c 'sleep 0.1 &'; done; sleep 1; "
+        "cat /proc/[0-9]*/status | grep -c '^State:.*zombie' || true",
+    )
+    assert result.exit_code == 0 and out.split()[-1] == "0", out
+
+
+def test_task_is_pinned_to_its_cpuset(tmp_path: Path, busybox_image: Path) -> None:
+    from nomad_driver.runtime.cgroups import Limits
+
+    result, out = run_script(
+        tmp_path,
+        busybox_image,
+        "grep Cpus_allowed_list /proc/self/status",
+        limits=Limits(cpuset_cpus="0"),
+    )
+    assert out.split() == ["Cpus_allowed_list:", "0"], out
