@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+from typing import Any
 
 DEFAULT_CONFIG = "/etc/pyhpc/pyhpc.hcl"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -121,10 +122,7 @@ def run(args: argparse.Namespace) -> int:
     config_path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
     try:
         if config_path:
-            from nomad_driver.driver import jobspec  # python-hcl2: only with a config file
-
-            with open(config_path, encoding="utf-8") as f:
-                plugin = jobspec.plugin_config(f.read(), config_path)
+            plugin = load_policy(config_path)
         else:
             plugin = schema.load(config.PluginConfig, {}, "built-in defaults")
         task = schema.load(
@@ -165,6 +163,45 @@ def run(args: argparse.Namespace) -> int:
     except OSError as err:
         return _fail(f"{err.filename}: {err.strerror}" if err.filename else str(err))
     return supervise(spec, run_dir)
+
+
+POLICY_CACHE = "/run/pyhpc/.policy-cache"
+
+
+def load_policy(path: str) -> Any:
+    """The plugin block of an agent config file. Parsing HCL costs 100 ms, more than starting
+    the container, so the decoded options are kept in a root-only cache keyed on what proves
+    the file unchanged (as image digests are), and checked again on every load."""
+    import json
+
+    from nomad_driver.driver import config
+    from nomad_driver.runtime.spec import write_atomic
+    from nomad_driver.wire import schema
+
+    st = os.stat(path)
+    key = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+    entry = os.path.join(POLICY_CACHE, key.replace(":", "-"))
+    try:
+        with open(entry, encoding="utf-8") as f:
+            cached = json.load(f)
+        if cached.get("path") == os.path.realpath(path):
+            return schema.load(config.PluginConfig, cached["options"], path)
+    except (OSError, ValueError, KeyError, schema.ConfigError):
+        pass
+    from nomad_driver.driver import jobspec  # python-hcl2
+
+    with open(path, encoding="utf-8") as f:
+        plugin = jobspec.plugin_config(f.read(), path)
+    options = {
+        name: list(value) if isinstance(value, tuple) else value
+        for name, value in plugin.__dict__.items()
+    }
+    try:
+        os.makedirs(POLICY_CACHE, mode=0o700, exist_ok=True)
+        write_atomic(entry, json.dumps({"path": os.path.realpath(path), "options": options}))
+    except OSError:
+        pass  # a cache, nothing more
+    return plugin
 
 
 def supervise(spec: object, run_dir: str) -> int:
