@@ -1,0 +1,136 @@
+"""The layer merge: OCI semantics equal to umoci's unpacking, and hostile layers refused."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from nomad_driver.images import merge, squashfs
+from tests.images.ocitools import Entry, layer_tar, sha, tree, umoci_unpack, write_layout
+
+ROOT = os.geteuid() == 0
+
+BASE: list[Entry] = [
+    ("etc", "dir", 0o755),
+    ("etc/conf", "file", b"one\n"),
+    ("usr/bin", "dir", 0o755),
+    ("usr/bin/tool", "file", (b"#!/bin/sh\necho tool v1\n", 0o755)),
+    ("usr/bin/tool2", "hardlink", "usr/bin/tool"),
+    ("usr/bin/suid", "file", (b"x", 0o4755)),
+    ("bin", "symlink", "usr/bin"),
+    ("abs", "symlink", "/etc/conf"),
+    ("opq", "dir", 0o755),
+    ("opq/a", "file", b"a"),
+    ("opq/b", "file", b"b"),
+    ("gone", "file", b"bye"),
+    ("gonedir/x/y", "file", b"deep"),
+    ("d", "dir", 0o755),
+    ("d/keep", "file", b"k"),
+]
+UPPER: list[Entry] = [
+    (".wh.gone", "file", b""),
+    (".wh.gonedir", "file", b""),
+    ("opq/.wh..wh..opq", "file", b""),
+    ("opq/c", "file", b"c"),
+    ("etc/conf", "file", b"two\n"),
+    ("etc/conf-link", "hardlink", "usr/bin/tool"),
+    ("d", "dir", 0o700),
+]
+TOP: list[Entry] = [
+    ("usr/bin/tool", "file", (b"#!/bin/sh\necho tool v2\n", 0o755)),
+    ("run/fifo", "fifo", None),
+    ("gone", "dir", 0o755),
+]
+
+
+def layers_of(blobs: list[bytes]) -> list[merge.Layer]:
+    return [
+        merge.Layer(f"layer {i + 1}", (lambda b=blob: io.BytesIO(b)), digest=sha(blob))
+        for i, blob in enumerate(blobs)
+    ]
+
+
+def build(tmp: Path, blobs: list[bytes]) -> Path:
+    out = tmp / "image.sqsh"
+    squashfs.from_tar(lambda pipe: merge.merge(layers_of(blobs), pipe), str(out))
+    return out
+
+
+def unpacked(image: Path, dest: Path) -> Path:
+    subprocess.run(["unsquashfs", "-q", "-d", str(dest), str(image)], check=True)
+    return dest
+
+
+@pytest.mark.skipif(not ROOT, reason="comparing ownership needs root")
+def test_merged_tree_equals_what_umoci_unpacks(tmp_path: Path) -> None:
+    blobs = [layer_tar(BASE), layer_tar(UPPER), layer_tar(TOP, compress=False)]
+    ours = tree(unpacked(build(tmp_path, blobs), tmp_path / "ours"))
+    layout = write_layout(tmp_path / "layout", blobs)
+    theirs = tree(umoci_unpack(layout, tmp_path / "bundle"))
+    theirs.pop("", None)
+    assert ours == theirs
+    # The cases that matter, spelled out.
+    assert "gone" in ours and ours["gone"][0] == "dir" and "gonedir" not in ours
+    assert sorted(p for p in ours if p.startswith("opq/")) == ["opq/c"]
+    assert (
+        "linked-with" in ours["usr/bin/tool2"][4]
+        and ours["usr/bin/tool"][4] != ours["usr/bin/tool2"][4].split()[0]
+    )
+    assert ours["usr/bin/suid"][1] == "0o4755"
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        ([("../escape", "file", b"x")], "'../escape' climbs out of the image root"),
+        ([("a/../../escape", "file", b"x")], "climbs out of the image root"),
+        ([("link", "symlink", "../../etc/shadow")], "points out of the image"),
+        ([("a/b/link", "symlink", "../../../x")], "points out of the image"),
+        ([("h", "hardlink", "/etc/shadow")], "hard link 'h' -> '/etc/shadow': no such file"),
+        ([("h", "hardlink", "../outside")], "climbs out of the image root"),
+        ([("null", "chr", None)], "device node 'null' is not allowed"),
+        ([("s", "symlink", "/tmp"), ("s/x", "file", b"x")], "goes through /s, a symlink"),
+        ([("f", "file", b"x"), ("f/x", "file", b"x")], "goes through /f, a file"),
+        ([(".wh.", "file", b"")], "names nothing"),
+    ],
+)
+def test_hostile_entries_are_refused_with_layer_and_path(
+    tmp_path: Path, entries: list[Entry], message: str
+) -> None:
+    with pytest.raises(merge.LayerError, match="layer 1") as err:
+        merge.merge(layers_of([layer_tar(entries)]), io.BytesIO())
+    assert message in str(err.value)
+
+
+def test_a_digest_mismatch_is_refused(tmp_path: Path) -> None:
+    blob = layer_tar([("f", "file", b"x")])
+    bad = merge.Layer("layer 1", lambda: io.BytesIO(blob), digest=sha(blob + b"!"))
+    with pytest.raises(merge.LayerError, match="digest mismatch"):
+        merge.merge([bad], io.BytesIO())
+
+
+def test_a_truncated_layer_is_refused(tmp_path: Path) -> None:
+    blob = layer_tar([("f", "file", b"x" * 100000)])
+    cut = merge.Layer("layer 1", lambda: io.BytesIO(blob[: len(blob) // 2]))
+    with pytest.raises(merge.LayerError, match="layer 1"):
+        merge.merge([cut], io.BytesIO())
+
+
+def test_xattrs_and_zstd_layers(tmp_path: Path) -> None:
+    import zstandard
+
+    raw = layer_tar(
+        [("bin/ping", "xattr", (b"p", {"security.capability": "\x01"}))], compress=False
+    )
+    blob = zstandard.ZstdCompressor().compress(raw)
+    out = io.BytesIO()
+    merge.merge(layers_of([blob]), out)
+    import tarfile
+
+    out.seek(0)
+    members = {m.name: m for m in tarfile.open(fileobj=out)}
+    assert "SCHILY.xattr.security.capability" in members["bin/ping"].pax_headers
