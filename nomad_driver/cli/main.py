@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from nomad_driver import __version__
-from nomad_driver.cli import run
+from nomad_driver.cli import image, run
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 
@@ -92,6 +92,7 @@ def parser() -> argparse.ArgumentParser:
     val.add_argument("files", nargs="+", metavar="FILE")
     sub.add_parser("config-reference", help="print the plugin and task option tables")
     run.add_parser(sub)
+    image.add_parser(sub)
     return p
 
 
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         return validate(args.files)
     if args.command == "run":
         return run.run(args)
+    if args.command == "image":
+        return image.run(args)
     return config_reference()
 
 

@@ -73,7 +73,7 @@ class _Hashing(io.RawIOBase):
 
 
 def _decompressed(raw: IO[bytes]) -> IO[bytes]:
-    buffered = io.BufferedReader(raw, 1 << 20)  # type: ignore[arg-type]
+    buffered = io.BufferedReader(raw, 1 << 20)  # type: ignore[type-var]
     magic = buffered.peek(4)[:4]
     if magic[:2] == b"\x1f\x8b":
         import gzip
@@ -82,7 +82,7 @@ def _decompressed(raw: IO[bytes]) -> IO[bytes]:
     if magic == b"\x28\xb5\x2f\xfd":
         import zstandard
 
-        return zstandard.ZstdDecompressor().stream_reader(buffered)  # type: ignore[no-any-return]
+        return zstandard.ZstdDecompressor().stream_reader(buffered)
     return buffered
 
 
@@ -94,7 +94,7 @@ def _members(layer: Layer) -> Iterator[tuple[int, tarfile.TarInfo, tarfile.TarFi
         stream = _decompressed(outer if outer else raw)  # type: ignore[arg-type]
         inner = _Hashing(stream) if layer.diff_id else None
         try:
-            archive = tarfile.open(fileobj=inner or stream, mode="r|")  # type: ignore[call-overload]
+            archive = tarfile.open(fileobj=inner or stream, mode="r|")
             for index, member in enumerate(archive):
                 yield index, member, archive
         except (tarfile.TarError, EOFError, OSError, ValueError) as err:
@@ -197,14 +197,13 @@ class Tree:
                     )
         elif member.islnk():
             kind = "file"
-            target_path = _clean(member.linkname, layer)
-            target = self.nodes.get(target_path)
-            if target is None or target.kind != "file" or target.key is None:
+            linked = self.nodes.get(_clean(member.linkname, layer))
+            if linked is None or linked.kind != "file" or linked.key is None:
                 raise LayerError(
                     f"{layer.label}: hard link {member.name!r} -> {member.linkname!r}: no such "
                     "file earlier in the image"
                 )
-            key = target.key
+            key = linked.key
         elif member.isfifo():
             kind = "fifo"
         elif member.ischr() or member.isblk():
@@ -250,7 +249,7 @@ def merge(
             tree.apply(index, layer, member, position)
     plan = tree.plan()
     written = 0
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as archive:  # type: ignore[call-overload]
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as archive:
         for index, layer in enumerate(layers):
             if progress:
                 progress(f"writing {layer.label}")

@@ -1,0 +1,113 @@
+"""`pyhpc image`: import, push, pull, list, inspect, remove and prune images in the store."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+DEFAULT_STORE = "/var/lib/pyhpc/store"
+DEFAULT_RUN_DIR = "/run/pyhpc"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("image", help="import, push, pull, list, inspect, remove images")
+    p.add_argument(
+        "--store",
+        default=os.environ.get("PYHPC_STORE", DEFAULT_STORE),
+        help=f"image store directory (default {DEFAULT_STORE}, or $PYHPC_STORE)",
+    )
+    p.add_argument(
+        "--run-dir",
+        default=DEFAULT_RUN_DIR,
+        help="the driver's run_dir, to see which images running tasks use",
+    )
+    acts = p.add_subparsers(dest="image_command", required=True, metavar="ACTION")
+    imp = acts.add_parser(
+        "import",
+        help="import an image into the store as SquashFS",
+        description="REF: docker://HOST/REPO:TAG, oras://HOST/REPO:TAG, "
+        "oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE, dir:ROOTFS "
+        "or /path/image.sqsh",
+    )
+    imp.add_argument("ref", metavar="REF")
+    imp.add_argument("--tag", help="also name the result with this reference")
+    pull = acts.add_parser("pull", help="import again even if known (a tag may have moved)")
+    pull.add_argument("ref", metavar="REF")
+    push = acts.add_parser("push", help="push a stored image to a registry as an ORAS artifact")
+    push.add_argument("image", metavar="IMAGE", help="stored reference or sha256 digest")
+    push.add_argument("dest", metavar="oras://HOST/REPO:TAG")
+    acts.add_parser("ls", help="list stored images")
+    ins = acts.add_parser("inspect", help="show an image's digests, source and config")
+    ins.add_argument("image", metavar="IMAGE")
+    rm = acts.add_parser("rm", help="remove a reference, and the image if nothing else uses it")
+    rm.add_argument("images", nargs="+", metavar="IMAGE")
+    prune = acts.add_parser("prune", help="delete unreferenced images not used by any task")
+    prune.add_argument("--all", action="store_true", help="delete every image no task uses")
+
+
+def _progress() -> Any:
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=0, bar_format="{desc}", file=sys.stderr, leave=False)
+        return lambda message: bar.set_description_str(message)
+    return lambda message: print(message, file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from nomad_driver.images import publish
+    from nomad_driver.images.store import Store, StoreError
+    from nomad_driver.runtime.imagemount import SharedImages
+
+    store = Store(args.store)
+    shared = SharedImages(os.path.join(args.run_dir, "images"))
+
+    def in_use(digest: str) -> bool:
+        return bool(shared.users(digest))
+
+    try:
+        if args.image_command in ("import", "pull"):
+            action = store.ensure if args.image_command == "import" else store.pull
+            image = action(args.ref, _progress())
+            if getattr(args, "tag", None):
+                store.tag(image.digest, args.tag)
+            print(f"{image.digest}  {image.path}  {image.meta['size'] / 1e6:.1f} MB")
+        elif args.image_command == "push":
+            found = store.lookup(args.image)
+            if found is None:
+                print(f"pyhpc image: no image {args.image!r} in {args.store}", file=sys.stderr)
+                return 1
+            print(publish.push(found, args.dest, _progress()))
+        elif args.image_command == "ls":
+            refs: dict[str, list[str]] = {}
+            for ref, digest in store.references().items():
+                refs.setdefault(digest, []).append(ref)
+            print(f"{'DIGEST':19}  {'SIZE':>9}  {'IN USE':6}  REFERENCES")
+            for image in store.images():
+                print(
+                    f"{image.digest[:19]}  {image.meta['size'] / 1e6:7.1f}MB  "
+                    f"{'yes' if in_use(image.digest) else 'no':6}  "
+                    f"{', '.join(sorted(refs.get(image.digest, []))) or '-'}"
+                )
+        elif args.image_command == "inspect":
+            found = store.lookup(args.image)
+            if found is None:
+                print(f"pyhpc image: no image {args.image!r} in {args.store}", file=sys.stderr)
+                return 1
+            print(json.dumps({**found.meta, "path": found.path}, indent=2))
+        elif args.image_command == "rm":
+            for name in args.images:
+                for digest in store.remove(name, in_use):
+                    print(f"deleted {digest}")
+        else:
+            deleted = store.prune(in_use, everything=args.all)
+            for digest in deleted:
+                print(f"deleted {digest}")
+            print(f"{len(deleted)} image(s) deleted; the store holds {store.size() / 1e6:.1f} MB")
+    except (StoreError, ValueError) as err:
+        print(f"pyhpc image: {err}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,285 @@
+"""The content-addressed image store: SquashFS files named by their SHA-256, an index of
+references, and each image's provenance.
+
+    STORE/sha256/<hex>.sqsh     the images (read-only, never changed once written)
+    STORE/meta/<hex>.json       where each came from: source, manifest, config, digests
+    STORE/refs/<key>.json       reference -> digest
+    STORE/locks/<key>.lock      one import per reference at a time (flock)
+    STORE/tmp/                  imports in progress; nothing there is ever visible as an image
+
+Writes are atomic (write to tmp, fsync, rename), so an interrupted import leaves no half image.
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from nomad_driver.images import merge, reference, sources, squashfs
+from nomad_driver.images.digest import file_digest
+from nomad_driver.runtime.spec import write_atomic
+
+Progress = Callable[[str], None]
+
+
+class StoreError(RuntimeError):
+    """An import or store operation failed; nothing half-written was left behind."""
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    digest: str
+    path: str
+    meta: dict[str, Any]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The OCI image config's runtime part: Env, Entrypoint, Cmd, WorkingDir, User, Labels."""
+        value = self.meta.get("image_config") or {}
+        return value if isinstance(value, dict) else {}
+
+
+def _key(ref: str) -> str:
+    return base64.urlsafe_b64encode(hashlib.sha256(ref.encode()).digest()).decode().rstrip("=")
+
+
+class Store:
+    def __init__(self, root: str, max_bytes: int = 0) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+
+    def _dir(self, name: str) -> str:
+        path = os.path.join(self.root, name)
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        return path
+
+    def image_path(self, digest: str) -> str:
+        return os.path.join(self.root, "sha256", digest.partition(":")[2] + ".sqsh")
+
+    @contextmanager
+    def _lock(self, ref: str) -> Iterator[None]:
+        fd = os.open(
+            os.path.join(self._dir("locks"), _key(ref) + ".lock"),
+            os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+            0o600,
+        )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    # ---- lookups -----------------------------------------------------------------------------
+
+    def lookup(self, ref: str) -> StoredImage | None:
+        """The stored image for a reference (or a digest), if it is complete."""
+        if ref.startswith("sha256:"):
+            digest = ref
+        else:
+            try:
+                with open(
+                    os.path.join(self.root, "refs", _key(ref) + ".json"), encoding="utf-8"
+                ) as f:
+                    digest = json.load(f)["digest"]
+            except (OSError, ValueError, KeyError):
+                return None
+        path = self.image_path(digest)
+        try:
+            with open(
+                os.path.join(self.root, "meta", digest.partition(":")[2] + ".json"),
+                encoding="utf-8",
+            ) as f:
+                meta = json.load(f)
+        except (OSError, ValueError):
+            return None
+        return StoredImage(digest, path, meta) if os.path.isfile(path) else None
+
+    def images(self) -> list[StoredImage]:
+        out = []
+        meta_dir = os.path.join(self.root, "meta")
+        for name in sorted(os.listdir(meta_dir)) if os.path.isdir(meta_dir) else []:
+            found = self.lookup("sha256:" + name.removesuffix(".json"))
+            if found:
+                out.append(found)
+        return out
+
+    def references(self) -> dict[str, str]:
+        refs: dict[str, str] = {}
+        refs_dir = os.path.join(self.root, "refs")
+        for name in os.listdir(refs_dir) if os.path.isdir(refs_dir) else []:
+            try:
+                with open(os.path.join(refs_dir, name), encoding="utf-8") as f:
+                    entry = json.load(f)
+                refs[entry["ref"]] = entry["digest"]
+            except (OSError, ValueError, KeyError):
+                continue
+        return refs
+
+    def size(self) -> int:
+        return sum(os.path.getsize(i.path) for i in self.images())
+
+    # ---- import ------------------------------------------------------------------------------
+
+    def ensure(self, text: str, progress: Progress | None = None, **fetch_kw: Any) -> StoredImage:
+        """The image for a reference, imported on first use. Concurrent callers for the same
+        reference wait for the one import instead of doing their own."""
+        ref = reference.parse(text)
+        name = str(ref)
+        found = self.lookup(name)
+        if found is not None and not ref.remote or found is not None and ref.digest:
+            return found
+        with self._lock(name):
+            found = self.lookup(name)
+            if found is not None:
+                return found
+            return self._import(ref, progress, **fetch_kw)
+
+    def pull(self, text: str, progress: Progress | None = None, **fetch_kw: Any) -> StoredImage:
+        """Import (again) even if the reference is known: a tag may have moved."""
+        ref = reference.parse(text)
+        with self._lock(str(ref)):
+            return self._import(ref, progress, **fetch_kw)
+
+    def _import(
+        self, ref: reference.Reference, progress: Progress | None, **fetch_kw: Any
+    ) -> StoredImage:
+        work = tempfile.mkdtemp(prefix="import-", dir=self._dir("tmp"))
+        try:
+            fetched = sources.fetch(ref, work, progress, **fetch_kw)
+            built = os.path.join(work, "image.sqsh")
+            started = time.monotonic()
+            if fetched.squashfs and ref.transport == "file":
+                shutil.copyfile(fetched.squashfs, built)
+            elif fetched.squashfs:
+                os.replace(fetched.squashfs, built)
+            elif fetched.directory:
+                if progress:
+                    progress(f"building SquashFS from {fetched.directory}")
+                squashfs.from_directory(fetched.directory, built)
+            else:
+                if progress:
+                    progress(f"merging {len(fetched.layers)} layers into SquashFS")
+                squashfs.from_tar(lambda pipe: merge.merge(fetched.layers, pipe, progress), built)
+            digest = file_digest(built)
+            self._check_cap(os.path.getsize(built), digest)
+            meta = {
+                "digest": digest,
+                "size": os.path.getsize(built),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "build_seconds": round(time.monotonic() - started, 3),
+                "source": str(ref),
+                "manifest_digest": fetched.manifest_digest,
+                "config_digest": fetched.config_digest,
+                "layers": [layer.digest or layer.label for layer in fetched.layers],
+                "image_config": fetched.config.get("config", fetched.config)
+                if not fetched.squashfs or ref.transport == "oras"
+                else {},
+                "provenance": fetched.provenance,
+            }
+            if ref.transport == "oras":
+                meta["image_config"] = fetched.config
+            hexpart = digest.partition(":")[2]
+            target = self.image_path(digest)
+            self._dir("sha256")
+            if not os.path.exists(target):
+                os.chmod(built, 0o444)
+                with open(built, "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(built, target)
+            write_atomic(
+                os.path.join(self._dir("meta"), hexpart + ".json"), json.dumps(meta, indent=1)
+            )
+            self._set_ref(str(ref), digest)
+            return StoredImage(digest, target, meta)
+        except OSError as err:
+            if err.errno == 28:
+                raise StoreError(
+                    f"importing {ref}: no space left in the store {self.root}"
+                ) from err
+            raise StoreError(f"importing {ref}: {err}") from err
+        except (
+            sources.SourceError,
+            merge.LayerError,
+            squashfs.BuildError,
+            reference.ReferenceError,
+        ) as err:
+            raise StoreError(f"importing {ref}: {err}") from err
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _check_cap(self, adding: int, digest: str) -> None:
+        if self.max_bytes and not os.path.exists(self.image_path(digest)):
+            used = self.size()
+            if used + adding > self.max_bytes:
+                raise StoreError(
+                    f"the store would grow to {(used + adding) / 1e6:.0f} MB, over its cap of "
+                    f"{self.max_bytes / 1e6:.0f} MB; run `pyhpc image prune`"
+                )
+
+    def _set_ref(self, ref: str, digest: str) -> None:
+        write_atomic(
+            os.path.join(self._dir("refs"), _key(ref) + ".json"),
+            json.dumps({"ref": ref, "digest": digest}),
+        )
+
+    def tag(self, digest: str, ref: str) -> None:
+        self._set_ref(str(reference.parse(ref)) if not ref.startswith("sha256:") else ref, digest)
+
+    # ---- removal -----------------------------------------------------------------------------
+
+    def remove(self, text: str, in_use: Callable[[str], bool]) -> list[str]:
+        """Drop a reference (or every reference of a digest); delete the image when nothing
+        refers to it and no task uses it. Returns what was deleted."""
+        found = self.lookup(text if text.startswith("sha256:") else str(reference.parse(text)))
+        if found is None:
+            raise StoreError(f"no image {text!r} in the store {self.root}")
+        for ref, digest in self.references().items():
+            if digest == found.digest and (
+                text.startswith("sha256:") or ref == str(reference.parse(text))
+            ):
+                os.unlink(os.path.join(self.root, "refs", _key(ref) + ".json"))
+        if found.digest in self.references().values():
+            return []
+        if in_use(found.digest):
+            raise StoreError(
+                f"image {found.digest} is in use by a running task; reference removed, image kept"
+            )
+        return self._delete(found.digest)
+
+    def prune(self, in_use: Callable[[str], bool], everything: bool = False) -> list[str]:
+        """Delete images no reference names (all unused ones with everything=True), never one a
+        running task uses; clear abandoned temporary imports."""
+        refs = self.references()
+        deleted: list[str] = []
+        for image in self.images():
+            if in_use(image.digest) or (not everything and image.digest in refs.values()):
+                continue
+            for ref, digest in refs.items():
+                if digest == image.digest:
+                    os.unlink(os.path.join(self.root, "refs", _key(ref) + ".json"))
+            deleted += self._delete(image.digest)
+        tmp = os.path.join(self.root, "tmp")
+        for name in os.listdir(tmp) if os.path.isdir(tmp) else []:
+            path = os.path.join(tmp, name)
+            if time.time() - os.path.getmtime(path) > 3600:  # an import killed long ago
+                shutil.rmtree(path, ignore_errors=True)
+        return deleted
+
+    def _delete(self, digest: str) -> list[str]:
+        hexpart = digest.partition(":")[2]
+        for path in (os.path.join(self.root, "meta", hexpart + ".json"), self.image_path(digest)):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        return [digest]

@@ -1,0 +1,206 @@
+"""Importing into the store from every source, through a real registry too; atomic, once per
+reference, with provenance; prune never touches an image in use."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from nomad_driver.images import publish
+from nomad_driver.images.registry import Credentials, Registry
+from nomad_driver.images.store import Store, StoreError
+from tests.images.ocitools import layer_tar, sha, write_layout
+from tests.images.test_merge import BASE, TOP, UPPER
+from tests.registry import run_registry
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="imports keep ownership: root")
+CONFIG = {
+    "Env": ["PATH=/usr/bin:/bin", "GREETING=hi"],
+    "Entrypoint": ["/usr/bin/tool"],
+    "Cmd": ["--help"],
+    "WorkingDir": "/etc",
+    "User": "0",
+}
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    blobs = [layer_tar(BASE), layer_tar(UPPER), layer_tar(TOP)]
+    return write_layout(tmp_path_factory.mktemp("layout") / "img", blobs, CONFIG, tag="1.0")
+
+
+def listing(path: str) -> list[str]:
+    out = subprocess.run(["unsquashfs", "-lln", path], check=True, capture_output=True, text=True)
+    return sorted(
+        " ".join(line.split()[:2] + line.split()[5:]) for line in out.stdout.splitlines()[1:]
+    )
+
+
+def test_oci_layout_and_archive_give_the_same_image_with_provenance(
+    tmp_path: Path, layout: Path
+) -> None:
+    store = Store(str(tmp_path / "store"))
+    first = store.ensure(f"oci:{layout}:1.0")
+    archive = tmp_path / "img.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(layout, arcname=".")
+    second = store.ensure(f"oci-archive:{archive}:1.0")
+    assert first.digest == second.digest  # reproducible: same layers, same SquashFS
+    assert first.config["Entrypoint"] == ["/usr/bin/tool"] and first.config["WorkingDir"] == "/etc"
+    assert first.meta["manifest_digest"].startswith("sha256:")
+    assert first.meta["source"] == f"oci:{layout}:1.0"
+    assert os.stat(first.path).st_mode & 0o222 == 0  # read-only in the store
+    assert [p.name for p in (tmp_path / "store" / "tmp").iterdir()] == []
+
+
+def test_docker_archive_and_dir_and_squashfs_sources(tmp_path: Path, busybox_image: Path) -> None:
+    store = Store(str(tmp_path / "store"))
+    layer = layer_tar([("bin/hello", "file", b"hi\n")], compress=False)
+    config = json.dumps(
+        {"config": {"Cmd": ["/bin/hello"]}, "rootfs": {"type": "layers", "diff_ids": [sha(layer)]}}
+    ).encode()
+    archive = tmp_path / "saved.tar"
+    with tarfile.open(archive, "w") as tar:
+        for name, data in (
+            ("abc/layer.tar", layer),
+            ("cfg.json", config),
+            (
+                "manifest.json",
+                json.dumps(
+                    [{"Config": "cfg.json", "RepoTags": ["x:1"], "Layers": ["abc/layer.tar"]}]
+                ).encode(),
+            ),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, __import__("io").BytesIO(data))
+    saved = store.ensure(f"docker-archive:{archive}")
+    assert "bin/hello" in " ".join(listing(saved.path)) and saved.config["Cmd"] == ["/bin/hello"]
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "etc").mkdir(parents=True)
+    (rootfs / "etc" / "x").write_text("x")
+    assert "etc/x" in " ".join(listing(store.ensure(f"dir:{rootfs}").path))
+    copied = store.ensure(str(busybox_image))
+    assert copied.digest == sha(busybox_image.read_bytes())
+
+
+def test_a_bad_layer_leaves_nothing_and_a_retry_works(tmp_path: Path, layout: Path) -> None:
+    broken = tmp_path / "broken"
+    subprocess.run(["cp", "-a", str(layout), str(broken)], check=True)
+    manifest_digest = json.loads((broken / "index.json").read_text())["manifests"][0]["digest"]
+    manifest = json.loads((broken / "blobs/sha256" / manifest_digest.split(":")[1]).read_text())
+    blob = broken / "blobs/sha256" / manifest["layers"][1]["digest"].split(":")[1]
+    good = blob.read_bytes()
+    store = Store(str(tmp_path / "store"))
+    for damage, message in (
+        (good[: len(good) // 2], "layer 2 sha256:.*not a readable tar stream"),  # truncated
+        (layer_tar([("other", "file", b"o")]), "layer 2 sha256:.*digest mismatch"),  # swapped
+    ):
+        blob.write_bytes(damage)
+        with pytest.raises(StoreError, match=message):
+            store.ensure(f"oci:{broken}:1.0")
+        assert store.images() == [] and list((tmp_path / "store" / "tmp").iterdir()) == []
+    blob.write_bytes(good)
+    assert store.ensure(f"oci:{broken}:1.0").digest
+
+
+def test_traversal_layer_is_refused_naming_layer_and_path(tmp_path: Path) -> None:
+    evil = write_layout(
+        tmp_path / "evil",
+        [layer_tar([("ok", "file", b"")]), layer_tar([("../../etc/pwned", "file", b"x")])],
+    )
+    with pytest.raises(StoreError, match=r"layer 2 sha256:.*'../../etc/pwned' climbs out"):
+        Store(str(tmp_path / "store")).ensure(f"oci:{evil}:latest")
+    assert not Path("/etc/pwned").exists()
+
+
+@pytest.mark.parametrize(
+    ("auth", "tls"),
+    [(False, False), (True, False), (True, True)],
+    ids=["plain", "auth", "auth+tls"],
+)
+def test_registry_pull_push_and_pull_back(
+    tmp_path: Path, layout: Path, auth: bool, tls: bool
+) -> None:
+    with run_registry(tmp_path / "registry", auth=auth, tls=tls) as reg:
+        env = {"SSL_CERT_FILE": reg.ca_file} if tls else {}
+        creds = ["--dest-creds", f"{reg.username}:{reg.password}"] if auth else []
+        subprocess.run(
+            [
+                "skopeo",
+                "copy",
+                "--quiet",
+                *creds,
+                f"--dest-tls-verify={'true' if tls else 'false'}",
+                *(["--dest-cert-dir", str(Path(reg.ca_file).parent)] if tls else []),
+                f"oci:{layout}:1.0",
+                f"docker://{reg.host}/team/app:1.0",
+            ],
+            check=True,
+            capture_output=True,
+            env={**os.environ, **env},
+        )
+        client = Registry(
+            reg.host,
+            Credentials(reg.username, reg.password) if auth else None,
+            insecure=not tls,
+            ca_file=reg.ca_file or None,
+        )
+        store = Store(str(tmp_path / "store"))
+        pulled = store.ensure(f"docker://{reg.host}/team/app:1.0", registry=client)
+        local = Store(str(tmp_path / "local")).ensure(f"oci:{layout}:1.0")
+        assert pulled.digest == local.digest  # same layers, same image, by either road
+        pushed = publish.push(pulled, f"oras://{reg.host}/team/app-sqsh:1.0", registry=client)
+        other = Store(str(tmp_path / "other")).ensure(
+            f"oras://{reg.host}/team/app-sqsh:1.0", registry=client
+        )
+        assert other.digest == pulled.digest and "@sha256:" in pushed
+        assert other.config["Entrypoint"] == ["/usr/bin/tool"]
+        if auth:
+            anonymous = Registry(
+                reg.host,
+                Credentials("tester", "wrong"),
+                insecure=not tls,
+                ca_file=reg.ca_file or None,
+            )
+            with pytest.raises(StoreError, match="authentication failed"):
+                Store(str(tmp_path / "anon")).ensure(
+                    f"docker://{reg.host}/team/app:1.0", registry=anonymous
+                )
+
+
+def test_concurrent_imports_of_one_reference_happen_once(tmp_path: Path, layout: Path) -> None:
+    store = Store(str(tmp_path / "store"))
+    calls: list[str] = []
+    results: list[str] = []
+
+    def work() -> None:
+        results.append(store.ensure(f"oci:{layout}:1.0", progress=calls.append).digest)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(results)) == 1 and len(results) == 3
+    assert sum(1 for c in calls if c.startswith("merging")) == 1
+
+
+def test_prune_and_rm_never_touch_an_image_in_use(
+    tmp_path: Path, layout: Path, busybox_image: Path
+) -> None:
+    store = Store(str(tmp_path / "store"))
+    used = store.ensure(str(busybox_image))
+    other = store.ensure(f"oci:{layout}:1.0")
+    with pytest.raises(StoreError, match="in use by a running task"):
+        store.remove(str(busybox_image), lambda d: d == used.digest)
+    assert os.path.exists(used.path)
+    assert store.prune(lambda d: d == used.digest, everything=True) == [other.digest]
+    assert os.path.exists(used.path) and not os.path.exists(other.path)
