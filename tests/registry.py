@@ -82,11 +82,11 @@ def run_registry(work: Path, auth: bool = False, tls: bool = False) -> Iterator[
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
                 break
-            except OSError:
+            except OSError as err:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(
                         f"docker-registry did not start: {(work / 'registry.log').read_text()}"
-                    )
+                    ) from err
                 time.sleep(0.1)
         yield RunningRegistry(f"127.0.0.1:{port}", user, password, ca)
     finally:

@@ -3,7 +3,6 @@ reference, with provenance; prune never touches an image in use."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import subprocess
