@@ -14,6 +14,12 @@ plugin "pyhpc" {
     # compared, so "/var/lib/pyhpc/images" does not admit "/var/lib/pyhpc/images2".
     image_dirs = ["/var/lib/pyhpc/images"]
 
+    # Image references a jobspec may name instead of a SquashFS path, as prefixes, e.g.
+    # ["docker://registry.example.org:5000/hpc/", "oras://registry.example.org:5000/"].
+    # They are imported into store_dir on first use, once per node. Empty: files only.
+    image_sources = []
+    store_dir     = "/var/lib/pyhpc/store"
+
     # Host directories a jobspec may bind in with `mounts = ["/scratch/me:/data:ro"]`.
     # Empty: none. Same path rules as image_dirs.
     mount_dirs = []

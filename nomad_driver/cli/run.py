@@ -9,6 +9,7 @@ helper process), forwards signals to it and exits with its exit code.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -16,7 +17,6 @@ import time
 from typing import Any
 
 DEFAULT_CONFIG = "/etc/pyhpc/pyhpc.hcl"
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 FORWARDED = (
     signal.SIGINT,
     signal.SIGTERM,
@@ -31,13 +31,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p = sub.add_parser(
         "run",
         help="run a command in a SquashFS image, as the driver would",
-        description="Run COMMAND (default /bin/sh) in a container of the SquashFS IMAGE, under "
-        "the same policy as the Nomad driver. Exits with the command's exit code "
-        "(128+N when killed by signal N).",
+        description="Run COMMAND (default: the image's Entrypoint and Cmd, else /bin/sh) in a "
+        "container of IMAGE, under the same policy as the Nomad driver. Exits with the "
+        "command's exit code (128+N when killed by signal N).",
         epilog="example: pyhpc run --mount /scratch/me:/data --env OMP_NUM_THREADS=8 "
         "/var/lib/pyhpc/images/busybox.sqsh -- sh -c 'ls /data'",
     )
-    p.add_argument("image", metavar="IMAGE", help="SquashFS image file")
+    p.add_argument(
+        "image",
+        metavar="IMAGE",
+        help="SquashFS file, or a reference (docker://, oras://, oci:, ...) allowed by the "
+        "policy's image_sources, imported into the store on first use",
+    )
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
     p.add_argument(
         "--config",
@@ -71,7 +76,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="pass a host device through (must be in the policy's allow_devices)",
     )
     p.add_argument("--env", "-e", action="append", default=[], metavar="K=V")
-    p.add_argument("--workdir", "-w", default="/", metavar="DIR")
+    p.add_argument("--workdir", "-w", default="", metavar="DIR", help="default: the image's")
     p.add_argument("--hostname", default="", help="default: the image file's name")
     who = p.add_mutually_exclusive_group()
     who.add_argument(
@@ -105,6 +110,7 @@ def _default_user(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from nomad_driver.driver import config, policy
+    from nomad_driver.images.store import StoreError
     from nomad_driver.runtime import security
     from nomad_driver.runtime.cgroups import Limits
     from nomad_driver.wire import schema
@@ -112,8 +118,7 @@ def run(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         return _fail("needs root for loop mounts and namespaces; run it with sudo")
     command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
-    command = command or ["/bin/sh"]
-    env = {"PATH": DEFAULT_PATH, "TERM": os.environ.get("TERM", "xterm"), "HOME": "/root"}
+    env = {"TERM": os.environ.get("TERM", "xterm")}
     for item in args.env:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -128,10 +133,10 @@ def run(args: argparse.Namespace) -> int:
         task = schema.load(
             config.TaskConfig,
             {
-                "image": os.path.abspath(args.image),
-                "command": command[0],
+                "image": os.path.abspath(args.image) if os.path.exists(args.image) else args.image,
+                "command": command[0] if command else "",
                 "args": command[1:],
-                "work_dir": args.workdir,
+                "work_dir": args.workdir or "",
                 "writable": args.writable,
                 "network": args.network,
                 "mounts": args.mount,
@@ -142,8 +147,13 @@ def run(args: argparse.Namespace) -> int:
             },
             "command line",
         )
-        image = policy.checked_image(plugin, task.image)
-        name = args.hostname or os.path.basename(image).split(".")[0] or "pyhpc"
+        image = policy.resolve_image(
+            plugin, task.image, lambda message: print(f"pyhpc run: {message}", file=sys.stderr)
+        )
+        if not command and not (image.config.get("Entrypoint") or image.config.get("Cmd")):
+            task = dataclasses.replace(task, command="/bin/sh")  # a shell, as enroot start
+        tail = task.image.rstrip("/").rsplit("/", 1)[-1]
+        name = args.hostname or tail.split(".")[0].split(":")[0] or "pyhpc"
         run_dir = os.path.join(plugin.run_dir, "tasks", f"run-{os.getpid()}-{time.time_ns()}")
         layer = args.layer_dir or os.path.join(run_dir, "layer")
         ctx = policy.TaskContext(
@@ -158,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
             upper_dir=layer,
         )
         spec = policy.container_spec(plugin, task, image, ctx)
-    except (schema.ConfigError, security.PolicyError) as err:
+    except (schema.ConfigError, security.PolicyError, StoreError, ValueError) as err:
         return _fail(str(err))
     except OSError as err:
         return _fail(f"{err.filename}: {err.strerror}" if err.filename else str(err))

@@ -38,6 +38,16 @@ def _absolute_dir_name(value: Any) -> str | None:
     return None
 
 
+def _image_reference(value: Any) -> str | None:
+    from nomad_driver.images.reference import ReferenceError, parse
+
+    try:
+        parse(str(value))
+    except ReferenceError as err:
+        return str(err).removeprefix(f"image {str(value)!r}: ")
+    return None
+
+
 def _capabilities(value: Any) -> str | None:
     unknown = [v for v in value if str(v).upper().removeprefix("CAP_") not in (*CAP_NUMBER, "ALL")]
     return f"unknown capabilities {unknown}" if unknown else None
@@ -112,6 +122,27 @@ class PluginConfig:
         'e.g. ["/dev/infiniband"].',
         check=_under("/dev/"),
     )
+    store_dir: str = option(
+        "string",
+        default="/var/lib/pyhpc/store",
+        doc="The node's image store: SquashFS files imported from image references, by digest.",
+        check=_absolute,
+    )
+    image_sources: tuple[str, ...] = option(
+        "list(string)",
+        default=(),
+        doc="Image references tasks may import from, as prefixes, e.g. "
+        '["docker://registry.example.org:5000/hpc/", "oras://registry.example.org:5000/"]; '
+        "empty: only SquashFS files in image_dirs.",
+        check=_no_nul,
+    )
+    registry_ca_file: str = option(
+        "string",
+        default="",
+        doc="PEM file of the CA that signs your registries' TLS certificates "
+        "(default: the system's trust store).",
+        check=lambda v: None if not v else _absolute(v),
+    )
     pids_max: int = option(
         "number",
         default=16384,
@@ -151,19 +182,32 @@ class TaskConfig:
 
     image: str = option(
         "string",
-        doc="Absolute path of the SquashFS image on the client node.",
-        check=_absolute,
+        doc="The SquashFS file on the client node (absolute path), or a reference imported into "
+        "the node's store on first use: docker://HOST/REPO:TAG, oras://HOST/REPO:TAG, oci:DIR, "
+        "oci-archive:FILE, docker-archive:FILE (each allowed by the plugin's image_sources).",
+        check=_image_reference,
     )
     command: str = option(
         "string",
-        doc="Program to run inside the image: an absolute path or a name looked up in PATH.",
-        check=lambda v: "must not be empty" if not str(v).strip() else _no_nul(v),
+        default="",
+        doc="Program to run inside the image: an absolute path or a name looked up in PATH. "
+        "Default: the image's Entrypoint and Cmd.",
+        check=_no_nul,
+    )
+    image_pull_timeout: str = option(
+        "string",
+        default="5m",
+        doc="How long the first start on a node may wait for the image import.",
+        check=lambda v: None if parse_duration(v) is not None else 'must be a duration like "5m"',
     )
     args: tuple[str, ...] = option(
         "list(string)", default=(), doc="Arguments passed to the command.", check=_no_nul
     )
     work_dir: str = option(
-        "string", default="/", doc="Working directory inside the container.", check=_absolute
+        "string",
+        default="",
+        doc="Working directory inside the container. Default: the image's WorkingDir, or /.",
+        check=lambda v: None if not v else _absolute(v),
     )
     writable: str = option(
         "string",

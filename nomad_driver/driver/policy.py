@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import NamedTuple
+import threading
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from nomad_driver.driver.config import PluginConfig, TaskConfig, parse_id_range
 from nomad_driver.runtime import security
@@ -16,6 +18,8 @@ from nomad_driver.runtime.cgroups import Limits
 from nomad_driver.runtime.paths import parse_bind, within
 from nomad_driver.runtime.security import PolicyError
 from nomad_driver.runtime.spec import BindMount, ContainerSpec
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 class TaskContext(NamedTuple):
@@ -33,6 +37,79 @@ class TaskContext(NamedTuple):
     limits: Limits = Limits()
     upper_dir: str = ""  # where writable = "disk" keeps its layer
     netns_path: str = ""
+
+
+class ResolvedImage(NamedTuple):
+    path: str  # the SquashFS file to mount
+    config: dict[str, Any]  # the OCI config's Env, Entrypoint, Cmd, WorkingDir, User ({} if none)
+
+
+def resolve_image(
+    plugin: PluginConfig,
+    text: str,
+    progress: Callable[[str], None] | None = None,
+    timeout: float | None = None,
+) -> ResolvedImage:
+    """A task's `image`: a SquashFS file in image_dirs as it is, or a reference allowed by
+    image_sources, imported into the store on first use (once per node, whoever asks)."""
+    if text.startswith("/"):
+        return ResolvedImage(checked_image(plugin, text), {})
+    from nomad_driver.images import reference
+    from nomad_driver.images.registry import Registry
+    from nomad_driver.images.store import Store
+
+    ref = reference.parse(text)
+    name = str(ref)
+    if not any(name.startswith(prefix) for prefix in plugin.image_sources):
+        raise PolicyError(
+            f"option 'image' = {text!r} is not from the plugin's image_sources "
+            f"{list(plugin.image_sources)}"
+        )
+    store = Store(plugin.store_dir)
+    kw: dict[str, Any] = {}
+    if ref.remote and plugin.registry_ca_file:
+        kw["registry"] = Registry(ref.registry, ca_file=plugin.registry_ca_file)
+    outcome: list[Any] = []
+
+    def work() -> None:
+        try:
+            outcome.append(store.ensure(text, progress, **kw))
+        except Exception as err:  # noqa: BLE001 - handed to the caller below
+            outcome.append(err)
+
+    worker = threading.Thread(target=work, name=f"import {name}", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if not outcome:
+        raise TimeoutError(
+            f"importing {name} took longer than image_pull_timeout ({timeout:g}s); it goes on "
+            "in the background and the next start uses it"
+        )
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return ResolvedImage(outcome[0].path, outcome[0].config)
+
+
+def command_line(cfg: TaskConfig, image: dict[str, Any]) -> list[str]:
+    """Docker's rule: the task's command replaces Entrypoint and Cmd; without one, the task's
+    args replace Cmd after the image's Entrypoint."""
+    if cfg.command:
+        return [cfg.command, *cfg.args]
+    argv = [*(image.get("Entrypoint") or []), *(cfg.args or image.get("Cmd") or [])]
+    if not argv:
+        raise PolicyError(
+            "option 'command' is required: the image defines no Entrypoint or Cmd to run"
+        )
+    return [str(a) for a in argv]
+
+
+def image_env(image: dict[str, Any]) -> dict[str, str]:
+    env = {}
+    for item in image.get("Env") or []:
+        key, sep, value = str(item).partition("=")
+        if sep and key:
+            env[key] = value
+    return env
 
 
 def checked_image(plugin: PluginConfig, image: str) -> str:
@@ -73,10 +150,12 @@ def allowed_binds(
 
 
 def container_spec(
-    plugin: PluginConfig, cfg: TaskConfig, image: str, ctx: TaskContext
+    plugin: PluginConfig, cfg: TaskConfig, image: str | ResolvedImage, ctx: TaskContext
 ) -> ContainerSpec:
-    """image: the checked real path (checked_image), so a symlink swapped later cannot
-    redirect the mount."""
+    """image: the checked real path (checked_image or resolve_image), so a symlink swapped
+    later cannot redirect the mount; its OCI config supplies what the task leaves out."""
+    resolved = image if isinstance(image, ResolvedImage) else ResolvedImage(image, {})
+    argv = command_line(cfg, resolved.config)
     mounts = [*ctx.mounts, *allowed_binds(cfg.mounts, plugin.mount_dirs, "mounts", "mount_dirs")]
     devices = [
         *ctx.devices,
@@ -85,12 +164,12 @@ def container_spec(
     return ContainerSpec(
         task_id=ctx.task_id,
         hostname=ctx.hostname[:63],
-        image=image,
-        command=cfg.command,
-        args=cfg.args,
-        env=ctx.env,
-        work_dir=cfg.work_dir,
-        user=ctx.user,
+        image=resolved.path,
+        command=argv[0],
+        args=tuple(argv[1:]),
+        env={"PATH": DEFAULT_PATH, **image_env(resolved.config), **ctx.env},
+        work_dir=cfg.work_dir or str(resolved.config.get("WorkingDir") or "/"),
+        user=ctx.user or str(resolved.config.get("User") or ""),
         stdout_path=ctx.stdout_path or os.devnull,
         stderr_path=ctx.stderr_path or os.devnull,
         stdin_path=ctx.stdin_path,

@@ -29,6 +29,7 @@ from nomad_driver.driver import config, execio, policy
 from nomad_driver.driver.handle import TaskHandle
 from nomad_driver.driver.state import DriverState, StateError
 from nomad_driver.goplugin import hclog
+from nomad_driver.images.store import StoreError
 from nomad_driver.proto import base_pb2, driver_pb2, structs_pb2
 from nomad_driver.runtime import client, enter, security
 from nomad_driver.runtime.cgroups import Limits
@@ -138,10 +139,15 @@ class EventHub:
                 self._subscribers.remove(q)
 
     def emit(self, handle: TaskHandle, message: str, **annotations: str) -> None:
+        self.emit_for(handle.task_id, handle.alloc_id, handle.name, message, **annotations)
+
+    def emit_for(
+        self, task_id: str, alloc_id: str, name: str, message: str, **annotations: str
+    ) -> None:
         event = driver_pb2.DriverTaskEvent(
-            task_id=handle.task_id,
-            alloc_id=handle.alloc_id,
-            task_name=handle.name,
+            task_id=task_id,
+            alloc_id=alloc_id,
+            task_name=name,
             timestamp=timestamp(time.time()),
             message=message,
             annotations=annotations,
@@ -277,7 +283,9 @@ class DriverService:
             abort(context, grpc.StatusCode.NOT_FOUND, f"task {task_id!r} is not known to pyhpc")
         return handle
 
-    def _container_spec(self, task: Any, cfg: config.TaskConfig, image: str) -> ContainerSpec:
+    def _container_spec(
+        self, task: Any, cfg: config.TaskConfig, image: policy.ResolvedImage
+    ) -> ContainerSpec:
         task_dir = os.path.join(task.alloc_dir, task.name)
         mounts = [
             BindMount(os.path.join(task.alloc_dir, "alloc"), "/alloc"),
@@ -307,8 +315,17 @@ class DriverService:
             cfg = schema.load(config.TaskConfig, task.msgpack_driver_config, where)
         except schema.ConfigError as err:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
+
+        def progress(message: str) -> None:
+            self.events.emit_for(task.id, task.alloc_id, task.name, f"Image: {message}")
+
         try:
-            image = policy.checked_image(self.config, cfg.image)
+            image = policy.resolve_image(
+                self.config,
+                cfg.image,
+                progress,
+                config.parse_duration(cfg.image_pull_timeout),
+            )
         except security.PolicyError as err:
             abort(context, grpc.StatusCode.PERMISSION_DENIED, f"{where}: {err}")
         except FileNotFoundError as err:
@@ -317,6 +334,10 @@ class DriverService:
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"{where}: {err} on node {task.node_name!r}",
             )
+        except TimeoutError as err:
+            abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, f"{where}: {err}", recoverable=True)
+        except (StoreError, ValueError) as err:
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"{where}: {err}")
         with self.lock:
             if task.id in self.tasks:
                 abort(

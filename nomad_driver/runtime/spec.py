@@ -6,6 +6,7 @@ the per-task supervisor, and the supervisor writes an ExitStatus that any later 
 
 from __future__ import annotations
 
+import _thread
 import json
 import os
 from typing import Any, NamedTuple
@@ -110,7 +111,8 @@ class ExitStatus(NamedTuple):
 
 def write_atomic(path: str, text: str) -> None:
     """Write a file so readers see the old content or the new, never half of it."""
-    tmp = f"{path}.tmp.{os.getpid()}"
+    # Unique per thread too: two threads of the plugin may write the same file at once.
+    tmp = f"{path}.tmp.{os.getpid()}.{_thread.get_ident()}"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as out:

@@ -76,6 +76,8 @@ bin_path() {   # bin_path PRODUCT -> path of the cached binary
 NOMAD_BIN=$(bin_path nomad)
 CONSUL_BIN=$(bin_path consul)
 VAULT_BIN=$(bin_path vault)
+REGISTRY_BIN=/usr/bin/docker-registry   # Debian's docker-registry (the CNCF distribution)
+REGISTRY_ADDR_LOCAL="127.0.0.1:5000"
 
 require_binaries() {
   local missing=() b
@@ -103,6 +105,7 @@ pid_of() {
   [[ -n "$pid" ]] && alive "$pid" || return 0
   case "$1" in
     nomad) want="$NOMAD_BIN" ;; consul) want="$CONSUL_BIN" ;; vault) want="$VAULT_BIN" ;;
+    registry) want="$REGISTRY_BIN" ;;
   esac
   exe=$(readlink "/proc/$pid/exe" 2>/dev/null) || return 0
   # "(deleted)" when build.sh replaced the binary while it was running.
@@ -210,6 +213,21 @@ start_vault() {
     -dev-listen-address=127.0.0.1:8200 -dev-no-store-token
   wait_for vault 30 vault_ready
   log "vault: ready (unsealed)"
+}
+
+registry_ready() { http_get "http://$REGISTRY_ADDR_LOCAL/v2/" >/dev/null; }
+
+start_registry() {
+  if [[ -n "$(pid_of registry)" ]]; then log "registry: already running"; return 0; fi
+  [[ -x "$REGISTRY_BIN" ]] || die "missing $REGISTRY_BIN (apt-get install docker-registry)"
+  log "registry: starting (OCI distribution, $REGISTRY_ADDR_LOCAL, storage in $STATE/registry)"
+  mkdir -p "$STATE/registry"
+  printf '%s\n' "version: 0.1" "log: {level: warn}" \
+    "storage: {filesystem: {rootdirectory: $STATE/registry/data}, delete: {enabled: true}}" \
+    "http: {addr: $REGISTRY_ADDR_LOCAL}" >"$STATE/registry/config.yml"
+  start_daemon registry "$REGISTRY_BIN" serve "$STATE/registry/config.yml"
+  wait_for registry 30 registry_ready
+  log "registry: ready"
 }
 
 # --------------------------------------------------------------------------------------
@@ -336,7 +354,11 @@ choose_nomad_configs() {
   printf '%s\n' "$NOMAD_HCL" >"$NOMAD_CONFIGS"
   if [[ "${PYHPC_NO_PLUGIN:-0}" != 1 ]]; then
     [[ -f "$PYHPC_HCL" ]] || die "missing $PYHPC_HCL (plugin \"pyhpc\" { config { ... } })"
-    printf '%s\n' "$PYHPC_HCL" >>"$NOMAD_CONFIGS"
+    # The documented config, plus the test bed's registry as an allowed image source.
+    grep -q '^    image_sources = \[\]$' "$PYHPC_HCL" || die "$PYHPC_HCL lacks 'image_sources = []'"
+    sed 's|^    image_sources = \[\]$|    image_sources = ["docker://'"$REGISTRY_ADDR_LOCAL"'/", "oras://'"$REGISTRY_ADDR_LOCAL"'/"]|' \
+      "$PYHPC_HCL" >"$STATE/nomad/pyhpc.hcl"
+    printf '%s\n' "$STATE/nomad/pyhpc.hcl" >>"$NOMAD_CONFIGS"
   fi
 }
 
@@ -474,10 +496,11 @@ cmd_up() {
   # Refuse to start next to something else that holds our ports (ours may run already:
   # `up` is idempotent and only starts what is missing).
   local port owner
-  for port in 4646 4647 4648 8200 8201 8300 8301 8302 8500 8502 8600; do
+  for port in 4646 4647 4648 8200 8201 8300 8301 8302 8500 8502 8600 5000; do
     case $port in
       464?) owner=nomad ;;
       820?) owner=vault ;;
+      5000) owner=registry ;;
       *) owner=consul ;;
     esac
     if is_listening "$port" && [[ -z "$(pid_of "$owner")" ]]; then
@@ -488,6 +511,7 @@ cmd_up() {
   local t0; t0=$(date +%s)
   start_consul
   start_vault
+  start_registry
   if [[ -z "$(pid_of nomad)" ]]; then
     write_nomad_config
     choose_nomad_configs
@@ -505,6 +529,7 @@ cmd_down() {
   stop_daemon nomad INT 30
   stop_daemon vault INT 15
   stop_daemon consul INT 15
+  stop_daemon registry TERM 10
   # Executors, logmon, plugins and tasks outlive the agent by design: end them.
   kill_leftovers
   unmount_all || die "could not unmount everything under $STATE; not removing it"
@@ -513,7 +538,7 @@ cmd_down() {
   fi
   # Nothing of ours may listen any more.
   local port busy=()
-  for port in 4646 4647 4648 8200 8201 8300 8301 8302 8500 8502 8600; do
+  for port in 4646 4647 4648 8200 8201 8300 8301 8302 8500 8502 8600 5000; do
     is_listening "$port" && busy+=("$port")
   done
   if ((${#busy[@]})); then
@@ -526,7 +551,7 @@ cmd_down() {
 
 cmd_status() {
   local rc=0 name pid
-  for name in consul vault nomad; do
+  for name in consul vault registry nomad; do
     pid=$(pid_of "$name")
     if [[ -n "$pid" ]]; then
       printf '%-7s running  pid %-7s %s\n' "$name" "$pid" "$(readlink "/proc/$pid/exe")"

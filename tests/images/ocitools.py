@@ -152,3 +152,20 @@ def umoci_unpack(layout: Path, dest: Path, tag: str = "latest") -> Path:
         capture_output=True,
     )
     return dest / "rootfs"
+
+
+def layout_from_dir(rootfs: Path, dest: Path, config: dict[str, Any], tag: str) -> Path:
+    """One-layer OCI layout of a directory tree (as `docker build` of `COPY . /` would)."""
+    raw = subprocess.run(
+        ["tar", "-C", str(rootfs), "--numeric-owner", "-c", "."], check=True, capture_output=True
+    ).stdout
+    return write_layout(dest, [gzip.compress(raw, mtime=0)], config, tag=tag)
+
+
+def skopeo_push(layout: Path, tag: str, dest: str) -> None:
+    """Push with a third-party tool, so our pull is tested against someone else's push."""
+    subprocess.run(
+        ["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:{tag}", dest],
+        check=True,
+        capture_output=True,
+    )

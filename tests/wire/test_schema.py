@@ -18,7 +18,7 @@ def test_required_option_is_a_required_attr_and_defaults_carry_a_named_attr() ->
     assert default.primary.Attr.name == "args"
     assert default.primary.Attr.type == "list(string)"
     assert default.default.literal.value == "[]"
-    assert attrs["work_dir"].default.default.literal.value == '"/"'
+    assert attrs["writable"].default.default.literal.value == '"tmpfs"'
 
 
 def test_nomad_msgpack_decodes_into_the_dataclass_with_defaults() -> None:
@@ -27,19 +27,19 @@ def test_nomad_msgpack_decodes_into_the_dataclass_with_defaults() -> None:
         schema.object_type(TaskConfig),
     )
     cfg = schema.load(TaskConfig, data, "task config")
-    assert cfg == TaskConfig(image="/i.sqsh", command="/bin/echo", args=("a", "b"), work_dir="/")
+    assert cfg == TaskConfig(image="/i.sqsh", command="/bin/echo", args=("a", "b"), work_dir="")
 
 
 def test_every_problem_is_reported_with_its_option_name() -> None:
     data = cty.encode(
-        {"image": "relative.sqsh", "command": None, "args": None, "work_dir": None},
+        {"image": "relative.sqsh", "command": None, "args": None, "writable": "sometimes"},
         schema.object_type(TaskConfig),
     )
     with pytest.raises(schema.ConfigError) as err:
         schema.load(TaskConfig, data, 'task "t" config')
     text = str(err.value)
-    assert "option 'image' = 'relative.sqsh': must be an absolute path" in text
-    assert "option 'command' is required" in text
+    assert "option 'image' = 'relative.sqsh': expected an absolute SquashFS path or" in text
+    assert "option 'writable' = 'sometimes': must be" in text
     assert text.startswith('invalid task "t" config')
 
 
