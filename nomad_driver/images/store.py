@@ -207,15 +207,20 @@ class Store:
                     f"importing {ref}: no space left in the store {self.root}"
                 ) from err
             raise StoreError(f"importing {ref}: {err}") from err
-        except (
-            sources.SourceError,
-            merge.LayerError,
-            squashfs.BuildError,
-            reference.ReferenceError,
-        ) as err:
+        except squashfs.BuildError as err:
+            if self._full():  # the builder only says "I/O error"
+                raise StoreError(
+                    f"importing {ref}: no space left in the store {self.root} ({err})"
+                ) from err
+            raise StoreError(f"importing {ref}: {err}") from err
+        except (sources.SourceError, merge.LayerError, reference.ReferenceError) as err:
             raise StoreError(f"importing {ref}: {err}") from err
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    def _full(self) -> bool:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize < 1 << 20
 
     def _check_cap(self, adding: int, digest: str) -> None:
         if self.max_bytes and not os.path.exists(self.image_path(digest)):

@@ -203,3 +203,49 @@ def test_prune_and_rm_never_touch_an_image_in_use(
     assert os.path.exists(used.path)
     assert store.prune(lambda d: d == used.digest, everything=True) == [other.digest]
     assert os.path.exists(used.path) and not os.path.exists(other.path)
+
+
+def test_a_full_store_disk_fails_clearly_and_leaves_nothing(tmp_path: Path) -> None:
+    big = write_layout(tmp_path / "big", [layer_tar([("noise", "file", os.urandom(1 << 20))])])
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], check=True)
+    try:
+        store = Store(str(small / "store"))
+        with pytest.raises(StoreError, match="no space left in the store"):
+            store.ensure(f"oci:{big}:latest")
+        assert store.images() == [] and list((small / "store" / "tmp").iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_a_truncated_download_is_refused_and_a_retry_works(tmp_path: Path, layout: Path) -> None:
+    with run_registry(tmp_path / "registry") as reg:
+        subprocess.run(
+            [
+                "skopeo",
+                "copy",
+                "--quiet",
+                "--dest-tls-verify=false",
+                f"oci:{layout}:1.0",
+                f"docker://{reg.host}/team/app:1.0",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        index = json.loads((layout / "index.json").read_text())
+        manifest = json.loads(
+            (layout / "blobs/sha256" / index["manifests"][0]["digest"][7:]).read_text()
+        )
+        layer = manifest["layers"][0]["digest"][7:]
+        biggest = next(
+            (tmp_path / "registry" / "data").rglob(f"blobs/sha256/{layer[:2]}/{layer}/data")
+        )
+        good = biggest.read_bytes()
+        biggest.write_bytes(good[: len(good) // 2])
+        store = Store(str(tmp_path / "store"))
+        with pytest.raises(StoreError, match="truncated or corrupted download"):
+            store.ensure(f"docker://{reg.host}/team/app:1.0")
+        assert store.images() == [] and list((tmp_path / "store" / "tmp").iterdir()) == []
+        biggest.write_bytes(good)
+        assert store.ensure(f"docker://{reg.host}/team/app:1.0").digest
