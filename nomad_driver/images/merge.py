@@ -1,16 +1,20 @@
-"""Apply an image's layers in order and stream the merged tree, as one tar, to the SquashFS
-builder: nothing is unpacked to disk.
+"""Apply an image's layers and stream the merged tree, as one tar, to the SquashFS builder:
+nothing is unpacked to disk, and each layer is read (and decompressed) once.
 
-Whiteouts mean a layer cannot be written out before the layers above it are known, so there are
-two passes over the (already downloaded) layer blobs. The first reads only the tar headers and
-builds the final tree: which member of which layer each path comes from, hard links grouped by
-the file they share. The second reads the layers again and writes each surviving member once,
-under its final name(s).
+The layers are read from the top one down. An entry of a layer is written unless a higher layer
+already decided its path: wrote the same path, wrote a non-directory above it, whited it out
+(`.wh.NAME`) or made a directory above it opaque (`.wh..wh..opq`). So every path is written
+exactly once, with the content the top-most layer gives it, which is what applying the layers
+bottom-up would leave. Hard links may point down to a file of a lower layer, still to come:
+tar2sqfs accepts a link before its target. A link whose target a higher layer replaced keeps
+the old content, as on a real file system: that older file is written under the link's name
+when its layer comes (and if it came earlier in the link's own layer, that layer is read once
+more at the end, for that file only).
 
 Every member name is checked here, never trusted to tarfile (which only parses): names that
-climb out of the root, hard links to anything but a file already in the tree, relative symlinks
-that climb out, device nodes, and paths through a symlink or a file are refused with the layer
-and the path named. Python's tarfile is used to parse and to write, never to extract.
+climb out of the root, hard links to anything but a file, relative symlinks that climb out,
+device nodes, and paths through a symlink or a file are refused with the layer and the path
+named. Python's tarfile is used to parse and to write, never to extract.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import hashlib
 import io
 import posixpath
 import tarfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO
@@ -38,15 +43,9 @@ class Layer:
 
     label: str  # "layer 2 sha256:abc…", for messages
     open: Callable[[], IO[bytes]]
-    digest: str = ""  # sha256:… of the raw bytes, checked in the first pass ("" = checked already)
-    diff_id: str = ""  # sha256:… of the uncompressed tar, checked in the first pass when given
-
-
-@dataclass
-class _Node:
-    kind: str  # "dir", "file", "symlink", "fifo"
-    key: tuple[int, int] | None  # (layer, member) it comes from; None: implied directory
-    children: set[str] = field(default_factory=set)
+    digest: str = ""  # sha256:… of the raw bytes, checked as they are read ("" = checked already)
+    diff_id: str = ""  # sha256:… of the uncompressed tar, checked when given
+    size: int = 0  # expected size of the raw bytes, when known (for clearer messages)
 
 
 class _Hashing(io.RawIOBase):
@@ -97,8 +96,11 @@ def _members(layer: Layer) -> Iterator[tuple[int, tarfile.TarInfo, tarfile.TarFi
             archive = tarfile.open(fileobj=inner or stream, mode="r|")
             for index, member in enumerate(archive):
                 yield index, member, archive
-        except (tarfile.TarError, EOFError, OSError, ValueError) as err:
-            raise LayerError(f"{layer.label}: not a readable tar stream ({err})") from err
+        except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as err:
+            short = ""
+            if outer is not None and layer.size and outer.size < layer.size:
+                short = f"; truncated: {outer.size} of {layer.size} bytes arrived"
+            raise LayerError(f"{layer.label}: not a readable tar stream ({err}{short})") from err
         if inner is not None and inner.drain() != layer.diff_id:
             raise LayerError(f"{layer.label}: uncompressed content does not match {layer.diff_id}")
         if outer is not None:
@@ -123,157 +125,219 @@ def _clean(name: str, layer: Layer) -> str:
     return "/".join(parts)
 
 
-class Tree:
-    """The merged tree after the first pass."""
+def _ancestors(path: str) -> Iterator[str]:
+    while "/" in path:
+        path = path.rsplit("/", 1)[0]
+        yield path
+    if path:
+        yield ROOT
 
-    def __init__(self) -> None:
-        self.nodes: dict[str, _Node] = {ROOT: _Node("dir", None)}
 
-    def _remove(self, path: str, below: int | None = None) -> None:
-        """Remove path and what is under it (only nodes from layers below `below`, if given)."""
-        node = self.nodes.get(path)
-        if node is None:
-            return
-        for child in list(node.children):
-            self._remove(child, below)
-        if below is not None and node.key is not None and node.key[0] >= below:
-            return
-        if below is not None and node.children:
-            return  # a directory that still holds same-layer entries stays
-        if path == ROOT:
-            return
-        del self.nodes[path]
-        parent = self.nodes.get(posixpath.dirname(path))
-        if parent is not None:
-            parent.children.discard(path)
+@dataclass
+class _Link:
+    name: str  # the link's final path
+    target: str
+    layer: int  # where the link was
 
-    def _parent(self, path: str, layer: Layer, name: str) -> None:
-        """Make sure every ancestor is a directory, implying missing ones."""
-        parent = posixpath.dirname(path)
-        node = self.nodes.get(parent)
-        if node is None:
-            self._parent(parent, layer, name)
-            node = self.nodes[parent] = _Node("dir", None)
-            self.nodes[posixpath.dirname(parent)].children.add(parent)
-        elif node.kind != "dir":
-            raise LayerError(f"{layer.label}: {name!r} goes through /{parent}, a {node.kind}")
-        node.children.add(path)
 
-    def apply(self, index: int, layer: Layer, member: tarfile.TarInfo, position: int) -> None:
-        path = _clean(member.name, layer)
-        base = posixpath.basename(path)
-        if base.startswith(WHITEOUT):
-            directory = posixpath.dirname(path)
-            existing = self.nodes.get(directory)
-            if existing is not None and existing.kind != "dir":
-                raise LayerError(
-                    f"{layer.label}: whiteout {member.name!r} is inside a {existing.kind}"
-                )
-            if base == OPAQUE:
-                for child in list(existing.children if existing else ()):
-                    self._remove(child, below=index)
-            else:
-                target = base[len(WHITEOUT) :]
-                if not target or target in (".", ".."):
-                    raise LayerError(f"{layer.label}: whiteout {member.name!r} names nothing")
-                self._remove(posixpath.join(directory, target))
-            return
-        key = (index, position)
-        if member.isdir():
-            kind = "dir"
-        elif member.isreg():
-            kind = "file"
-        elif member.issym():
-            kind = "symlink"
-            if not member.linkname:
-                raise LayerError(f"{layer.label}: symlink {member.name!r} has no target")
-            if not member.linkname.startswith("/"):
-                depth = len(posixpath.dirname(path).split("/")) if "/" in path else 0
-                target = posixpath.normpath(posixpath.join("x/" * depth, member.linkname))
-                if target == ".." or target.startswith("../"):
-                    raise LayerError(
-                        f"{layer.label}: symlink {member.name!r} -> {member.linkname!r} points "
-                        "out of the image"
-                    )
-        elif member.islnk():
-            kind = "file"
-            linked = self.nodes.get(_clean(member.linkname, layer))
-            if linked is None or linked.kind != "file" or linked.key is None:
-                raise LayerError(
-                    f"{layer.label}: hard link {member.name!r} -> {member.linkname!r}: no such "
-                    "file earlier in the image"
-                )
-            key = linked.key
-        elif member.isfifo():
-            kind = "fifo"
-        elif member.ischr() or member.isblk():
-            raise LayerError(f"{layer.label}: device node {member.name!r} is not allowed in images")
+@dataclass
+class _Merger:
+    layers: list[Layer]
+    archive: tarfile.TarFile
+    written: dict[str, str] = field(default_factory=dict)  # path -> kind, as written
+    implied: set[str] = field(default_factory=set)  # directories above written paths
+    gone: set[str] = field(default_factory=set)  # whited out by a higher layer
+    opaque: set[str] = field(default_factory=set)  # opaque in a higher layer
+    # target path -> links (from higher layers or earlier in the layer) still waiting for it
+    waiting: dict[str, list[_Link]] = field(default_factory=dict)
+    refetch: dict[int, dict[str, list[_Link]]] = field(default_factory=dict)
+    count: int = 0
+
+    def decided(self, path: str) -> str:
+        """Why a higher layer hides path ("" if it does not)."""
+        if path in self.written or path in self.gone:
+            return "written above"
+        for parent in _ancestors(path):
+            if parent in self.gone:
+                return "whited out above"
+            if parent in self.opaque:
+                return "under an opaque directory above"
+            kind = self.written.get(parent)
+            if kind is not None and kind != "dir":
+                return f"under a {kind} above"
+        return ""
+
+    def write(self, member: tarfile.TarInfo, name: str, source: tarfile.TarFile | None) -> None:
+        info = _copy(member, name or ".")
+        if member.isreg() and source is not None:
+            self.archive.addfile(info, source.extractfile(member))
         else:
-            raise LayerError(
-                f"{layer.label}: {member.name!r} has an unsupported tar type {member.type!r}"
-            )
-        if path == ROOT:
-            if kind != "dir":
-                raise LayerError(f"{layer.label}: the image root must be a directory")
-            self.nodes[ROOT].key = key
-            return
-        existing = self.nodes.get(path)
-        if existing is not None:
-            if existing.kind == "dir" and kind == "dir":
-                existing.key = key  # new attributes, same children
-                return
-            self._remove(path)
-        self._parent(path, layer, member.name)
-        self.nodes[path] = _Node(kind, key)
+            self.archive.addfile(info)
+        self.count += 1
 
-    def plan(self) -> dict[tuple[int, int], list[str]]:
-        """(layer, member) -> the final paths it is written under, in a stable order."""
-        out: dict[tuple[int, int], list[str]] = {}
-        for path, node in self.nodes.items():
-            if node.key is not None:
-                out.setdefault(node.key, []).append(path)
-        for paths in out.values():
-            paths.sort()
-        return out
+    def link(self, name: str, target: str, member: tarfile.TarInfo) -> None:
+        info = _copy(member, name)
+        info.type, info.linkname, info.size = tarfile.LNKTYPE, target, 0
+        self.archive.addfile(info)
+        self.count += 1
+
+    def record(self, path: str, kind: str, layer: Layer, name: str) -> None:
+        if kind != "dir" and path in self.implied:
+            raise LayerError(
+                f"{layer.label}: {name!r} is a {kind}, but a higher layer put files under it"
+            )
+        self.written[path] = kind
+        for parent in _ancestors(path):
+            if parent in self.implied:
+                break
+            self.implied.add(parent)
+
+    def resolve(
+        self, path: str, member: tarfile.TarInfo, source: tarfile.TarFile, visible: bool
+    ) -> str:
+        """This layer's file at path is the content some waiting links need. Returns the name
+        that holds this content in the image ("" if none does)."""
+        links = self.waiting.pop(path, [])
+        if not links:
+            return path if visible else ""
+        if not member.isreg():
+            raise LayerError(
+                f"{self.layers[links[0].layer].label}: hard link {links[0].name!r} -> "
+                f"{path!r}: not a regular file"
+            )
+        first = path if visible else links[0].name
+        if not visible:
+            self.write(member, first, source)  # the old content, kept under the link's name
+            links = links[1:]
+        for link in links:
+            self.link(link.name, first, member)
+        return first
+
+    def layer(self, index: int) -> None:
+        layer = self.layers[index]
+        whiteouts: list[str] = []
+        opaques: list[str] = []
+        here: dict[str, str] = {}  # this layer's entries so far: path -> kind
+        held: dict[str, str] = {}  # this layer's files -> the name holding their content
+        for _, member, source in _members(layer):
+            path = _clean(member.name, layer)
+            base = posixpath.basename(path)
+            if base.startswith(WHITEOUT):
+                directory = posixpath.dirname(path)
+                if base == OPAQUE:
+                    opaques.append(directory)
+                else:
+                    target = base[len(WHITEOUT) :]
+                    if not target or target in (".", ".."):
+                        raise LayerError(f"{layer.label}: whiteout {member.name!r} names nothing")
+                    whiteouts.append(posixpath.join(directory, target))
+                continue
+            kind = _kind(member, path, layer)
+            for parent in _ancestors(path):  # a layer may not write through its own non-dirs
+                if here.get(parent, "dir") not in ("dir",):
+                    raise LayerError(
+                        f"{layer.label}: {member.name!r} goes through /{parent}, a {here[parent]}"
+                    )
+            here[path] = "file" if kind == "hardlink" else kind
+            hidden = self.decided(path)
+            if kind == "hardlink":
+                target = _clean(member.linkname, layer)
+                if target in here and here[target] != "file":
+                    raise LayerError(
+                        f"{layer.label}: hard link {member.name!r} -> {member.linkname!r}: "
+                        "not a regular file"
+                    )
+                # Links (from above) to this link's name want its target's content too.
+                group = self.waiting.pop(path, [])
+                if not hidden:
+                    self.record(path, "file", layer, member.name)
+                    group.insert(0, _Link(path, target, index))
+                if not group:
+                    continue
+                if held.get(target):
+                    for link in group:
+                        self.link(link.name, held[target], member)
+                    held[path] = held[target]
+                elif here.get(target) == "file":  # replaced above: read this layer again
+                    self.refetch.setdefault(index, {}).setdefault(target, []).extend(group)
+                else:
+                    self.waiting.setdefault(target, []).extend(group)
+                continue
+            if kind == "file":
+                held[path] = self.resolve(path, member, source, visible=not hidden)
+            if hidden:
+                continue
+            if path == ROOT and kind != "dir":
+                raise LayerError(f"{layer.label}: the image root must be a directory")
+            self.record(path, kind, layer, member.name)
+            self.write(member, path, source)
+        self.gone.update(whiteouts)
+        self.opaque.update(opaques)
+
+    def refetched(self) -> None:
+        """Re-read the layers whose replaced files are still wanted by their own links."""
+        for index, wanted in self.refetch.items():
+            for _, member, source in _members(self.layers[index]):
+                path = _clean(member.name, self.layers[index])
+                links = wanted.pop(path, None)
+                if links and member.isreg():
+                    self.write(member, links[0].name, source)
+                    for link in links[1:]:
+                        self.link(link.name, links[0].name, member)
+                if not wanted:
+                    break
+
+
+def _kind(member: tarfile.TarInfo, path: str, layer: Layer) -> str:
+    if member.isdir():
+        return "dir"
+    if member.isreg():
+        return "file"
+    if member.islnk():
+        return "hardlink"
+    if member.issym():
+        if not member.linkname:
+            raise LayerError(f"{layer.label}: symlink {member.name!r} has no target")
+        if not member.linkname.startswith("/"):
+            depth = len(posixpath.dirname(path).split("/")) if "/" in path else 0
+            target = posixpath.normpath(posixpath.join("x/" * depth, member.linkname))
+            if target == ".." or target.startswith("../"):
+                raise LayerError(
+                    f"{layer.label}: symlink {member.name!r} -> {member.linkname!r} points out "
+                    "of the image"
+                )
+        return "symlink"
+    if member.isfifo():
+        return "fifo"
+    if member.ischr() or member.isblk():
+        raise LayerError(f"{layer.label}: device node {member.name!r} is not allowed in images")
+    raise LayerError(f"{layer.label}: {member.name!r} has an unsupported tar type {member.type!r}")
 
 
 def merge(
     layers: list[Layer], out: IO[bytes], progress: Callable[[str], None] | None = None
 ) -> int:
-    """Write the merged tree of layers to out as one tar stream; returns the entries written."""
-    tree = Tree()
-    for index, layer in enumerate(layers):
-        if progress:
-            progress(f"reading {layer.label}")
-        for position, member, _ in _members(layer):
-            tree.apply(index, layer, member, position)
-    plan = tree.plan()
-    written = 0
+    """Write the merged tree of layers (bottom layer first in the list) to out as one tar
+    stream; returns the entries written."""
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as archive:
-        for index, layer in enumerate(layers):
+        merger = _Merger(layers, archive)
+        for index in reversed(range(len(layers))):
             if progress:
-                progress(f"writing {layer.label}")
-            for position, member, source in _members(layer):
-                paths = plan.get((index, position))
-                if not paths:
-                    continue
-                first = paths[0]
-                info = _copy(member, first or ".")
-                if member.islnk():
-                    # The data of a hard-linked file is written at its own member; this name
-                    # only links to it (never to a shadowed original: paths[0] is in the tree).
-                    continue
-                if member.isreg():
-                    archive.addfile(info, source.extractfile(member))
-                else:
-                    archive.addfile(info)
-                written += 1
-                for extra in paths[1:]:
-                    link = _copy(member, extra)
-                    link.type, link.linkname, link.size = tarfile.LNKTYPE, first, 0
-                    archive.addfile(link)
-                    written += 1
-    return written
+                progress(f"applying {layers[index].label}")
+            try:
+                merger.layer(index)
+            except BrokenPipeError:
+                raise  # the builder stopped; its own message says why
+            except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
+                raise LayerError(f"{layers[index].label}: unreadable data ({err})") from err
+        merger.refetched()
+        if merger.waiting:
+            target, links = next(iter(merger.waiting.items()))
+            raise LayerError(
+                f"{layers[links[0].layer].label}: hard link {links[0].name!r} -> {target!r}: "
+                "no such file earlier in the image"
+            )
+    return merger.count
 
 
 def _copy(member: tarfile.TarInfo, name: str) -> tarfile.TarInfo:

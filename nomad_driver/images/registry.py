@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import requests
 
@@ -168,6 +168,16 @@ class Registry:
             )
         media = response.headers.get("Content-Type", "").split(";")[0]
         return body, media or json.loads(body).get("mediaType", ""), digest
+
+    def open_blob(self, repository: str, digest: str) -> IO[bytes]:
+        """A blob as a stream, unverified: the reader checks the digest (see merge)."""
+        url = f"{self.base}/v2/{repository}/blobs/{digest}"
+        response = self._check(
+            self._request("GET", url, f"repository:{repository}:pull", stream=True),
+            f"blob {digest[:19]}",
+        )
+        response.raw.decode_content = False
+        return response.raw  # type: ignore[return-value]
 
     def blob(
         self, repository: str, digest: str, dest: str, progress: Progress | None = None

@@ -157,6 +157,7 @@ def _from_manifest(
                 f"layer {i + 1} {d['digest'][:19]}",
                 _opener(open_blob, name),
                 digest=d["digest"],
+                size=int(d.get("size") or 0),
             )
         )
     return Fetched(
@@ -217,29 +218,19 @@ def _from_registry(
         manifest = _json(body, f"{where}: manifest")
     if ref.transport == "oras":
         return _oras(ref, manifest, digest, workdir, registry, progress)
-    fetched: dict[str, str] = {}
-
-    def download(name: str) -> str:
-        blob = name.rsplit("/", 1)[-1]
-        if blob not in fetched:
-            path = os.path.join(workdir, blob)
-            size = registry.blob(ref.repository, "sha256:" + blob, path)
-            if progress:
-                progress(f"downloaded sha256:{blob[:12]} ({size / 1e6:.1f} MB)")
-            fetched[blob] = path
-        return fetched[blob]
 
     def read(name: str) -> bytes:
-        with open(download(name), "rb") as f:
-            return f.read()
+        return registry_blob_bytes(registry, ref.repository, "sha256:" + name[-64:], workdir)
 
+    # Layers stream straight from the registry into the merge, which checks their digests:
+    # nothing but the finished image touches the disk.
     image = _from_manifest(
-        ref, manifest, digest, read, lambda n: open(fetched[n.rsplit("/", 1)[-1]], "rb")
+        ref,
+        manifest,
+        digest,
+        read,
+        lambda n: registry.open_blob(ref.repository, "sha256:" + n[-64:]),
     )
-    for layer_descriptor in manifest["layers"]:
-        download(_blob_name(layer_descriptor["digest"]))
-    # Downloads were verified as they arrived; the merge need not hash them again.
-    image.layers = [Layer(layer.label, layer.open) for layer in image.layers]
     image.provenance["registry_digest"] = digest
     return image
 
