@@ -103,14 +103,18 @@ def main() -> int:
     rows: list[tuple[str, float, float, float, str]] = []
     try:
         layout, tree_bytes = build_image(work)
-        with run_registry(work / "registry") as reg:
+        # TLS: ch-image speaks nothing else. Every tool trusts the throwaway CA.
+        with run_registry(work / "registry", tls=True) as reg:
             ref = f"{reg.host}/bench/big:1"
+            certs = work / "certs"
+            certs.mkdir()
+            shutil.copy(reg.ca_file, certs / "ca.crt")
             subprocess.run(
                 [
                     "skopeo",
                     "copy",
                     "--quiet",
-                    "--dest-tls-verify=false",
+                    f"--dest-cert-dir={certs}",
                     f"oci:{layout}:1",
                     f"docker://{ref}",
                 ],
@@ -127,6 +131,8 @@ def main() -> int:
                         "image",
                         "--store",
                         str(pyhpc),
+                        "--registry-ca",
+                        reg.ca_file,
                         "import",
                         f"docker://{ref}",
                     ]
@@ -144,7 +150,7 @@ def main() -> int:
                         "skopeo",
                         "copy",
                         "--quiet",
-                        "--src-tls-verify=false",
+                        f"--src-cert-dir={certs}",
                         f"docker://{ref}",
                         f"oci:{enroot / 'layout'}:1",
                     ],
@@ -208,7 +214,7 @@ def main() -> int:
                 try:
                     t, rss, disk = measure(
                         [
-                            ["ch-image", "--storage", str(ch), "pull", "--tls-no-verify", ref],
+                            ["ch-image", "--storage", str(ch), "--tls-no-verify", "pull", ref],
                             [
                                 "ch-convert",
                                 "-s",
@@ -220,7 +226,7 @@ def main() -> int:
                             ],
                         ],
                         work,
-                        {"CH_IMAGE_AUTH": "no"},
+                        {"USER": "root"},
                     )
                     rows.append(("ch-image pull + ch-convert", t, rss, disk, ""))
                 except subprocess.CalledProcessError as err:

@@ -24,6 +24,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         default=DEFAULT_RUN_DIR,
         help="the driver's run_dir, to see which images running tasks use",
     )
+    p.add_argument(
+        "--registry-ca",
+        metavar="PEM",
+        help="CA certificate of the registry's TLS (default: the system's)",
+    )
     acts = p.add_subparsers(dest="image_command", required=True, metavar="ACTION")
     imp = acts.add_parser(
         "import",
@@ -57,6 +62,16 @@ def _progress() -> Any:
     return lambda message: print(message, file=sys.stderr, flush=True)
 
 
+def _registry(args: argparse.Namespace, text: str) -> dict[str, Any]:
+    from nomad_driver.images import reference
+    from nomad_driver.images.registry import Registry
+
+    if not args.registry_ca:
+        return {}
+    ref = reference.parse(text)
+    return {"registry": Registry(ref.registry, ca_file=args.registry_ca)} if ref.remote else {}
+
+
 def run(args: argparse.Namespace) -> int:
     from nomad_driver.images import publish
     from nomad_driver.images.store import Store, StoreError
@@ -71,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.image_command in ("import", "pull"):
             action = store.ensure if args.image_command == "import" else store.pull
-            image = action(args.ref, _progress())
+            image = action(args.ref, _progress(), **_registry(args, args.ref))
             if getattr(args, "tag", None):
                 store.tag(image.digest, args.tag)
             print(f"{image.digest}  {image.path}  {image.meta['size'] / 1e6:.1f} MB")
@@ -80,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
             if found is None:
                 print(f"pyhpc image: no image {args.image!r} in {args.store}", file=sys.stderr)
                 return 1
-            print(publish.push(found, args.dest, _progress()))
+            print(publish.push(found, args.dest, _progress(), **_registry(args, args.dest)))
         elif args.image_command == "ls":
             refs: dict[str, list[str]] = {}
             for ref, digest in store.references().items():

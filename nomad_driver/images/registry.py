@@ -75,8 +75,8 @@ class Registry:
         timeout: float = 60.0,
     ) -> None:
         self.host = host
-        # Plain HTTP only for loopback registries unless asked: like Docker's default.
-        local = host.split(":")[0] in ("localhost", "127.0.0.1", "[::1]")
+        # Plain HTTP only for loopback registries (with no CA given) unless asked: like Docker.
+        local = host.split(":")[0] in ("localhost", "127.0.0.1", "[::1]") and not ca_file
         self.base = f"{'http' if (local if insecure is None else insecure) else 'https'}://{host}"
         self.credentials = credentials if credentials is not None else credentials_for(host)
         self.session = requests.Session()
