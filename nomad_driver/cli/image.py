@@ -25,6 +25,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="the driver's run_dir, to see which images running tasks use",
     )
     p.add_argument(
+        "--level",
+        type=int,
+        default=3,
+        choices=range(1, 23),
+        metavar="1-22",
+        help="zstd level of imported images (default 3; 1 fastest, 19 smallest)",
+    )
+    p.add_argument(
         "--registry-ca",
         metavar="PEM",
         help="CA certificate of the registry's TLS (default: the system's)",
@@ -77,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from nomad_driver.images.store import Store, StoreError
     from nomad_driver.runtime.imagemount import SharedImages
 
-    store = Store(args.store)
+    store = Store(args.store, level=args.level)
     shared = SharedImages(os.path.join(args.run_dir, "images"))
 
     def in_use(digest: str) -> bool:

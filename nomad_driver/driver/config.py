@@ -136,6 +136,12 @@ class PluginConfig:
         "empty: only SquashFS files in image_dirs.",
         check=_no_nul,
     )
+    image_zstd_level: int = option(
+        "number",
+        default=3,
+        doc="zstd level of the SquashFS images imports build: 1 is fastest, 19 smallest.",
+        check=lambda v: None if int(v) == v and 1 <= v <= 22 else "must be a whole number 1-22",
+    )
     registry_ca_file: str = option(
         "string",
         default="",

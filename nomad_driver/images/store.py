@@ -54,9 +54,10 @@ def _key(ref: str) -> str:
 
 
 class Store:
-    def __init__(self, root: str, max_bytes: int = 0) -> None:
+    def __init__(self, root: str, max_bytes: int = 0, level: int = squashfs.DEFAULT_LEVEL) -> None:
         self.root = root
         self.max_bytes = max_bytes
+        self.level = level  # zstd level of imported images: low is fast, high is small
 
     def _dir(self, name: str) -> str:
         path = os.path.join(self.root, name)
@@ -165,11 +166,13 @@ class Store:
             elif fetched.directory:
                 if progress:
                     progress(f"building SquashFS from {fetched.directory}")
-                squashfs.from_directory(fetched.directory, built)
+                squashfs.from_directory(fetched.directory, built, self.level)
             else:
                 if progress:
                     progress(f"merging {len(fetched.layers)} layers into SquashFS")
-                squashfs.from_tar(lambda pipe: merge.merge(fetched.layers, pipe, progress), built)
+                squashfs.from_tar(
+                    lambda pipe: merge.merge(fetched.layers, pipe, progress), built, self.level
+                )
             digest = file_digest(built)
             self._check_cap(os.path.getsize(built), digest)
             meta = {
