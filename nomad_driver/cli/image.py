@@ -62,12 +62,34 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def _progress() -> Any:
+    """Messages: one status line on a terminal, plain lines otherwise."""
     if sys.stderr.isatty():
         from tqdm import tqdm
 
         bar = tqdm(total=0, bar_format="{desc}", file=sys.stderr, leave=False)
         return lambda message: bar.set_description_str(message)
     return lambda message: print(message, file=sys.stderr, flush=True)
+
+
+def _meter() -> Any:
+    """Bytes of each layer as they stream: a bar with size, rate and ETA on a terminal."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    bars: dict[str, Any] = {}
+
+    def update(label: str, done: int, total: int) -> None:
+        bar = bars.get(label)
+        if bar is None:
+            bar = bars[label] = tqdm(
+                total=total or None, desc=label, unit="B", unit_scale=True, file=sys.stderr
+            )
+        bar.update(done - bar.n)
+        if total and done >= total:
+            bar.close()
+
+    return update
 
 
 def _registry(args: argparse.Namespace, text: str) -> dict[str, Any]:
@@ -94,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.image_command in ("import", "pull"):
             action = store.ensure if args.image_command == "import" else store.pull
-            image = action(args.ref, _progress(), **_registry(args, args.ref))
+            image = action(args.ref, _progress(), _meter(), **_registry(args, args.ref))
             if getattr(args, "tag", None):
                 store.tag(image.digest, args.tag)
             print(f"{image.digest}  {image.path}  {image.meta['size'] / 1e6:.1f} MB")

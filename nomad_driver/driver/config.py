@@ -136,6 +136,13 @@ class PluginConfig:
         "empty: only SquashFS files in image_dirs.",
         check=_no_nul,
     )
+    store_max_mb: int = option(
+        "number",
+        default=0,
+        doc="Most megabytes of images the store may hold; an import that would pass it fails "
+        "and asks for `pyhpc image prune`. 0: no cap.",
+        check=lambda v: None if int(v) == v and v >= 0 else "must be a whole number >= 0",
+    )
     image_zstd_level: int = option(
         "number",
         default=3,

@@ -65,7 +65,11 @@ def resolve_image(
             f"option 'image' = {text!r} is not from the plugin's image_sources "
             f"{list(plugin.image_sources)}"
         )
-    store = Store(plugin.store_dir, level=int(plugin.image_zstd_level))
+    store = Store(
+        plugin.store_dir,
+        max_bytes=int(plugin.store_max_mb) * 1_000_000,
+        level=int(plugin.image_zstd_level),
+    )
     kw: dict[str, Any] = {}
     if ref.remote and plugin.registry_ca_file:
         kw["registry"] = Registry(ref.registry, ca_file=plugin.registry_ca_file)

@@ -48,11 +48,15 @@ class Layer:
     size: int = 0  # expected size of the raw bytes, when known (for clearer messages)
 
 
+Meter = Callable[[str, int, int], None]  # (layer label, bytes read so far, expected total)
+
+
 class _Hashing(io.RawIOBase):
-    def __init__(self, raw: IO[bytes]) -> None:
+    def __init__(self, raw: IO[bytes], meter: Callable[[int], None] | None = None) -> None:
         self.raw = raw
         self.sha = hashlib.sha256()
         self.size = 0
+        self.meter = meter
 
     def readable(self) -> bool:
         return True
@@ -63,6 +67,8 @@ class _Hashing(io.RawIOBase):
         buffer[:n] = data
         self.sha.update(data)
         self.size += n
+        if self.meter is not None:
+            self.meter(self.size)
         return n
 
     def drain(self) -> str:
@@ -85,11 +91,14 @@ def _decompressed(raw: IO[bytes]) -> IO[bytes]:
     return buffered
 
 
-def _members(layer: Layer) -> Iterator[tuple[int, tarfile.TarInfo, tarfile.TarFile]]:
+def _members(
+    layer: Layer, meter: Meter | None = None
+) -> Iterator[tuple[int, tarfile.TarInfo, tarfile.TarFile]]:
     """(index, member, archive) of every member, verifying the digests at the end."""
     raw = layer.open()
     try:
-        outer = _Hashing(raw) if layer.digest else None
+        counted = None if meter is None else (lambda n: meter(layer.label, n, layer.size))
+        outer = _Hashing(raw, counted) if layer.digest else None
         stream = _decompressed(outer if outer else raw)  # type: ignore[arg-type]
         inner = _Hashing(stream) if layer.diff_id else None
         try:
@@ -152,6 +161,7 @@ class _Merger:
     waiting: dict[str, list[_Link]] = field(default_factory=dict)
     refetch: dict[int, dict[str, list[_Link]]] = field(default_factory=dict)
     count: int = 0
+    meter: Meter | None = None
 
     def decided(self, path: str) -> str:
         """Why a higher layer hides path ("" if it does not)."""
@@ -219,7 +229,7 @@ class _Merger:
         opaques: list[str] = []
         here: dict[str, str] = {}  # this layer's entries so far: path -> kind
         held: dict[str, str] = {}  # this layer's files -> the name holding their content
-        for _, member, source in _members(layer):
+        for _, member, source in _members(layer, self.meter):
             path = _clean(member.name, layer)
             base = posixpath.basename(path)
             if base.startswith(WHITEOUT):
@@ -315,12 +325,15 @@ def _kind(member: tarfile.TarInfo, path: str, layer: Layer) -> str:
 
 
 def merge(
-    layers: list[Layer], out: IO[bytes], progress: Callable[[str], None] | None = None
+    layers: list[Layer],
+    out: IO[bytes],
+    progress: Callable[[str], None] | None = None,
+    meter: Meter | None = None,
 ) -> int:
     """Write the merged tree of layers (bottom layer first in the list) to out as one tar
     stream; returns the entries written."""
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as archive:
-        merger = _Merger(layers, archive)
+        merger = _Merger(layers, archive, meter=meter)
         for index in reversed(range(len(layers))):
             if progress:
                 progress(f"applying {layers[index].label}")

@@ -131,7 +131,13 @@ class Store:
 
     # ---- import ------------------------------------------------------------------------------
 
-    def ensure(self, text: str, progress: Progress | None = None, **fetch_kw: Any) -> StoredImage:
+    def ensure(
+        self,
+        text: str,
+        progress: Progress | None = None,
+        meter: merge.Meter | None = None,
+        **fetch_kw: Any,
+    ) -> StoredImage:
         """The image for a reference, imported on first use. Concurrent callers for the same
         reference wait for the one import instead of doing their own."""
         ref = reference.parse(text)
@@ -143,16 +149,26 @@ class Store:
             found = self.lookup(name)
             if found is not None:
                 return found
-            return self._import(ref, progress, **fetch_kw)
+            return self._import(ref, progress, meter, **fetch_kw)
 
-    def pull(self, text: str, progress: Progress | None = None, **fetch_kw: Any) -> StoredImage:
+    def pull(
+        self,
+        text: str,
+        progress: Progress | None = None,
+        meter: merge.Meter | None = None,
+        **fetch_kw: Any,
+    ) -> StoredImage:
         """Import (again) even if the reference is known: a tag may have moved."""
         ref = reference.parse(text)
         with self._lock(str(ref)):
-            return self._import(ref, progress, **fetch_kw)
+            return self._import(ref, progress, meter, **fetch_kw)
 
     def _import(
-        self, ref: reference.Reference, progress: Progress | None, **fetch_kw: Any
+        self,
+        ref: reference.Reference,
+        progress: Progress | None,
+        meter: merge.Meter | None = None,
+        **fetch_kw: Any,
     ) -> StoredImage:
         work = tempfile.mkdtemp(prefix="import-", dir=self._dir("tmp"))
         try:
@@ -171,7 +187,9 @@ class Store:
                 if progress:
                     progress(f"merging {len(fetched.layers)} layers into SquashFS")
                 squashfs.from_tar(
-                    lambda pipe: merge.merge(fetched.layers, pipe, progress), built, self.level
+                    lambda pipe: merge.merge(fetched.layers, pipe, progress, meter),
+                    built,
+                    self.level,
                 )
             digest = file_digest(built)
             self._check_cap(os.path.getsize(built), digest)

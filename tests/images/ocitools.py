@@ -72,6 +72,7 @@ def write_layout(
         "os": "linux",
         "config": (config or {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]}),
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        "history": [{"created_by": f"layer {i + 1}"} for i in range(len(layers))],
     }
     cfg_bytes = json.dumps(cfg).encode()
     manifest = {

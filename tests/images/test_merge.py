@@ -96,6 +96,9 @@ def test_merged_tree_equals_what_umoci_unpacks(tmp_path: Path) -> None:
         ([("s", "symlink", "/tmp"), ("s/x", "file", b"x")], "goes through /s, a symlink"),
         ([("f", "file", b"x"), ("f/x", "file", b"x")], "goes through /f, a file"),
         ([(".wh.", "file", b"")], "names nothing"),
+        ([("d/.wh..", "file", b"")], "names nothing"),
+        ([(".", "symlink", "/etc")], "the image root must be a directory"),
+        ([("./", "symlink", "/")], "the image root must be a directory"),
     ],
 )
 def test_hostile_entries_are_refused_with_layer_and_path(
@@ -172,3 +175,16 @@ def test_edge_cases_of_a_single_top_down_pass_match_umoci(tmp_path: Path) -> Non
     assert ours == theirs
     assert ours["h"][4].startswith(ours["f"][4]) is False  # h kept the old content
     assert ours["h1"][4].split()[0] == ours["h2"][4].split()[0] != ours["g"][4].split()[0]
+
+
+def test_the_meter_sees_every_byte_of_every_layer(tmp_path: Path) -> None:
+    blobs = [layer_tar([("a", "file", os.urandom(300000))]), layer_tar([("b", "file", b"b")])]
+    layers = [
+        merge.Layer(f"layer {i}", (lambda b=b: io.BytesIO(b)), digest=sha(b), size=len(b))
+        for i, b in enumerate(blobs)
+    ]
+    seen: dict[str, tuple[int, int]] = {}
+    merge.merge(
+        layers, io.BytesIO(), meter=lambda label, done, total: seen.update({label: (done, total)})
+    )
+    assert seen == {f"layer {i}": (len(b), len(b)) for i, b in enumerate(blobs)}

@@ -251,3 +251,50 @@ def test_a_truncated_download_is_refused_and_a_retry_works(tmp_path: Path, layou
         assert store.images() == [] and list((tmp_path / "store" / "tmp").iterdir()) == []
         biggest.write_bytes(good)
         assert store.ensure(f"docker://{reg.host}/team/app:1.0").digest
+
+
+def test_a_multi_arch_index_resolves_to_this_nodes_platform(tmp_path: Path, layout: Path) -> None:
+    """An index naming several platforms; only linux/<this machine> is importable."""
+    index = json.loads((layout / "index.json").read_text())
+    image = index["manifests"][0]
+    machine = {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
+    multi = tmp_path / "multi"
+    subprocess.run(["cp", "-a", str(layout), str(multi)], check=True)
+    nested = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {**image, "annotations": {}, "platform": {"os": "linux", "architecture": "s390x"}},
+            {**image, "annotations": {}, "platform": {"os": "linux", "architecture": machine}},
+        ],
+    }
+    data = json.dumps(nested).encode()
+    (multi / "blobs/sha256" / sha(data)[7:]).write_bytes(data)
+    top = {
+        "schemaVersion": 2,
+        "manifests": [
+            {
+                "mediaType": nested["mediaType"],
+                "digest": sha(data),
+                "size": len(data),
+                "annotations": {"org.opencontainers.image.ref.name": "multi"},
+            }
+        ],
+    }
+    (multi / "index.json").write_text(json.dumps(top))
+    got = Store(str(tmp_path / "store")).ensure(f"oci:{multi}:multi")
+    assert got.digest == Store(str(tmp_path / "s2")).ensure(f"oci:{layout}:1.0").digest
+    nested["manifests"] = nested["manifests"][:1]  # s390x only
+    data = json.dumps(nested).encode()
+    (multi / "blobs/sha256" / sha(data)[7:]).write_bytes(data)
+    top["manifests"][0].update(digest=sha(data), size=len(data))
+    (multi / "index.json").write_text(json.dumps(top))
+    with pytest.raises(StoreError, match=f"no linux/{machine} image in the index .*linux/s390x"):
+        Store(str(tmp_path / "s3")).ensure(f"oci:{multi}:multi")
+
+
+def test_the_size_cap_refuses_an_import_that_would_pass_it(tmp_path: Path, layout: Path) -> None:
+    store = Store(str(tmp_path / "store"), max_bytes=1000)
+    with pytest.raises(StoreError, match="over its cap of 0 MB; run `pyhpc image prune`"):
+        store.ensure(f"oci:{layout}:1.0")
+    assert store.images() == [] and list((tmp_path / "store" / "tmp").iterdir()) == []
