@@ -44,6 +44,17 @@ plugin "pyhpc" {
     user_namespace = true
     root_id_range  = "100000:65536"
 
+    # Image signatures (keys in Vault's transit engine; see `pyhpc vault setup` and
+    # `pyhpc image sign`). "enforce": an unsigned, changed or wrongly signed image does not
+    # start; "warn": it starts with a warning event; "off". signature_rules set a mode per
+    # source prefix ("PREFIX=MODE"), the longest match winning.
+    signature_mode  = "off"
+    signature_rules = []
+    signature_keys  = []
+    vault_address   = ""
+    vault_auth      = "token"
+    vault_token_file = ""
+
     # Whether a jobspec may say seccomp = "unconfined". Keep false on shared clusters.
     allow_unconfined_seccomp = false
   }

@@ -52,6 +52,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     push = acts.add_parser("push", help="push a stored image to a registry as an ORAS artifact")
     push.add_argument("image", metavar="IMAGE", help="stored reference or sha256 digest")
     push.add_argument("dest", metavar="oras://HOST/REPO:TAG")
+    sign = acts.add_parser(
+        "sign",
+        help="sign an image with a key held in Vault's transit engine",
+        description="Vault address and token from VAULT_ADDR and VAULT_TOKEN, as the Vault CLI. "
+        "The signature (a DSSE envelope) is written beside the image as IMAGE.dsse.json.",
+    )
+    sign.add_argument("image", metavar="IMAGE", help="stored reference, sha256 digest or path")
+    sign.add_argument("--key", required=True, help="transit key name")
+    sign.add_argument("--transit", default="transit", help="transit mount (default transit)")
+    verify = acts.add_parser(
+        "verify", help="check an image's signature; exit 1 naming the failed check"
+    )
+    verify.add_argument("image", metavar="IMAGE", help="stored reference, sha256 digest or path")
+    verify.add_argument("--key", action="append", required=True, help="trusted transit key")
+    verify.add_argument("--transit", default="transit", help="transit mount (default transit)")
     acts.add_parser("ls", help="list stored images")
     ins = acts.add_parser("inspect", help="show an image's digests, source and config")
     ins.add_argument("image", metavar="IMAGE")
@@ -92,6 +107,37 @@ def _meter() -> Any:
     return update
 
 
+def _signing(args: argparse.Namespace, store: Any) -> int:
+    from nomad_driver.signing.vault import Vault, VaultError
+    from nomad_driver.signing.verify import SignatureError, Verifier, describe, sign
+
+    found = store.lookup(args.image) if not args.image.startswith("/") else None
+    path = found.path if found else os.path.abspath(args.image)
+    reference = found.meta.get("source", args.image) if found else args.image
+    if not os.path.isfile(path):
+        print(
+            f"pyhpc image: no image {args.image!r} (not in {args.store}, not a file)",
+            file=sys.stderr,
+        )
+        return 1
+    vault = Vault(transit=args.transit)
+    try:
+        if args.image_command == "sign":
+            payload = sign(vault, path, reference, args.key)
+            print(
+                f"signed {payload.digest} with {payload.key} v{payload.key_version}: "
+                f"{path}.dsse.json"
+            )
+        else:
+            cache = os.path.join(args.run_dir, "signing")
+            verified = Verifier(vault, tuple(args.key), cache).verify(path, reference)
+            print(json.dumps(describe(verified)))
+    except (SignatureError, VaultError) as err:
+        print(f"pyhpc image {args.image_command}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _registry(args: argparse.Namespace, text: str) -> dict[str, Any]:
     from nomad_driver.images import reference
     from nomad_driver.images.registry import Registry
@@ -126,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"pyhpc image: no image {args.image!r} in {args.store}", file=sys.stderr)
                 return 1
             print(publish.push(found, args.dest, _progress(), **_registry(args, args.dest)))
+        elif args.image_command in ("sign", "verify"):
+            return _signing(args, store)
         elif args.image_command == "ls":
             refs: dict[str, list[str]] = {}
             for ref, digest in store.references().items():

@@ -74,6 +74,20 @@ def config_reference() -> int:
     return 0
 
 
+def vault_setup(args: argparse.Namespace) -> int:
+    from nomad_driver.signing.vault import Vault, VaultError
+
+    try:
+        policies = Vault(transit=args.transit).setup(args.key, args.algorithm)
+    except VaultError as err:
+        print(f"pyhpc vault setup: {err}", file=sys.stderr)
+        return 1
+    print(f"transit key {args.transit}/{args.key} ({args.algorithm}, not exportable) is ready")
+    for name, text in policies.items():
+        print(f"\npolicy {name}:\n{text}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pyhpc",
@@ -93,6 +107,17 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("config-reference", help="print the plugin and task option tables")
     run.add_parser(sub)
     image.add_parser(sub)
+    vault = sub.add_parser("vault", help="set up Vault for image signing")
+    vault_sub = vault.add_subparsers(dest="vault_command", required=True, metavar="ACTION")
+    setup = vault_sub.add_parser(
+        "setup",
+        help="create the transit key (non-exportable) and the signer and verifier policies",
+        description="Uses VAULT_ADDR and VAULT_TOKEN (a token allowed to mount engines, create "
+        "keys and write policies).",
+    )
+    setup.add_argument("--key", required=True, help="transit key name, e.g. pyhpc-images")
+    setup.add_argument("--algorithm", choices=("ed25519", "ecdsa-p256"), default="ed25519")
+    setup.add_argument("--transit", default="transit", help="transit mount (default transit)")
     return p
 
 
@@ -106,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         return run.run(args)
     if args.command == "image":
         return image.run(args)
+    if args.command == "vault":
+        return vault_setup(args)
     return config_reference()
 
 

@@ -182,6 +182,85 @@ class PluginConfig:
         "keep it clear of real users' ids.",
         check=lambda v: None if parse_id_range(v) else 'must be "FIRST:COUNT", e.g. "100000:65536"',
     )
+    signature_mode: str = option(
+        "string",
+        default="off",
+        doc='Image signature policy: "enforce" (unsigned, changed or wrongly signed images do not '
+        'start), "warn" (they start, with a warning event) or "off".',
+        check=lambda v: (
+            None if v in ("enforce", "warn", "off") else 'must be "enforce", "warn" or "off"'
+        ),
+    )
+    signature_rules: tuple[str, ...] = option(
+        "list(string)",
+        default=(),
+        doc='Per-source modes, "PREFIX=MODE" (the longest matching prefix of the image reference '
+        'or path wins), e.g. ["docker://registry.example.org:5000/prod/=enforce"].',
+        check=lambda v: next(
+            (
+                f"{r!r} must be PREFIX=enforce|warn|off"
+                for r in v
+                if r.rpartition("=")[2] not in ("enforce", "warn", "off") or "=" not in r
+            ),
+            None,
+        ),
+    )
+    signature_keys: tuple[str, ...] = option(
+        "list(string)",
+        default=(),
+        doc="Vault transit keys whose signatures this node trusts (every version at or above the "
+        "key's min_decryption_version).",
+        check=_no_nul,
+    )
+    signature_key_ttl: str = option(
+        "string",
+        default="5m",
+        doc="How long public keys fetched from Vault are used before asking again (when Vault is "
+        "unreachable, cached keys keep verifying).",
+        check=lambda v: None if parse_duration(v) is not None else 'must be a duration like "5m"',
+    )
+    vault_address: str = option(
+        "string", default="", doc="Vault's address (default: $VAULT_ADDR of the agent)."
+    )
+    vault_transit_mount: str = option(
+        "string", default="transit", doc="Mount path of Vault's transit engine."
+    )
+    vault_auth: str = option(
+        "string",
+        default="token",
+        doc='How the plugin logs in to Vault: "token" (vault_token_file, else $VAULT_TOKEN), '
+        '"approle" (vault_role_id, vault_secret_id_file) or "jwt" (vault_jwt_role, '
+        "vault_jwt_file).",
+        check=lambda v: (
+            None if v in ("token", "approle", "jwt") else 'must be "token", "approle" or "jwt"'
+        ),
+    )
+    vault_token_file: str = option(
+        "string",
+        default="",
+        doc="File holding a Vault token (read-only policy is enough).",
+        check=lambda v: None if not v else _absolute(v),
+    )
+    vault_role_id: str = option("string", default="", doc="AppRole role_id.")
+    vault_secret_id_file: str = option(
+        "string",
+        default="",
+        doc="File holding the AppRole secret_id.",
+        check=lambda v: None if not v else _absolute(v),
+    )
+    vault_jwt_role: str = option("string", default="", doc="Role of Vault's JWT auth method.")
+    vault_jwt_file: str = option(
+        "string",
+        default="",
+        doc="File holding the JWT (e.g. a Nomad workload identity).",
+        check=lambda v: None if not v else _absolute(v),
+    )
+    vault_ca_file: str = option(
+        "string",
+        default="",
+        doc="PEM file of the CA of Vault's TLS certificate.",
+        check=lambda v: None if not v else _absolute(v),
+    )
     allow_unconfined_seccomp: bool = option(
         "bool",
         default=False,

@@ -189,3 +189,26 @@ def container_spec(
         images_dir=os.path.join(plugin.run_dir, "images"),
         userns=parse_id_range(plugin.root_id_range) if plugin.user_namespace else None,
     )
+
+
+def verifier(plugin: PluginConfig) -> Any:
+    """The signature checker the plugin config describes (keys cached under run_dir)."""
+    from nomad_driver.driver.config import parse_duration
+    from nomad_driver.signing.vault import Auth, Vault
+    from nomad_driver.signing.verify import Verifier
+
+    auth = Auth(
+        method=plugin.vault_auth,
+        token_file=plugin.vault_token_file,
+        role_id=plugin.vault_role_id,
+        secret_id_file=plugin.vault_secret_id_file,
+        role=plugin.vault_jwt_role,
+        jwt_file=plugin.vault_jwt_file,
+    )
+    vault = Vault(plugin.vault_address, plugin.vault_transit_mount, auth, plugin.vault_ca_file)
+    return Verifier(
+        vault,
+        tuple(plugin.signature_keys),
+        os.path.join(plugin.run_dir, "signing"),
+        ttl=parse_duration(plugin.signature_key_ttl) or 300.0,
+    )

@@ -182,6 +182,7 @@ class DriverService:
         self.stop = stop
         self.config = config.PluginConfig()
         self.serving_agent = False
+        self.verifier: Any = None  # built on first use from the config
         self.tasks: dict[str, TaskHandle] = {}
         self.lock = threading.Lock()
         self.events = EventHub()
@@ -208,6 +209,7 @@ class DriverService:
         except schema.ConfigError as err:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
         self.config = loaded
+        self.verifier = None
         self.serving_agent = request.HasField("nomad_config")
         # After an agent restart our stderr pipe is gone: log next to the tasks instead.
         hclog.set_fallback(os.path.join(loaded.run_dir, "plugin.log"))
@@ -283,6 +285,39 @@ class DriverService:
             abort(context, grpc.StatusCode.NOT_FOUND, f"task {task_id!r} is not known to pyhpc")
         return handle
 
+    def _check_signature(
+        self,
+        reference: str,
+        path: str,
+        where: str,
+        progress: Any,
+        context: grpc.ServicerContext,
+    ) -> None:
+        """The image's signature, checked as signature_mode/signature_rules ask, before it is
+        mounted; the outcome (or the refusal) goes into the task's events."""
+        from nomad_driver.signing.verify import SignatureError, mode_for
+
+        mode = mode_for(reference, self.config.signature_mode, self.config.signature_rules)
+        if mode == "off":
+            return
+        if self.verifier is None:
+            self.verifier = policy.verifier(self.config)
+        try:
+            verified = self.verifier.verify(path, reference)
+        except SignatureError as err:
+            if mode == "enforce":
+                abort(
+                    context,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"{where}: signature check failed (signature_mode enforce): {err}",
+                )
+            progress(f"WARNING: signature check failed, starting anyway (warn): {err}")
+            return
+        progress(
+            f"{verified.digest} verified: signed with {verified.key} v{verified.version} at "
+            f"{verified.signed_at}; pyhpc {__version__}"
+        )
+
     def _container_spec(
         self, task: Any, cfg: config.TaskConfig, image: policy.ResolvedImage
     ) -> ContainerSpec:
@@ -338,6 +373,7 @@ class DriverService:
             abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, f"{where}: {err}", recoverable=True)
         except (StoreError, ValueError) as err:
             abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"{where}: {err}")
+        self._check_signature(cfg.image, image.path, where, progress, context)
         with self.lock:
             if task.id in self.tasks:
                 abort(

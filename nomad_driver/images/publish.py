@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from nomad_driver.images import reference
 from nomad_driver.images.registry import Registry
-from nomad_driver.images.sources import SQUASHFS_ARTIFACT, SQUASHFS_CONFIG
+from nomad_driver.images.sources import SIGNATURE_ARTIFACT, SQUASHFS_ARTIFACT, SQUASHFS_CONFIG
 from nomad_driver.images.store import StoredImage
 
 ARTIFACT_TYPE = "application/vnd.pyhpc.squashfs.image.v1"
@@ -48,18 +48,31 @@ def push(
     if progress:
         progress(f"uploading {image.digest[:19]} ({image.meta.get('size', 0) / 1e6:.1f} MB)")
     reg.push_blob(ref.repository, image.path, image.digest)
+    layers = [
+        {
+            "mediaType": SQUASHFS_ARTIFACT,
+            "digest": image.digest,
+            "size": os.path.getsize(image.path),
+        }
+    ]
+    signature = image.path + ".dsse.json"
+    if os.path.exists(signature):  # the signature travels with the image
+        with open(signature, "rb") as f:
+            sig_digest = "sha256:" + hashlib.sha256(f.read()).hexdigest()
+        reg.push_blob(ref.repository, signature, sig_digest)
+        layers.append(
+            {
+                "mediaType": SIGNATURE_ARTIFACT,
+                "digest": sig_digest,
+                "size": os.path.getsize(signature),
+            }
+        )
     manifest = {
         "schemaVersion": 2,
         "mediaType": MANIFEST_TYPE,
         "artifactType": ARTIFACT_TYPE,
         "config": {"mediaType": SQUASHFS_CONFIG, "digest": config_digest, "size": len(config)},
-        "layers": [
-            {
-                "mediaType": SQUASHFS_ARTIFACT,
-                "digest": image.digest,
-                "size": os.path.getsize(image.path),
-            }
-        ],
+        "layers": layers,
     }
     body = json.dumps(manifest, sort_keys=True).encode()
     digest = reg.push_manifest(ref.repository, ref.tag or "latest", body, MANIFEST_TYPE)

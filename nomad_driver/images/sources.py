@@ -17,6 +17,7 @@ from nomad_driver.images.registry import INDEX_TYPES, Registry, RegistryError, s
 
 SQUASHFS_ARTIFACT = "application/vnd.pyhpc.squashfs.v1"
 SQUASHFS_CONFIG = "application/vnd.pyhpc.image.config.v1+json"
+SIGNATURE_ARTIFACT = "application/vnd.dsse.envelope.v1+json"
 Progress = Callable[[str], None]
 
 
@@ -34,6 +35,7 @@ class Fetched:
     layers: list[Layer] = field(default_factory=list)
     squashfs: str = ""  # a finished image (file:, oras://)
     directory: str = ""  # dir:
+    signature: str = ""  # a DSSE envelope that came with the image (oras://)
     provenance: dict[str, Any] = field(default_factory=dict)
 
 
@@ -254,10 +256,16 @@ def _oras(
         registry_blob_bytes(registry, ref.repository, manifest["config"]["digest"], workdir),
         f"{ref}: config",
     )
+    signature = ""
+    for d in manifest.get("layers", []):
+        if d.get("mediaType") == SIGNATURE_ARTIFACT:  # the signature travels with the image
+            signature = os.path.join(workdir, "image.sqsh.dsse.json")
+            registry.blob(ref.repository, d["digest"], signature)
     return Fetched(
         config=config.get("image_config", {}),
         manifest_digest=digest,
         squashfs=path,
+        signature=signature,
         provenance={"source": str(ref), "manifest": manifest, **config.get("provenance", {})},
     )
 

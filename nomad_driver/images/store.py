@@ -217,6 +217,8 @@ class Store:
                 with open(built, "rb") as f:
                     os.fsync(f.fileno())
                 os.replace(built, target)
+            if fetched.signature:
+                os.replace(fetched.signature, target + ".dsse.json")
             write_atomic(
                 os.path.join(self._dir("meta"), hexpart + ".json"), json.dumps(meta, indent=1)
             )

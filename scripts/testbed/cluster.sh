@@ -356,8 +356,17 @@ choose_nomad_configs() {
     [[ -f "$PYHPC_HCL" ]] || die "missing $PYHPC_HCL (plugin \"pyhpc\" { config { ... } })"
     # The documented config, plus the test bed's registry as an allowed image source.
     grep -q '^    image_sources = \[\]$' "$PYHPC_HCL" || die "$PYHPC_HCL lacks 'image_sources = []'"
-    sed 's|^    image_sources = \[\]$|    image_sources = ["docker://'"$REGISTRY_ADDR_LOCAL"'/", "oras://'"$REGISTRY_ADDR_LOCAL"'/"]|' \
+    # Signatures: enforced for .../signed/, warned for .../warned/, key pyhpc-images in the
+    # dev Vault (the test bed's root token, in a root-only file).
+    ( umask 077; printf '%s\n' "$VAULT_TOKEN_LOCAL" >"$STATE/vault-token" )
+    local r="$REGISTRY_ADDR_LOCAL"
+    sed -e 's|^    image_sources = \[\]$|    image_sources = ["docker://'"$r"'/", "oras://'"$r"'/"]|' \
+        -e 's|^    signature_rules = \[\]$|    signature_rules = ["docker://'"$r"'/signed/=enforce", "docker://'"$r"'/warned/=warn"]|' \
+        -e 's|^    signature_keys  = \[\]$|    signature_keys  = ["pyhpc-images"]|' \
+        -e 's|^    vault_address   = ""$|    vault_address   = "'"$VAULT_ADDR_LOCAL"'"|' \
+        -e 's|^    vault_token_file = ""$|    vault_token_file = "'"$STATE/vault-token"'"|' \
       "$PYHPC_HCL" >"$STATE/nomad/pyhpc.hcl"
+    grep -q 'signed/=enforce' "$STATE/nomad/pyhpc.hcl" || die "could not add the signature rules"
     printf '%s\n' "$STATE/nomad/pyhpc.hcl" >>"$NOMAD_CONFIGS"
   fi
 }

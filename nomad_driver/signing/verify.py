@@ -1,0 +1,186 @@
+"""Checking an image's signature before it is mounted, and the trust policy around it.
+
+Public keys come from Vault (every version of each trusted transit key) and are cached, in
+memory and in a root-only directory, for `ttl` seconds; when Vault cannot be reached the cache
+keeps verifying, however old, and with no cached key the check fails (never open). The image
+digest comes from the digest cache, so an unchanged image is not hashed again.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from nomad_driver.images.digest import file_digest
+from nomad_driver.signing import envelope
+from nomad_driver.signing.vault import PublicKey, Vault, VaultError
+
+MODES = ("enforce", "warn", "off")
+
+
+class SignatureError(RuntimeError):
+    """The image failed a check; the message names the check."""
+
+
+@dataclass(frozen=True)
+class Verified:
+    digest: str
+    key: str
+    version: int
+    signed_at: str
+    reference: str
+
+
+def mode_for(image: str, default: str, rules: tuple[str, ...]) -> str:
+    """The mode for an image reference or path: the longest matching "PREFIX=MODE" rule."""
+    best, mode = -1, default
+    for rule in rules:
+        prefix, _, value = rule.rpartition("=")
+        if image.startswith(prefix) and len(prefix) > best:
+            best, mode = len(prefix), value
+    return mode
+
+
+@dataclass
+class Verifier:
+    vault: Vault
+    keys: tuple[str, ...]  # trusted transit key names
+    cache_dir: str  # root-only: public keys and image digests
+    ttl: float = 300.0
+    _memory: dict[str, tuple[float, list[PublicKey], int]] = field(default_factory=dict)
+
+    def _cached_path(self, key: str) -> str:
+        return os.path.join(self.cache_dir, "keys", f"{self.vault.transit}-{key}.json")
+
+    def public_keys(self, key: str) -> tuple[list[PublicKey], int]:
+        now = time.time()
+        hit = self._memory.get(key)
+        if hit and now - hit[0] < self.ttl:
+            return hit[1], hit[2]
+        try:
+            keys, minimum = self.vault.public_keys(key)
+        except VaultError as err:
+            stale = hit or self._load(key)
+            if stale is None:
+                raise SignatureError(
+                    f"cannot check the signature: {err}; and no cached public key for {key}"
+                ) from err
+            return stale[1], stale[2]
+        self._memory[key] = (now, keys, minimum)
+        self._save(key, keys, minimum)
+        return keys, minimum
+
+    def _load(self, key: str) -> tuple[float, list[PublicKey], int] | None:
+        try:
+            with open(self._cached_path(key), encoding="utf-8") as f:
+                raw = json.load(f)
+            keys = [PublicKey(**k) for k in raw["keys"]]
+            return float(raw["fetched"]), keys, int(raw["min_version"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _save(self, key: str, keys: list[PublicKey], minimum: int) -> None:
+        from nomad_driver.runtime.spec import write_atomic
+
+        os.makedirs(os.path.dirname(self._cached_path(key)), mode=0o700, exist_ok=True)
+        write_atomic(
+            self._cached_path(key),
+            json.dumps(
+                {"fetched": time.time(), "min_version": minimum, "keys": [k.__dict__ for k in keys]}
+            ),
+        )
+
+    def verify(self, image: str, reference: str) -> Verified:
+        """Check image's signature; raise SignatureError naming the failed check."""
+        try:
+            env = envelope.read(image)
+        except envelope.EnvelopeError as err:
+            raise SignatureError(str(err)) from err
+        if env is None:
+            raise SignatureError(f"image {reference} is not signed (no {envelope.path_for(image)})")
+        try:
+            body = base64.b64decode(env["payload"])
+            signatures = list(env["signatures"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise SignatureError(f"{envelope.path_for(image)}: malformed envelope ({err})") from err
+        signed = envelope.pae(envelope.PAYLOAD_TYPE, body)
+        problems = []
+        for entry in signatures:
+            parsed = envelope.parse_keyid(str(entry.get("keyid", "")))
+            if parsed is None:
+                problems.append(f"unknown key id {entry.get('keyid')!r}")
+                continue
+            qualified, version = parsed
+            mount, _, name = qualified.rpartition("/")
+            if mount != self.vault.transit or name not in self.keys:
+                problems.append(
+                    f"signed by {qualified} v{version}, a key this node does not trust "
+                    f"(trusted: {', '.join(f'{self.vault.transit}/{k}' for k in self.keys)})"
+                )
+                continue
+            keys, minimum = self.public_keys(name)
+            if version < minimum:
+                problems.append(
+                    f"signed with {qualified} v{version}, below the key's minimum version {minimum}"
+                )
+                continue
+            public = next((k for k in keys if k.version == version), None)
+            if public is None or not public.verify(base64.b64decode(entry.get("sig", "")), signed):
+                problems.append(
+                    f"the signature does not verify with {qualified} v{version} "
+                    "(forged, or made by another key)"
+                )
+                continue
+            payload = envelope.Payload.from_bytes(body)
+            if payload.key != qualified or payload.key_version != version:
+                problems.append("the payload names another key than the one that signed it")
+                continue
+            digest = file_digest(image, os.path.join(self.cache_dir, "digests"))
+            if payload.digest != digest:
+                if payload.reference not in (reference, image):
+                    problems.append(
+                        f"the signature belongs to another image ({payload.reference}, "
+                        f"{payload.digest[:19]}), not this one ({digest[:19]})"
+                    )
+                else:
+                    problems.append(
+                        f"the image changed since it was signed: signed {payload.digest[:19]}, "
+                        f"now {digest[:19]}"
+                    )
+                continue
+            return Verified(digest, qualified, version, payload.signed_at, payload.reference)
+        raise SignatureError(f"image {reference}: " + "; ".join(problems or ["no signatures"]))
+
+
+def sign(vault: Vault, image: str, reference: str, key: str) -> envelope.Payload:
+    """Sign image (its digest and reference) with transit key `key`; write the envelope."""
+    digest = file_digest(image)
+    # The version is known only once Vault signed: ask for the latest, then sign the payload
+    # that names it (a rotation in between makes the check below fail loudly).
+    keys, _ = vault.public_keys(key)
+    version = max(k.version for k in keys)
+    payload = envelope.Payload(
+        digest=digest,
+        reference=reference,
+        key=f"{vault.transit}/{key}",
+        key_version=version,
+        signed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+    signature, used = vault.sign(key, envelope.pae(envelope.PAYLOAD_TYPE, payload.to_bytes()))
+    if used != version:
+        raise VaultError(f"transit key {key} rotated while signing (v{version} -> v{used}); retry")
+    envelope.add_signature(image, payload, signature)
+    return payload
+
+
+def describe(verified: Verified) -> dict[str, Any]:
+    return {
+        "digest": verified.digest,
+        "key": verified.key,
+        "key_version": verified.version,
+        "signed_at": verified.signed_at,
+    }

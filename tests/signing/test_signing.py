@@ -1,0 +1,172 @@
+"""Signing with keys that stay in a real Vault's transit engine, verifying before use."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import hvac
+import pytest
+
+from nomad_driver.signing import envelope
+from nomad_driver.signing.vault import Auth, Vault, VaultError
+from nomad_driver.signing.verify import SignatureError, Verifier, mode_for, sign
+from tests.vaultbed import TOKEN, dev_vault
+
+
+@pytest.fixture(scope="module")
+def vault() -> Iterator[Vault]:
+    with dev_vault() as (address, _):
+        v = Vault(address=address, auth=Auth(token=TOKEN))
+        v.setup("images")
+        v.setup("other")
+        v.setup("p256", algorithm="ecdsa-p256")
+        yield v
+
+
+def image(tmp: Path, name: str, content: bytes = b"") -> Path:
+    path = tmp / name
+    path.write_bytes(content or os.urandom(4096))
+    return path
+
+
+def verifier(vault: Vault, tmp: Path, *keys: str, ttl: float = 300) -> Verifier:
+    return Verifier(vault, keys or ("images",), str(tmp / "cache"), ttl=ttl)
+
+
+def test_setup_makes_a_key_that_cannot_be_exported(vault: Vault) -> None:
+    client = vault.client()
+    assert client.secrets.transit.read_key("images")["data"]["exportable"] is False
+    with pytest.raises(hvac.exceptions.VaultError):
+        client.secrets.transit.export_key("images", key_type="signing-key")
+    policies = client.sys.list_policies()["data"]["policies"]
+    assert "pyhpc-signer-images" in policies and "pyhpc-verifier-images" in policies
+
+
+@pytest.mark.parametrize("key", ["images", "p256"])
+def test_signed_image_verifies_and_names_key_and_version(
+    vault: Vault, tmp_path: Path, key: str
+) -> None:
+    img = image(tmp_path, "a.sqsh")
+    payload = sign(vault, str(img), "docker://r:5000/a:1", key)
+    got = verifier(vault, tmp_path, key).verify(str(img), "docker://r:5000/a:1")
+    assert (got.key, got.version, got.digest) == (
+        f"transit/{key}",
+        payload.key_version,
+        payload.digest,
+    )
+    text = (tmp_path / "a.sqsh.dsse.json").read_text()
+    assert (
+        "PRIVATE" not in text
+        and '"payloadType": "application/vnd.pyhpc.image-signature.v1+json"' in text
+    )
+
+
+def test_each_bad_image_is_refused_with_its_own_message(vault: Vault, tmp_path: Path) -> None:
+    check = verifier(vault, tmp_path)
+    unsigned = image(tmp_path, "unsigned.sqsh")
+    with pytest.raises(SignatureError, match="is not signed"):
+        check.verify(str(unsigned), "unsigned")
+
+    flipped = image(tmp_path, "flipped.sqsh")
+    sign(vault, str(flipped), "flipped", "images")
+    data = bytearray(flipped.read_bytes())
+    data[100] ^= 0x01
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(SignatureError, match="the image changed since it was signed"):
+        check.verify(str(flipped), "flipped")
+
+    stranger = image(tmp_path, "stranger.sqsh")
+    sign(vault, str(stranger), "stranger", "other")
+    with pytest.raises(SignatureError, match="transit/other v1, a key this node does not trust"):
+        check.verify(str(stranger), "stranger")
+
+    forged = image(tmp_path, "forged.sqsh")
+    sign(vault, str(forged), "forged", "other")
+    text = (
+        (tmp_path / "forged.sqsh.dsse.json").read_text().replace("transit/other", "transit/images")
+    )
+    (tmp_path / "forged.sqsh.dsse.json").write_text(text)
+    with pytest.raises(SignatureError, match="does not verify with transit/images"):
+        check.verify(str(forged), "forged")
+
+    mine, theirs = image(tmp_path, "mine.sqsh"), image(tmp_path, "theirs.sqsh")
+    sign(vault, str(theirs), "theirs", "images")
+    shutil.copy(tmp_path / "theirs.sqsh.dsse.json", tmp_path / "mine.sqsh.dsse.json")
+    with pytest.raises(SignatureError, match=r"belongs to another image \(theirs"):
+        check.verify(str(mine), "mine")
+
+
+def test_rotation_keeps_old_signatures_until_the_minimum_is_raised(
+    vault: Vault, tmp_path: Path
+) -> None:
+    client = vault.client()
+    client.secrets.transit.create_key("rotating", key_type="ed25519")
+    old, new = image(tmp_path, "old.sqsh"), image(tmp_path, "new.sqsh")
+    assert sign(vault, str(old), "old", "rotating").key_version == 1
+    client.secrets.transit.rotate_key("rotating")
+    assert sign(vault, str(new), "new", "rotating").key_version == 2
+    check = verifier(vault, tmp_path, "rotating", ttl=0)
+    assert check.verify(str(old), "old").version == 1
+    assert check.verify(str(new), "new").version == 2
+    client.secrets.transit.update_key_configuration("rotating", min_decryption_version=2)
+    with pytest.raises(SignatureError, match="v1, below the key's minimum version 2"):
+        check.verify(str(old), "old")
+    assert check.verify(str(new), "new").version == 2
+
+
+def test_vault_down_cached_keys_keep_verifying_and_no_cache_fails_closed(tmp_path: Path) -> None:
+    with dev_vault() as (address, proc):
+        v = Vault(address=address, auth=Auth(token=TOKEN))
+        v.setup("images")
+        img = image(tmp_path, "i.sqsh")
+        sign(v, str(img), "i", "images")
+        warm = verifier(v, tmp_path, ttl=0)
+        warm.verify(str(img), "i")
+        proc.kill()
+        proc.wait()
+        assert warm.verify(str(img), "i").version == 1  # from the cache, however old
+        restarted = Verifier(v, ("images",), str(tmp_path / "cache"), ttl=0)
+        assert restarted.verify(str(img), "i").version == 1  # the on-disk cache
+        cold = Verifier(v, ("images",), str(tmp_path / "empty"), ttl=0)
+        with pytest.raises(SignatureError, match="no cached public key for images"):
+            cold.verify(str(img), "i")
+
+
+def test_bad_credentials_are_reported(vault: Vault) -> None:
+    with pytest.raises(VaultError, match="login \\(token\\) refused"):
+        Vault(address=vault.address, auth=Auth(token="not-a-token")).public_keys("images")
+
+
+def test_rules_pick_the_longest_prefix() -> None:
+    rules = ("docker://r:5000/=warn", "docker://r:5000/prod/=enforce", "/scratch/=off")
+    assert mode_for("docker://r:5000/prod/app:1", "off", rules) == "enforce"
+    assert mode_for("docker://r:5000/dev/app:1", "off", rules) == "warn"
+    assert mode_for("/var/lib/pyhpc/images/x.sqsh", "enforce", rules) == "enforce"
+
+
+def test_envelope_round_trip(tmp_path: Path) -> None:
+    payload = envelope.Payload("sha256:" + "0" * 64, "ref", "transit/k", 3, "now")
+    assert envelope.Payload.from_bytes(payload.to_bytes()) == payload
+    assert envelope.pae("t", b"abc") == b"DSSEv1 1 t 3 abc"
+    assert envelope.parse_keyid(envelope.keyid("transit/k", 3)) == ("transit/k", 3)
+
+
+def test_the_signature_survives_push_and_pull(
+    vault: Vault, tmp_path: Path, busybox_image: Path
+) -> None:
+    from nomad_driver.images import publish
+    from nomad_driver.images.store import Store
+    from tests.registry import run_registry
+
+    store = Store(str(tmp_path / "store"))
+    stored = store.ensure(str(busybox_image))
+    sign(vault, stored.path, str(busybox_image), "images")
+    with run_registry(tmp_path / "registry") as reg:
+        publish.push(stored, f"oras://{reg.host}/signed/busybox:1")
+        other = Store(str(tmp_path / "other")).ensure(f"oras://{reg.host}/signed/busybox:1")
+    assert other.digest == stored.digest
+    got = verifier(vault, tmp_path).verify(other.path, f"oras://{reg.host}/signed/busybox:1")
+    assert got.key == "transit/images"

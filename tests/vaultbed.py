@@ -1,0 +1,57 @@
+"""A real Vault dev server on a free loopback port, from the test bed's build."""
+
+from __future__ import annotations
+
+import glob
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import requests
+
+TOKEN = "root"
+
+
+def vault_binary() -> str:
+    found = sorted(glob.glob(os.path.expanduser("~/.cache/pyhpc/testbed/vault-*/vault")))
+    if not found:
+        raise RuntimeError("no Vault build; run scripts/testbed/build.sh vault")
+    return found[-1]
+
+
+@contextmanager
+def dev_vault() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [
+            vault_binary(),
+            "server",
+            "-dev",
+            f"-dev-root-token-id={TOKEN}",
+            f"-dev-listen-address=127.0.0.1:{port}",
+            "-dev-no-store-token",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if requests.get(f"{address}/v1/sys/health", timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the Vault dev server did not start")
+            time.sleep(0.2)
+        yield address, proc
+    finally:
+        proc.kill()
+        proc.wait()
