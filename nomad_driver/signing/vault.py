@@ -9,7 +9,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import hvac
 import requests
 
 ALGORITHMS = ("ed25519", "ecdsa-p256")
@@ -81,10 +80,12 @@ class Vault:
     auth: Auth = field(default_factory=Auth)
     ca_file: str = ""
     timeout: float = 10.0
-    _client: hvac.Client | None = None
+    _client: Any = None  # hvac.Client, imported on first use
     _expires: float = 0.0
 
-    def client(self) -> hvac.Client:
+    def client(self) -> Any:
+        import hvac
+
         address = self.address or os.environ.get("VAULT_ADDR", "")
         if not address:
             raise VaultError("no Vault address: set vault_address or VAULT_ADDR")
@@ -127,6 +128,8 @@ class Vault:
         return client
 
     def _call(self, what: str, fn: Any, *args: Any, **kw: Any) -> Any:
+        import hvac
+
         try:
             return fn(*args, **kw)
         except hvac.exceptions.VaultError as err:
@@ -170,6 +173,8 @@ class Vault:
     def setup(self, key: str, algorithm: str = "ed25519") -> dict[str, str]:
         """Create the transit engine and a non-exportable key if missing; write the signer and
         verifier policies. Returns the policy names and texts."""
+        import hvac
+
         client = self.client()
         mounts = self._call("listing secret engines", client.sys.list_mounted_secrets_engines)
         if f"{self.transit}/" not in mounts.get("data", mounts):

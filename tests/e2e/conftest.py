@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -31,6 +32,9 @@ import pytest
 import requests
 
 REPO = Path(__file__).resolve().parents[2]
+# The plugin runs on the interpreter the tests run on (scripts/test.sh sets it too): the
+# system python3 lacks the package's dependencies.
+os.environ.setdefault("PYHPC_PYTHON", sys.executable)
 TESTBED = REPO / "scripts" / "testbed"
 CLUSTER_SH = TESTBED / "cluster.sh"
 BUILD_CMD = f"{TESTBED / 'build.sh'} all"

@@ -28,15 +28,16 @@ def repos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     work = tmp_path_factory.mktemp("e2e-signing")
     rootfs = work / "rootfs"
     subprocess.run(["unsquashfs", "-q", "-d", str(rootfs), IMAGE], check=True)
-    layout = layout_from_dir(rootfs, work / "layout", CONFIG, "1")
     tag = uuid.uuid4().hex[:8]
     names = {
         "signed": f"docker://{REGISTRY}/signed/app-{tag}:1",
         "unsigned": f"docker://{REGISTRY}/signed/other-{tag}:1",  # enforced, never signed
         "warned": f"docker://{REGISTRY}/warned/app-{tag}:1",
     }
-    for ref in names.values():
-        skopeo_push(layout, "1", ref)
+    for kind, ref in names.items():
+        # Different content each: signatures bind content, and the store shares equal images.
+        (rootfs / "etc" / "image-kind").write_text(f"{kind} {tag}\n")
+        skopeo_push(layout_from_dir(rootfs, work / f"layout-{kind}", CONFIG, "1"), "1", ref)
     # Import and sign on the node (its store), as an operator would after review.
     store = ["--store", "/var/lib/pyhpc/store"]
     subprocess.run(
