@@ -170,3 +170,63 @@ def test_the_signature_survives_push_and_pull(
     assert other.digest == stored.digest
     got = verifier(vault, tmp_path).verify(other.path, f"oras://{reg.host}/signed/busybox:1")
     assert got.key == "transit/images"
+
+
+def _b64url(data: bytes) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def test_approle_and_jwt_logins_can_verify(vault: Vault, tmp_path: Path) -> None:
+    """The plugin's other ways in: AppRole, and a JWT (as a Nomad workload identity is)."""
+    import json
+    import time
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+    client = vault.client()
+    img = image(tmp_path, "i.sqsh")
+    sign(vault, str(img), "i", "images")
+
+    client.sys.enable_auth_method("approle")
+    client.auth.approle.create_or_update_approle(
+        "node", token_policies=["pyhpc-verifier-images"], token_ttl="10m"
+    )
+    role_id = client.auth.approle.read_role_id("node")["data"]["role_id"]
+    (tmp_path / "secret-id").write_text(
+        client.auth.approle.generate_secret_id("node")["data"]["secret_id"]
+    )
+    approle = Vault(
+        vault.address,
+        auth=Auth(method="approle", role_id=role_id, secret_id_file=str(tmp_path / "secret-id")),
+    )
+    assert Verifier(approle, ("images",), str(tmp_path / "c1")).verify(str(img), "i").version == 1
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    client.sys.enable_auth_method("jwt")
+    client.write("auth/jwt/config", jwt_validation_pubkeys=[pem])
+    client.write(
+        "auth/jwt/role/node",
+        role_type="jwt",
+        user_claim="sub",
+        bound_audiences=["vault.io"],
+        token_policies=["pyhpc-verifier-images"],
+    )
+    now = int(time.time())
+    claims = {"sub": "nomad-task", "aud": "vault.io", "iat": now, "nbf": now, "exp": now + 600}
+    head = _b64url(json.dumps({"alg": "RS256", "typ": "JWT"}).encode())
+    body = _b64url(json.dumps(claims).encode())
+    sig = key.sign(f"{head}.{body}".encode(), padding.PKCS1v15(), hashes.SHA256())
+    (tmp_path / "jwt").write_text(f"{head}.{body}.{_b64url(sig)}")
+    jwt = Vault(vault.address, auth=Auth(method="jwt", role="node", jwt_file=str(tmp_path / "jwt")))
+    assert Verifier(jwt, ("images",), str(tmp_path / "c2")).verify(str(img), "i").version == 1
+    # The verifier policy reads public keys only: signing is refused.
+    with pytest.raises(VaultError, match="permission denied"):
+        jwt.sign("images", b"data")
