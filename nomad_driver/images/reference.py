@@ -56,14 +56,18 @@ class Reference:
 
 def parse(text: str) -> Reference:
     text = text.strip()
-    if not text or "\0" in text:
+    if not text:
         raise ReferenceError("image reference is empty")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        raise ReferenceError(f"image {text!r} contains control characters")
     if text.startswith("/"):
         return Reference("file", path=text)
     for transport in ("docker", "oras"):
         if text.startswith(f"{transport}://"):
             return _parse_remote(transport, text[len(transport) + 3 :], text)
     transport, sep, rest = text.partition(":")
+    if transport in ("docker", "oras"):
+        raise ReferenceError(f"image {text!r}: expected {transport}://HOST/REPOSITORY[:TAG]")
     if not sep or transport not in TRANSPORTS:
         raise ReferenceError(
             f"image {text!r}: expected an absolute SquashFS path or docker://, oras://, oci:, "
@@ -72,6 +76,8 @@ def parse(text: str) -> Reference:
     path, tag = rest, ""
     if transport in ("oci", "oci-archive") and ":" in rest:
         path, _, tag = rest.rpartition(":")
+        if not tag:
+            raise ReferenceError(f"image {text!r}: empty tag after ':'")
     if not path.startswith("/"):
         raise ReferenceError(f"image {text!r}: {transport}: needs an absolute path")
     return Reference(transport, path=path, tag=tag)
