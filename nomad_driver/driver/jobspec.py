@@ -41,6 +41,19 @@ def _config_values(block: Any) -> dict[str, Any]:
     return {k: v for k, v in body.items() if not k.startswith("__")}
 
 
+def _line_of(text: str, *blocks: tuple[str, str]) -> int:
+    """Line of the last block, found after each enclosing one (python-hcl2 keeps no lines)."""
+    import re
+
+    pos = 0
+    for kind, label in blocks:
+        found = re.compile(rf'(?m)^\s*{kind}\s+"{re.escape(label)}"\s*\{{').search(text, pos)
+        if found is None:
+            return 0
+        pos = found.start()
+    return text.count("\n", 0, pos) + 1 + (text[pos] == "\n")
+
+
 def check(text: str) -> list[TaskReport]:
     """One report per pyhpc task; raises ValueError when the text is not HCL."""
     try:
@@ -58,7 +71,7 @@ def check(text: str) -> list[TaskReport]:
                     schema.load(config.TaskConfig, _config_values(task.get("config", {})), "")
                 except schema.ConfigError as err:
                     problems = tuple(err.problems)
-                line = int(task.get("__start_line__", 0))
+                line = _line_of(text, ("job", job_name), ("group", group_name), ("task", task_name))
                 reports.append(TaskReport(job_name, group_name, task_name, line, problems))
     return reports
 

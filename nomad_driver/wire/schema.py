@@ -7,6 +7,7 @@ From that declaration come the hclspec sent to Nomad, the decoding of Nomad's ct
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -125,7 +126,9 @@ def load(cls: type[T], raw: bytes | Mapping[str, Any], where: str) -> T:
     else:
         values = dict(raw)
         for extra in sorted(set(values) - set(known)):
-            problems.append(f"unknown option {extra!r} (known: {', '.join(sorted(known))})")
+            close = difflib.get_close_matches(extra, known, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(known))}"
+            problems.append(f"unknown option {extra!r} ({hint})")
         try:
             encoded = cty.encode({k: v for k, v in values.items() if k in known}, object_type(cls))
             values = cty.decode(encoded, object_type(cls))

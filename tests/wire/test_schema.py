@@ -77,3 +77,10 @@ def test_path_list_options_name_the_paths_that_are_wrong() -> None:
         schema.load(PluginConfig, {"image_dirs": ["/ok", "rel"], "allow_devices": ["/etc"]}, "p")
     assert "['rel'] must be absolute paths under /" in str(err.value)
     assert "['/etc'] must be absolute paths under /dev/" in str(err.value)
+
+
+def test_a_misspelt_option_gets_a_suggestion() -> None:
+    with pytest.raises(
+        schema.ConfigError, match="unknown option 'comand' \\(did you mean 'command'\\?\\)"
+    ):
+        schema.load(TaskConfig, {"image": "/i.sqsh", "comand": "x"}, "task config")
