@@ -1,0 +1,55 @@
+"""The shipped jobspecs through the real Nomad and Consul: the flagship parameterized job is
+registered, dispatched with meta and a payload, and its service shows up healthy in Consul."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+from test_foundation import events_text
+
+REPO = Path(__file__).resolve().parents[2]
+CONSUL = "http://127.0.0.1:8500"
+
+
+def passing(service: str) -> list[dict[str, Any]]:
+    reply = requests.get(f"{CONSUL}/v1/health/service/{service}?passing=1", timeout=5)
+    reply.raise_for_status()
+    return reply.json()
+
+
+def test_hpc_job_dispatches_and_registers_a_healthy_service(cluster: Any, tmp_path: Path) -> None:
+    cluster.nomad("job", "run", str(REPO / "jobspecs" / "hpc.nomad"))
+    payload = tmp_path / "input.txt"
+    payload.write_text("a\nb\nc\n")
+    out = cluster.nomad(
+        "job",
+        "dispatch",
+        "-detach",
+        "-meta",
+        "size=1000",
+        "-meta",
+        "label=e2e",
+        "-meta",
+        "hold=20",
+        "hpc",
+        str(payload),
+    ).stdout
+    child = next(w for w in out.split() if w.startswith("hpc/dispatch-"))
+    deadline = time.monotonic() + 60
+    while not passing("hpc-solver"):
+        assert time.monotonic() < deadline, "hpc-solver never became healthy in Consul"
+        time.sleep(1)
+    entry = passing("hpc-solver")[0]
+    assert entry["Service"]["Port"] > 0 and "pyhpc" in entry["Service"]["Tags"]
+    alloc = cluster.wait_alloc(child, {"complete", "failed"}, timeout=90)
+    assert alloc["ClientStatus"] == "complete", events_text(cluster, alloc)
+    logs = cluster.alloc_logs(alloc["ID"], "solver")
+    assert "label=e2e size=1000 sum=500500 input_lines=3" in logs
+    deadline = time.monotonic() + 30
+    while passing("hpc-solver"):  # deregistered with the task
+        assert time.monotonic() < deadline, "hpc-solver stayed registered after the task ended"
+        time.sleep(1)
+    cluster.stop_job("hpc")
