@@ -49,7 +49,7 @@ job "hpc" {
           httpd -p $${NOMAD_PORT_status} -h /tmp/www
           lines=0
           [ -f /local/input.txt ] && lines=$(wc -l < /local/input.txt)
-          sum=$(seq 1 $${NOMAD_META_size} | awk '{ s += $1 } END { printf "%d", s }')
+          sum=$(seq 1 $${NOMAD_META_size} | awk '{ s += $1 } END { printf "%.0f", s }')
           echo "label=$${NOMAD_META_label:-unlabelled} size=$${NOMAD_META_size} sum=$sum input_lines=$lines"
           sleep $${NOMAD_META_hold:-5}
         EOT
