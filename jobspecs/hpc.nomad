@@ -67,6 +67,16 @@ job "hpc" {
           interval = "2s"
           timeout  = "1s"
         }
+
+        # Runs inside the container, through the driver's exec.
+        check {
+          name     = "solver-alive"
+          type     = "script"
+          command  = "/bin/sh"
+          args     = ["-c", "test -s /tmp/www/index.html"]
+          interval = "2s"
+          timeout  = "2s"
+        }
       }
 
       resources {

@@ -44,6 +44,8 @@ def test_hpc_job_dispatches_and_registers_a_healthy_service(cluster: Any, tmp_pa
         time.sleep(1)
     entry = passing("hpc-solver")[0]
     assert entry["Service"]["Port"] > 0 and "pyhpc" in entry["Service"]["Tags"]
+    checks = {c["Name"]: c["Status"] for c in entry["Checks"] if c["ServiceName"]}
+    assert checks.get("solver-alive") == "passing", checks  # the script check, through exec
     alloc = cluster.wait_alloc(child, {"complete", "failed"}, timeout=90)
     assert alloc["ClientStatus"] == "complete", events_text(cluster, alloc)
     logs = cluster.alloc_logs(alloc["ID"], "solver")
