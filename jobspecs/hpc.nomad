@@ -44,6 +44,9 @@ job "hpc" {
         destination = "local/solve.sh"
         data        = <<-EOT
           set -eu
+          case "$${NOMAD_META_size}" in
+            ""|*[!0-9]*) echo "size must be a whole number, not '$${NOMAD_META_size}'" >&2; exit 2 ;;
+          esac
           mkdir -p /tmp/www
           echo "running $${NOMAD_META_label:-unlabelled}" > /tmp/www/index.html
           httpd -p $${NOMAD_PORT_status} -h /tmp/www

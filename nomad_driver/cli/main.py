@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from nomad_driver import __version__
-from nomad_driver.cli import image, run
+from nomad_driver.cli import dispatch, image, run
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 
@@ -107,6 +107,7 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("config-reference", help="print the plugin and task option tables")
     run.add_parser(sub)
     image.add_parser(sub)
+    dispatch.add_parser(sub)
     vault = sub.add_parser("vault", help="set up Vault for image signing")
     vault_sub = vault.add_subparsers(dest="vault_command", required=True, metavar="ACTION")
     setup = vault_sub.add_parser(
@@ -131,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         return run.run(args)
     if args.command == "image":
         return image.run(args)
+    if args.command == "dispatch":
+        return dispatch.run(args)
     if args.command == "vault":
         return vault_setup(args)
     return config_reference()

@@ -1,0 +1,1 @@
+"""Work across Nomad regions: dispatching parameterized jobs where there is room."""

@@ -1,0 +1,70 @@
+"""`pyhpc dispatch` against the real Nomad: instances followed to their end, idempotency tokens,
+failed runs reported, failover from a region that cannot be reached."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def pyhpc_dispatch(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "nomad_driver.cli.main", "dispatch", "hpc", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"NOMAD_ADDR": "http://127.0.0.1:4646", "PATH": "/usr/bin:/bin"},
+    )
+
+
+def children(cluster: Any) -> set[str]:
+    return {j["ID"] for j in cluster.api("jobs", prefix="hpc/dispatch-")}
+
+
+def test_dispatch_follows_runs_and_a_retry_with_the_token_starts_nothing_new(cluster: Any) -> None:
+    cluster.nomad("job", "run", str(REPO / "jobspecs" / "hpc.nomad"))
+    token = uuid.uuid4().hex
+    done = pyhpc_dispatch(
+        "--count", "2", "--meta", "size=100", "--meta", "hold=0", "--token", token
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 of 2 completed successfully" in done.stdout
+    assert done.stdout.count(" complete ") == 2
+    before = children(cluster)
+    again = pyhpc_dispatch(
+        "--count", "2", "--meta", "size=100", "--meta", "hold=0", "--token", token
+    )
+    assert again.returncode == 0 and children(cluster) == before
+
+
+def test_a_failed_run_fails_the_command_with_its_exit_code(cluster: Any) -> None:
+    cluster.nomad("job", "run", str(REPO / "jobspecs" / "hpc.nomad"))
+    done = pyhpc_dispatch("--meta", "size=not-a-number", "--meta", "hold=0")
+    assert done.returncode == 1
+    assert " failed " in done.stdout and "0 of 1 completed successfully" in done.stdout
+    assert done.stdout.splitlines()[-3].split()[4] == "2"  # the task's own exit code
+
+
+def test_an_unreachable_region_fails_over_to_the_next(cluster: Any) -> None:
+    cluster.nomad("job", "run", str(REPO / "jobspecs" / "hpc.nomad"))
+    done = pyhpc_dispatch(
+        "--region",
+        "mars",
+        "--region",
+        "global",
+        "--count",
+        "1",
+        "--meta",
+        "size=10",
+        "--meta",
+        "hold=0",
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "failed over from mars" in done.stdout and "global" in done.stdout
+    best = pyhpc_dispatch("--placement", "best", "--meta", "size=10", "--meta", "hold=0")
+    assert best.returncode == 0 and "global" in best.stdout
