@@ -60,6 +60,8 @@ def _verified(data: bytes, digest: str, what: str) -> bytes:
 
 
 def _blob_name(digest: str) -> str:
+    if not isinstance(digest, str):
+        raise SourceError(f"malformed digest {digest!r} (sha256:<64 hex> expected)")
     algorithm, _, hexpart = digest.partition(":")
     if (
         algorithm != "sha256"
@@ -147,6 +149,13 @@ def _from_manifest(
         descriptors = manifest["layers"]
     except (KeyError, TypeError) as err:
         raise SourceError(f"{ref}: manifest lacks {err}") from err
+    if not isinstance(descriptors, list) or not all(
+        isinstance(d, dict)
+        and isinstance(d.get("digest"), str)
+        and isinstance(d.get("size", 0), int)
+        for d in descriptors
+    ):
+        raise SourceError(f"{ref}: manifest layers must be descriptors with a digest and size")
     config = _json(
         _verified(read(_blob_name(config_digest)), config_digest, f"{ref}: config"),
         f"{ref}: config",
