@@ -13,8 +13,9 @@ from nomad_driver.cli import dispatch, image, run
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 
 
-def install_plugin(plugin_dir: str, name: str) -> int:
-    """Write an executable launcher that Nomad runs from its plugin_dir."""
+def install_plugin(plugin_dir: str, name: str, gpu: bool = False) -> int:
+    """Write an executable launcher that Nomad runs from its plugin_dir: the task driver, or
+    with gpu the NVIDIA device plugin."""
     directory = Path(plugin_dir)
     if not directory.is_dir():
         print(f"pyhpc: --plugin-dir {plugin_dir}: no such directory", file=sys.stderr)
@@ -24,7 +25,7 @@ def install_plugin(plugin_dir: str, name: str) -> int:
         "# Installed by `pyhpc install-plugin`: Nomad runs this file as the pyhpc task driver.\n"
         "import sys\n"
         f"sys.path.insert(0, {str(PACKAGE_PARENT)!r})\n"
-        "from nomad_driver.driver.main import main\n"
+        f"from nomad_driver.{'device' if gpu else 'driver'}.main import main\n"
         "sys.exit(main())\n"
     )
     import tempfile
@@ -95,10 +96,19 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"pyhpc {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    inst = sub.add_parser("install-plugin", help="install the driver into a Nomad plugin_dir")
+    inst = sub.add_parser(
+        "install-plugin", help="install the driver (or the GPU device plugin) into a plugin_dir"
+    )
     inst.add_argument("--plugin-dir", required=True, help="the agent's plugin_dir")
     inst.add_argument(
-        "--name", default="pyhpc", help="file name; must match the plugin block label"
+        "--gpu",
+        action="store_true",
+        help="install the NVIDIA device plugin (default name pyhpc-gpu)",
+    )
+    inst.add_argument(
+        "--name",
+        help="file name; must match the plugin block label "
+        "(default pyhpc, or pyhpc-gpu with --gpu)",
     )
     job = sub.add_parser("jobspec", help="work with jobspecs")
     job_sub = job.add_subparsers(dest="jobspec_command", required=True, metavar="ACTION")
@@ -125,7 +135,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "install-plugin":
-        return install_plugin(args.plugin_dir, args.name)
+        name = args.name or ("pyhpc-gpu" if args.gpu else "pyhpc")
+        return install_plugin(args.plugin_dir, name, args.gpu)
     if args.command == "jobspec":
         return validate(args.files)
     if args.command == "run":

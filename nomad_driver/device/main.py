@@ -1,0 +1,33 @@
+"""`pyhpc-gpu`: the device plugin executable Nomad launches from its plugin_dir."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+
+import grpc
+
+from nomad_driver.driver.main import NOMAD_HANDSHAKE
+from nomad_driver.goplugin import hclog, server
+
+
+def _register(grpc_server: grpc.Server, stop: threading.Event) -> None:
+    from nomad_driver.device.service import DeviceService
+    from nomad_driver.proto import base_pb2_grpc, device_pb2_grpc
+
+    service = DeviceService(stop)
+    base_pb2_grpc.add_BasePluginServicer_to_server(service, grpc_server)
+    device_pb2_grpc.add_DevicePluginServicer_to_server(service, grpc_server)
+
+
+def main() -> int:
+    level = logging.getLevelName(os.environ.get("PYHPC_LOG_LEVEL", "INFO").upper())
+    fallback = os.environ.get("PYHPC_LOG_FILE", "/var/log/pyhpc/gpu-plugin.log")
+    hclog.setup("pyhpc-gpu", level if isinstance(level, int) else logging.INFO, fallback)
+    return server.serve(NOMAD_HANDSHAKE, _register)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""What the node's GPUs are (through NVML) and what a task given some of them needs: device
+nodes, the host driver's user-space libraries and tools, and the environment. Pure mappings,
+so they can be tested with recorded NVML answers; `probe` is the one seam to NVML."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from typing import Any, NamedTuple
+
+CONTROL_NODES = (
+    "/dev/nvidiactl",
+    "/dev/nvidia-uvm",
+    "/dev/nvidia-uvm-tools",
+    "/dev/nvidia-modeset",
+)
+LIBRARY_PATTERNS = (
+    r"libcuda\.so",
+    r"libnvidia-ml\.so",
+    r"libnvidia-ptxjitcompiler\.so",
+    r"libnvidia-nvvm\.so",
+    r"libnvidia-gpucomp\.so",
+    r"libnvidia-allocator\.so",
+    r"libcudadebugger\.so",
+)
+TOOLS = ("nvidia-smi", "nvidia-debugdump", "nvidia-persistenced")
+TASK_LIB_DIR = "/usr/local/nvidia/lib64"
+TASK_BIN_DIR = "/usr/local/nvidia/bin"
+
+
+class Gpu(NamedTuple):
+    uuid: str
+    name: str
+    minor: int
+    memory_mib: int
+    pci_bus_id: str
+    driver_version: str
+    cuda_version: str
+    compute_capability: str
+    power_limit_w: int
+
+
+def probe(nvml: Any = None) -> tuple[list[Gpu], str]:
+    """The GPUs NVML reports, and why there are none ("" when NVML answered)."""
+    try:
+        if nvml is None:
+            import pynvml as nvml  # type: ignore[import-untyped,no-redef]
+        nvml.nvmlInit()
+    except Exception as err:  # noqa: BLE001 - no library, no driver, no GPU: all mean none
+        return [], f"NVML unavailable: {err}"
+    try:
+        driver = _text(nvml.nvmlSystemGetDriverVersion())
+        cuda = nvml.nvmlSystemGetCudaDriverVersion()
+        gpus = []
+        for i in range(nvml.nvmlDeviceGetCount()):
+            h = nvml.nvmlDeviceGetHandleByIndex(i)
+            major, minor_cc = nvml.nvmlDeviceGetCudaComputeCapability(h)
+            gpus.append(
+                Gpu(
+                    uuid=_text(nvml.nvmlDeviceGetUUID(h)),
+                    name=_text(nvml.nvmlDeviceGetName(h)) or "N/A",
+                    minor=int(nvml.nvmlDeviceGetMinorNumber(h)),
+                    memory_mib=int(nvml.nvmlDeviceGetMemoryInfo(h).total) // (1 << 20),
+                    pci_bus_id=_text(nvml.nvmlDeviceGetPciInfo(h).busId),
+                    driver_version=driver,
+                    cuda_version=f"{cuda // 1000}.{cuda % 1000 // 10}",
+                    compute_capability=f"{major}.{minor_cc}",
+                    power_limit_w=int(nvml.nvmlDeviceGetPowerManagementLimit(h)) // 1000,
+                )
+            )
+        return gpus, ""
+    except Exception as err:  # noqa: BLE001
+        return [], f"NVML failed: {err}"
+    finally:
+        try:
+            nvml.nvmlShutdown()
+        except Exception:  # noqa: BLE001, S110 - nothing to do on a failed shutdown
+            pass
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def groups(gpus: list[Gpu], ignored: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Device groups (vendor nvidia, type gpu, one per model) with their instances by UUID."""
+    by_name: dict[str, list[Gpu]] = {}
+    for gpu in gpus:
+        if gpu.uuid not in ignored:
+            by_name.setdefault(gpu.name, []).append(gpu)
+    out = []
+    for name, members in sorted(by_name.items()):
+        first = members[0]
+        out.append(
+            {
+                "vendor": "nvidia",
+                "type": "gpu",
+                "name": name,
+                "devices": [(g.uuid, g.pci_bus_id) for g in members],
+                "attributes": {
+                    "memory": (first.memory_mib, "MiB"),
+                    "power": (first.power_limit_w, "W"),
+                    "driver_version": first.driver_version,
+                    "cuda_version": first.cuda_version,
+                    "compute_capability": first.compute_capability,
+                },
+            }
+        )
+    return out
+
+
+def host_libraries(ldconfig_output: str) -> list[str]:
+    """The driver's user-space libraries, from `ldconfig -p` (the host's linker cache)."""
+    found = []
+    for line in ldconfig_output.splitlines():
+        m = re.match(r"\s*(\S+) \(([^)]*)\) => (\S+)", line)
+        if m and "x86-64" in m.group(2) or (m and "AArch64" in m.group(2)):
+            if any(re.match(p, m.group(1)) for p in LIBRARY_PATTERNS):
+                found.append(m.group(3))
+    return sorted(set(found))
+
+
+def reservation(
+    gpus: list[Gpu],
+    ids: list[str],
+    ldconfig_output: str | None = None,
+    exists: Any = os.path.exists,
+) -> dict[str, Any]:
+    """What a task given GPUs `ids` needs; KeyError names unknown ids."""
+    known = {g.uuid: g for g in gpus}
+    unknown = [i for i in ids if i not in known]
+    if unknown:
+        raise KeyError(f"unknown device IDs: {', '.join(unknown)}")
+    nodes = [f"/dev/nvidia{known[i].minor}" for i in ids]
+    nodes += [n for n in CONTROL_NODES if exists(n)]
+    if ldconfig_output is None:
+        ldconfig_output = subprocess.run(
+            ["/sbin/ldconfig", "-p"], capture_output=True, text=True, check=False
+        ).stdout
+    mounts = [
+        (lib, f"{TASK_LIB_DIR}/{os.path.basename(lib)}") for lib in host_libraries(ldconfig_output)
+    ]
+    for tool in TOOLS:
+        for directory in ("/usr/bin", "/usr/local/bin"):
+            if exists(f"{directory}/{tool}"):
+                mounts.append((f"{directory}/{tool}", f"{TASK_BIN_DIR}/{tool}"))
+                break
+    visible = ",".join(ids)
+    return {
+        "envs": {
+            "NVIDIA_VISIBLE_DEVICES": visible,
+            "CUDA_VISIBLE_DEVICES": visible,
+            "LD_LIBRARY_PATH": TASK_LIB_DIR,
+        },
+        "devices": nodes,
+        "mounts": mounts,
+    }

@@ -1,0 +1,110 @@
+"""From NVML answers to Nomad's device messages, and from a reservation to what the task gets.
+The NVML answers here are recorded test data (an 8-GPU H100 node), not a stand-in for a GPU
+check: scripts/gpu-check.sh runs on a real GPU."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from nomad_driver.device import nvml
+from nomad_driver.device.service import fingerprint_message
+
+RECORDED = [
+    {
+        "uuid": f"GPU-6f1c7a0e-00{i}",
+        "name": "NVIDIA H100 80GB HBM3",
+        "minor": i,
+        "total": 85520809984,
+        "bus": f"00000000:{0x18 + i:02X}:00.0",
+    }
+    for i in range(2)
+] + [
+    {
+        "uuid": "GPU-aa11",
+        "name": "NVIDIA L4",
+        "minor": 2,
+        "total": 24152899584,
+        "bus": "00000000:9A:00.0",
+    }
+]
+LDCONFIG = """\t3 libs found in cache `/etc/ld.so.cache'
+\tlibcuda.so.1 (libc6,x86-64) => /usr/lib/x86_64-linux-gnu/libcuda.so.1
+\tlibnvidia-ml.so.1 (libc6,x86-64) => /usr/lib/x86_64-linux-gnu/libnvidia-ml.so.1
+\tlibcuda.so.1 (libc6) => /usr/lib/i386-linux-gnu/libcuda.so.1
+\tlibz.so.1 (libc6,x86-64) => /lib/x86_64-linux-gnu/libz.so.1
+"""
+
+
+def recorded_nvml() -> Any:
+    def handle(i: int) -> dict[str, Any]:
+        return RECORDED[i]
+
+    return SimpleNamespace(
+        nvmlInit=lambda: None,
+        nvmlShutdown=lambda: None,
+        nvmlSystemGetDriverVersion=lambda: b"550.54.15",
+        nvmlSystemGetCudaDriverVersion=lambda: 12040,
+        nvmlDeviceGetCount=lambda: len(RECORDED),
+        nvmlDeviceGetHandleByIndex=handle,
+        nvmlDeviceGetCudaComputeCapability=lambda h: (9, 0) if "H100" in h["name"] else (8, 9),
+        nvmlDeviceGetUUID=lambda h: h["uuid"].encode(),
+        nvmlDeviceGetName=lambda h: h["name"],
+        nvmlDeviceGetMinorNumber=lambda h: h["minor"],
+        nvmlDeviceGetMemoryInfo=lambda h: SimpleNamespace(total=h["total"]),
+        nvmlDeviceGetPciInfo=lambda h: SimpleNamespace(busId=h["bus"].encode()),
+        nvmlDeviceGetPowerManagementLimit=lambda h: 700000,
+    )
+
+
+def test_nvml_answers_become_one_group_per_model_with_uuids_and_attributes() -> None:
+    gpus, why = nvml.probe(recorded_nvml())
+    assert why == "" and len(gpus) == 3
+    message = fingerprint_message(gpus, ignored=("GPU-aa11",))
+    [group] = message.device_group  # the ignored L4 is not offered
+    assert (group.vendor, group.device_type, group.device_name) == (
+        "nvidia",
+        "gpu",
+        "NVIDIA H100 80GB HBM3",
+    )
+    assert [d.ID for d in group.devices] == ["GPU-6f1c7a0e-000", "GPU-6f1c7a0e-001"]
+    assert all(d.healthy for d in group.devices)
+    assert group.devices[1].hw_locality.pci_bus_id == "00000000:19:00.0"
+    assert (group.attributes["memory"].int_val, group.attributes["memory"].unit) == (81559, "MiB")
+    assert group.attributes["cuda_version"].string_val == "12.4"
+    assert group.attributes["compute_capability"].string_val == "9.0"
+    assert group.attributes["driver_version"].string_val == "550.54.15"
+
+
+def test_no_nvml_means_no_devices_and_a_reason() -> None:
+    broken = SimpleNamespace(
+        nvmlInit=lambda: (_ for _ in ()).throw(OSError("libnvidia-ml.so.1 not found"))
+    )
+    gpus, why = nvml.probe(broken)
+    assert gpus == [] and "libnvidia-ml.so.1 not found" in why
+    assert list(fingerprint_message([], ()).device_group) == []
+
+
+def test_a_reservation_gives_only_its_gpus_nodes_libraries_and_consistent_env() -> None:
+    gpus, _ = nvml.probe(recorded_nvml())
+    present = {"/dev/nvidiactl", "/dev/nvidia-uvm", "/usr/bin/nvidia-smi"}
+    res = nvml.reservation(gpus, ["GPU-6f1c7a0e-001"], LDCONFIG, exists=present.__contains__)
+    assert res["devices"] == ["/dev/nvidia1", "/dev/nvidiactl", "/dev/nvidia-uvm"]
+    assert (
+        res["envs"]["NVIDIA_VISIBLE_DEVICES"]
+        == res["envs"]["CUDA_VISIBLE_DEVICES"]
+        == "GPU-6f1c7a0e-001"
+    )
+    assert "LD_PRELOAD" not in res["envs"]
+    assert res["mounts"] == [
+        ("/usr/lib/x86_64-linux-gnu/libcuda.so.1", "/usr/local/nvidia/lib64/libcuda.so.1"),
+        (
+            "/usr/lib/x86_64-linux-gnu/libnvidia-ml.so.1",
+            "/usr/local/nvidia/lib64/libnvidia-ml.so.1",
+        ),
+        ("/usr/bin/nvidia-smi", "/usr/local/nvidia/bin/nvidia-smi"),
+    ]
+    with pytest.raises(KeyError, match="unknown device IDs: GPU-nope"):
+        nvml.reservation(gpus, ["GPU-nope"], LDCONFIG)
