@@ -69,6 +69,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="bind a host directory (must be in the policy's mount_dirs)",
     )
     p.add_argument(
+        "--gpus",
+        metavar="all|N|UUID,...",
+        help="NVIDIA GPUs for the container (their device nodes, the host driver's libraries "
+        "and tools, NVIDIA/CUDA_VISIBLE_DEVICES), as the pyhpc-gpu device plugin gives a task",
+    )
+    p.add_argument(
         "--device",
         action="append",
         default=[],
@@ -95,6 +101,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 def _fail(message: str, code: int = 125) -> int:
     print(f"pyhpc run: {message}", file=sys.stderr)
     return code
+
+
+def _gpus(choice: str) -> tuple[dict[str, str], tuple[Any, ...], tuple[Any, ...]]:
+    """The same reservation the device plugin makes, for `--gpus all|N|UUID,...`."""
+    from nomad_driver.device import nvml
+    from nomad_driver.runtime.spec import BindMount
+
+    gpus, why = nvml.probe()
+    if not gpus:
+        raise ValueError(f"--gpus {choice}: no NVIDIA GPU on this node ({why or 'none found'})")
+    if choice == "all":
+        ids = [g.uuid for g in gpus]
+    elif choice.isdigit():
+        if int(choice) > len(gpus):
+            raise ValueError(f"--gpus {choice}: this node has {len(gpus)} GPU(s)")
+        ids = [g.uuid for g in gpus[: int(choice)]]
+    else:
+        ids = [i.strip() for i in choice.split(",") if i.strip()]
+    try:
+        res = nvml.reservation(gpus, ids)
+    except KeyError as err:
+        raise ValueError(f"--gpus {choice}: {err.args[0]}") from err
+    mounts = tuple(BindMount(host, task, read_only=True) for host, task in res["mounts"])
+    devices = tuple(BindMount(node, node) for node in res["devices"])
+    return res["envs"], mounts, devices
 
 
 def _default_user(args: argparse.Namespace) -> str:
@@ -156,10 +187,16 @@ def run(args: argparse.Namespace) -> int:
         name = args.hostname or tail.split(".")[0].split(":")[0] or "pyhpc"
         run_dir = os.path.join(plugin.run_dir, "tasks", f"run-{os.getpid()}-{time.time_ns()}")
         layer = args.layer_dir or os.path.join(run_dir, "layer")
+        gpu_mounts, gpu_devices = (), ()
+        if args.gpus:
+            gpu_env, gpu_mounts, gpu_devices = _gpus(args.gpus)
+            env = {**gpu_env, **env}
         ctx = policy.TaskContext(
             task_id=f"pyhpc-run/{os.getpid()}",
             hostname=name,
             env=env,
+            mounts=gpu_mounts,
+            devices=gpu_devices,
             user=_default_user(args),
             stdin_path="/proc/self/fd/0",
             stdout_path="/proc/self/fd/1",

@@ -45,7 +45,7 @@ def probe(nvml: Any = None) -> tuple[list[Gpu], str]:
     """The GPUs NVML reports, and why there are none ("" when NVML answered)."""
     try:
         if nvml is None:
-            import pynvml as nvml  # type: ignore[import-untyped,no-redef]
+            import pynvml as nvml  # type: ignore[no-redef]
         nvml.nvmlInit()
     except Exception as err:  # noqa: BLE001 - no library, no driver, no GPU: all mean none
         return [], f"NVML unavailable: {err}"

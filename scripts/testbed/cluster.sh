@@ -346,6 +346,8 @@ install_plugin() {
   (cd "$repo" && "${PYHPC_PYTHON:-python3}" -m nomad_driver.cli.main install-plugin \
       --plugin-dir "$PLUGIN_DIR") || die "plugin install failed"
   [[ -x "$PLUGIN_DIR/pyhpc" ]] || die "install-plugin did not create $PLUGIN_DIR/pyhpc"
+  (cd "$repo" && "${PYHPC_PYTHON:-python3}" -m nomad_driver.cli.main install-plugin --gpu \
+      --plugin-dir "$PLUGIN_DIR") || die "GPU plugin install failed"
 }
 
 # choose_nomad_configs: record which config files the agent loads (kept for restarts,
@@ -367,7 +369,7 @@ choose_nomad_configs() {
         -e 's|^    vault_token_file = ""$|    vault_token_file = "'"$STATE/vault-token"'"|' \
       "$PYHPC_HCL" >"$STATE/nomad/pyhpc.hcl"
     grep -q 'signed/=enforce' "$STATE/nomad/pyhpc.hcl" || die "could not add the signature rules"
-    printf '%s\n' "$STATE/nomad/pyhpc.hcl" >>"$NOMAD_CONFIGS"
+    printf '%s\n' "$STATE/nomad/pyhpc.hcl" "$repo/plugin-config/pyhpc-gpu.hcl" >>"$NOMAD_CONFIGS"
   fi
 }
 

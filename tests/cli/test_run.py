@@ -107,3 +107,14 @@ def test_a_signal_to_pyhpc_run_reaches_the_command(busybox_image: Path) -> None:
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 3
     assert proc.stdout.read() == "term\n"
+
+
+def test_gpus_on_a_node_without_any_are_refused_clearly(busybox_image: Path) -> None:
+    pytest.importorskip("pynvml")
+    from nomad_driver.device import nvml
+
+    if nvml.probe()[0]:
+        pytest.skip("this node has GPUs: scripts/gpu-check.sh covers it")
+    done = pyhpc_run("--gpus", "all", str(busybox_image), "true")
+    assert done.returncode == 125
+    assert "--gpus all: no NVIDIA GPU on this node" in done.stderr
