@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from nomad_driver import __version__
-from nomad_driver.cli import dispatch, image, run
+from nomad_driver.cli import dispatch, image, run, sync
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 
@@ -118,6 +118,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_parser(sub)
     image.add_parser(sub)
     dispatch.add_parser(sub)
+    sync.add_parser(sub)
     vault = sub.add_parser("vault", help="set up Vault for image signing")
     vault_sub = vault.add_subparsers(dest="vault_command", required=True, metavar="ACTION")
     setup = vault_sub.add_parser(
@@ -145,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         return image.run(args)
     if args.command == "dispatch":
         return dispatch.run(args)
+    if args.command == "job":
+        return sync.run(args)
     if args.command == "vault":
         return vault_setup(args)
     return config_reference()

@@ -184,3 +184,56 @@ def _exit_code(alloc: dict[str, Any]) -> int | None:
             if event.get("Type") == "Terminated":
                 codes.append(int(event.get("ExitCode", 0)))
     return max(codes) if codes else None
+
+
+def parse_jobspec(nomad: Nomad, hcl: str) -> dict[str, Any]:
+    """Nomad's own parse of an HCL jobspec (the agent's parser, so every HCL feature works)."""
+    job: dict[str, Any] = nomad.call(
+        "POST", "/v1/jobs/parse", "", json={"JobHCL": hcl, "Canonicalize": True}
+    )
+    return job
+
+
+def plan_diff(nomad: Nomad, job: dict[str, Any], region: str) -> dict[str, Any]:
+    """Nomad's plan of registering job in region, with the diff against what runs there."""
+    job = {**job, "Region": region}
+    reply: dict[str, Any] = nomad.call(
+        "POST", f"/v1/job/{job['ID']}/plan", region, json={"Job": job, "Diff": True}
+    )
+    return reply.get("Diff") or {}
+
+
+def register(nomad: Nomad, job: dict[str, Any], region: str) -> str:
+    job = {**job, "Region": region}
+    reply = nomad.call("POST", "/v1/jobs", region, json={"Job": job})
+    return str(reply.get("EvalID") or "")
+
+
+def describe_diff(diff: dict[str, Any], indent: str = "  ") -> list[str]:
+    """Nomad's structured job diff as readable lines (+ added, - removed, ~ changed)."""
+    marks = {"Added": "+", "Deleted": "-", "Edited": "~", "None": " "}
+    lines = []
+
+    def walk(node: dict[str, Any], depth: int) -> None:
+        for field in node.get("Fields") or []:
+            if field.get("Type") != "None":
+                old, new = field.get("Old", ""), field.get("New", "")
+                lines.append(
+                    f"{indent * depth}{marks[field['Type']]} {field['Name']}: {old!r} => {new!r}"
+                )
+        for obj in node.get("Objects") or []:
+            if obj.get("Type") != "None":
+                lines.append(f"{indent * depth}{marks[obj['Type']]} {obj['Name']}")
+                walk(obj, depth + 1)
+        for key in ("TaskGroups", "Tasks"):
+            for child in node.get(key) or []:
+                if child.get("Type") != "None":
+                    lines.append(
+                        f"{indent * depth}{marks[child['Type']]} {key[:-1]} {child['Name']!r}"
+                    )
+                    walk(child, depth + 1)
+
+    if diff.get("Type") == "Added":
+        return ["+ new job"]
+    walk(diff, 0)
+    return lines

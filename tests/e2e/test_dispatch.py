@@ -68,3 +68,36 @@ def test_an_unreachable_region_fails_over_to_the_next(cluster: Any) -> None:
     assert "failed over from mars" in done.stdout and "global" in done.stdout
     best = pyhpc_dispatch("--placement", "best", "--meta", "size=10", "--meta", "hold=0")
     assert best.returncode == 0 and "global" in best.stdout
+
+
+def pyhpc_job_sync(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "nomad_driver.cli.main", "job", "sync", str(path), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"NOMAD_ADDR": "http://127.0.0.1:4646", "PATH": "/usr/bin:/bin"},
+    )
+
+
+def test_job_sync_shows_the_diff_then_registers_only_what_changes(
+    cluster: Any, tmp_path: Path
+) -> None:
+    name = f"e2e-sync-{uuid.uuid4().hex[:6]}"
+    spec = tmp_path / "job.nomad"
+    spec.write_text(
+        (REPO / "jobspecs" / "hello.nomad").read_text().replace('job "hello"', f'job "{name}"')
+    )
+    dry = pyhpc_job_sync(spec, "--dry-run")
+    assert dry.returncode == 0 and "+ new job" in dry.stdout
+    assert cluster.api("jobs", prefix=name) == []  # a dry run writes nothing
+    done = pyhpc_job_sync(spec)
+    assert done.returncode == 0 and "region global: registered" in done.stdout
+    assert [j["ID"] for j in cluster.api("jobs", prefix=name)] == [name]
+    assert "region global: no change" in pyhpc_job_sync(spec).stdout
+    spec.write_text(spec.read_text().replace("memory = 64", "memory = 96"))
+    changed = pyhpc_job_sync(spec, "--region", "global", "--region", "mars")
+    assert "~ MemoryMB: '64' => '96'" in changed.stdout
+    assert "region global: registered" in changed.stdout
+    assert changed.returncode == 1 and "region mars: not synced" in changed.stderr
+    cluster.stop_job(name)
