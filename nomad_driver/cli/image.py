@@ -109,7 +109,7 @@ def _meter() -> Any:
 
 def _signing(args: argparse.Namespace, store: Any) -> int:
     from nomad_driver.signing.vault import Vault, VaultError
-    from nomad_driver.signing.verify import SignatureError, Verifier, describe, sign
+    from nomad_driver.signing.verify import SignatureError, Verifier, cache_dir, describe, sign
 
     found = store.lookup(args.image) if not args.image.startswith("/") else None
     path = found.path if found else os.path.abspath(args.image)
@@ -129,7 +129,7 @@ def _signing(args: argparse.Namespace, store: Any) -> int:
                 f"{path}.dsse.json"
             )
         else:
-            cache = os.path.join(args.run_dir, "signing")
+            cache = cache_dir(args.run_dir)
             verified = Verifier(vault, tuple(args.key), cache).verify(path, reference)
             print(json.dumps(describe(verified)))
     except (SignatureError, VaultError) as err:
@@ -151,10 +151,10 @@ def _registry(args: argparse.Namespace, text: str) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from nomad_driver.images import publish
     from nomad_driver.images.store import Store, StoreError
-    from nomad_driver.runtime.imagemount import SharedImages
+    from nomad_driver.runtime.imagemount import SharedImages, images_dir
 
     store = Store(args.store, level=args.level)
-    shared = SharedImages(os.path.join(args.run_dir, "images"))
+    shared = SharedImages(images_dir(args.run_dir))
 
     def in_use(digest: str) -> bool:
         return bool(shared.users(digest))

@@ -222,11 +222,11 @@ def load_policy(path: str) -> Any:
     import json
 
     from nomad_driver.driver import config
+    from nomad_driver.images.digest import unchanged_key
     from nomad_driver.runtime.spec import write_atomic
     from nomad_driver.wire import schema
 
-    st = os.stat(path)
-    key = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+    key = unchanged_key(os.stat(path))
     entry = os.path.join(POLICY_CACHE, key.replace(":", "-"))
     try:
         with open(entry, encoding="utf-8") as f:

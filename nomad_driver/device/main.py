@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
 import threading
 
@@ -23,9 +21,7 @@ def _register(grpc_server: grpc.Server, stop: threading.Event) -> None:
 
 
 def main() -> int:
-    level = logging.getLevelName(os.environ.get("PYHPC_LOG_LEVEL", "INFO").upper())
-    fallback = os.environ.get("PYHPC_LOG_FILE", "/var/log/pyhpc/gpu-plugin.log")
-    hclog.setup("pyhpc-gpu", level if isinstance(level, int) else logging.INFO, fallback)
+    hclog.setup_from_env("pyhpc-gpu", "INFO", "/var/log/pyhpc/gpu-plugin.log")
     return server.serve(NOMAD_HANDSHAKE, _register)
 
 

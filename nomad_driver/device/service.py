@@ -13,7 +13,7 @@ import grpc
 
 from nomad_driver import __version__
 from nomad_driver.device import nvml
-from nomad_driver.driver.config import parse_duration
+from nomad_driver.driver.config import duration, parse_duration
 from nomad_driver.proto import base_pb2, device_pb2, structs_pb2
 from nomad_driver.wire import schema
 from nomad_driver.wire.schema import option
@@ -35,7 +35,7 @@ class DeviceConfig:
         "string",
         default="1m",
         doc="How often the GPUs are looked at again.",
-        check=lambda v: None if parse_duration(v) is not None else 'must be a duration like "1m"',
+        check=duration("1m"),
     )
 
 

@@ -28,9 +28,35 @@ def _under(prefix: str) -> Check:
 _absolute = _under("/")
 
 
+def _optional(check: Check) -> Check:
+    """check, for an option whose empty value means "not set"."""
+    return lambda value: None if not value else check(value)
+
+
+def _one_of(*choices: str) -> Check:
+    quoted = [f'"{c}"' for c in choices]
+    wanted = ", ".join(quoted[:-1]) + f" or {quoted[-1]}"
+    return lambda value: None if value in choices else f"must be {wanted}"
+
+
+def _whole(low: int, high: int | None = None) -> Check:
+    wanted = f"a whole number >= {low}" if high is None else f"a whole number {low}-{high}"
+    return lambda v: (
+        None if int(v) == v and v >= low and (high is None or v <= high) else f"must be {wanted}"
+    )
+
+
+def duration(example: str) -> Check:
+    wanted = f'must be a duration like "{example}"'
+    return lambda v: None if parse_duration(v) is not None else wanted
+
+
+MODES = ("enforce", "warn", "off")
+
+
 def _absolute_dir_name(value: Any) -> str | None:
-    if _absolute(value):
-        return _absolute(value)
+    if problem := _absolute(value):
+        return problem
     if len(os.path.join(str(value), "tasks", "x" * 40, "control.sock")) > 107:
         return (
             "is too long for the task control sockets (unix socket paths are limited to 107 bytes)"
@@ -98,7 +124,7 @@ class PluginConfig:
         "string",
         default="30s",
         doc='How often the driver re-checks its health, as a duration ("30s", "1m").',
-        check=lambda v: None if parse_duration(v) is not None else 'must be a duration like "30s"',
+        check=duration("30s"),
     )
 
     image_dirs: tuple[str, ...] = option(
@@ -141,26 +167,26 @@ class PluginConfig:
         default=0,
         doc="Most megabytes of images the store may hold; an import that would pass it fails "
         "and asks for `pyhpc image prune`. 0: no cap.",
-        check=lambda v: None if int(v) == v and v >= 0 else "must be a whole number >= 0",
+        check=_whole(0),
     )
     image_zstd_level: int = option(
         "number",
         default=3,
         doc="zstd level of the SquashFS images imports build: 1 is fastest, 19 smallest.",
-        check=lambda v: None if int(v) == v and 1 <= v <= 22 else "must be a whole number 1-22",
+        check=_whole(1, 22),
     )
     registry_ca_file: str = option(
         "string",
         default="",
         doc="PEM file of the CA that signs your registries' TLS certificates "
         "(default: the system's trust store).",
-        check=lambda v: None if not v else _absolute(v),
+        check=_optional(_absolute),
     )
     pids_max: int = option(
         "number",
         default=16384,
         doc="Most processes and threads one task may have (a fork bomb stops there); 0: no limit.",
-        check=lambda v: None if int(v) == v and v >= 0 else "must be a whole number >= 0",
+        check=_whole(0),
     )
     allow_caps: tuple[str, ...] = option(
         "list(string)",
@@ -187,9 +213,7 @@ class PluginConfig:
         default="off",
         doc='Image signature policy: "enforce" (unsigned, changed or wrongly signed images do not '
         'start), "warn" (they start, with a warning event) or "off".',
-        check=lambda v: (
-            None if v in ("enforce", "warn", "off") else 'must be "enforce", "warn" or "off"'
-        ),
+        check=_one_of(*MODES),
     )
     signature_rules: tuple[str, ...] = option(
         "list(string)",
@@ -200,7 +224,7 @@ class PluginConfig:
             (
                 f"{r!r} must be PREFIX=enforce|warn|off"
                 for r in v
-                if r.rpartition("=")[2] not in ("enforce", "warn", "off") or "=" not in r
+                if r.rpartition("=")[2] not in MODES or "=" not in r
             ),
             None,
         ),
@@ -217,7 +241,7 @@ class PluginConfig:
         default="5m",
         doc="How long public keys fetched from Vault are used before asking again (when Vault is "
         "unreachable, cached keys keep verifying).",
-        check=lambda v: None if parse_duration(v) is not None else 'must be a duration like "5m"',
+        check=duration("5m"),
     )
     vault_address: str = option(
         "string", default="", doc="Vault's address (default: $VAULT_ADDR of the agent)."
@@ -231,35 +255,33 @@ class PluginConfig:
         doc='How the plugin logs in to Vault: "token" (vault_token_file, else $VAULT_TOKEN), '
         '"approle" (vault_role_id, vault_secret_id_file) or "jwt" (vault_jwt_role, '
         "vault_jwt_file).",
-        check=lambda v: (
-            None if v in ("token", "approle", "jwt") else 'must be "token", "approle" or "jwt"'
-        ),
+        check=_one_of("token", "approle", "jwt"),
     )
     vault_token_file: str = option(
         "string",
         default="",
         doc="File holding a Vault token (read-only policy is enough).",
-        check=lambda v: None if not v else _absolute(v),
+        check=_optional(_absolute),
     )
     vault_role_id: str = option("string", default="", doc="AppRole role_id.")
     vault_secret_id_file: str = option(
         "string",
         default="",
         doc="File holding the AppRole secret_id.",
-        check=lambda v: None if not v else _absolute(v),
+        check=_optional(_absolute),
     )
     vault_jwt_role: str = option("string", default="", doc="Role of Vault's JWT auth method.")
     vault_jwt_file: str = option(
         "string",
         default="",
         doc="File holding the JWT (e.g. a Nomad workload identity).",
-        check=lambda v: None if not v else _absolute(v),
+        check=_optional(_absolute),
     )
     vault_ca_file: str = option(
         "string",
         default="",
         doc="PEM file of the CA of Vault's TLS certificate.",
-        check=lambda v: None if not v else _absolute(v),
+        check=_optional(_absolute),
     )
     allow_unconfined_seccomp: bool = option(
         "bool",
@@ -290,7 +312,7 @@ class TaskConfig:
         "string",
         default="5m",
         doc="How long the first start on a node may wait for the image import.",
-        check=lambda v: None if parse_duration(v) is not None else 'must be a duration like "5m"',
+        check=duration("5m"),
     )
     args: tuple[str, ...] = option(
         "list(string)", default=(), doc="Arguments passed to the command.", check=_no_nul
@@ -299,22 +321,20 @@ class TaskConfig:
         "string",
         default="",
         doc="Working directory inside the container. Default: the image's WorkingDir, or /.",
-        check=lambda v: None if not v else _absolute(v),
+        check=_optional(_absolute),
     )
     writable: str = option(
         "string",
         default="tmpfs",
         doc='Writable layer over the image: "tmpfs" (in memory), "disk" (in the task directory) '
         'or "none" (read-only root; /alloc, /local and /secrets stay writable).',
-        check=lambda v: (
-            None if v in ("tmpfs", "disk", "none") else 'must be "tmpfs", "disk" or "none"'
-        ),
+        check=_one_of("tmpfs", "disk", "none"),
     )
     network: str = option(
         "string",
         default="host",
         doc='"host" (the node\'s network, the HPC default) or "none" (loopback only).',
-        check=lambda v: None if v in ("host", "none") else 'must be "host" or "none"',
+        check=_one_of("host", "none"),
     )
     mounts: tuple[str, ...] = option(
         "list(string)",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
 import threading
 
@@ -32,9 +30,7 @@ def _register(grpc_server: grpc.Server, stop: threading.Event) -> None:
 
 
 def main() -> int:
-    level = logging.getLevelName(os.environ.get("PYHPC_LOG_LEVEL", "DEBUG").upper())
-    fallback = os.environ.get("PYHPC_LOG_FILE", "/var/log/pyhpc/plugin.log")
-    hclog.setup("pyhpc", level if isinstance(level, int) else logging.DEBUG, fallback)
+    hclog.setup_from_env("pyhpc", "DEBUG", "/var/log/pyhpc/plugin.log")
 
     def survives_host() -> bool:
         # Only the agent's real instance (configured with nomad_config) is reattached after

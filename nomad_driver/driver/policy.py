@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 from nomad_driver.driver.config import PluginConfig, TaskConfig, parse_id_range
 from nomad_driver.runtime import security
 from nomad_driver.runtime.cgroups import Limits
+from nomad_driver.runtime.imagemount import images_dir
 from nomad_driver.runtime.paths import parse_bind, within
 from nomad_driver.runtime.security import PolicyError
 from nomad_driver.runtime.spec import BindMount, ContainerSpec
@@ -186,7 +187,7 @@ def container_spec(
         network=cfg.network,
         devices=tuple(devices),
         netns_path=ctx.netns_path,
-        images_dir=os.path.join(plugin.run_dir, "images"),
+        images_dir=images_dir(plugin.run_dir),
         userns=parse_id_range(plugin.root_id_range) if plugin.user_namespace else None,
     )
 
@@ -195,7 +196,7 @@ def verifier(plugin: PluginConfig) -> Any:
     """The signature checker the plugin config describes (keys cached under run_dir)."""
     from nomad_driver.driver.config import parse_duration
     from nomad_driver.signing.vault import Auth, Vault
-    from nomad_driver.signing.verify import Verifier
+    from nomad_driver.signing.verify import Verifier, cache_dir
 
     auth = Auth(
         method=plugin.vault_auth,
@@ -209,6 +210,6 @@ def verifier(plugin: PluginConfig) -> Any:
     return Verifier(
         vault,
         tuple(plugin.signature_keys),
-        os.path.join(plugin.run_dir, "signing"),
+        cache_dir(plugin.run_dir),
         ttl=parse_duration(plugin.signature_key_ttl) or 300.0,
     )

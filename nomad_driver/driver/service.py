@@ -34,7 +34,7 @@ from nomad_driver.proto import base_pb2, driver_pb2, structs_pb2
 from nomad_driver.runtime import client, enter, security
 from nomad_driver.runtime.cgroups import Limits
 from nomad_driver.runtime.container import ContainerError
-from nomad_driver.runtime.imagemount import SharedImages
+from nomad_driver.runtime.imagemount import SharedImages, images_dir
 from nomad_driver.runtime.spec import BindMount, ContainerSpec, ExitStatus
 from nomad_driver.runtime.stats import cpu_mhz
 from nomad_driver.wire import schema
@@ -258,7 +258,7 @@ class DriverService:
             yield self._fingerprint()
             # Image mounts whose tasks' supervisors were killed: found here, at the latest.
             try:
-                SharedImages(os.path.join(self.config.run_dir, "images")).sweep()
+                SharedImages(images_dir(self.config.run_dir)).sweep()
             except OSError as err:
                 log.warning("image mount sweep failed", extra={"kv": {"error": str(err)}})
             done.wait(period)

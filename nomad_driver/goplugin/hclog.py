@@ -91,6 +91,14 @@ class HclogHandler(logging.Handler):
 _handler: HclogHandler | None = None
 
 
+def setup_from_env(name: str, default_level: str, default_fallback: str) -> HclogHandler:
+    """setup() with PYHPC_LOG_LEVEL and PYHPC_LOG_FILE overriding the defaults (a plugin's)."""
+    level = logging.getLevelName(os.environ.get("PYHPC_LOG_LEVEL", default_level).upper())
+    if not isinstance(level, int):
+        level = logging.getLevelName(default_level)
+    return setup(name, level, os.environ.get("PYHPC_LOG_FILE", default_fallback))
+
+
 def setup(name: str, level: int = logging.DEBUG, fallback_path: str | None = None) -> HclogHandler:
     """Route the root logger to hclog JSON on stderr."""
     global _handler

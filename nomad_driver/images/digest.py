@@ -24,7 +24,8 @@ def sha256_file(path: str) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def _key(st: os.stat_result) -> str:
+def unchanged_key(st: os.stat_result) -> str:
+    """What proves a file unchanged since it was last read (ctime: not settable by users)."""
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
@@ -34,7 +35,7 @@ def file_digest(path: str, cache_dir: str | None = None) -> str:
         return sha256_file(path)
     st = os.stat(path)
     entry = os.path.join(cache_dir, f"{st.st_dev}-{st.st_ino}")
-    key = _key(st)
+    key = unchanged_key(st)
     try:
         with open(entry, encoding="ascii") as f:
             cached_key, _, cached = f.read().strip().partition(" ")
@@ -43,7 +44,7 @@ def file_digest(path: str, cache_dir: str | None = None) -> str:
     except (OSError, UnicodeDecodeError):
         pass
     digest = sha256_file(path)
-    if _key(os.stat(path)) == key:  # not changed while we read it
+    if unchanged_key(os.stat(path)) == key:  # not changed while we read it
         os.makedirs(cache_dir, mode=0o700, exist_ok=True)
         write_atomic(entry, f"{key} {digest}\n")
     return digest

@@ -49,6 +49,17 @@ class StoredImage:
         return value if isinstance(value, dict) else {}
 
 
+def _runtime_config(ref: reference.Reference, fetched: sources.Fetched) -> dict[str, Any]:
+    """Env, Entrypoint, Cmd, WorkingDir, User...: the "config" part of an OCI image config
+    (an ORAS artifact carries just that part; a plain SquashFS file has none)."""
+    if ref.transport == "oras":
+        return fetched.config
+    if fetched.squashfs:
+        return {}
+    value: dict[str, Any] = fetched.config.get("config", fetched.config)
+    return value
+
+
 def _key(ref: str) -> str:
     return base64.urlsafe_b64encode(hashlib.sha256(ref.encode()).digest()).decode().rstrip("=")
 
@@ -143,7 +154,8 @@ class Store:
         ref = reference.parse(text)
         name = str(ref)
         found = self.lookup(name)
-        if found is not None and not ref.remote or found is not None and ref.digest:
+        # Pinned references never change: no lock. A tag may be being pulled again: wait.
+        if found is not None and (not ref.remote or ref.digest):
             return found
         with self._lock(name):
             found = self.lookup(name)
@@ -202,13 +214,9 @@ class Store:
                 "manifest_digest": fetched.manifest_digest,
                 "config_digest": fetched.config_digest,
                 "layers": [layer.digest or layer.label for layer in fetched.layers],
-                "image_config": fetched.config.get("config", fetched.config)
-                if not fetched.squashfs or ref.transport == "oras"
-                else {},
+                "image_config": _runtime_config(ref, fetched),
                 "provenance": fetched.provenance,
             }
-            if ref.transport == "oras":
-                meta["image_config"] = fetched.config
             hexpart = digest.partition(":")[2]
             target = self.image_path(digest)
             self._dir("sha256")

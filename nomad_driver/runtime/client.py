@@ -74,9 +74,6 @@ def start(spec: ContainerSpec, run_dir: str, timeout: float = 60.0) -> Started:
         spec = spec.with_seccomp_bpf()._replace(image_root=images.acquire(spec.image, owner))
     except ContainerError as err:
         raise StartError(str(err)) from err
-    except OSError as err:
-        where = f" ({err.filename})" if err.filename and err.filename != spec.image else ""
-        raise StartError(f"cannot use image {spec.image}: {err.strerror or err}{where}") from err
     try:
         return _start_supervisor(spec, run_dir, timeout)
     except BaseException:

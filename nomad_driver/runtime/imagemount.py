@@ -23,6 +23,11 @@ LOCK_FILE = ".lock"
 DIGEST_CACHE = ".digests"
 
 
+def images_dir(run_dir: str) -> str:
+    """Where a driver (or `pyhpc run`) with this run_dir keeps its shared image mounts."""
+    return os.path.join(run_dir, "images")
+
+
 def process_identity(pid: int) -> str:
     """pid plus its start time: a reused pid is a different process."""
     try:
@@ -31,6 +36,11 @@ def process_identity(pid: int) -> str:
         return f"{pid} {fields[19]}"
     except (OSError, IndexError):
         return ""
+
+
+def _write_ref(refs: str, owner: str, identity: str) -> None:
+    with open(os.path.join(refs, owner), "w", encoding="ascii") as f:
+        f.write(identity)
 
 
 class SharedImages:
@@ -53,25 +63,27 @@ class SharedImages:
         if "/" in owner or owner.startswith("."):
             raise ValueError(f"bad image reference owner {owner!r}")
         from nomad_driver.images.digest import file_digest  # hashlib: not in every supervisor
+        from nomad_driver.runtime.container import ContainerError, mount_image
 
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        digest = file_digest(image, os.path.join(self.directory, DIGEST_CACHE))
-        base = os.path.join(self.directory, digest.partition(":")[2])
-        root, refs = os.path.join(base, "root"), os.path.join(base, "refs")
-        identity = process_identity(os.getpid() if pid is None else pid)
-        with self._locked():
-            os.makedirs(root, exist_ok=True)
-            os.makedirs(refs, exist_ok=True)
-            if not os.path.ismount(root):
-                from nomad_driver.runtime.container import mount_image
-
-                try:
-                    mount_image(image, root)
-                except BaseException:
-                    self._unmount_if_unused(base)
-                    raise
-            with open(os.path.join(refs, owner), "w", encoding="ascii") as f:
-                f.write(identity)
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            digest = file_digest(image, os.path.join(self.directory, DIGEST_CACHE))
+            base = os.path.join(self.directory, digest.partition(":")[2])
+            root, refs = os.path.join(base, "root"), os.path.join(base, "refs")
+            identity = process_identity(os.getpid() if pid is None else pid)
+            with self._locked():
+                os.makedirs(root, exist_ok=True)
+                os.makedirs(refs, exist_ok=True)
+                if not os.path.ismount(root):
+                    try:
+                        mount_image(image, root)
+                    except BaseException:
+                        self._unmount_if_unused(base)
+                        raise
+                _write_ref(refs, owner, identity)
+        except OSError as err:
+            where = f" ({err.filename})" if err.filename and err.filename != image else ""
+            raise ContainerError(f"cannot use image {image}: {err.strerror or err}{where}") from err
         return root
 
     def hold(self, root: str, owner: str, pid: int) -> None:
@@ -79,8 +91,7 @@ class SharedImages:
         refs = os.path.join(os.path.dirname(root), "refs")
         with self._locked():
             if os.path.isdir(refs):
-                with open(os.path.join(refs, owner), "w", encoding="ascii") as f:
-                    f.write(process_identity(pid))
+                _write_ref(refs, owner, process_identity(pid))
 
     def release(self, owner: str) -> None:
         with self._locked():

@@ -26,6 +26,7 @@ MS_REC = 16384
 MS_PRIVATE = 1 << 18
 MS_SLAVE = 1 << 19
 MNT_DETACH = 2
+PR_SET_DUMPABLE = 4
 
 # x86_64 numbers; the new mount API (open_tree, move_mount, mount_setattr) is the same on arm64.
 SYS_PIVOT_ROOT = 155

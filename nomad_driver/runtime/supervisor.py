@@ -53,8 +53,8 @@ def run_init(
 ) -> None:
     """PID 1 of the container: build the root, start the command, forward signals, reap."""
     # Loaded here, in the init only (the long-lived supervisor stays small), and before
-    # pivot_root: from inside the container the package is out of sight.
-    # security: restrict() needs it after pivot_root, when the package is out of sight.
+    # pivot_root: from inside the container the package is out of sight (restrict() needs
+    # security then).
     from nomad_driver.runtime import container, linux, security  # noqa: F401
 
     app_pid = 0
@@ -83,7 +83,7 @@ def run_init(
         _write_line(ready_w, {"error": str(error)})
         os._exit(127)
     # The task must not reach this host-root process through /proc/1 (CVE-2019-5736 style).
-    linux.prctl(4, 0, "PR_SET_DUMPABLE")  # PR_SET_DUMPABLE
+    linux.prctl(linux.PR_SET_DUMPABLE, 0, "PR_SET_DUMPABLE")
 
     exec_r, exec_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()

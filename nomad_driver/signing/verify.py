@@ -19,7 +19,10 @@ from nomad_driver.images.digest import file_digest
 from nomad_driver.signing import envelope
 from nomad_driver.signing.vault import PublicKey, Vault, VaultError
 
-MODES = ("enforce", "warn", "off")
+
+def cache_dir(run_dir: str) -> str:
+    """Where a node with this run_dir caches public keys and image digests (root-only)."""
+    return os.path.join(run_dir, "signing")
 
 
 class SignatureError(RuntimeError):
