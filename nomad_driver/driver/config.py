@@ -244,10 +244,22 @@ class PluginConfig:
         check=duration("5m"),
     )
     vault_address: str = option(
-        "string", default="", doc="Vault's address (default: $VAULT_ADDR of the agent)."
+        "string",
+        default="",
+        doc="Vault's address (default: $VAULT_ADDR of the agent).",
+        check=_optional(
+            lambda v: (
+                None
+                if str(v).startswith(("http://", "https://"))
+                else 'must be a URL like "https://vault.example.org:8200"'
+            )
+        ),
     )
     vault_transit_mount: str = option(
-        "string", default="transit", doc="Mount path of Vault's transit engine."
+        "string",
+        default="transit",
+        doc="Mount path of Vault's transit engine.",
+        check=lambda v: None if str(v).strip("/") else "must name the transit mount",
     )
     vault_auth: str = option(
         "string",

@@ -43,3 +43,23 @@ def test_user_namespace_settings_reach_the_spec(tmp_path: Path) -> None:
     assert (on.userns, off.userns) == ((200000, 1000), None)
     with pytest.raises(schema.ConfigError, match="root_id_range"):
         plugin(root_id_range="0:65536")
+
+
+def test_new_plugin_options_refuse_nonsense_naming_each() -> None:
+    bad = {
+        "vault_address": "vault:8200",
+        "vault_transit_mount": "/",
+        "vault_auth": "kerberos",
+        "vault_token_file": "relative/token",
+        "signature_mode": "strict",
+        "signature_rules": ["docker://r/=maybe"],
+        "signature_key_ttl": "soon",
+        "image_zstd_level": 40,
+        "store_max_mb": -1,
+        "root_id_range": "0:65536",
+        "store_dir": "store",
+    }
+    with pytest.raises(schema.ConfigError) as err:
+        plugin(**bad)
+    for name in bad:
+        assert f"option {name!r}" in str(err.value), name
