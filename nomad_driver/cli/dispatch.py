@@ -5,16 +5,30 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections import Counter
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nomad_driver.federation.dispatch import Run
+
+MANY = 20  # above this many instances, follow prints changed rows, not the whole table
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "dispatch",
         help="dispatch a parameterized job to one or more regions and follow it",
-        description="Dispatch JOB (registered with `nomad job run`) COUNT times: to the listed "
-        "regions in turn (--placement spread, the default) or all to the region with the most "
-        "free CPU (--placement best). Exit 0 only if every dispatched job completed with exit "
-        "code 0.",
+        description="Dispatch JOB (registered with `nomad job run` in the region of --address) "
+        "COUNT times: over the listed regions in turn (--placement spread, the default) or each "
+        "instance to the region where the most such instances still fit, by free CPU, memory "
+        "and GPUs (--placement best). A region that lacks JOB gets a copy of it first. An "
+        "unreachable region's instances go to the next region listed; with one --region they "
+        "fail. Exit 0 only if every dispatched job completed with exit code 0.",
+        epilog="examples:\n"
+        "  pyhpc dispatch hpc --region east --meta size=1000\n"
+        "  pyhpc dispatch hpc --count 8 --meta size=1000        # spread over every region\n"
+        "  pyhpc dispatch hpc --count 4 --placement best --token run-42 --payload input.txt",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("job", metavar="JOB")
     p.add_argument(
@@ -29,30 +43,56 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         metavar="REGION",
         help="target region (repeat for several; default: every region)",
     )
-    p.add_argument("--count", type=int, default=1, help="instances to dispatch (default 1)")
+    p.add_argument("--count", type=_positive, default=1, help="instances to dispatch (default 1)")
     p.add_argument("--placement", choices=("spread", "best"), default="spread")
     p.add_argument("--meta", action="append", default=[], metavar="K=V")
     p.add_argument("--payload", metavar="FILE", help="payload file ('-' for stdin)")
     p.add_argument(
         "--token",
         default="",
-        help="idempotency token: re-running with the same token dispatches nothing new",
+        help="idempotency token: re-running with the same token dispatches nothing new, "
+        "in any region",
+    )
+    p.add_argument(
+        "--no-copy", action="store_true", help="do not register JOB in regions that lack it"
     )
     p.add_argument("--no-follow", action="store_true", help="dispatch and return")
+    p.add_argument(
+        "--output", action="store_true", help="print each instance's stdout when it ends"
+    )
+    p.add_argument(
+        "--timeout", type=float, default=0, metavar="S", help="stop following after S seconds"
+    )
 
 
-def _table(runs: list) -> str:  # type: ignore[type-arg]
-    lines = [f"{'#':>3}  {'REGION':12} {'JOB':40} {'STATE':9} {'EXIT':>4}  NOTE"]
-    for r in runs:
-        code = "" if r.exit_code is None else str(r.exit_code)
-        lines.append(
-            f"{r.instance:>3}  {r.region:12} {r.job or '-':40} {r.state:9} {code:>4}  {r.note}"
-        )
-    return "\n".join(lines)
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _row(r: Run) -> str:
+    code = "" if r.exit_code is None else str(r.exit_code)
+    return f"{r.instance:>3}  {r.region:12} {r.job or '-':48} {r.state:11} {code:>4}  {r.note}"
+
+
+def _table(runs: list[Run]) -> str:
+    header = f"{'#':>3}  {'REGION':12} {'JOB':48} {'STATE':11} {'EXIT':>4}  NOTE"
+    return "\n".join([header, *(_row(r) for r in runs)])
 
 
 def run(args: argparse.Namespace) -> int:
-    from nomad_driver.federation.dispatch import DispatchError, Nomad, dispatch, follow, plan
+    from nomad_driver.federation.dispatch import (
+        DispatchError,
+        Nomad,
+        dispatch,
+        ensure_job,
+        follow,
+        need_of,
+        output,
+        plan,
+    )
 
     meta = {}
     for item in args.meta:
@@ -63,22 +103,54 @@ def run(args: argparse.Namespace) -> int:
         meta[key] = value
     payload = b""
     if args.payload:
-        payload = (
-            sys.stdin.buffer.read() if args.payload == "-" else open(args.payload, "rb").read()
-        )  # noqa: SIM115
+        try:
+            with open(args.payload if args.payload != "-" else 0, "rb") as f:
+                payload = f.read()
+        except OSError as err:
+            print(f"pyhpc dispatch: --payload: {err}", file=sys.stderr)
+            return 2
     nomad = Nomad(args.address, os.environ.get("NOMAD_TOKEN", ""))
     try:
+        home = nomad.home()
+        parent = nomad.job(args.job, home)
+        if parent is None:
+            raise DispatchError(
+                f"no job {args.job!r} in region {home} (register it with `nomad job run`)"
+            )
+        if not parent.get("ParameterizedJob"):
+            raise DispatchError(f"job {args.job!r} is not parameterized; nothing to dispatch")
         regions = args.region or nomad.regions()
-        targets = plan(nomad, regions, args.count, args.placement)
+        if not args.no_copy:
+            for line in ensure_job(nomad, args.job, regions, home):
+                print(line, flush=True)
+        targets = plan(nomad, regions, args.count, args.placement, need_of(parent))
         runs = dispatch(nomad, args.job, targets, meta, payload, args.token, fallbacks=regions)
         print(_table(runs), flush=True)
         if not args.no_follow:
-            follow(nomad, runs, lambda rs: print("\n" + _table(rs), flush=True))
+            many = len(runs) > MANY
+            follow(
+                nomad,
+                runs,
+                lambda changed: print(
+                    "\n".join(_row(r) for r in changed) if many else "\n" + _table(runs),
+                    flush=True,
+                ),
+                timeout=args.timeout,
+            )
+            if args.output:
+                for r in runs:
+                    if r.alloc:
+                        text = output(nomad, r)
+                        print(f"\n== {r.instance} {r.region} {r.job}\n{text}", end="", flush=True)
     except DispatchError as err:
         print(f"pyhpc dispatch: {err}", file=sys.stderr)
         return 1
     done = [r for r in runs if r.state == "complete" and r.exit_code in (0, None)]
-    print(f"\n{len(done)} of {len(runs)} completed successfully")
+    by_region = Counter(r.region for r in done)
+    where = ", ".join(f"{n} in {region}" for region, n in sorted(by_region.items()))
     if args.no_follow:
-        return 0 if all(r.job for r in runs) else 1
+        sent = [r for r in runs if r.job]
+        print(f"\n{len(sent)} of {len(runs)} dispatched")
+        return 0 if len(sent) == len(runs) else 1
+    print(f"\n{len(done)} of {len(runs)} completed successfully" + (f" ({where})" if where else ""))
     return 0 if len(done) == len(runs) else 1

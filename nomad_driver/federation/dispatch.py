@@ -10,19 +10,32 @@ is skipped for the next one in the list (failover) and said so.
 from __future__ import annotations
 
 import base64
+import hashlib
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import requests
 
 TERMINAL = {"complete", "failed", "lost"}
+# What a Nomad agent answers (HTTP 500) when it cannot reach another region's servers.
+TRANSPORT = (
+    "failed to get conn",
+    "connection refused",
+    "stream closed",
+    "No cluster leader",
+    "i/o timeout",
+    "rpc error: EOF",
+)
 
 
 class DispatchError(RuntimeError):
-    pass
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
@@ -33,6 +46,17 @@ class Run:
     state: str = "pending"
     exit_code: int | None = None
     note: str = ""
+    alloc: str = ""
+    tasks: tuple[str, ...] = ()
+
+
+@dataclass
+class Need:
+    """What one dispatched instance asks of a node: CPU MHz, memory MB, GPUs (devices)."""
+
+    cpu: int = 0
+    memory: int = 0
+    gpus: int = 0
 
 
 @dataclass
@@ -43,63 +67,163 @@ class Nomad:
 
     def call(self, method: str, path: str, region: str, **kw: Any) -> Any:
         headers = {"X-Nomad-Token": self.token} if self.token else {}
+        raw = kw.pop("raw", False)
+        params = {"region": region} if region else {}
+        params.update(kw.pop("params", {}))
         try:
             reply = requests.request(
                 method,
                 f"{self.address}{path}",
-                params={"region": region} if region else None,
+                params=params or None,
                 headers=headers,
                 timeout=self.timeout,
                 **kw,
             )
         except requests.RequestException as err:
             raise DispatchError(f"region {region or 'default'}: Nomad unreachable ({err})") from err
+        if reply.status_code >= 500 and any(t in reply.text for t in TRANSPORT):
+            # Our agent answered, but could not reach the region's servers.
+            raise DispatchError(
+                f"region {region}: Nomad unreachable ({reply.text.strip()[:200]})",
+                reply.status_code,
+            )
         if reply.status_code >= 400:
             raise DispatchError(
                 f"region {region or 'default'}: {method} {path}: HTTP {reply.status_code} "
-                f"{reply.text.strip()[:200]}"
+                f"{reply.text.strip()[:200]}",
+                reply.status_code,
             )
+        if raw:
+            return reply.text
         return reply.json() if reply.content else None
 
     def regions(self) -> list[str]:
         return list(self.call("GET", "/v1/regions", ""))
 
-    def free_cpu(self, region: str) -> int:
-        """CPU MHz not yet allocated on the region's ready nodes."""
-        free = 0
+    def home(self) -> str:
+        """The region of the agent at address (where `nomad job run` registered the job)."""
+        return str(self.call("GET", "/v1/agent/self", "")["config"]["Region"])
+
+    def job(self, job: str, region: str) -> dict[str, Any] | None:
+        try:
+            found: dict[str, Any] = self.call("GET", f"/v1/job/{quote(job, safe='')}", region)
+        except DispatchError as err:
+            if err.status == 404:
+                return None
+            raise
+        return found
+
+    def room(self, region: str, need: Need) -> tuple[int, int]:
+        """(instances of need that fit now, free CPU MHz) over the region's ready nodes."""
+        fits = free_cpu = 0
         for stub in self.call("GET", "/v1/nodes", region):
             if stub.get("Status") != "ready" or stub.get("SchedulingEligibility") != "eligible":
                 continue
             node = self.call("GET", f"/v1/node/{stub['ID']}", region)
-            total = int(node.get("NodeResources", {}).get("Cpu", {}).get("CpuShares", 0))
-            used = 0
+            res, reserved = node.get("NodeResources") or {}, node.get("ReservedResources") or {}
+            cpu = _get(res, "Cpu", "CpuShares") - _get(reserved, "Cpu", "CpuShares")
+            mem = _get(res, "Memory", "MemoryMB") - _get(reserved, "Memory", "MemoryMB")
+            gpus = sum(
+                sum(1 for i in d.get("Instances") or [] if i.get("Healthy"))
+                for d in res.get("Devices") or []
+                if d.get("Type") == "gpu"
+            )
             for alloc in self.call("GET", f"/v1/node/{stub['ID']}/allocations", region):
-                if alloc.get("ClientStatus") in ("pending", "running"):
-                    for task in alloc.get("AllocatedResources", {}).get("Tasks", {}).values():
-                        used += int(task.get("Cpu", {}).get("CpuShares", 0))
-            free += max(0, total - used)
-        return free
+                if alloc.get("ClientStatus") not in ("pending", "running"):
+                    continue
+                for task in (alloc.get("AllocatedResources") or {}).get("Tasks", {}).values():
+                    cpu -= _get(task, "Cpu", "CpuShares")
+                    mem -= _get(task, "Memory", "MemoryMB")
+                    gpus -= sum(len(d.get("DeviceIDs") or []) for d in task.get("Devices") or [])
+            cpu, mem, gpus = max(0, cpu), max(0, mem), max(0, gpus)
+            free_cpu += cpu
+            limits = [
+                free // wanted
+                for free, wanted in ((cpu, need.cpu), (mem, need.memory), (gpus, need.gpus))
+                if wanted
+            ]
+            fits += min(limits) if limits else 1
+        return fits, free_cpu
 
 
-def plan(nomad: Nomad, regions: list[str], count: int, placement: str) -> list[str]:
-    """The region of each instance: round-robin over regions ("spread") or all on the region
-    with the most free CPU ("best")."""
+def _get(block: dict[str, Any], key: str, field: str) -> int:
+    return int((block.get(key) or {}).get(field) or 0)
+
+
+def need_of(job: dict[str, Any]) -> Need:
+    """One instance's resources: the sum over the job's groups (times count) and tasks."""
+    need = Need()
+    for group in job.get("TaskGroups") or []:
+        count = int(group.get("Count") or 1)
+        for task in group.get("Tasks") or []:
+            res = task.get("Resources") or {}
+            need.cpu += count * int(res.get("CPU") or 0)
+            need.memory += count * int(res.get("MemoryMB") or 0)
+            need.gpus += count * sum(
+                int(d.get("Count") or 0)
+                for d in res.get("Devices") or []
+                if "gpu" in str(d.get("Name", "")).split("/")
+            )
+    return need
+
+
+def plan(
+    nomad: Nomad, regions: list[str], count: int, placement: str, need: Need | None = None
+) -> list[str]:
+    """The region of each instance: round-robin over regions ("spread"), or each to the region
+    where the most instances still fit, counting the ones already placed ("best")."""
     if not regions:
         regions = nomad.regions()
-    if placement == "best":
-        scored = []
-        for region in regions:
-            try:
-                scored.append((nomad.free_cpu(region), region))
-            except DispatchError as err:
-                if not _unreachable(err):
-                    raise
-                continue  # unreachable: not a candidate
-        if not scored:
-            raise DispatchError(f"no region reachable among {regions}")
-        best = max(scored)[1]
-        return [best] * count
-    return [regions[i % len(regions)] for i in range(count)]
+    if placement != "best":
+        return [regions[i % len(regions)] for i in range(count)]
+    room: dict[str, list[int]] = {}
+    for region in regions:
+        try:
+            room[region] = list(nomad.room(region, need or Need()))
+        except DispatchError as err:
+            if not unreachable(err):
+                raise
+    if not room:
+        raise DispatchError(f"no region reachable among {', '.join(regions)}")
+    targets = []
+    for _ in range(count):
+        best = max(room, key=lambda r: (room[r][0], room[r][1], -regions.index(r)))
+        room[best][0] -= 1
+        targets.append(best)
+    return targets
+
+
+def ensure_job(nomad: Nomad, job: str, regions: list[str], home: str) -> list[str]:
+    """Register the parameterized job, as it is in the home region, in every reachable region
+    of regions that lacks it. Returns what was done, one line per region."""
+    done: list[str] = []
+    source = None
+    for region in regions:
+        if region == home:
+            continue
+        try:
+            if nomad.job(job, region) is not None:
+                continue
+            if source is None:
+                source = nomad.job(job, home)
+                if source is None:
+                    raise DispatchError(f"job {job!r} is not registered in region {home}")
+            register(nomad, _registrable(source), region)
+        except DispatchError as err:
+            if not unreachable(err):
+                raise
+            continue
+        done.append(f"region {region}: registered {job} (copied from {home})")
+    return done
+
+
+def _registrable(job: dict[str, Any]) -> dict[str, Any]:
+    """A job as read back, less what the server owns (indexes, status, versions)."""
+    owned = {
+        "Status", "StatusDescription", "Version", "SubmitTime", "CreateIndex",
+        "ModifyIndex", "JobModifyIndex", "Stable",
+    }  # fmt: skip
+    return {k: v for k, v in job.items() if k not in owned}
 
 
 def dispatch(
@@ -111,22 +235,40 @@ def dispatch(
     token: str = "",
     fallbacks: list[str] | None = None,
 ) -> list[Run]:
-    """Dispatch one instance per target region; on an unreachable region, the next fallback."""
+    """Dispatch one instance per target region; on an unreachable region, the next fallback.
+
+    Every instance carries Nomad's idempotency token and a tag in its job ID made from the
+    token and its number, so a retry first finds instances already dispatched in any reachable
+    region (a failed-over one included) and dispatches only the missing ones."""
     token = token or uuid.uuid4().hex
+    tag = hashlib.sha256(token.encode()).hexdigest()[:12]
+    candidates = list(dict.fromkeys([*targets, *(fallbacks or [])]))
+    existing = _dispatched(nomad, job, tag, candidates)
     runs = []
     for i, region in enumerate(targets):
         run = Run(i, region)
-        body = {"Meta": meta, "IdempotencyToken": f"{token}-{i}"}
+        runs.append(run)
+        if i in existing:
+            run.region, run.job = existing[i]
+            run.note = "dispatched before (same token)"
+            continue
+        body: dict[str, Any] = {
+            "Meta": meta,
+            "IdempotencyToken": f"{token}-{i}",
+            "IdPrefixTemplate": f"{tag}-{i}",
+        }
         if payload:
             body["Payload"] = base64.b64encode(payload).decode()
-        for candidate in [region, *[r for r in (fallbacks or []) if r != region]]:
+        for candidate in [region, *[r for r in candidates if r != region]]:
             try:
-                reply = nomad.call("POST", f"/v1/job/{job}/dispatch", candidate, json=body)
+                reply = nomad.call(
+                    "POST", f"/v1/job/{quote(job, safe='')}/dispatch", candidate, json=body
+                )
             except DispatchError as err:
-                if not _unreachable(err):
+                if not unreachable(err):
                     run.state, run.note = "refused", str(err)
                     break
-                run.note = f"{err}; "
+                run.note += f"{candidate} unreachable; "
                 continue
             run.region, run.job = candidate, reply["DispatchedJobID"]
             if candidate != region:
@@ -134,8 +276,26 @@ def dispatch(
             break
         else:
             run.state = "unreachable"
-        runs.append(run)
+            run.note += "no region left to try"
     return runs
+
+
+def _dispatched(nomad: Nomad, job: str, tag: str, regions: list[str]) -> dict[int, tuple[str, str]]:
+    """Instances of this token already dispatched: number -> (region, job ID)."""
+    found: dict[int, tuple[str, str]] = {}
+    prefix = f"{job}/dispatch-{tag}-"
+    for region in regions:
+        try:
+            jobs = nomad.call("GET", "/v1/jobs", region, params={"prefix": prefix})
+        except DispatchError as err:
+            if not unreachable(err):
+                raise
+            continue
+        for stub in jobs or []:
+            number = stub["ID"][len(prefix) :].split("-", 1)[0]
+            if number.isdigit() and stub.get("ParentID") == job:
+                found.setdefault(int(number), (region, stub["ID"]))
+    return found
 
 
 def follow(
@@ -145,36 +305,58 @@ def follow(
     poll: float = 1.0,
     timeout: float = 0,
 ) -> None:
-    """Poll every dispatched job until it ends; on_change(runs) after each change."""
+    """Poll until every dispatched job ends (one allocation list per region and round);
+    on_change(the runs that changed) after each change."""
     deadline = time.monotonic() + timeout if timeout else None
     while any(r.job and r.state not in TERMINAL for r in runs):
-        changed = False
-        for run in runs:
-            if not run.job or run.state in TERMINAL:
-                continue
+        changed = []
+        for region in sorted({r.region for r in runs if r.job and r.state not in TERMINAL}):
+            mine = {r.job: r for r in runs if r.region == region and r.job}
             try:
-                allocs = nomad.call("GET", f"/v1/job/{run.job}/allocations", run.region)
+                allocs = nomad.call("GET", "/v1/allocations", region)
             except DispatchError as err:
-                run.note = str(err)
+                for run in mine.values():
+                    run.note = str(err)
                 continue
-            if not allocs:
-                continue
-            alloc = max(allocs, key=lambda a: a["CreateIndex"])
-            state = alloc["ClientStatus"]
-            if state != run.state:
-                run.state, changed = state, True
-                if state in TERMINAL:
-                    run.exit_code = _exit_code(alloc)
+            latest: dict[str, dict[str, Any]] = {}
+            for alloc in allocs or []:
+                job_id, seen = alloc["JobID"], latest.get(alloc["JobID"])
+                if job_id in mine and (not seen or alloc["CreateIndex"] > seen["CreateIndex"]):
+                    latest[job_id] = alloc
+            for job_id, alloc in latest.items():
+                run, state = mine[job_id], alloc["ClientStatus"]
+                run.alloc, run.tasks = alloc["ID"], tuple(sorted(alloc.get("TaskStates") or {}))
+                if state != run.state and run.state not in TERMINAL:
+                    run.state = state
+                    if state in TERMINAL:
+                        run.exit_code = _exit_code(alloc)
+                    changed.append(run)
         if changed:
-            on_change(runs)
+            on_change(changed)
         if deadline and time.monotonic() > deadline:
             raise DispatchError("gave up following the dispatched jobs (timeout)")
-        time.sleep(poll)
+        if any(r.job and r.state not in TERMINAL for r in runs):
+            time.sleep(poll)
 
 
-def _unreachable(err: DispatchError) -> bool:
-    """A region that is down or not federated (Nomad says "No path to region")."""
-    return "unreachable" in str(err) or "No path to region" in str(err)
+def output(nomad: Nomad, run: Run, stream: str = "stdout") -> str:
+    """What the run's tasks wrote to stream (through the region's servers to its client)."""
+    parts = []
+    for task in run.tasks:
+        text = nomad.call(
+            "GET",
+            f"/v1/client/fs/logs/{run.alloc}",
+            run.region,
+            params={"task": task, "type": stream, "origin": "start", "plain": "true"},
+            raw=True,
+        )
+        parts.append(text)
+    return "".join(parts)
+
+
+def unreachable(err: DispatchError) -> bool:
+    """A region that is down, has no leader, or is not federated."""
+    return "Nomad unreachable" in str(err) or "No path to region" in str(err)
 
 
 def _exit_code(alloc: dict[str, Any]) -> int | None:
