@@ -196,7 +196,7 @@ def main() -> int:
         capture_output=True,
     )
     os.chmod(IMAGE, 0o644)
-    rows = []
+    rows: list[tuple[str, float | None, float | None, str]] = []
     try:
         for name, run in candidates(rootfs, args.runs):
             if isinstance(run, str):
@@ -210,15 +210,16 @@ def main() -> int:
                 rows.append((name, None, None, f"failed: {why}"))
                 continue
             p95 = samples[min(len(samples) - 1, int(len(samples) * 0.95))]
-            rows.append((name, statistics.median(samples), p95, ""))
+            mid = statistics.median(samples)
+            rows.append((name, mid, p95, ""))
             print(
-                f"{name:40s} median {rows[-1][1] * 1e3:8.2f} ms  p95 {p95 * 1e3:8.2f} ms",
+                f"{name:40s} median {mid * 1e3:8.2f} ms  p95 {p95 * 1e3:8.2f} ms",
                 flush=True,
             )
     finally:
         shutil.rmtree(work, ignore_errors=True)
         IMAGE.unlink(missing_ok=True)
-    base = next(m for n, m, _, _ in rows if n == "pyhpc run")
+    base = next((m for n, m, _, _ in rows if n == "pyhpc run"), None) or float("nan")
     lines = [
         "# Container entry latency: `/bin/true` on the busybox demo image",
         "",
@@ -230,12 +231,12 @@ def main() -> int:
         "| runtime | median (ms) | p95 (ms) | ratio to pyhpc run | note |",
         "|---|---|---|---|---|",
     ]
-    for name, median, p95, note in rows:
-        if median is None:
+    for name, med, high, note in rows:
+        if med is None or high is None:
             lines.append(f"| {name} | - | - | - | {note} |")
         else:
             lines.append(
-                f"| {name} | {median * 1e3:.2f} | {p95 * 1e3:.2f} | {median / base:.2f} | {note} |"
+                f"| {name} | {med * 1e3:.2f} | {high * 1e3:.2f} | {med / base:.2f} | {note} |"
             )
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set everything up, start a loopback Nomad/Consul/Vault cluster with the pyhpc plugin, run
-# jobspecs/hello.nomad, then register the flagship jobspecs/hpc.nomad and dispatch one run of it,
-# printing their output. `scripts/testbed/cluster.sh down` stops the cluster.
+# jobspecs/hello.nomad, then register the flagship jobspecs/hpc.nomad, dispatch one run of it
+# with Nomad's CLI and two more with `pyhpc dispatch` (one per federated region), printing their
+# output. `scripts/testbed/cluster.sh down` stops the cluster.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -27,4 +28,7 @@ done
 alloc=$(nomad job allocs -t '{{ (index . 0).ID }}' "$child")
 echo "--- nomad alloc logs $alloc solver"
 nomad alloc logs "$alloc" solver
+echo "--- pyhpc dispatch hpc --count 2 (spread over regions global and east)"
+.venv/bin/pyhpc dispatch hpc --count 2 --meta size=1000 --meta label=federated --meta hold=0 \
+  --payload /tmp/pyhpc-demo-input.txt --output
 echo "--- the cluster keeps running; stop it with: scripts/testbed/cluster.sh down"
