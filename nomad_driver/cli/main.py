@@ -40,13 +40,20 @@ def install_plugin(plugin_dir: str, name: str, gpu: bool = False) -> int:
     return 0
 
 
-def validate(paths: list[str]) -> int:
+def validate(paths: list[str], var: list[str]) -> int:
     from nomad_driver.driver import jobspec
 
+    given = {}
+    for item in var:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            print(f"pyhpc jobspec validate: --var {item!r}: expected NAME=VALUE", file=sys.stderr)
+            return 2
+        given[name] = value
     failed = False
     for path in paths:
         try:
-            reports = jobspec.check(Path(path).read_text(encoding="utf-8"))
+            reports = jobspec.check(Path(path).read_text(encoding="utf-8"), given)
         except (OSError, ValueError) as err:
             print(f"{path}: {err}", file=sys.stderr)
             failed = True
@@ -54,13 +61,13 @@ def validate(paths: list[str]) -> int:
         if not reports:
             print(f'{path}: no task uses driver "pyhpc"')
         for r in reports:
-            where = f"{path}:{r.line}: job {r.job!r} group {r.group!r} task {r.task!r}"
+            task = f"job {r.job!r} group {r.group!r} task {r.task!r}"
             if r.problems:
                 failed = True
-                for problem in r.problems:
-                    print(f"{where}: {problem}", file=sys.stderr)
+                for line, problem in zip(r.lines, r.problems, strict=True):
+                    print(f"{path}:{line}: {task}: {problem}", file=sys.stderr)
             else:
-                print(f"{where}: ok")
+                print(f"{path}:{r.line}: {task}: ok")
     return 1 if failed else 0
 
 
@@ -114,6 +121,13 @@ def parser() -> argparse.ArgumentParser:
     job_sub = job.add_subparsers(dest="jobspec_command", required=True, metavar="ACTION")
     val = job_sub.add_parser("validate", help="check the config of every pyhpc task")
     val.add_argument("files", nargs="+", metavar="FILE")
+    val.add_argument(
+        "--var",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an input variable, as `nomad job run -var` (default: the variable's default)",
+    )
     sub.add_parser("config-reference", help="print the plugin and task option tables")
     run.add_parser(sub)
     image.add_parser(sub)
@@ -139,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         name = args.name or ("pyhpc-gpu" if args.gpu else "pyhpc")
         return install_plugin(args.plugin_dir, name, args.gpu)
     if args.command == "jobspec":
-        return validate(args.files)
+        return validate(args.files, args.var)
     if args.command == "run":
         return run.run(args)
     if args.command == "image":

@@ -78,10 +78,10 @@ def json_str(text: str) -> str:
     return json.dumps(text).replace("${", "$${")
 
 
-def events_text(cluster: Any, alloc: dict[str, Any]) -> str:
+def events_text(cluster: Any, alloc: dict[str, Any], task: str = "t") -> str:
     return "\n".join(
         f"{e['Type']}: {e.get('DisplayMessage', '')} {e.get('Details', {})}"
-        for e in cluster.task_events(alloc, "t")
+        for e in cluster.task_events(alloc, task)
     )
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
-from test_foundation import job
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_a_gpu_job_is_not_placed_on_a_node_without_gpus(cluster: Any) -> None:
@@ -17,10 +18,7 @@ def test_a_gpu_job_is_not_placed_on_a_node_without_gpus(cluster: Any) -> None:
     assert pids, "Nomad did not start the pyhpc-gpu device plugin"
     node = cluster.node()
     assert not (node.get("NodeResources") or {}).get("Devices"), node["NodeResources"]
-    spec = job("e2e-gpu", "nvidia-smi -L", type_="batch").replace(
-        "memory = 64", 'memory = 64\n        device "nvidia/gpu" {\n          count = 1\n        }'
-    )
-    job_id = cluster.run_job(spec)
+    job_id = cluster.run_job((REPO / "jobspecs" / "gpu.nomad").read_text())
     deadline = time.monotonic() + 30
     while True:
         evals = cluster.api(f"job/{job_id}/evaluations")
@@ -29,7 +27,7 @@ def test_a_gpu_job_is_not_placed_on_a_node_without_gpus(cluster: Any) -> None:
             break
         assert time.monotonic() < deadline, evals
         time.sleep(0.5)
-    metrics = failed[0]["FailedTGAllocs"]["g"]
+    metrics = failed[0]["FailedTGAllocs"]["gpu"]
     assert metrics["ConstraintFiltered"].get("missing devices") == 1, metrics
     assert cluster.allocs(job_id) == []
     assert (

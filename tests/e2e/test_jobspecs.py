@@ -20,6 +20,14 @@ def passing(service: str) -> list[dict[str, Any]]:
     return reply.json()
 
 
+def allocated(cluster: Any, job_id: str) -> tuple[str, int]:
+    """The address and port Nomad gave the job's group network (its one port)."""
+    [stub] = cluster.allocs(job_id)
+    alloc = cluster.alloc(stub["ID"])
+    [port] = alloc["AllocatedResources"]["Shared"]["Ports"]
+    return port["HostIP"], port["Value"]
+
+
 def test_hpc_job_dispatches_and_registers_a_healthy_service(cluster: Any, tmp_path: Path) -> None:
     cluster.nomad("job", "run", str(REPO / "jobspecs" / "hpc.nomad"))
     payload = tmp_path / "input.txt"
@@ -43,7 +51,8 @@ def test_hpc_job_dispatches_and_registers_a_healthy_service(cluster: Any, tmp_pa
         assert time.monotonic() < deadline, "hpc-solver never became healthy in Consul"
         time.sleep(1)
     entry = passing("hpc-solver")[0]
-    assert entry["Service"]["Port"] > 0 and "pyhpc" in entry["Service"]["Tags"]
+    assert "pyhpc" in entry["Service"]["Tags"]
+    assert (entry["Service"]["Address"], entry["Service"]["Port"]) == allocated(cluster, child)
     checks = {c["Name"]: c["Status"] for c in entry["Checks"] if c["ServiceName"]}
     assert checks.get("solver-alive") == "passing", checks  # the script check, through exec
     alloc = cluster.wait_alloc(child, {"complete", "failed"}, timeout=90)
@@ -55,3 +64,25 @@ def test_hpc_job_dispatches_and_registers_a_healthy_service(cluster: Any, tmp_pa
         assert time.monotonic() < deadline, "hpc-solver stayed registered after the task ended"
         time.sleep(1)
     cluster.stop_job("hpc")
+
+
+def test_service_example_registers_its_address_and_port_and_both_checks_pass(
+    cluster: Any,
+) -> None:
+    cluster.nomad("job", "run", "-detach", str(REPO / "jobspecs" / "service.nomad"))
+    try:
+        cluster.wait_alloc("web", {"running"})
+        deadline = time.monotonic() + 60
+        while not passing("pyhpc-web"):
+            assert time.monotonic() < deadline, "pyhpc-web never became healthy in Consul"
+            time.sleep(1)
+        [entry] = passing("pyhpc-web")
+        address, port = allocated(cluster, "web")
+        assert (entry["Service"]["Address"], entry["Service"]["Port"]) == (address, port)
+        checks = {c["Name"]: c["Status"] for c in entry["Checks"] if c["ServiceName"]}
+        assert checks == {"http": "passing", "tcp": "passing"}, checks
+        page = requests.get(f"http://{address}:{port}/index.html", timeout=5)
+        assert page.text.strip() == "ok"
+    finally:
+        cluster.stop_job("web")
+    assert not passing("pyhpc-web")

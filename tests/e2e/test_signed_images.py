@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -86,3 +87,23 @@ def test_an_unsigned_image_starts_with_a_warning_under_warn(
         and "is not signed" in text
     )
     cluster.stop_job(job_id)
+
+
+def test_the_signed_example_runs_a_signed_image_given_as_a_variable(
+    cluster: Any, repos: dict[str, str]
+) -> None:
+    spec = Path(__file__).resolve().parents[2] / "jobspecs" / "signed.nomad"
+    cluster.nomad("job", "run", "-detach", "-var", f"image={repos['signed']}", str(spec))
+    alloc = cluster.wait_alloc("signed", {"complete", "failed"})
+    text = events_text(cluster, alloc, "run")
+    assert alloc["ClientStatus"] == "complete", text
+    assert "verified: signed with transit/pyhpc-images" in text
+    assert cluster.alloc_logs(alloc["ID"], "run").strip() == "signed-and-running"
+    cluster.stop_job("signed")
+    unsigned = cluster.nomad(
+        "job", "run", "-detach", "-var", f"image={repos['unsigned']}", str(spec)
+    )
+    assert unsigned.returncode == 0
+    refused_alloc = cluster.wait_alloc("signed", {"failed"}, fail_fast=False)
+    assert "signature check failed" in events_text(cluster, refused_alloc, "run")
+    cluster.stop_job("signed")
