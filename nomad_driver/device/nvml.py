@@ -79,6 +79,23 @@ def probe(nvml: Any = None) -> tuple[list[Gpu], str]:
             pass
 
 
+def driver_attributes(gpus: list[Gpu]) -> dict[str, int | str]:
+    """The task driver's `driver.pyhpc.gpu.*` node attributes, for jobspec constraints such as
+    `${attr.driver.pyhpc.gpu.count} > 0` (a count of 0 on a node without GPUs or NVML)."""
+    attrs: dict[str, int | str] = {"driver.pyhpc.gpu.count": len(gpus)}
+    if gpus:
+        attrs.update(
+            {
+                "driver.pyhpc.gpu.model": ",".join(sorted({g.name for g in gpus})),
+                "driver.pyhpc.gpu.memory_mib": min(g.memory_mib for g in gpus),
+                "driver.pyhpc.gpu.driver_version": gpus[0].driver_version,
+                "driver.pyhpc.gpu.cuda_version": gpus[0].cuda_version,
+                "driver.pyhpc.gpu.compute_capability": min(g.compute_capability for g in gpus),
+            }
+        )
+    return attrs
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 

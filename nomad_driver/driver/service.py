@@ -25,6 +25,7 @@ from google.rpc import status_pb2
 from grpc_status import rpc_status
 
 from nomad_driver import __version__
+from nomad_driver.device import nvml
 from nomad_driver.driver import config, execio, policy
 from nomad_driver.driver.handle import TaskHandle
 from nomad_driver.driver.state import DriverState, StateError
@@ -241,6 +242,12 @@ class DriverService:
             "driver.pyhpc.version": structs_pb2.Attribute(string_val=__version__),
             "driver.pyhpc.runtime": structs_pb2.Attribute(string_val="squashfs+overlay"),
         }
+        for name, value in nvml.driver_attributes(nvml.probe()[0]).items():
+            attrs[name] = (
+                structs_pb2.Attribute(int_val=value)
+                if isinstance(value, int)
+                else structs_pb2.Attribute(string_val=value)
+            )
         state = driver_pb2.FingerprintResponse.HEALTHY
         description = "Healthy"
         if problems:

@@ -108,3 +108,16 @@ def test_a_reservation_gives_only_its_gpus_nodes_libraries_and_consistent_env() 
     ]
     with pytest.raises(KeyError, match="unknown device IDs: GPU-nope"):
         nvml.reservation(gpus, ["GPU-nope"], LDCONFIG)
+
+
+def test_driver_attributes_summarise_the_gpus_and_say_zero_without_them() -> None:
+    gpus, _ = nvml.probe(recorded_nvml())
+    assert nvml.driver_attributes(gpus) == {
+        "driver.pyhpc.gpu.count": 3,
+        "driver.pyhpc.gpu.model": "NVIDIA H100 80GB HBM3,NVIDIA L4",
+        "driver.pyhpc.gpu.memory_mib": 23034,
+        "driver.pyhpc.gpu.driver_version": "550.54.15",
+        "driver.pyhpc.gpu.cuda_version": "12.4",
+        "driver.pyhpc.gpu.compute_capability": "8.9",
+    }
+    assert nvml.driver_attributes([]) == {"driver.pyhpc.gpu.count": 0}

@@ -37,3 +37,25 @@ def test_a_gpu_job_is_not_placed_on_a_node_without_gpus(cluster: Any) -> None:
         == 0
     )  # still running
     cluster.stop_job(job_id)
+
+
+def test_the_driver_says_the_node_has_no_gpus_and_a_constraint_on_it_holds(cluster: Any) -> None:
+    attrs = cluster.node()["Attributes"]
+    assert attrs["driver.pyhpc.gpu.count"] == "0", {
+        k: v for k, v in attrs.items() if k.startswith("driver.pyhpc")
+    }
+    spec = (
+        (REPO / "jobspecs" / "hello.nomad").read_text().replace('job "hello"', 'job "e2e-gpu-attr"')
+    )
+    spec = spec.replace(
+        '  group "hello" {',
+        '  constraint {\n    attribute = "${attr.driver.pyhpc.gpu.count}"\n'
+        '    operator  = ">"\n    value     = "0"\n  }\n\n  group "hello" {',
+    )
+    job_id = cluster.run_job(spec)
+    deadline = time.monotonic() + 30
+    while not [e for e in cluster.api(f"job/{job_id}/evaluations") if e.get("FailedTGAllocs")]:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert cluster.allocs(job_id) == []
+    cluster.stop_job(job_id)

@@ -1,0 +1,221 @@
+"""The GPU check (issue: GPUs). On a machine with an NVIDIA GPU, in under 5 minutes:
+
+1. the pyhpc-gpu device plugin's NVML fingerprint, read through its own gRPC service as Nomad
+   reads it (go-plugin handshake, then DevicePlugin.Fingerprint), and a Reserve of one GPU;
+2. `pyhpc run --gpus all` of nvidia-smi in a SquashFS image;
+3. `pyhpc run --gpus 1`: the container sees exactly one GPU;
+4. a CUDA program (scripts/gpu/cudacheck.c: driver API, PTX kernel) in the container that
+   allocates GPU memory, runs a kernel and checks its result;
+5. the fingerprint time and the extra start time of GPU injection (`pyhpc run --gpus 1` vs
+   no GPU, same image, same command).
+
+Each step prints PASS, FAIL or SKIP with what it saw. Exit 0 when every step passed, 1 when one
+failed, 77 when the machine has no usable GPU (nothing to check). Run as root:
+    scripts/gpu-check.sh [--image PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+from nomad_driver.device import nvml
+from nomad_driver.driver.main import NOMAD_HANDSHAKE
+from nomad_driver.proto import device_pb2, device_pb2_grpc
+
+REPO = Path(__file__).resolve().parents[1]
+PYHPC = [sys.executable, "-m", "nomad_driver.cli.main"]
+results: list[tuple[str, str, str]] = []
+
+
+def report(step: str, status: str, detail: str) -> None:
+    results.append((step, status, detail))
+    print(f"[{status}] {step}\n{detail.rstrip()}\n", flush=True)
+
+
+def fingerprint_and_reserve(work: Path) -> list[str]:
+    env = {
+        **os.environ,
+        NOMAD_HANDSHAKE.cookie_key: NOMAD_HANDSHAKE.cookie_value,
+        "PLUGIN_PROTOCOL_VERSIONS": "2",
+        "PYHPC_LOG_FILE": str(work / "pyhpc-gpu.log"),
+    }
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nomad_driver.device.main"], env=env, stdout=subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+        channel = grpc.insecure_channel(f"unix:{line.split('|')[3]}")
+        stub = device_pb2_grpc.DevicePluginStub(channel)
+        first = next(stub.Fingerprint(device_pb2.FingerprintRequest(), timeout=60))
+        took = time.monotonic() - started
+        ids, lines = [], []
+        for group in first.device_group:
+            attrs = ", ".join(
+                f"{k}={v.string_val or v.int_val}{v.unit}"
+                for k, v in sorted(group.attributes.items())
+            )
+            lines.append(f"{group.vendor}/{group.device_type}/{group.device_name}: {attrs}")
+            for dev in group.devices:
+                ids.append(dev.ID)
+                lines.append(f"  {dev.ID} healthy={dev.healthy} pci={dev.hw_locality.pci_bus_id}")
+        if not ids:
+            report("device plugin fingerprint", "FAIL", "no devices reported\n" + str(first))
+            return []
+        report(
+            "device plugin fingerprint",
+            "PASS",
+            f"{len(ids)} GPU(s), first answer {took * 1e3:.0f} ms after the plugin started\n"
+            + "\n".join(lines),
+        )
+        reply = stub.Reserve(device_pb2.ReserveRequest(device_ids=ids[:1]), timeout=30)
+        [res] = reply.container_res
+        report(
+            "device plugin reserve (one GPU)",
+            "PASS" if res.devices else "FAIL",
+            f"envs: {dict(res.envs)}\n"
+            f"devices: {[d.task_path for d in res.devices]}\n"
+            f"mounts: {len(res.mounts)} read-only, e.g. "
+            + ", ".join(m.task_path for m in res.mounts[:6]),
+        )
+        channel.close()
+        return ids
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def run(image: str, gpus: str, *command: str) -> subprocess.CompletedProcess[str]:
+    args = [*PYHPC, "run", *(["--gpus", gpus] if gpus else []), image, "--", *command]
+    return subprocess.run(args, capture_output=True, text=True, timeout=120)
+
+
+def cuda_image(work: Path) -> Path:
+    """A SquashFS image with cudacheck and the C library it and the host's libcuda need."""
+    root = work / "cuda-root"
+    binary = root / "cudacheck"
+    root.mkdir()
+    subprocess.run(
+        ["gcc", "-O2", "-o", str(binary), str(REPO / "scripts/gpu/cudacheck.c"), "-ldl"],
+        check=True,
+    )
+    libs = set()
+    for line in subprocess.run(["ldd", str(binary)], capture_output=True, text=True).stdout.split(
+        "\n"
+    ):
+        for word in line.split():
+            if word.startswith("/"):
+                libs.add(word)
+    # What libcuda itself links against (glibc's pieces), from the same host libc.
+    for lib in ("libm.so.6", "libdl.so.2", "libpthread.so.0", "librt.so.1"):
+        found = subprocess.run(
+            ["sh", "-c", f"ldconfig -p | awk '/{lib} .*x86-64/ {{print $NF; exit}}'"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        if found:
+            libs.add(found)
+    for lib in libs:
+        target = root / lib.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(os.path.realpath(lib), target)
+    (root / "tmp").mkdir(mode=0o1777)
+    (root / "etc").mkdir()
+    (root / "etc/passwd").write_text("root:x:0:0:root:/:/cudacheck\n")
+    image = work / "cuda.sqsh"
+    subprocess.run(
+        ["mksquashfs", str(root), str(image), "-quiet", "-all-root", "-noappend"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return image
+
+
+def entry_ms(image: str, gpus: str, n: int = 10) -> float:
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        done = run(image, gpus, "/bin/true")
+        samples.append((time.perf_counter() - t0) * 1e3)
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr)
+    return statistics.median(samples)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--image", default="/var/lib/pyhpc/images/busybox.sqsh")
+    args = parser.parse_args()
+    t0 = time.monotonic()
+    gpus, why = nvml.probe()
+    probe_ms = (time.monotonic() - t0) * 1e3
+    if not gpus:
+        print(f"[SKIP] no usable NVIDIA GPU here: {why or 'NVML reports none'}")
+        return 77
+    print(
+        f"NVML: {len(gpus)} GPU(s), probe {probe_ms:.0f} ms; driver {gpus[0].driver_version}, "
+        f"CUDA {gpus[0].cuda_version}\n",
+        flush=True,
+    )
+    work = Path(tempfile.mkdtemp(prefix="pyhpc-gpu-check-"))
+    try:
+        fingerprint_and_reserve(work)
+        if not Path(args.image).exists():
+            subprocess.run([str(REPO / "scripts/make-demo-image.sh"), args.image], check=True)
+        smi = run(args.image, "all", "/usr/local/nvidia/bin/nvidia-smi", "-L")
+        listed = [line for line in smi.stdout.splitlines() if line.startswith("GPU ")]
+        report(
+            "pyhpc run --gpus all: nvidia-smi -L",
+            "PASS" if smi.returncode == 0 and len(listed) == len(gpus) else "FAIL",
+            smi.stdout + smi.stderr,
+        )
+        one = run(args.image, "1", "/usr/local/nvidia/bin/nvidia-smi", "-L")
+        seen = [line for line in one.stdout.splitlines() if line.startswith("GPU ")]
+        nodes = run(args.image, "1", "/bin/sh", "-c", "ls /dev | grep -E '^nvidia[0-9]+$'")
+        report(
+            "pyhpc run --gpus 1: exactly one GPU visible",
+            "PASS"
+            if len(seen) == 1 and nodes.stdout.split() == [nodes.stdout.split()[0]]
+            else "FAIL",
+            one.stdout + one.stderr + f"/dev: {nodes.stdout.split()}",
+        )
+        try:
+            image = str(cuda_image(work))
+            cuda = run(image, "1", "/cudacheck")
+            report(
+                "CUDA kernel in the container",
+                "PASS" if cuda.returncode == 0 else "FAIL",
+                cuda.stdout + cuda.stderr,
+            )
+        except (subprocess.CalledProcessError, OSError) as err:
+            report("CUDA kernel in the container", "FAIL", f"could not build the test image: {err}")
+        plain, with_gpu = entry_ms(args.image, ""), entry_ms(args.image, "1")
+        report(
+            "GPU injection cost (pyhpc run /bin/true, median of 10)",
+            "PASS" if with_gpu - plain < 20 else "FAIL",
+            f"no GPU {plain:.1f} ms, --gpus 1 {with_gpu:.1f} ms: +{with_gpu - plain:.1f} ms "
+            "(target under 20 ms)",
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    failed = [r for r in results if r[1] == "FAIL"]
+    print(
+        f"{len(results) - len(failed)} of {len(results)} steps passed "
+        f"in {time.monotonic() - t0:.0f} s"
+    )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,37 @@
+"""What of scripts/gpu-check.sh can run without a GPU: it skips (77) naming why, and its CUDA
+test image (cudacheck built against the host C library) starts in a pyhpc container, where
+without a driver it says libcuda.so.1 cannot be loaded."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def load_check():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "scripts" / "gpu_check.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_without_a_gpu_the_check_skips_and_says_why() -> None:
+    done = subprocess.run([str(REPO / "scripts" / "gpu-check.sh")], capture_output=True, text=True)
+    assert done.returncode == 77, done.stdout + done.stderr
+    assert "[SKIP] no usable NVIDIA GPU here: NVML" in done.stdout
+
+
+@pytest.mark.skipif(not shutil.which("gcc"), reason="needs gcc")
+def test_the_cuda_test_image_runs_in_a_container(tmp_path: Path) -> None:
+    check = load_check()
+    image = check.cuda_image(tmp_path)
+    done = check.run(str(image), "", "/cudacheck")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "cudacheck: cannot load libcuda.so.1" in done.stderr
