@@ -32,7 +32,7 @@ from nomad_driver.driver.state import DriverState, StateError
 from nomad_driver.goplugin import hclog
 from nomad_driver.images.store import StoreError
 from nomad_driver.proto import base_pb2, driver_pb2, structs_pb2
-from nomad_driver.runtime import client, enter, security
+from nomad_driver.runtime import cgroups, client, enter, security
 from nomad_driver.runtime.cgroups import Limits
 from nomad_driver.runtime.container import ContainerError
 from nomad_driver.runtime.imagemount import SharedImages, images_dir
@@ -263,11 +263,12 @@ class DriverService:
         period = config.parse_duration(self.config.fingerprint_period) or 30.0
         while not done.is_set() and not self.stop.is_set():
             yield self._fingerprint()
-            # Image mounts whose tasks' supervisors were killed: found here, at the latest.
+            # Image mounts and cgroups whose tasks' supervisors were killed: found here.
             try:
                 SharedImages(images_dir(self.config.run_dir)).sweep()
+                cgroups.sweep(lambda: {os.path.basename(d) for d in client.supervisors()})
             except OSError as err:
-                log.warning("image mount sweep failed", extra={"kv": {"error": str(err)}})
+                log.warning("sweep failed", extra={"kv": {"error": str(err)}})
             done.wait(period)
 
     def TaskEvents(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
@@ -392,10 +393,15 @@ class DriverService:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"{where}: {err}")
         run_dir = os.path.join(self.config.run_dir, "tasks", run_key(task.id, task.name))
         os.makedirs(os.path.dirname(run_dir), mode=0o700, exist_ok=True)
-        if os.path.exists(run_dir):  # never reuse (or remove) another start's directory
-            abort(context, grpc.StatusCode.ALREADY_EXISTS, f"{run_dir} already exists")
+        adopted = None
+        if os.path.exists(run_dir):
+            # A start of this task was under way when the plugin died: Nomad asks again. Adopt
+            # its container if the command got to run (never start it twice), else clear it.
+            adopted = client.adopt(run_dir)
+            if adopted is None:
+                client.discard(run_dir, spec.images_dir)
         try:
-            started = client.start(spec, run_dir)
+            started = adopted or client.start(spec, run_dir)
         except (client.StartError, OSError) as err:
             client.remove(run_dir)
             # Recoverable errors let Nomad apply the job's restart policy; a bad image or
@@ -412,6 +418,8 @@ class DriverService:
         with self.lock:
             self.tasks[task.id] = handle
         log.info("task started", extra={"kv": {"task_id": task.id, "init_pid": started.init_pid}})
+        if adopted:
+            self.events.emit(handle, "Task adopted: started before the plugin restarted, not again")
         return driver_pb2.StartTaskResponse(
             result=driver_pb2.StartTaskResponse.SUCCESS,
             handle=driver_pb2.TaskHandle(

@@ -4,6 +4,7 @@ clusters; this module detects which). A task's cgroup is named after its run dir
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import NamedTuple
 
 ROOT = "/sys/fs/cgroup"
@@ -171,3 +172,32 @@ class Cgroup:
                 os.rmdir(path)
             except OSError:
                 pass
+
+
+def names() -> set[str]:
+    """The task cgroups that exist under our parent, in any hierarchy."""
+    parents = (
+        [os.path.join(ROOT, PARENT)]
+        if version() == 2
+        else [os.path.join(ROOT, c, PARENT) for c in V1_CONTROLLERS]
+    )
+    found: set[str] = set()
+    for parent in parents:
+        try:
+            found.update(e.name for e in os.scandir(parent) if e.is_dir())
+        except OSError:
+            continue
+    return found
+
+
+def sweep(in_use: Callable[[], set[str]]) -> list[str]:
+    """Remove the task cgroups not in in_use() (a supervisor that died before cleaning up leaves
+    its cgroup). The cgroups are listed before in_use() is asked, so one made meanwhile by a
+    starting supervisor is in use by then; and only empty cgroups can be removed at all."""
+    removed = []
+    for name in sorted(names() - in_use()):
+        group = Cgroup(name)
+        group.remove()
+        if not any(os.path.isdir(p) for p in group.paths()):
+            removed.append(name)
+    return removed

@@ -16,13 +16,14 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from nomad_driver.runtime.container import ContainerError
 from nomad_driver.runtime.imagemount import SharedImages
 from nomad_driver.runtime.spec import ContainerSpec, ExitStatus
-from nomad_driver.runtime.supervisor import EXIT_FILE, SOCKET_FILE, SPEC_FILE
+from nomad_driver.runtime.supervisor import EXIT_FILE, SOCKET_FILE, SPEC_FILE, STARTED_FILE
 
 PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 
@@ -119,6 +120,61 @@ def _start_supervisor(spec: ContainerSpec, run_dir: str, timeout: float) -> Star
     if "error" in message:
         raise StartError(str(message["error"]))
     return Started(run_dir, proc.pid, int(message["init_pid"]), float(message["started_at"]))
+
+
+def adopt(run_dir: str, timeout: float = 15.0) -> Started | None:
+    """The task an earlier start in run_dir launched, if its command got to run (a plugin killed
+    in the middle of StartTask leaves that start's supervisor going); None when it never will,
+    after which the directory is the caller's to clear (`discard`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(os.path.join(run_dir, STARTED_FILE), encoding="utf-8") as f:
+                record = json.loads(f.read())
+            pid = _supervisor_of(run_dir)
+            return Started(run_dir, pid or 0, int(record["init_pid"]), float(record["started_at"]))
+        except FileNotFoundError:
+            pass
+        if _supervisor_of(run_dir) is None or time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)
+
+
+def _supervisor_of(run_dir: str) -> int | None:
+    """The pid of the supervisor process serving run_dir, if one runs."""
+    return supervisors().get(run_dir)
+
+
+def supervisors() -> dict[str, int]:
+    """Every running task supervisor on this node: run directory -> pid. (A container init is a
+    fork of its supervisor with the same command line until it execs; the supervisor is the one
+    whose parent is not another of the same run directory.)"""
+    marker = b"nomad_driver.runtime.supervisor\0"
+    by_dir: dict[str, dict[int, int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read()
+                if marker not in cmdline:
+                    continue
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            run_dir = cmdline.split(marker, 1)[1].split(b"\0")[0].decode(errors="replace")
+            by_dir.setdefault(run_dir, {})[int(entry)] = ppid
+    return {
+        run_dir: min(p for p, parent in pids.items() if parent not in pids)
+        for run_dir, pids in by_dir.items()
+        if any(parent not in pids for parent in pids.values())
+    }
+
+
+def discard(run_dir: str, images_dir: str) -> None:
+    """Clear a start that never ran its command: its image reference and its directory."""
+    SharedImages(images_dir).release(os.path.basename(run_dir))
+    remove(run_dir)
 
 
 def _read_line(fd: int, timeout: float) -> str:

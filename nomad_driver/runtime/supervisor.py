@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 SPEC_FILE = "spec.json"
 EXIT_FILE = "exit.json"
 SOCKET_FILE = "control.sock"
+STARTED_FILE = "started.json"  # written once the command runs: who to adopt after a crash
 # Signals the init passes on to the task; SIGKILL and SIGSTOP cannot be caught, SIGCHLD is ours.
 FORWARDED = [
     s
@@ -338,7 +339,15 @@ def main(argv: list[str]) -> int:
     except Exception as error:  # noqa: BLE001 - every failure goes back to the plugin
         _write_line(ready_fd, {"error": str(error)})
         return 1
-    _write_line(ready_fd, {"init_pid": supervisor.init_pid, "started_at": supervisor.started_at})
+    started: dict[str, object] = {
+        "init_pid": supervisor.init_pid,
+        "started_at": supervisor.started_at,
+    }
+    write_atomic(os.path.join(run_dir, STARTED_FILE), json.dumps(started))
+    try:
+        _write_line(ready_fd, started)
+    except BrokenPipeError:
+        pass  # the plugin that started us died; the next one adopts us through STARTED_FILE
     os.close(ready_fd)
     result = supervisor.serve()
     print(f"task exited: {result.to_json()}", flush=True)

@@ -1,0 +1,137 @@
+"""What a pyhpc node could leak, counted node-wide: supervisor processes, mounts, loop devices,
+cgroups, task run directories, image references, FIFOs and descriptors the plugin holds, and
+store locks held. Compare a snapshot before a load or a fault with one after."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+RUN_DIR = Path("/run/pyhpc")
+STORE = Path("/var/lib/pyhpc/store")
+
+
+def _cmdlines() -> dict[int, str]:
+    found = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                found[int(entry)] = (
+                    Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                )
+            except OSError:
+                continue
+    return found
+
+
+def plugin_pids(state_dir: Path) -> list[int]:
+    """The pyhpc task driver processes Nomad runs (one per region's agent)."""
+    return sorted(
+        pid
+        for pid, cmd in _cmdlines().items()
+        if cmd.rstrip().endswith(f"{state_dir}/plugins/pyhpc")
+    )
+
+
+def supervisors() -> list[int]:
+    return sorted(
+        pid for pid, cmd in _cmdlines().items() if "nomad_driver.runtime.supervisor " in cmd
+    )
+
+
+def _held_store_locks() -> list[str]:
+    locks = STORE / "locks"
+    if not locks.is_dir():
+        return []
+    inodes = {
+        f"{os.major(s.st_dev):02x}:{os.minor(s.st_dev):02x}:{s.st_ino}": p.name
+        for p in locks.iterdir()
+        for s in [p.stat()]
+    }
+    held = []
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 5 and fields[5] in inodes:
+            held.append(inodes[fields[5]])
+    return sorted(held)
+
+
+def _plugin_fds(state_dir: Path) -> tuple[int, list[str]]:
+    total, fifos = 0, []
+    for pid in plugin_pids(state_dir):
+        fd_dir = Path(f"/proc/{pid}/fd")
+        try:
+            for fd in fd_dir.iterdir():
+                total += 1
+                try:
+                    if stat.S_ISFIFO(os.stat(fd).st_mode) and os.readlink(fd).startswith("/"):
+                        fifos.append(os.readlink(fd))
+                except OSError:
+                    continue
+        except OSError:
+            continue
+    return total, sorted(fifos)
+
+
+def snapshot(state_dir: Path) -> dict[str, Any]:
+    mounts = [
+        line.split()[4]
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        if line.split()[4].startswith(str(RUN_DIR))
+    ]
+    loops = [
+        line
+        for line in subprocess.run(
+            ["losetup", "-a"], capture_output=True, text=True
+        ).stdout.splitlines()
+        if "/var/lib/pyhpc/" in line
+    ]
+    cgroups = sorted(
+        str(p) for p in Path("/sys/fs/cgroup").glob("*/pyhpc/*") if p.is_dir()
+    ) + sorted(str(p) for p in Path("/sys/fs/cgroup").glob("pyhpc/*") if p.is_dir())
+    tasks = (
+        sorted(p.name for p in (RUN_DIR / "tasks").iterdir())
+        if (RUN_DIR / "tasks").is_dir()
+        else []
+    )
+    refs = sorted(p.name for p in (RUN_DIR / "images").glob("*/refs/*"))
+    fifo_files = [str(p) for p in RUN_DIR.rglob("*") if p.is_fifo()]
+    fds, fifo_fds = _plugin_fds(state_dir)
+    return {
+        "supervisors": supervisors(),
+        "mounts": sorted(mounts),
+        "loop devices": sorted(loops),
+        "cgroups": cgroups,
+        "task run dirs": tasks,
+        "image refs": refs,
+        "fifos": fifo_files + fifo_fds,
+        "store locks held": _held_store_locks(),
+        "plugin fds": fds,
+    }
+
+
+def settle(
+    state_dir: Path, before: dict[str, Any], timeout: float = 60, fd_slack: int = 4
+) -> dict[str, Any]:
+    """Wait until everything but the plugin's descriptors is back to before (Nomad destroys
+    finished tasks asynchronously); returns the last snapshot."""
+    deadline = time.monotonic() + timeout
+    while True:
+        after = snapshot(state_dir)
+        same = all(after[k] == before[k] for k in before if k != "plugin fds")
+        if same and after["plugin fds"] <= before["plugin fds"] + fd_slack:
+            return after
+        if time.monotonic() > deadline:
+            return after
+
+
+def leaked(before: dict[str, Any], after: dict[str, Any], fd_slack: int = 4) -> dict[str, Any]:
+    """What differs (the plugin's descriptor count may grow by fd_slack)."""
+    diff = {k: (before[k], after[k]) for k in before if k != "plugin fds" and before[k] != after[k]}
+    if after["plugin fds"] > before["plugin fds"] + fd_slack:
+        diff["plugin fds"] = (before["plugin fds"], after["plugin fds"])
+    return diff

@@ -1,0 +1,56 @@
+"""After a plugin dies in the middle of StartTask, Nomad asks for the same task again: the
+next plugin adopts the container the first start launched (never starts it twice), or clears a
+start that never ran. And cgroups left by supervisors that died are swept, live ones never."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from nomad_driver.runtime import cgroups, client
+from nomad_driver.runtime.cgroups import Cgroup, Limits
+from tests.runtime.test_supervisor import make_spec
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="containers need root here")
+
+
+def test_a_started_task_is_adopted_with_its_pids_and_exit_code(
+    tmp_path: Path, busybox_image: Path
+) -> None:
+    spec = make_spec(tmp_path, busybox_image, "/bin/sh", "-c", "sleep 1; exit 7")._replace(
+        images_dir=str(tmp_path / "images")
+    )
+    run_dir = str(tmp_path / "t-adopt")
+    first = client.start(spec, run_dir)
+    adopted = client.adopt(run_dir)
+    assert adopted is not None
+    assert (adopted.init_pid, adopted.started_at) == (first.init_pid, first.started_at)
+    assert adopted.supervisor_pid == first.supervisor_pid
+    assert client.wait(run_dir).exit_code == 7
+    assert client.adopt(run_dir) is not None  # finished: still that task's, with its exit code
+    client.remove(run_dir)
+
+
+def test_a_start_that_never_ran_is_not_adopted_and_is_cleared(tmp_path: Path) -> None:
+    run_dir = tmp_path / "t-never"
+    run_dir.mkdir()
+    (run_dir / "spec.json").write_text("{}")
+    assert client.adopt(str(run_dir), timeout=1) is None
+    client.discard(str(run_dir), str(tmp_path / "images"))
+    assert not run_dir.exists()
+
+
+def test_sweep_removes_cgroups_of_dead_tasks_only(tmp_path: Path) -> None:
+    dead, live = Cgroup("t-sweep-dead"), Cgroup("t-sweep-live")
+    for group in (dead, live):
+        group.create(Limits(memory_bytes=32 << 20))
+    try:
+        removed = cgroups.sweep(lambda: {"t-sweep-live"} | (cgroups.names() - {"t-sweep-dead"}))
+        assert removed == ["t-sweep-dead"]
+        assert not any(os.path.isdir(p) for p in dead.paths())
+        assert all(os.path.isdir(p) for p in live.paths())
+    finally:
+        live.remove()
+        dead.remove()
