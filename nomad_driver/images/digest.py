@@ -48,3 +48,13 @@ def file_digest(path: str, cache_dir: str | None = None) -> str:
         os.makedirs(cache_dir, mode=0o700, exist_ok=True)
         write_atomic(entry, f"{key} {digest}\n")
     return digest
+
+
+def remember(path: str, digest: str, cache_dir: str) -> None:
+    """Record a digest just computed for path (e.g. by the writer of the file), so the next
+    file_digest need not read it again."""
+    st = os.stat(path)
+    os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+    write_atomic(
+        os.path.join(cache_dir, f"{st.st_dev}-{st.st_ino}"), f"{unchanged_key(st)} {digest}\n"
+    )

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nomad_driver.images import merge, reference, sources, squashfs
-from nomad_driver.images.digest import file_digest
+from nomad_driver.images.digest import file_digest, remember
 from nomad_driver.runtime.spec import write_atomic
 
 Progress = Callable[[str], None]
@@ -153,15 +153,38 @@ class Store:
         reference wait for the one import instead of doing their own."""
         ref = reference.parse(text)
         name = str(ref)
-        found = self.lookup(name)
+        found = self._intact(self.lookup(name), progress)
         # Pinned references never change: no lock. A tag may be being pulled again: wait.
         if found is not None and (not ref.remote or ref.digest):
             return found
         with self._lock(name):
-            found = self.lookup(name)
+            found = self._intact(self.lookup(name), progress)
             if found is not None:
                 return found
             return self._import(ref, progress, meter, **fetch_kw)
+
+    def _intact(self, image: StoredImage | None, progress: Progress | None) -> StoredImage | None:
+        """image, if its file still has its digest (hashed again only when the file changed
+        since last read); a damaged file is moved aside, and None makes the caller import it
+        again."""
+        if image is None:
+            return None
+        try:
+            if file_digest(image.path, self._dir("digests")) == image.digest:
+                return image
+        except OSError:
+            pass
+        aside = os.path.join(self._dir("tmp"), "damaged-" + image.digest.partition(":")[2])
+        try:
+            os.replace(image.path, aside)
+        except OSError:
+            pass
+        if progress:
+            progress(
+                f"stored image {image.digest} no longer matches its digest (damaged on disk); "
+                "moved aside, importing it again"
+            )
+        return None
 
     def pull(
         self,
@@ -225,6 +248,7 @@ class Store:
                 with open(built, "rb") as f:
                     os.fsync(f.fileno())
                 os.replace(built, target)
+                remember(target, digest, self._dir("digests"))
             if fetched.signature:
                 os.replace(fetched.signature, target + ".dsse.json")
             write_atomic(
@@ -307,7 +331,9 @@ class Store:
         tmp = os.path.join(self.root, "tmp")
         for name in os.listdir(tmp) if os.path.isdir(tmp) else []:
             path = os.path.join(tmp, name)
-            if time.time() - os.path.getmtime(path) > 3600:  # an import killed long ago
+            if name.startswith("damaged-"):  # set aside by _intact (a mount keeps its inode)
+                os.unlink(path)
+            elif time.time() - os.path.getmtime(path) > 3600:  # an import killed long ago
                 shutil.rmtree(path, ignore_errors=True)
         return deleted
 

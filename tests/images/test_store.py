@@ -298,3 +298,30 @@ def test_the_size_cap_refuses_an_import_that_would_pass_it(tmp_path: Path, layou
     with pytest.raises(StoreError, match="over its cap of 0 MB; run `pyhpc image prune`"):
         store.ensure(f"oci:{layout}:1.0")
     assert store.images() == [] and list((tmp_path / "store" / "tmp").iterdir()) == []
+
+
+def test_a_damaged_stored_image_is_found_moved_aside_and_imported_again(
+    tmp_path: Path, layout: Path
+) -> None:
+    store = Store(str(tmp_path / "store"))
+    good = store.ensure(f"oci:{layout}:1.0")
+    digests = tmp_path / "store" / "digests"
+    assert len(list(digests.iterdir())) == 1  # the import recorded the digest: no second read
+    os.chmod(good.path, 0o644)
+    with open(good.path, "r+b") as f:  # one flipped byte in the middle, as a bad disk would
+        f.seek(os.path.getsize(good.path) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    said: list[str] = []
+    again = store.ensure(f"oci:{layout}:1.0", progress=said.append)
+    assert again.digest == good.digest and again.path == good.path
+    assert (
+        subprocess.run(["sha256sum", again.path], capture_output=True, text=True).stdout.split()[0]
+        == good.digest.partition(":")[2]
+    )
+    assert any("no longer matches its digest (damaged on disk)" in s for s in said), said
+    aside = [p.name for p in (tmp_path / "store" / "tmp").iterdir()]
+    assert aside == ["damaged-" + good.digest.partition(":")[2]]
+    store.prune(lambda digest: False)
+    assert list((tmp_path / "store" / "tmp").iterdir()) == []
