@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 from collections.abc import Callable
 from typing import IO
 
@@ -12,7 +13,25 @@ DEFAULT_LEVEL = 3
 
 
 class BuildError(RuntimeError):
-    pass
+    def __init__(self, message: str, written: int = 0) -> None:
+        super().__init__(message)
+        self.written = written  # the most of dest seen on disk (gone: the builder removes it)
+
+
+class _Growth(threading.Thread):
+    """Watches how large a file being written gets (tar2sqfs deletes its output on failure;
+    this is how a full disk can still be told apart from another I/O error)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(daemon=True, name="sqfs-growth")
+        self.path, self.peak, self.done = path, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.01):
+            try:
+                self.peak = max(self.peak, os.stat(self.path).st_size)
+            except OSError:
+                continue
 
 
 def from_tar(write: Callable[[IO[bytes]], object], dest: str, level: int = DEFAULT_LEVEL) -> None:
@@ -39,6 +58,8 @@ def from_tar(write: Callable[[IO[bytes]], object], dest: str, level: int = DEFAU
         stderr=subprocess.PIPE,
     )
     assert proc.stdin is not None and proc.stderr is not None
+    growth = _Growth(dest)
+    growth.start()
     try:
         write(proc.stdin)
         proc.stdin.close()
@@ -48,9 +69,11 @@ def from_tar(write: Callable[[IO[bytes]], object], dest: str, level: int = DEFAU
         proc.kill()
         proc.wait()
         raise
+    finally:
+        growth.done.set()
     err = proc.stderr.read().decode(errors="replace").strip()
     if proc.wait() != 0:
-        raise BuildError(f"tar2sqfs failed: {err or 'exit ' + str(proc.returncode)}")
+        raise BuildError(f"tar2sqfs failed: {err or 'exit ' + str(proc.returncode)}", growth.peak)
 
 
 def from_directory(root: str, dest: str, level: int = DEFAULT_LEVEL) -> None:

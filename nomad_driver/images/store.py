@@ -165,8 +165,8 @@ class Store:
 
     def _intact(self, image: StoredImage | None, progress: Progress | None) -> StoredImage | None:
         """image, if its file still has its digest (hashed again only when the file changed
-        since last read); a damaged file is moved aside, and None makes the caller import it
-        again."""
+        since last read); a damaged file is removed (a task that has it mounted keeps its
+        inode), and None makes the caller import it again."""
         if image is None:
             return None
         try:
@@ -174,15 +174,14 @@ class Store:
                 return image
         except OSError:
             pass
-        aside = os.path.join(self._dir("tmp"), "damaged-" + image.digest.partition(":")[2])
         try:
-            os.replace(image.path, aside)
+            os.unlink(image.path)
         except OSError:
             pass
         if progress:
             progress(
                 f"stored image {image.digest} no longer matches its digest (damaged on disk); "
-                "moved aside, importing it again"
+                "removed, importing it again"
             )
         return None
 
@@ -205,7 +204,8 @@ class Store:
         meter: merge.Meter | None = None,
         **fetch_kw: Any,
     ) -> StoredImage:
-        work = tempfile.mkdtemp(prefix="import-", dir=self._dir("tmp"))
+        self._clear_abandoned()
+        work = tempfile.mkdtemp(prefix=f"import-{os.getpid()}-", dir=self._dir("tmp"))
         try:
             fetched = sources.fetch(ref, work, progress, **fetch_kw)
             built = os.path.join(work, "image.sqsh")
@@ -263,7 +263,7 @@ class Store:
                 ) from err
             raise StoreError(f"importing {ref}: {err}") from err
         except squashfs.BuildError as err:
-            if self._full():  # the builder only says "I/O error"
+            if self._full(err.written):  # the builder only says "I/O error"
                 raise StoreError(
                     f"importing {ref}: no space left in the store {self.root} ({err})"
                 ) from err
@@ -273,9 +273,20 @@ class Store:
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
-    def _full(self) -> bool:
+    def _clear_abandoned(self) -> None:
+        """Remove the work directories of imports whose process is gone (a killed plugin)."""
+        tmp = self._dir("tmp")
+        for name in os.listdir(tmp):
+            pid = name.split("-")[1] if name.startswith("import-") else ""
+            if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+
+    def _full(self, written: int = 0) -> bool:
+        """Whether the store's disk is (or was, before the builder removed its output) full:
+        less than 1 MB free, or the output had grown to within 4 MB of all there is."""
         st = os.statvfs(self.root)
-        return st.f_bavail * st.f_frsize < 1 << 20
+        free = st.f_bavail * st.f_frsize
+        return free < 1 << 20 or (written > 0 and written + (4 << 20) >= free)
 
     def _check_cap(self, adding: int, digest: str) -> None:
         if self.max_bytes and not os.path.exists(self.image_path(digest)):
@@ -331,9 +342,7 @@ class Store:
         tmp = os.path.join(self.root, "tmp")
         for name in os.listdir(tmp) if os.path.isdir(tmp) else []:
             path = os.path.join(tmp, name)
-            if name.startswith("damaged-"):  # set aside by _intact (a mount keeps its inode)
-                os.unlink(path)
-            elif time.time() - os.path.getmtime(path) > 3600:  # an import killed long ago
+            if time.time() - os.path.getmtime(path) > 3600:  # an import killed long ago
                 shutil.rmtree(path, ignore_errors=True)
         return deleted
 

@@ -9,6 +9,8 @@
 #                                                    (SIGINT, graceful; --kill: SIGKILL the agent only)
 #   scripts/testbed/cluster.sh stop-region REGION    stop that region's Nomad agent (keeps its data_dir)
 #   scripts/testbed/cluster.sh start-region REGION   start it again
+#   scripts/testbed/cluster.sh stop-service NAME     stop consul, vault or registry ('up' starts it again;
+#                                                    Consul and Vault come back empty: dev mode)
 #   scripts/testbed/cluster.sh env                   export lines for NOMAD_ADDR & co (eval "$(... env)")
 #
 # Layout (state dir ${PYHPC_CLUSTER_DIR:-/tmp/pyhpc-cluster}):
@@ -690,6 +692,14 @@ cmd_start_region() {
   wait_federated
 }
 
+cmd_stop_service() {
+  case "${1:-}" in
+    consul|vault) stop_daemon "$1" INT 15 ;;
+    registry) stop_daemon registry TERM 10 ;;
+    *) die "usage: $0 stop-service consul|vault|registry" ;;
+  esac
+}
+
 cmd_env() {
   cat <<EOF
 export NOMAD_ADDR=$NOMAD_ADDR_LOCAL
@@ -700,7 +710,7 @@ export PATH=$(dirname "$NOMAD_BIN"):$(dirname "$CONSUL_BIN"):$(dirname "$VAULT_B
 EOF
 }
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,14p' "$here/cluster.sh" | sed 's/^# \{0,1\}//'; exit 2; }
 
 case "${1:-}" in
   up) cmd_up ;;
@@ -709,6 +719,7 @@ case "${1:-}" in
   restart-nomad) shift; cmd_restart_nomad "$@" ;;
   stop-region) shift; cmd_stop_region "$@" ;;
   start-region) shift; cmd_start_region "$@" ;;
+  stop-service) shift; cmd_stop_service "$@" ;;
   env) cmd_env ;;
   *) usage ;;
 esac

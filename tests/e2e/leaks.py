@@ -110,6 +110,9 @@ def snapshot(state_dir: Path) -> dict[str, Any]:
         "image refs": refs,
         "fifos": fifo_files + fifo_fds,
         "store locks held": _held_store_locks(),
+        "store tmp": sorted(p.name for p in (STORE / "tmp").iterdir())
+        if (STORE / "tmp").is_dir()
+        else [],
         "plugin fds": fds,
     }
 

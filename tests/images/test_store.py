@@ -300,7 +300,7 @@ def test_the_size_cap_refuses_an_import_that_would_pass_it(tmp_path: Path, layou
     assert store.images() == [] and list((tmp_path / "store" / "tmp").iterdir()) == []
 
 
-def test_a_damaged_stored_image_is_found_moved_aside_and_imported_again(
+def test_a_damaged_stored_image_is_found_removed_and_imported_again(
     tmp_path: Path, layout: Path
 ) -> None:
     store = Store(str(tmp_path / "store"))
@@ -321,7 +321,4 @@ def test_a_damaged_stored_image_is_found_moved_aside_and_imported_again(
         == good.digest.partition(":")[2]
     )
     assert any("no longer matches its digest (damaged on disk)" in s for s in said), said
-    aside = [p.name for p in (tmp_path / "store" / "tmp").iterdir()]
-    assert aside == ["damaged-" + good.digest.partition(":")[2]]
-    store.prune(lambda digest: False)
     assert list((tmp_path / "store" / "tmp").iterdir()) == []
