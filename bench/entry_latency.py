@@ -11,6 +11,7 @@ inside a preloaded process). Anchors that are not installed are listed as such. 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -239,6 +240,7 @@ def main() -> int:
                 f"| {name} | {med * 1e3:.2f} | {high * 1e3:.2f} | {med / base:.2f} | {note} |"
             )
     Path(args.out).write_text("\n".join(lines) + "\n")
+    Path(args.out).with_suffix(".json").write_text(json.dumps({"rows": rows}))
     print(f"wrote {args.out}")
     return 0
 

@@ -16,6 +16,7 @@ and records wall time, peak RSS of the whole process tree, and peak extra disk. 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -304,6 +305,7 @@ def main() -> int:
     ]
     lines += [f"- {when}: {seconds:.2f} s" for when, seconds in starts]
     Path(args.out).write_text("\n".join(lines) + "\n")
+    Path(args.out).with_suffix(".json").write_text(json.dumps({"rows": rows, "starts": starts}))
     print("\n".join(lines))
     return 0
 

@@ -14,6 +14,7 @@ batch is registered at once and timed until every allocation is complete.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -240,6 +241,7 @@ def main() -> int:
         "",
     ]
     Path(args.out).write_text("\n".join(lines))
+    Path(args.out).with_suffix(".json").write_text(json.dumps({"rows": rows, "memory": mem}))
     print("\n".join(lines))
     return 0
 

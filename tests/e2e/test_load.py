@@ -1,0 +1,160 @@
+"""Load through the real Nomad: many tasks at once on one client, then many short batch jobs in
+a row; afterwards nothing leaked (tests/e2e/leaks.py: processes, mounts, loop devices, cgroups,
+run directories, image references, FIFOs, descriptors, store locks), every exit code true, and
+the plugin's memory and CPU sampled throughout.
+
+Sizes: short by default (what CI runs); PYHPC_SOAK=full for 200 at once and 1,000 in a row.
+PYHPC_LOAD_REPORT=FILE writes the samples and timings as JSON (bench/report.py uses it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import leaks
+import requests
+from test_faults import driver_pid
+from test_foundation import IMAGE
+
+from nomad_driver.runtime import client
+
+FULL = os.environ.get("PYHPC_SOAK") == "full"
+CONCURRENT = 200 if FULL else 30
+SEQUENTIAL = 1000 if FULL else 60
+NOMAD = "http://127.0.0.1:4646"
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+class Sampler(threading.Thread):
+    """The driver's RSS (MB) and CPU seconds, once a second."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.samples, self.stop = pid, [], threading.Event()
+        self.t0 = time.monotonic()
+
+    def sample(self) -> None:
+        status = Path(f"/proc/{self.pid}/status").read_text()
+        rss = int(next(x for x in status.splitlines() if x.startswith("VmRSS:")).split()[1])
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / TICK
+        running = len(client.supervisors())  # tasks up (one supervisor each)
+        self.samples.append((round(time.monotonic() - self.t0, 1), rss / 1024, cpu, running))
+
+    def run(self) -> None:
+        while not self.stop.wait(1.0):
+            self.sample()
+
+
+def batch(name: str, script: str, count: int = 1) -> dict[str, Any]:
+    return {
+        "ID": name,
+        "Name": name,
+        "Type": "batch",
+        "Datacenters": ["*"],
+        "TaskGroups": [
+            {
+                "Name": "g",
+                "Count": count,
+                "RestartPolicy": {"Attempts": 0, "Mode": "fail"},
+                "ReschedulePolicy": {"Attempts": 0, "Unlimited": False},
+                "Tasks": [
+                    {
+                        "Name": "t",
+                        "Driver": "pyhpc",
+                        "Config": {"image": IMAGE, "command": "/bin/sh", "args": ["-c", script]},
+                        "Resources": {"CPU": 10, "MemoryMB": 16},
+                        "LogConfig": {"MaxFiles": 1, "MaxFileSizeMB": 1},
+                    }
+                ],
+            }
+        ],
+    }
+
+
+def register(spec: dict[str, Any]) -> None:
+    requests.post(f"{NOMAD}/v1/jobs", json={"Job": spec}, timeout=30).raise_for_status()
+
+
+def allocs(job_id: str) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = requests.get(
+        f"{NOMAD}/v1/job/{job_id}/allocations", timeout=30
+    ).json()
+    return found
+
+
+def exit_code(alloc: dict[str, Any]) -> int | None:
+    events = ((alloc.get("TaskStates") or {}).get("t") or {}).get("Events") or []
+    codes = [int(e["ExitCode"]) for e in events if e["Type"] == "Terminated"]
+    assert len(codes) <= 1, events
+    return codes[0] if codes else None
+
+
+def purge(job_id: str) -> None:
+    requests.delete(f"{NOMAD}/v1/job/{job_id}", params={"purge": "true"}, timeout=30)
+
+
+def test_many_at_once_then_many_in_a_row_through_nomad_leave_nothing(cluster: Any) -> None:
+    before = leaks.settle(cluster.state_dir, leaks.snapshot(cluster.state_dir), timeout=10)
+    sampler = Sampler(driver_pid(cluster))
+    sampler.sample()
+    sampler.start()
+    hold = 10 + CONCURRENT // 5  # long enough for every task to be up at the same time
+    name = f"e2e-load-{uuid.uuid4().hex[:6]}"
+    started = time.monotonic()
+    register(batch(name, f"sleep {hold}; exit 3", CONCURRENT))
+    deadline = started + hold + 600
+    while True:
+        found = allocs(name)
+        if len(found) == CONCURRENT and all(
+            a["ClientStatus"] in ("complete", "failed", "lost") for a in found
+        ):
+            break
+        assert time.monotonic() < deadline, f"{CONCURRENT} at once did not finish"
+        time.sleep(1)
+    concurrent_s = time.monotonic() - started
+    codes = [exit_code(a) for a in found]
+    assert codes == [3] * CONCURRENT, codes
+    peak = max(s[3] for s in sampler.samples)
+    assert peak == CONCURRENT, f"at most {peak} of {CONCURRENT} ran at the same time"
+    purge(name)
+
+    started = time.monotonic()
+    for i in range(SEQUENTIAL):
+        one = f"e2e-load-seq-{uuid.uuid4().hex[:6]}-{i}"
+        register(batch(one, "exit 0"))
+        while True:
+            done = [a for a in allocs(one) if a["ClientStatus"] in ("complete", "failed", "lost")]
+            if done:
+                break
+            time.sleep(0.05)
+        assert done[0]["ClientStatus"] == "complete" and exit_code(done[0]) == 0, done[0]
+        purge(one)
+    sequential_s = time.monotonic() - started
+    after = leaks.settle(cluster.state_dir, before, timeout=60)
+    sampler.stop.set()
+    sampler.join()
+    assert driver_pid(cluster) == sampler.pid  # the driver itself never restarted
+    assert leaks.leaked(before, after) == {}
+    rss = [s[1] for s in sampler.samples]
+    summary = {
+        "concurrent": CONCURRENT,
+        "concurrent_s": round(concurrent_s, 1),
+        "sequential": SEQUENTIAL,
+        "sequential_s": round(sequential_s, 1),
+        "sequential_per_s": round(SEQUENTIAL / sequential_s, 2),
+        "rss_start_mb": round(rss[0], 1),
+        "rss_peak_mb": round(max(rss), 1),
+        "rss_end_mb": round(rss[-1], 1),
+        "cpu_s": round(sampler.samples[-1][2] - sampler.samples[0][2], 1),
+        "samples": sampler.samples,
+    }
+    if os.environ.get("PYHPC_LOAD_REPORT"):
+        Path(os.environ["PYHPC_LOAD_REPORT"]).write_text(json.dumps(summary))
+    print({k: v for k, v in summary.items() if k != "samples"})
+    assert rss[-1] <= rss[0] + 50, f"the driver grew from {rss[0]:.0f} to {rss[-1]:.0f} MB"
