@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nomad_driver.runtime.security import CAP_NUMBER, DEFAULT_CAPS
-from nomad_driver.wire.schema import Check, option
+from nomad_driver.wire.schema import Check, block, option
 
 PLUGIN_NAME = "pyhpc"
 
@@ -302,6 +302,37 @@ class PluginConfig:
     )
 
 
+MPI_LAUNCHERS = {"openmpi": "mpirun", "mpich": "mpiexec.hydra"}
+
+
+@dataclass(frozen=True)
+class MpiConfig:
+    """`mpi { ... }` inside a task's config: run the command as MPI ranks."""
+
+    implementation: str = option(
+        "string",
+        doc='"openmpi" or "mpich": the MPI in the image the command was built against.',
+        check=_one_of(*MPI_LAUNCHERS),
+    )
+    ranks_per_node: int = option(
+        "number",
+        default=1,
+        doc="Ranks started in this task's container; they share its namespaces, so shared "
+        "memory and single-copy (CMA) transports work between them.",
+        check=_whole(1, 4096),
+    )
+    launcher: str = option(
+        "string",
+        default="",
+        doc='The image\'s MPI launcher. Default: "mpirun" for openmpi, "mpiexec.hydra" for mpich.',
+        check=_no_nul,
+    )
+    launcher_args: tuple[str, ...] = option(
+        "list(string)", default=(), doc="Extra launcher arguments, before the command.",
+        check=_no_nul,
+    )  # fmt: skip
+
+
 @dataclass(frozen=True)
 class TaskConfig:
     """`config { ... }` of a task with `driver = "pyhpc"`."""
@@ -380,6 +411,12 @@ class TaskConfig:
         doc='"default" (blocks what Docker\'s default blocks), "unconfined" (if the plugin allows '
         "it), or the absolute path of a Docker-format JSON profile on the node.",
         check=_seccomp,
+    )
+
+    mpi: MpiConfig | None = block(
+        MpiConfig,
+        doc="Run the command as MPI ranks inside this one container: "
+        '`mpi { implementation = "openmpi"  ranks_per_node = 4 }`.',
     )
 
 

@@ -110,7 +110,7 @@ def _resolve(value: Any, variables: dict[str, Any], missing: set[str]) -> Any:
     return _VAR.sub(one, value)
 
 
-_NAMED = re.compile(r"^(?:unknown )?option '([A-Za-z_]+)'|^([A-Za-z_]+):")
+_NAMED = re.compile(r"^(?:\w+ block: )?(?:(?:unknown )?option '([A-Za-z_]+)'|([A-Za-z_]+):)")
 
 
 def _option_line(text: str, task_line: int, problem: str) -> int:

@@ -12,7 +12,13 @@ import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from nomad_driver.driver.config import PluginConfig, TaskConfig, parse_id_range
+from nomad_driver.driver.config import (
+    MPI_LAUNCHERS,
+    MpiConfig,
+    PluginConfig,
+    TaskConfig,
+    parse_id_range,
+)
 from nomad_driver.runtime import security
 from nomad_driver.runtime.cgroups import Limits
 from nomad_driver.runtime.imagemount import images_dir
@@ -99,13 +105,35 @@ def command_line(cfg: TaskConfig, image: dict[str, Any]) -> list[str]:
     """Docker's rule: the task's command replaces Entrypoint and Cmd; without one, the task's
     args replace Cmd after the image's Entrypoint."""
     if cfg.command:
-        return [cfg.command, *cfg.args]
-    argv = [*(image.get("Entrypoint") or []), *(cfg.args or image.get("Cmd") or [])]
+        argv = [cfg.command, *cfg.args]
+    else:
+        argv = [
+            str(a)
+            for a in [*(image.get("Entrypoint") or []), *(cfg.args or image.get("Cmd") or [])]
+        ]
     if not argv:
         raise PolicyError(
             "option 'command' is required: the image defines no Entrypoint or Cmd to run"
         )
-    return [str(a) for a in argv]
+    return mpi_launch(cfg.mpi, argv) if cfg.mpi else argv
+
+
+def mpi_launch(mpi: MpiConfig, argv: list[str]) -> list[str]:
+    """argv as mpi.ranks_per_node ranks of one launcher in this container."""
+    launcher = mpi.launcher or MPI_LAUNCHERS[mpi.implementation]
+    return [launcher, "-n", str(mpi.ranks_per_node), *mpi.launcher_args, *argv]
+
+
+def mpi_env(mpi: MpiConfig | None) -> dict[str, str]:
+    """What the launcher needs in a container: Open MPI refuses uid 0 (the container's root is
+    an unprivileged uid on the host) and would look for ssh, which is never used here."""
+    if mpi is None or mpi.implementation != "openmpi":
+        return {}
+    return {
+        "OMPI_ALLOW_RUN_AS_ROOT": "1",
+        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+        "OMPI_MCA_plm_rsh_agent": "false",
+    }
 
 
 def image_env(image: dict[str, Any]) -> dict[str, str]:
@@ -172,7 +200,7 @@ def container_spec(
         image=resolved.path,
         command=argv[0],
         args=tuple(argv[1:]),
-        env={"PATH": DEFAULT_PATH, **image_env(resolved.config), **ctx.env},
+        env={"PATH": DEFAULT_PATH, **image_env(resolved.config), **mpi_env(cfg.mpi), **ctx.env},
         work_dir=cfg.work_dir or str(resolved.config.get("WorkingDir") or "/"),
         user=ctx.user or str(resolved.config.get("User") or ""),
         stdout_path=ctx.stdout_path or os.devnull,

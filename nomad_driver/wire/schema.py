@@ -31,6 +31,7 @@ class OptionSpec:
     default: Any
     doc: str
     check: Check | None
+    block: type[Any] | None = None  # a nested `name { ... }` block declared by this dataclass
 
 
 class ConfigError(ValueError):
@@ -52,6 +53,18 @@ def option(
     """Declare a dataclass field as an HCL option. No default means the option is required."""
     required = default is dataclasses.MISSING
     spec = OptionSpec(hcl_type, required, None if required else default, doc, check)
+    return _field(spec)
+
+
+def block(cls: type[Any], *, doc: str = "", check: Check | None = None) -> Any:
+    """Declare a dataclass field as an optional nested block (`name { ... }`) whose options
+    cls declares; absent, the field is None."""
+    return _field(OptionSpec(str(object_type(cls)), False, None, doc, check, cls))
+
+
+def _field(spec: OptionSpec) -> Any:
+    required = spec.required
+    default = spec.default
     if required:
         return dataclasses.field(metadata={_META: spec})
     return dataclasses.field(default=default, metadata={_META: spec})
@@ -90,6 +103,10 @@ def hclspec(cls: type[Any]) -> hclspec_pb2.Spec:
 
     attributes: dict[str, hclspec_pb2.Spec] = {}
     for name, spec in options(cls):
+        if spec.block is not None:
+            nested = hclspec_pb2.Block(name=name, required=False, nested=hclspec(spec.block))
+            attributes[name] = hclspec_pb2.Spec(block_value=nested)
+            continue
         attr = hclspec_pb2.Attr(name=name, type=spec.hcl_type, required=spec.required)
         if spec.required or spec.default is None:
             attributes[name] = hclspec_pb2.Spec(Attr=attr)
@@ -129,11 +146,14 @@ def load(cls: type[T], raw: bytes | Mapping[str, Any], where: str) -> T:
             close = difflib.get_close_matches(extra, known, n=1, cutoff=0.6)
             hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(known))}"
             problems.append(f"unknown option {extra!r} ({hint})")
+        # Blocks are checked by their own declaration (_nested), with their own messages.
+        blocks = {k: values[k] for k, s in known.items() if s.block is not None and k in values}
+        plain = {k: v for k, v in values.items() if k in known and k not in blocks}
         try:
-            encoded = cty.encode({k: v for k, v in values.items() if k in known}, object_type(cls))
-            values = cty.decode(encoded, object_type(cls))
+            values = cty.decode(cty.encode(plain, object_type(cls)), object_type(cls))
         except (cty.CtyDecodeError, TypeError, ValueError) as err:
             raise ConfigError(where, problems + [str(err)]) from err
+        values.update(blocks)
     kwargs: dict[str, Any] = {}
     for name, spec in known.items():
         value = values.get(name)
@@ -142,6 +162,15 @@ def load(cls: type[T], raw: bytes | Mapping[str, Any], where: str) -> T:
                 problems.append(f"option {name!r} is required ({spec.hcl_type}): {spec.doc}")
                 continue
             value = spec.default
+        elif spec.block is not None:
+            try:
+                value = _nested(spec.block, value, name)
+            except ConfigError as err:
+                problems += [f"{name} block: {p}" for p in err.problems]
+                continue
+            if spec.check is not None and (message := spec.check(value)):
+                problems.append(f"{name} block: {message}")
+                continue
         elif spec.check is not None:
             message = spec.check(value)
             if message:
@@ -153,12 +182,27 @@ def load(cls: type[T], raw: bytes | Mapping[str, Any], where: str) -> T:
     return cls(**kwargs)
 
 
-def markdown_table(cls: type[Any]) -> str:
+def _nested(cls: type[Any], value: Any, name: str) -> Any:
+    """A block's value: Nomad gives an object, python-hcl2 a list of one mapping."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 1:
+            raise ConfigError(name, [f"at most one {name} block, not {len(value)}"])
+        value = value[0]
+    if not isinstance(value, Mapping):
+        raise ConfigError(name, [f"expected a block, got {value!r}"])
+    return load(cls, {k: v for k, v in value.items() if not str(k).startswith("__")}, name)
+
+
+def markdown_table(cls: type[Any], prefix: str = "") -> str:
     """The option table the README shows, generated so it cannot drift from the code."""
-    rows = ["| option | type | default | meaning |", "|---|---|---|---|"]
+    rows = [] if prefix else ["| option | type | default | meaning |", "|---|---|---|---|"]
     for name, spec in options(cls):
+        if spec.block is not None:
+            rows.append(f"| `{prefix}{name} {{ }}` | block | unset | {spec.doc} |")
+            rows.append(markdown_table(spec.block, f"{prefix}{name}."))
+            continue
         default = "required" if spec.required else f"`{hcl_literal(spec.default)}`"
         if not spec.required and spec.default is None:
             default = "unset"
-        rows.append(f"| `{name}` | `{spec.hcl_type}` | {default} | {spec.doc} |")
+        rows.append(f"| `{prefix}{name}` | `{spec.hcl_type}` | {default} | {spec.doc} |")
     return "\n".join(rows)

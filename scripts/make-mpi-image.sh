@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Build the MPI test image: Debian (debootstrap, minbase) with Open MPI and MPICH side by side,
+# and scripts/mpi/{hello,allreduce,pingpong}.c compiled for each:
+#   /opt/mpi/openmpi/{hello,allreduce,pingpong}   (mpicc.openmpi; run with mpirun.openmpi)
+#   /opt/mpi/mpich/{hello,allreduce,pingpong}     (mpicc.mpich;   run with mpiexec.hydra)
+#   scripts/make-mpi-image.sh [OUTPUT]   (default /var/lib/pyhpc/images/mpi.sqsh)
+# The image is built once and kept in ${PYHPC_IMAGE_CACHE:-~/.cache/pyhpc/images}; a rebuild
+# happens only when this script or the C sources change. Needs root, debootstrap, mksquashfs.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
+out=${1:-/var/lib/pyhpc/images/mpi.sqsh}
+cache="${PYHPC_IMAGE_CACHE:-$HOME/.cache/pyhpc/images}"
+suite=${PYHPC_MPI_SUITE:-bookworm}
+mirror=${PYHPC_MPI_MIRROR:-http://deb.debian.org/debian}
+key=$(cat "$0" "$here"/mpi/*.c | sha256sum | cut -c1-16)
+cached="$cache/mpi-$suite-$key.sqsh"
+for tool in debootstrap mksquashfs; do
+  command -v "$tool" >/dev/null || { echo "make-mpi-image: install $tool first" >&2; exit 1; }
+done
+mkdir -p "$cache" "$(dirname "$out")"
+if [[ ! -s "$cached" ]]; then
+  root=$(mktemp -d /var/tmp/pyhpc-mpi-root.XXXXXX)
+  trap 'rm -rf --one-file-system "$root"' EXIT
+  echo "make-mpi-image: debootstrap $suite (minbase, Open MPI, MPICH, gcc) into $root" >&2
+  debootstrap --variant=minbase \
+    --include=openmpi-bin,libopenmpi-dev,mpich,libmpich-dev,gcc,libc6-dev,procps \
+    "$suite" "$root" "$mirror" >/dev/null
+  mkdir -p "$root/src" "$root/opt/mpi/openmpi" "$root/opt/mpi/mpich"
+  cp "$here"/mpi/*.c "$root/src/"
+  for prog in hello allreduce pingpong; do
+    chroot "$root" mpicc.openmpi -O2 -o "/opt/mpi/openmpi/$prog" "/src/$prog.c"
+    chroot "$root" mpicc.mpich -O2 -o "/opt/mpi/mpich/$prog" "/src/$prog.c"
+  done
+  rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
+  tmp="$cached.tmp.$$"
+  mksquashfs "$root" "$tmp" -noappend -quiet -comp zstd -all-root >/dev/null
+  mv -f "$tmp" "$cached"
+fi
+cp -f "$cached" "$out.tmp.$$"
+mv -f "$out.tmp.$$" "$out"
+echo "$out"
