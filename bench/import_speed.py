@@ -1,6 +1,6 @@
 """Image import: pyhpc against the anchors, one run, from a loopback registry.
 
-Builds a five-layer image of about 1 GB from directories of this machine, pushes it with
+Builds a six-layer image of about 1.5 GB from directories of this machine, pushes it with
 skopeo to a throwaway docker-registry on 127.0.0.1, then times, each into a fresh directory:
 
   pyhpc       `pyhpc image import docker://...` (two-pass streaming merge into tar2sqfs)
@@ -281,7 +281,7 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     ours = rows[0][1]
     lines = [
-        "# Image import: a five-layer image from a loopback registry",
+        f"# Image import: a {len(LAYER_DIRS) + 1}-layer image from a loopback registry",
         "",
         f"Measured by `python bench/import_speed.py` on {os.cpu_count()} CPUs, "
         f"{time.strftime('%Y-%m-%d')}; all rows in one run. The image: {len(LAYER_DIRS) + 1} gzip "

@@ -139,8 +139,8 @@ def report() -> str:
             log=True,
         )
         plots.append("entry_latency.png")
-        by = dict(measured)
-        for anchor in ("ch-run, SquashFS (squashfuse)", "podman run (runc)"):
+        by = {n.split(" (squashfuse)")[0]: m for n, m in measured}
+        for anchor in ("ch-run, SquashFS", "podman run (runc)"):
             if anchor in by and "pyhpc run" in by:
                 ratios.append(
                     (
@@ -245,7 +245,8 @@ def report() -> str:
         "|---|---|---|---|",
         *(f"| {m} | {p} | {a} | {r} |" for m, p, a, r in ratios),
         "",
-        "Not measured yet: MPI (ping-pong, job start), no MPI support exists yet.",
+        "Not measured yet: MPI across nodes and MPI job start time (multi-node MPI is not "
+        "supported yet).",
         "",
         "Tables: [foundation.md](foundation.md) (Nomad start latency, throughput, memory), "
         "[runtime.md](runtime.md) (container entry), [images.md](images.md) (import), "

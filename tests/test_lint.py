@@ -26,3 +26,13 @@ def test_ruff_finds_nothing() -> None:
 def test_mypy_strict_finds_nothing() -> None:
     typed = run("mypy", "nomad_driver", "bench", "tests/federation")
     assert typed.returncode == 0, typed.stdout + typed.stderr
+
+
+def test_starting_from_a_stored_image_loads_no_http_stack() -> None:
+    """`pyhpc run` and every task start import the store; only an import needs requests."""
+    probe = (
+        "import sys, nomad_driver.images.store, nomad_driver.cli.run; "
+        "print('requests' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO)
+    assert done.stdout.strip() == "False", done.stdout + done.stderr

@@ -23,11 +23,14 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from nomad_driver.images import merge, reference, sources, squashfs
+from nomad_driver.images import reference, squashfs
 from nomad_driver.images.digest import file_digest, remember
 from nomad_driver.runtime.spec import write_atomic
+
+if TYPE_CHECKING:  # loaded by _import only: a start from a stored image needs no HTTP stack
+    from nomad_driver.images import merge, sources
 
 Progress = Callable[[str], None]
 
@@ -205,6 +208,8 @@ class Store:
         **fetch_kw: Any,
     ) -> StoredImage:
         self._clear_abandoned()
+        from nomad_driver.images import merge, sources
+
         work = tempfile.mkdtemp(prefix=f"import-{os.getpid()}-", dir=self._dir("tmp"))
         try:
             fetched = sources.fetch(ref, work, progress, **fetch_kw)
