@@ -20,11 +20,17 @@ done
 mkdir -p "$cache" "$(dirname "$out")"
 if [[ ! -s "$cached" ]]; then
   root=$(mktemp -d /var/tmp/pyhpc-mpi-root.XXXXXX)
-  trap 'rm -rf --one-file-system "$root"' EXIT
-  echo "make-mpi-image: debootstrap $suite (minbase, Open MPI, MPICH, gcc) into $root" >&2
-  debootstrap --variant=minbase \
-    --include=openmpi-bin,libopenmpi-dev,mpich,libmpich-dev,gcc,libc6-dev,procps \
-    "$suite" "$root" "$mirror" >/dev/null
+  trap 'rm -rf --one-file-system "$root" "$root.log"' EXIT
+  echo "make-mpi-image: debootstrap $suite (minbase) into $root" >&2
+  debootstrap --variant=minbase "$suite" "$root" "$mirror" >"$root.log" 2>&1 \
+    || { tail -20 "$root.log" >&2; echo "make-mpi-image: debootstrap failed" >&2; exit 1; }
+  # apt inside the new root resolves what debootstrap's --include cannot (virtual packages).
+  echo "make-mpi-image: apt-get install Open MPI, MPICH, gcc" >&2
+  chroot "$root" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+    --no-install-recommends openmpi-bin libopenmpi-dev mpich libmpich-dev gcc libc6-dev \
+    procps >"$root.log" 2>&1 \
+    || { tail -20 "$root.log" >&2; echo "make-mpi-image: apt-get failed" >&2; exit 1; }
+  rm -f "$root.log"
   mkdir -p "$root/src" "$root/opt/mpi/openmpi" "$root/opt/mpi/mpich"
   cp "$here"/mpi/*.c "$root/src/"
   for prog in hello allreduce pingpong; do
