@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+CHROOT = shutil.which("chroot") or "/usr/sbin/chroot"
 LAUNCH = {
     "openmpi": ["mpirun", "-n", "2", "--mca", "btl", "self,vader"],
     "mpich": ["mpiexec.hydra", "-n", "2"],
@@ -44,7 +46,7 @@ def parse(out: str) -> tuple[float, float]:
 
 
 def on_host(root: Path, impl: str) -> tuple[float, float]:
-    argv = ["chroot", str(root), *LAUNCH[impl], f"/opt/mpi/{impl}/pingpong"]
+    argv = [CHROOT, str(root), *LAUNCH[impl], f"/opt/mpi/{impl}/pingpong"]
     done = subprocess.run(argv, capture_output=True, text=True, env=ENV, timeout=300)
     return parse(done.stdout + done.stderr)
 

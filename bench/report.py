@@ -45,6 +45,8 @@ def benchmarks(quick: bool) -> dict[str, list[str]]:
         + (["--size-mb", "256"] if quick else []),
         "dispatch": [py, "bench/dispatch.py", "--out", str(RESULTS / "dispatch.md")]
         + (["--samples", "10", "--spread", "60"] if quick else []),
+        "mpi": [py, "bench/mpi.py", "--out", str(RESULTS / "mpi.md")]
+        + (["--runs", "3"] if quick else []),
         "load": [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                  "tests/e2e/test_load.py"],
     }  # fmt: skip
@@ -202,6 +204,26 @@ def report() -> str:
             )
         )
 
+    mpi = load("mpi")
+    if mpi:
+        for impl, r in mpi["results"].items():
+            ratios.append(
+                (
+                    f"MPI ping-pong bandwidth, {impl}, one node, vs the host",
+                    f"{r['pyhpc_bw']:.0f} MB/s",
+                    f"{r['host_bw']:.0f} MB/s",
+                    f"{r['pyhpc_bw'] / r['host_bw']:.2f}x",
+                )
+            )
+            ratios.append(
+                (
+                    f"MPI ping-pong latency, {impl}, one node, vs the host",
+                    f"{r['pyhpc_lat']:.2f} us",
+                    f"{r['host_lat']:.2f} us",
+                    f"{r['pyhpc_lat'] / r['host_lat']:.2f}x",
+                )
+            )
+
     load_run = load("load")
     if load_run:
         samples = load_run["samples"]
@@ -250,7 +272,8 @@ def report() -> str:
         "",
         "Tables: [foundation.md](foundation.md) (Nomad start latency, throughput, memory), "
         "[runtime.md](runtime.md) (container entry), [images.md](images.md) (import), "
-        "[signing.md](signing.md), [dispatch.md](dispatch.md), and the load summary in "
+        "[signing.md](signing.md), [dispatch.md](dispatch.md), [mpi.md](mpi.md), and the load "
+        "summary in "
         "[load.json](load.json).",
         "",
         *(f"![{p}]({p})" for p in plots),
