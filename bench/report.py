@@ -1,8 +1,9 @@
 """Every benchmark of the project in one run, each side by side with its anchors, then one report:
 bench/results/report.md (a table of ratios, the headline numbers) and PNG plots next to it.
 
-    python bench/report.py            # the full sizes (about 20 minutes on 2 cores)
-    python bench/report.py --quick    # smaller samples, same rows (about 8 minutes)
+    python bench/report.py            # the full sizes, the load suite short (about 20 minutes)
+    python bench/report.py --quick    # smaller samples, same rows (about 13 minutes)
+    python bench/report.py --soak     # ... and the full load: 200 at once, 1,000 in a row
     python bench/report.py --only dispatch,load   # run some, reuse the others' last results
 
 Needs root, the test bed cluster up (scripts/testbed/cluster.sh up) for the Nomad benchmarks,
@@ -52,14 +53,14 @@ def benchmarks(quick: bool) -> dict[str, list[str]]:
     }  # fmt: skip
 
 
-def run_all(names: list[str], quick: bool) -> dict[str, float]:
+def run_all(names: list[str], quick: bool, soak: bool) -> dict[str, float]:
     took = {}
     env = {
         **os.environ,
         "PYHPC_CLUSTER_REUSE": "1",
         "PYHPC_LOAD_REPORT": str(RESULTS / "load.json"),
     }
-    if not quick:
+    if soak:
         env["PYHPC_SOAK"] = "full"
     for name in names:
         command = benchmarks(quick)[name]
@@ -287,6 +288,7 @@ def report() -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller samples, same rows")
+    parser.add_argument("--soak", action="store_true", help="the full load (about 20 minutes)")
     parser.add_argument("--only", default="", help="comma-separated benchmarks to run")
     parser.add_argument("--report-only", action="store_true", help="run nothing, rewrite report")
     args = parser.parse_args()
@@ -296,7 +298,7 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown benchmark {unknown[0]!r} (choose from {', '.join(names)})")
     if not args.report_only:
-        took = run_all(chosen, args.quick)
+        took = run_all(chosen, args.quick, args.soak)
         print("took:", {k: f"{v:.0f} s" for k, v in took.items()})
     print(report())
     return 0
