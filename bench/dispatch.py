@@ -19,10 +19,13 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.jobs import batch_job  # noqa: E402
 from nomad_driver.federation.dispatch import Nomad, dispatch, ensure_job, follow
 
 NOMAD = os.environ.get("NOMAD_ADDR", "http://127.0.0.1:4646")
@@ -32,30 +35,9 @@ JOB = "bench-dispatch"
 
 def parent() -> dict[str, Any]:
     """A parameterized pyhpc job that runs /bin/true (the measure is dispatch, not work)."""
-    return {
-        "ID": JOB,
-        "Name": JOB,
-        "Type": "batch",
-        "Datacenters": ["*"],
-        "ParameterizedJob": {"Payload": "optional", "MetaOptional": ["n"]},
-        "TaskGroups": [
-            {
-                "Name": "g",
-                "Count": 1,
-                "RestartPolicy": {"Attempts": 0, "Mode": "fail"},
-                "ReschedulePolicy": {"Attempts": 0, "Unlimited": False},
-                "Tasks": [
-                    {
-                        "Name": "t",
-                        "Driver": "pyhpc",
-                        "Config": {"image": IMAGE, "command": "/bin/true"},
-                        "Resources": {"CPU": 20, "MemoryMB": 32},
-                        "LogConfig": {"MaxFiles": 1, "MaxFileSizeMB": 1},
-                    }
-                ],
-            }
-        ],
-    }
+    job = batch_job(JOB, "pyhpc", {"image": IMAGE, "command": "/bin/true"})
+    job["ParameterizedJob"] = {"Payload": "optional", "MetaOptional": ["n"]}
+    return job
 
 
 def started_at(nomad: Nomad, region: str, job: str, timeout: float = 120) -> float:

@@ -18,12 +18,16 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.jobs import batch_job  # noqa: E402
 
 NOMAD = os.environ.get("NOMAD_ADDR", "http://127.0.0.1:4646")
 IMAGE = "/var/lib/pyhpc/images/busybox.sqsh"
@@ -36,29 +40,7 @@ DRIVERS: dict[str, dict[str, Any]] = {
 
 
 def job(driver: str, name: str) -> dict[str, Any]:
-    return {
-        "ID": name,
-        "Name": name,
-        "Type": "batch",
-        "Datacenters": ["*"],
-        "TaskGroups": [
-            {
-                "Name": "g",
-                "Count": 1,
-                "RestartPolicy": {"Attempts": 0, "Mode": "fail"},
-                "ReschedulePolicy": {"Attempts": 0, "Unlimited": False},
-                "Tasks": [
-                    {
-                        "Name": "t",
-                        "Driver": driver,
-                        "Config": DRIVERS[driver],
-                        "Resources": {"CPU": 20, "MemoryMB": 32},
-                        "LogConfig": {"MaxFiles": 1, "MaxFileSizeMB": 1},
-                    }
-                ],
-            }
-        ],
-    }
+    return batch_job(name, driver, DRIVERS[driver])
 
 
 def register(spec: dict[str, Any]) -> None:

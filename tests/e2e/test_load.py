@@ -21,6 +21,7 @@ import requests
 from test_faults import driver_pid
 from test_foundation import IMAGE
 
+from bench.jobs import batch_job
 from nomad_driver.runtime import client
 
 FULL = os.environ.get("PYHPC_SOAK") == "full"
@@ -52,29 +53,8 @@ class Sampler(threading.Thread):
 
 
 def batch(name: str, script: str, count: int = 1) -> dict[str, Any]:
-    return {
-        "ID": name,
-        "Name": name,
-        "Type": "batch",
-        "Datacenters": ["*"],
-        "TaskGroups": [
-            {
-                "Name": "g",
-                "Count": count,
-                "RestartPolicy": {"Attempts": 0, "Mode": "fail"},
-                "ReschedulePolicy": {"Attempts": 0, "Unlimited": False},
-                "Tasks": [
-                    {
-                        "Name": "t",
-                        "Driver": "pyhpc",
-                        "Config": {"image": IMAGE, "command": "/bin/sh", "args": ["-c", script]},
-                        "Resources": {"CPU": 10, "MemoryMB": 16},
-                        "LogConfig": {"MaxFiles": 1, "MaxFileSizeMB": 1},
-                    }
-                ],
-            }
-        ],
-    }
+    config = {"image": IMAGE, "command": "/bin/sh", "args": ["-c", script]}
+    return batch_job(name, "pyhpc", config, count, cpu=10, memory=16)
 
 
 def register(spec: dict[str, Any]) -> None:
