@@ -190,7 +190,10 @@ def _nested(cls: type[Any], value: Any, name: str) -> Any:
         value = value[0]
     if not isinstance(value, Mapping):
         raise ConfigError(name, [f"expected a block, got {value!r}"])
-    return load(cls, {k: v for k, v in value.items() if not str(k).startswith("__")}, name)
+    odd = [k for k in value if not isinstance(k, str)]
+    if odd:
+        raise ConfigError(name, [f"option names are strings, not {odd[0]!r}"])
+    return load(cls, {k: v for k, v in value.items() if not k.startswith("__")}, name)
 
 
 def markdown_table(cls: type[Any], prefix: str = "") -> str:
