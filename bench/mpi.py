@@ -62,7 +62,7 @@ def in_pyhpc(image: str, impl: str) -> tuple[float, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--image", default="/var/lib/pyhpc/images/mpi.sqsh")
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=9)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "mpi.md"))
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="pyhpc-mpi-host-"))
