@@ -1,8 +1,7 @@
 # MPI ranks in one pyhpc container: the driver runs the command under the image's MPI launcher
 # (`mpirun -n 2 ...` for Open MPI, `mpiexec.hydra -n 2 ...` for MPICH). The ranks share the
 # container's namespaces, so shared memory and the single-copy transport (CMA) work between
-# them. On a real node reserve a core per rank (`cores = 2` in place of `cpu`): the ranks are
-# then pinned to cores no other task uses.
+# them. `cores` reserves a core per rank: the ranks are pinned to cores no other task uses.
 #   scripts/make-mpi-image.sh            # Debian + Open MPI + MPICH + the test programs
 #   nomad job run jobspecs/mpi.nomad
 # Multi-node MPI (ranks across allocations) is not supported yet: see the README.
@@ -31,7 +30,7 @@ job "mpi" {
       }
 
       resources {
-        cpu    = 1000
+        cores  = 2
         memory = 512
       }
     }

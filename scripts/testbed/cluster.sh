@@ -26,7 +26,7 @@
 #
 # Two federated Nomad regions, each one agent (server + client): "global" (datacenter dc1,
 # the one NOMAD_ADDR points at) and "east" (datacenter dc2), joined over serf like two
-# sites. Both clients use this machine; east's cgroups live under nomad-east.slice.
+# sites. Both clients use this machine; east's cgroups live under their own parent.
 #
 # Everything listens on 127.0.0.1 only:
 #   Nomad global 4646 (http) 4647 (rpc) 4648 (serf), east 4746/4747/4748; Consul 8500 (http) 8502 (grpc) 8600 (dns)
@@ -246,14 +246,17 @@ REGIONS=(global)
 agent() {
   A_REGION="$1"
   case "$1" in
-    global) A_NAME=nomad;      A_DC=dc1; A_PORT=4646; A_CGROUP=nomad.slice ;;
-    east)   A_NAME=nomad-east; A_DC=dc2; A_PORT=4746; A_CGROUP=nomad-east.slice ;;
+    global) A_NAME=nomad;      A_DC=dc1; A_PORT=4646; A_CGROUP=nomad ;;
+    east)   A_NAME=nomad-east; A_DC=dc2; A_PORT=4746; A_CGROUP=nomad-east ;;
     *) die "unknown region '$1' (the test bed has: global east)" ;;
   esac
   A_DATA="$STATE/$A_NAME/data"
   A_HCL="$STATE/$A_NAME/agent.hcl"
   A_CONFIGS="$STATE/$A_NAME/config-files"   # the -config files 'up' chose, for restarts
   A_ADDR="http://127.0.0.1:$A_PORT"
+  # Nomad's own default parent for each cgroup version, and a sibling for east (a v2 name on
+  # v1 leaves the client without reservable cores).
+  if [[ -f /sys/fs/cgroup/cgroup.controllers ]]; then A_CGROUP="$A_CGROUP.slice"; else A_CGROUP="/$A_CGROUP"; fi
 }
 
 write_nomad_config() {   # for the region set by `agent`

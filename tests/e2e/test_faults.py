@@ -31,13 +31,18 @@ STORE = Path("/var/lib/pyhpc/store")
 
 
 def driver_pid(cluster: Any) -> int:
-    """The global region's pyhpc task driver process."""
-    agent = int((cluster.state_dir / "pids" / "nomad.pid").read_text())
-    for pid in leaks.plugin_pids(cluster.state_dir):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        if int(stat.rsplit(")", 1)[1].split()[1]) == agent:
-            return pid
-    raise AssertionError("no pyhpc driver process under the global agent")
+    """The global region's pyhpc task driver process: the one the east agent did not start.
+    (After an agent restart Nomad reattaches to its running plugins, whose parent is then no
+    longer the agent.)"""
+    east = int((cluster.state_dir / "pids" / "nomad-east.pid").read_text())
+    mine = [
+        pid
+        for pid in leaks.plugin_pids(cluster.state_dir)
+        if int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) != east
+    ]
+    if len(mine) != 1:
+        raise AssertionError(f"expected one pyhpc driver outside region east, found {mine}")
+    return mine[0]
 
 
 def kill_driver(cluster: Any) -> None:
