@@ -41,12 +41,12 @@ def test_hpc_job_dispatches_and_registers_a_healthy_service(cluster: Any, tmp_pa
         "-meta",
         "label=e2e",
         "-meta",
-        "hold=20",
+        "hold=45",
         "hpc",
         str(payload),
     ).stdout
     child = next(w for w in out.split() if w.startswith("hpc/dispatch-"))
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 40  # the run holds 45 s: healthy while it works
     while not passing("hpc-solver"):
         assert time.monotonic() < deadline, "hpc-solver never became healthy in Consul"
         time.sleep(1)
@@ -55,7 +55,7 @@ def test_hpc_job_dispatches_and_registers_a_healthy_service(cluster: Any, tmp_pa
     assert (entry["Service"]["Address"], entry["Service"]["Port"]) == allocated(cluster, child)
     checks = {c["Name"]: c["Status"] for c in entry["Checks"] if c["ServiceName"]}
     assert checks.get("solver-alive") == "passing", checks  # the script check, through exec
-    alloc = cluster.wait_alloc(child, {"complete", "failed"}, timeout=90)
+    alloc = cluster.wait_alloc(child, {"complete", "failed"}, timeout=120)
     assert alloc["ClientStatus"] == "complete", events_text(cluster, alloc)
     logs = cluster.alloc_logs(alloc["ID"], "solver")
     assert "label=e2e size=1000 sum=500500 input_lines=3" in logs
