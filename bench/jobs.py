@@ -1,8 +1,11 @@
-"""The one-task batch job the benchmarks and the load suite register through Nomad's API."""
+"""The one-task batch job the benchmarks and the load suite register through Nomad's API, and
+the three calls they make with it."""
 
 from __future__ import annotations
 
 from typing import Any
+
+import requests
 
 
 def batch_job(
@@ -32,3 +35,18 @@ def batch_job(
             }
         ],
     }
+
+
+def register(nomad: str, spec: dict[str, Any]) -> None:
+    requests.post(f"{nomad}/v1/jobs", json={"Job": spec}, timeout=30).raise_for_status()
+
+
+def allocs(nomad: str, job_id: str) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = requests.get(
+        f"{nomad}/v1/job/{job_id}/allocations", timeout=30
+    ).json()
+    return found
+
+
+def purge(nomad: str, job_id: str) -> None:
+    requests.delete(f"{nomad}/v1/job/{job_id}", params={"purge": "true"}, timeout=30)

@@ -27,7 +27,7 @@ from typing import Any
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.jobs import batch_job  # noqa: E402
+from bench.jobs import allocs, batch_job, purge, register  # noqa: E402
 
 NOMAD = os.environ.get("NOMAD_ADDR", "http://127.0.0.1:4646")
 IMAGE = "/var/lib/pyhpc/images/busybox.sqsh"
@@ -43,21 +43,10 @@ def job(driver: str, name: str) -> dict[str, Any]:
     return batch_job(name, driver, DRIVERS[driver])
 
 
-def register(spec: dict[str, Any]) -> None:
-    requests.post(f"{NOMAD}/v1/jobs", json={"Job": spec}, timeout=30).raise_for_status()
-
-
-def allocs(job_id: str) -> list[dict[str, Any]]:
-    result: list[dict[str, Any]] = requests.get(
-        f"{NOMAD}/v1/job/{job_id}/allocations", timeout=30
-    ).json()
-    return result
-
-
 def wait_done(job_id: str, timeout: float = 120) -> dict[str, Any]:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        found = allocs(job_id)
+        found = allocs(NOMAD, job_id)
         if found and found[0]["ClientStatus"] in ("complete", "failed", "lost"):
             full: dict[str, Any] = requests.get(
                 f"{NOMAD}/v1/allocation/{found[0]['ID']}", timeout=30
@@ -67,16 +56,12 @@ def wait_done(job_id: str, timeout: float = 120) -> dict[str, Any]:
     raise TimeoutError(f"{job_id} did not finish in {timeout}s")
 
 
-def purge(job_id: str) -> None:
-    requests.delete(f"{NOMAD}/v1/job/{job_id}", params={"purge": "true"}, timeout=30)
-
-
 def start_latency(driver: str, n: int) -> list[float]:
     samples = []
     for _ in range(n):
         name = f"bench-{driver}-{uuid.uuid4().hex[:8]}".replace("_", "-")
         before = time.time()
-        register(job(driver, name))
+        register(NOMAD, job(driver, name))
         alloc = wait_done(name)
         if alloc["ClientStatus"] != "complete":
             raise RuntimeError(f"{driver} job failed: {alloc['TaskStates']}")
@@ -84,7 +69,7 @@ def start_latency(driver: str, n: int) -> list[float]:
             e["Time"] for e in alloc["TaskStates"]["t"]["Events"] if e["Type"] == "Started"
         )
         samples.append(started / 1e9 - before)
-        purge(name)
+        purge(NOMAD, name)
     return samples
 
 
@@ -92,14 +77,14 @@ def throughput(driver: str, n: int) -> float:
     names = [f"tput-{driver}-{uuid.uuid4().hex[:8]}".replace("_", "-") for _ in range(n)]
     before = time.time()
     for name in names:
-        register(job(driver, name))
+        register(NOMAD, job(driver, name))
     for name in names:
         alloc = wait_done(name, timeout=600)
         if alloc["ClientStatus"] != "complete":
             raise RuntimeError(f"{driver} job failed: {alloc['TaskStates']}")
     elapsed = time.time() - before
     for name in names:
-        purge(name)
+        purge(NOMAD, name)
     return n / elapsed
 
 
@@ -139,7 +124,7 @@ def memory() -> dict[str, float]:
         "command": "/bin/sleep",
         "args": ["600"],
     }
-    register(spec)
+    register(NOMAD, spec)
     deadline = time.time() + 60
     sups: list[int] = []
     while time.time() < deadline and not sups:
@@ -152,7 +137,7 @@ def memory() -> dict[str, float]:
     result["supervisor_pss"] = pss_mb(sup)
     result["init_rss"] = rss_mb(inits[0]) if inits else 0.0
     result["init_pss"] = pss_mb(inits[0]) if inits else 0.0
-    purge(name)
+    purge(NOMAD, name)
     return result
 
 

@@ -8,6 +8,8 @@ import sys
 from collections import Counter
 from typing import TYPE_CHECKING
 
+from nomad_driver.cli import pairs
+
 if TYPE_CHECKING:
     from nomad_driver.federation.dispatch import Run
 
@@ -94,13 +96,11 @@ def run(args: argparse.Namespace) -> int:
         plan,
     )
 
-    meta = {}
-    for item in args.meta:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            print(f"pyhpc dispatch: --meta {item!r}: expected KEY=VALUE", file=sys.stderr)
-            return 2
-        meta[key] = value
+    try:
+        meta = pairs(args.meta, "--meta")
+    except ValueError as err:
+        print(f"pyhpc dispatch: {err}", file=sys.stderr)
+        return 2
     payload = b""
     if args.payload:
         try:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from nomad_driver import __version__
-from nomad_driver.cli import dispatch, image, run, sync
+from nomad_driver.cli import dispatch, image, pairs, run, sync
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 
@@ -43,13 +43,11 @@ def install_plugin(plugin_dir: str, name: str, gpu: bool = False) -> int:
 def validate(paths: list[str], var: list[str]) -> int:
     from nomad_driver.driver import jobspec
 
-    given = {}
-    for item in var:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            print(f"pyhpc jobspec validate: --var {item!r}: expected NAME=VALUE", file=sys.stderr)
-            return 2
-        given[name] = value
+    try:
+        given = pairs(var, "--var", "NAME=VALUE")
+    except ValueError as err:
+        print(f"pyhpc jobspec validate: {err}", file=sys.stderr)
+        return 2
     failed = False
     for path in paths:
         try:

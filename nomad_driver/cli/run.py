@@ -16,6 +16,8 @@ import sys
 import time
 from typing import Any
 
+from nomad_driver.cli import pairs
+
 DEFAULT_CONFIG = "/etc/pyhpc/pyhpc.hcl"
 FORWARDED = (
     signal.SIGINT,
@@ -149,12 +151,10 @@ def run(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         return _fail("needs root for loop mounts and namespaces; run it with sudo")
     command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
-    env = {"TERM": os.environ.get("TERM", "xterm")}
-    for item in args.env:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            return _fail(f"--env {item!r}: expected KEY=VALUE")
-        env[key] = value
+    try:
+        env = {"TERM": os.environ.get("TERM", "xterm"), **pairs(args.env, "--env")}
+    except ValueError as err:
+        return _fail(str(err))
     config_path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
     try:
         if config_path:

@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import leaks
-import requests
 from test_faults import driver_pid
 from test_foundation import IMAGE
 
-from bench.jobs import batch_job
+from bench.jobs import allocs, batch_job, purge, register
 from nomad_driver.runtime import client
 
 FULL = os.environ.get("PYHPC_SOAK") == "full"
@@ -57,26 +56,11 @@ def batch(name: str, script: str, count: int = 1) -> dict[str, Any]:
     return batch_job(name, "pyhpc", config, count, cpu=10, memory=16)
 
 
-def register(spec: dict[str, Any]) -> None:
-    requests.post(f"{NOMAD}/v1/jobs", json={"Job": spec}, timeout=30).raise_for_status()
-
-
-def allocs(job_id: str) -> list[dict[str, Any]]:
-    found: list[dict[str, Any]] = requests.get(
-        f"{NOMAD}/v1/job/{job_id}/allocations", timeout=30
-    ).json()
-    return found
-
-
 def exit_code(alloc: dict[str, Any]) -> int | None:
     events = ((alloc.get("TaskStates") or {}).get("t") or {}).get("Events") or []
     codes = [int(e["ExitCode"]) for e in events if e["Type"] == "Terminated"]
     assert len(codes) <= 1, events
     return codes[0] if codes else None
-
-
-def purge(job_id: str) -> None:
-    requests.delete(f"{NOMAD}/v1/job/{job_id}", params={"purge": "true"}, timeout=30)
 
 
 def test_many_at_once_then_many_in_a_row_through_nomad_leave_nothing(cluster: Any) -> None:
@@ -87,10 +71,10 @@ def test_many_at_once_then_many_in_a_row_through_nomad_leave_nothing(cluster: An
     hold = 10 + CONCURRENT // 5  # long enough for every task to be up at the same time
     name = f"e2e-load-{uuid.uuid4().hex[:6]}"
     started = time.monotonic()
-    register(batch(name, f"sleep {hold}; exit 3", CONCURRENT))
+    register(NOMAD, batch(name, f"sleep {hold}; exit 3", CONCURRENT))
     deadline = started + hold + 600
     while True:
-        found = allocs(name)
+        found = allocs(NOMAD, name)
         if len(found) == CONCURRENT and all(
             a["ClientStatus"] in ("complete", "failed", "lost") for a in found
         ):
@@ -102,19 +86,21 @@ def test_many_at_once_then_many_in_a_row_through_nomad_leave_nothing(cluster: An
     assert codes == [3] * CONCURRENT, codes
     peak = max(s[3] for s in sampler.samples)
     assert peak == CONCURRENT, f"at most {peak} of {CONCURRENT} ran at the same time"
-    purge(name)
+    purge(NOMAD, name)
 
     started = time.monotonic()
     for i in range(SEQUENTIAL):
         one = f"e2e-load-seq-{uuid.uuid4().hex[:6]}-{i}"
-        register(batch(one, "exit 0"))
+        register(NOMAD, batch(one, "exit 0"))
         while True:
-            done = [a for a in allocs(one) if a["ClientStatus"] in ("complete", "failed", "lost")]
+            done = [
+                a for a in allocs(NOMAD, one) if a["ClientStatus"] in ("complete", "failed", "lost")
+            ]
             if done:
                 break
             time.sleep(0.05)
         assert done[0]["ClientStatus"] == "complete" and exit_code(done[0]) == 0, done[0]
-        purge(one)
+        purge(NOMAD, one)
     sequential_s = time.monotonic() - started
     after = leaks.settle(cluster.state_dir, before, timeout=60)
     sampler.stop.set()
