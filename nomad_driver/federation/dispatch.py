@@ -240,10 +240,12 @@ def dispatch(
     Every instance carries Nomad's idempotency token and a tag in its job ID made from the
     token and its number, so a retry first finds instances already dispatched in any reachable
     region (a failed-over one included) and dispatches only the missing ones."""
+    # Only a caller's token can have been used before: a fresh one needs no look-up.
+    existing_possible = bool(token)
     token = token or uuid.uuid4().hex
     tag = hashlib.sha256(token.encode()).hexdigest()[:12]
     candidates = list(dict.fromkeys([*targets, *(fallbacks or [])]))
-    existing = _dispatched(nomad, job, tag, candidates)
+    existing = _dispatched(nomad, job, tag, candidates) if existing_possible else {}
     runs = []
     for i, region in enumerate(targets):
         run = Run(i, region)

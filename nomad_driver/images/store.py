@@ -156,10 +156,11 @@ class Store:
         reference wait for the one import instead of doing their own."""
         ref = reference.parse(text)
         name = str(ref)
-        found = self._intact(self.lookup(name), progress)
         # Pinned references never change: no lock. A tag may be being pulled again: wait.
-        if found is not None and (not ref.remote or ref.digest):
-            return found
+        if not ref.remote or ref.digest:
+            found = self._intact(self.lookup(name), progress)
+            if found is not None:
+                return found
         with self._lock(name):
             found = self._intact(self.lookup(name), progress)
             if found is not None:
