@@ -127,15 +127,36 @@ def groups(gpus: list[Gpu], ignored: tuple[str, ...] = ()) -> list[dict[str, Any
     return out
 
 
-def host_libraries(ldconfig_output: str) -> list[str]:
-    """The driver's user-space libraries, from `ldconfig -p` (the host's linker cache)."""
+def host_libraries(
+    ldconfig_output: str, lib_dirs: tuple[str, ...] = (), listdir: Any = None
+) -> list[str]:
+    """The driver's user-space libraries, from `ldconfig -p` (the host's linker cache) and from
+    `lib_dirs`, the directories the host's loader is told to search (LD_LIBRARY_PATH: drivers
+    installed outside the cache, as under /usr/local/nvidia/lib64, are found there, as NVML was)."""
     found = []
     for line in ldconfig_output.splitlines():
         m = re.match(r"\s*(\S+) \(([^)]*)\) => (\S+)", line)
-        if m and "x86-64" in m.group(2) or (m and "AArch64" in m.group(2)):
+        if m and ("x86-64" in m.group(2) or "AArch64" in m.group(2)):
             if any(re.match(p, m.group(1)) for p in LIBRARY_PATTERNS):
                 found.append(m.group(3))
+    names = {os.path.basename(f) for f in found}
+    for directory in lib_dirs:
+        try:
+            entries = sorted((listdir or os.listdir)(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry not in names and any(
+                re.fullmatch(p + r"\.\d+", entry) for p in LIBRARY_PATTERNS
+            ):
+                names.add(entry)
+                found.append(os.path.join(directory, entry))
     return sorted(set(found))
+
+
+def loader_dirs(environ: Any = os.environ) -> tuple[str, ...]:
+    """The absolute directories in this process's LD_LIBRARY_PATH."""
+    return tuple(d for d in environ.get("LD_LIBRARY_PATH", "").split(":") if d.startswith("/"))
 
 
 def reservation(
@@ -143,6 +164,8 @@ def reservation(
     ids: list[str],
     ldconfig_output: str | None = None,
     exists: Any = os.path.exists,
+    lib_dirs: tuple[str, ...] | None = None,
+    tool_dirs: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
     """What a task given GPUs `ids` needs; KeyError names unknown ids."""
     known = {g.uuid: g for g in gpus}
@@ -155,11 +178,13 @@ def reservation(
         ldconfig_output = subprocess.run(
             ["/sbin/ldconfig", "-p"], capture_output=True, text=True, check=False
         ).stdout
-    mounts = [
-        (lib, f"{TASK_LIB_DIR}/{os.path.basename(lib)}") for lib in host_libraries(ldconfig_output)
-    ]
+    libraries = host_libraries(ldconfig_output, lib_dirs if lib_dirs is not None else loader_dirs())
+    mounts = [(lib, f"{TASK_LIB_DIR}/{os.path.basename(lib)}") for lib in libraries]
+    if tool_dirs is None:
+        path = os.environ.get("PATH", "").split(":")
+        tool_dirs = ("/usr/bin", "/usr/local/bin", *(d for d in path if d.startswith("/")))
     for tool in TOOLS:
-        for directory in ("/usr/bin", "/usr/local/bin"):
+        for directory in tool_dirs:
             if exists(f"{directory}/{tool}"):
                 mounts.append((f"{directory}/{tool}", f"{TASK_BIN_DIR}/{tool}"))
                 break

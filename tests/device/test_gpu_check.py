@@ -31,7 +31,7 @@ def test_without_a_gpu_the_check_skips_and_says_why() -> None:
 @pytest.mark.skipif(not shutil.which("gcc"), reason="needs gcc")
 def test_the_cuda_test_image_runs_in_a_container(tmp_path: Path) -> None:
     check = load_check()
-    image = check.cuda_image(tmp_path)
+    image = check.cuda_image(tmp_path, None)
     done = check.run(str(image), "", "/cudacheck")
     assert done.returncode == 2, done.stdout + done.stderr
     assert "cudacheck: cannot load libcuda.so.1" in done.stderr

@@ -90,7 +90,14 @@ def test_no_nvml_means_no_devices_and_a_reason() -> None:
 def test_a_reservation_gives_only_its_gpus_nodes_libraries_and_consistent_env() -> None:
     gpus, _ = nvml.probe(recorded_nvml())
     present = {"/dev/nvidiactl", "/dev/nvidia-uvm", "/usr/bin/nvidia-smi"}
-    res = nvml.reservation(gpus, ["GPU-6f1c7a0e-001"], LDCONFIG, exists=present.__contains__)
+    res = nvml.reservation(
+        gpus,
+        ["GPU-6f1c7a0e-001"],
+        LDCONFIG,
+        exists=present.__contains__,
+        lib_dirs=(),
+        tool_dirs=("/usr/bin",),
+    )
     assert res["devices"] == ["/dev/nvidia1", "/dev/nvidiactl", "/dev/nvidia-uvm"]
     assert (
         res["envs"]["NVIDIA_VISIBLE_DEVICES"]
@@ -108,6 +115,56 @@ def test_a_reservation_gives_only_its_gpus_nodes_libraries_and_consistent_env() 
     ]
     with pytest.raises(KeyError, match="unknown device IDs: GPU-nope"):
         nvml.reservation(gpus, ["GPU-nope"], LDCONFIG)
+
+
+def test_a_driver_outside_the_linker_cache_is_found_where_the_loader_is_told_to_look() -> None:
+    # Hosts that install the driver under /usr/local/nvidia (as cloud GPU images do) give
+    # the loader LD_LIBRARY_PATH instead of a cache entry; nvidia-smi is then on PATH only.
+    gpus, _ = nvml.probe(recorded_nvml())
+    listing = {
+        "/usr/local/nvidia/lib64": [
+            "libcuda.so",
+            "libcuda.so.1",
+            "libcuda.so.580.159.04",
+            "libnvidia-ml.so.1",
+            "libnvidia-ml.so.1",
+            "libEGL.so.1",
+            "libnvidia-ptxjitcompiler.so.1",
+        ]
+    }
+
+    def listdir(d: str) -> list[str]:
+        if d not in listing:
+            raise FileNotFoundError(d)
+        return listing[d]
+
+    found = nvml.host_libraries("", ("/usr/local/nvidia/lib64", "/nowhere"), listdir)
+    assert found == [
+        "/usr/local/nvidia/lib64/libcuda.so.1",
+        "/usr/local/nvidia/lib64/libnvidia-ml.so.1",
+        "/usr/local/nvidia/lib64/libnvidia-ptxjitcompiler.so.1",
+    ]
+    # A library the cache already names is not mounted twice from another directory.
+    assert nvml.host_libraries(LDCONFIG, ("/usr/local/nvidia/lib64",), listdir) == sorted(
+        [
+            "/usr/lib/x86_64-linux-gnu/libcuda.so.1",
+            "/usr/lib/x86_64-linux-gnu/libnvidia-ml.so.1",
+            "/usr/local/nvidia/lib64/libnvidia-ptxjitcompiler.so.1",
+        ]
+    )
+    assert nvml.loader_dirs({"LD_LIBRARY_PATH": "/usr/local/nvidia/lib64::lib:/opt/x"}) == (
+        "/usr/local/nvidia/lib64",
+        "/opt/x",
+    )
+    res = nvml.reservation(
+        gpus,
+        ["GPU-6f1c7a0e-001"],
+        "",
+        exists={"/usr/local/nvidia/bin/nvidia-smi"}.__contains__,
+        lib_dirs=(),
+        tool_dirs=("/usr/bin", "/usr/local/nvidia/bin"),
+    )
+    assert ("/usr/local/nvidia/bin/nvidia-smi", "/usr/local/nvidia/bin/nvidia-smi") in res["mounts"]
 
 
 def test_driver_attributes_summarise_the_gpus_and_say_zero_without_them() -> None:
