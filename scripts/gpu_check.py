@@ -80,7 +80,7 @@ def fingerprint_and_reserve(work: Path) -> list[str]:
             + "\n".join(lines),
         )
         reply = stub.Reserve(device_pb2.ReserveRequest(device_ids=ids[:1]), timeout=30)
-        [res] = reply.container_res
+        res = reply.container_res
         report(
             "device plugin reserve (one GPU)",
             "PASS" if res.devices else "FAIL",

@@ -31,6 +31,8 @@ echo "user namespaces: $(cat /proc/sys/user/max_user_namespaces)"
 for tool in gcc mksquashfs ldconfig; do echo "$tool: $(command -v $tool || echo missing)"; done
 ldconfig -p | grep -E 'libcuda\.so|libnvidia-ml\.so|libseccomp\.so|liblzo2' || true
 echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+smi=$(command -v nvidia-smi) && ls -l "$smi" && file "$smi" 2>/dev/null \
+    && { head -c 2 "$smi" | grep -q '#!' && cat "$smi"; }
 echo
 
 echo "== setting up"
@@ -42,7 +44,7 @@ for deb in "$bundle"/deb/*.deb; do dpkg -x "$deb" "$tools"; done
 # Only what is missing goes into /usr/local, so the machine's own packages are left alone.
 for lib in libseccomp.so.2 liblzo2.so.2; do
     if ! ldconfig -p | grep -q "$lib "; then
-        cp -v "$tools"/usr/lib/x86_64-linux-gnu/"$lib"* /usr/local/lib/
+        find "$tools" -name "$lib*" -exec cp -v {} /usr/local/lib/ \;
     fi
 done
 ldconfig
