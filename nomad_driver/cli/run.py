@@ -110,7 +110,9 @@ def _gpus(choice: str) -> tuple[dict[str, str], tuple[Any, ...], tuple[Any, ...]
     from nomad_driver.device import nvml
     from nomad_driver.runtime.spec import BindMount
 
-    gpus, why = nvml.probe()
+    gpus, why = nvml.from_proc(), ""
+    if not gpus:
+        gpus, why = nvml.probe()
     if not gpus:
         raise ValueError(f"--gpus {choice}: no NVIDIA GPU on this node ({why or 'none found'})")
     if choice == "all":

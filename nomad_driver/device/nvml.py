@@ -130,28 +130,75 @@ def groups(gpus: list[Gpu], ignored: tuple[str, ...] = ()) -> list[dict[str, Any
 def host_libraries(
     ldconfig_output: str, lib_dirs: tuple[str, ...] = (), listdir: Any = None
 ) -> list[str]:
-    """The driver's user-space libraries, from `ldconfig -p` (the host's linker cache) and from
-    `lib_dirs`, the directories the host's loader is told to search (LD_LIBRARY_PATH: drivers
-    installed outside the cache, as under /usr/local/nvidia/lib64, are found there, as NVML was)."""
-    found = []
+    """The driver's user-space libraries by their versioned names (libcuda.so.1, not the
+    build-time libcuda.so), one file per name: from `ldconfig -p` (the host's linker cache,
+    in the loader's order) and from `lib_dirs`, the directories the host's loader is told to
+    search (LD_LIBRARY_PATH: drivers installed outside the cache, as under
+    /usr/local/nvidia/lib64, are found there, as NVML was)."""
+    by_name: dict[str, str] = {}
     for line in ldconfig_output.splitlines():
         m = re.match(r"\s*(\S+) \(([^)]*)\) => (\S+)", line)
         if m and ("x86-64" in m.group(2) or "AArch64" in m.group(2)):
-            if any(re.match(p, m.group(1)) for p in LIBRARY_PATTERNS):
-                found.append(m.group(3))
-    names = {os.path.basename(f) for f in found}
+            by_name.setdefault(m.group(1), m.group(3))
     for directory in lib_dirs:
         try:
             entries = sorted((listdir or os.listdir)(directory))
         except OSError:
             continue
         for entry in entries:
-            if entry not in names and any(
-                re.fullmatch(p + r"\.\d+", entry) for p in LIBRARY_PATTERNS
-            ):
-                names.add(entry)
-                found.append(os.path.join(directory, entry))
-    return sorted(set(found))
+            by_name.setdefault(entry, os.path.join(directory, entry))
+    # Per library, the name with the shortest version: the soname (libcuda.so.1 rather than
+    # libcuda.so.580.159.04, which is the same file); libnvidia-gpucomp's soname is its full
+    # version, so that one is kept.
+    chosen: dict[str, str] = {}
+    for name in sorted(by_name, key=lambda n: (n.count("."), n)):
+        m = re.fullmatch(r"(.+?\.so)(\.\d+)+", name)
+        if m and any(re.fullmatch(p, m.group(1)) for p in LIBRARY_PATTERNS):
+            chosen.setdefault(m.group(1), by_name[name])
+    return sorted(chosen.values())
+
+
+def _elf(path: str) -> bool:
+    """An ELF program: a wrapper script (some hosts put one in /usr/bin) cannot run in an image
+    without its interpreter, so the real program is looked for further along the path."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"\x7fELF"
+    except OSError:
+        return False
+
+
+def from_proc(root: str = "/proc/driver/nvidia/gpus") -> list[Gpu]:
+    """The GPUs as the kernel driver lists them (UUID, minor number, bus, model), in bus
+    order as NVML numbers them: enough for a reservation, in about a millisecond where
+    NVML's start takes 80 ms or more. Empty when the driver offers no such listing."""
+    gpus = []
+    try:
+        buses = sorted(os.listdir(root))
+    except OSError:
+        return []
+    for bus in buses:
+        try:
+            with open(os.path.join(root, bus, "information")) as f:
+                info = dict(
+                    (k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in f) if v
+                )
+            gpus.append(
+                Gpu(
+                    uuid=info["GPU UUID"],
+                    name=info.get("Model", "N/A"),
+                    minor=int(info["Device Minor"]),
+                    memory_mib=0,
+                    pci_bus_id=info.get("Bus Location", bus),
+                    driver_version="",
+                    cuda_version="",
+                    compute_capability="",
+                    power_limit_w=0,
+                )
+            )
+        except (OSError, KeyError, ValueError):
+            return []
+    return gpus
 
 
 def loader_dirs(environ: Any = os.environ) -> tuple[str, ...]:
@@ -166,6 +213,7 @@ def reservation(
     exists: Any = os.path.exists,
     lib_dirs: tuple[str, ...] | None = None,
     tool_dirs: tuple[str, ...] | None = None,
+    is_binary: Any = None,
 ) -> dict[str, Any]:
     """What a task given GPUs `ids` needs; KeyError names unknown ids."""
     known = {g.uuid: g for g in gpus}
@@ -180,12 +228,13 @@ def reservation(
         ).stdout
     libraries = host_libraries(ldconfig_output, lib_dirs if lib_dirs is not None else loader_dirs())
     mounts = [(lib, f"{TASK_LIB_DIR}/{os.path.basename(lib)}") for lib in libraries]
+    is_binary = is_binary or _elf
     if tool_dirs is None:
         path = os.environ.get("PATH", "").split(":")
         tool_dirs = ("/usr/bin", "/usr/local/bin", *(d for d in path if d.startswith("/")))
     for tool in TOOLS:
         for directory in tool_dirs:
-            if exists(f"{directory}/{tool}"):
+            if is_binary(f"{directory}/{tool}"):
                 mounts.append((f"{directory}/{tool}", f"{TASK_BIN_DIR}/{tool}"))
                 break
     visible = ",".join(ids)

@@ -105,7 +105,12 @@ def run_init(
             restrict(spec, uid, gid)
             os.execve(path, [spec.command, *spec.args], spec.env)
         except BaseException as error:  # noqa: BLE001 - report whatever stopped the exec
-            os.write(exec_w, f"cannot start {spec.command!r}: {error}".encode())
+            why = str(error)
+            if isinstance(error, FileNotFoundError) and os.path.exists(path):
+                # execve's ENOENT for a file that is there: its #! interpreter or its ELF
+                # loader (ld-linux) is missing from the image.
+                why = "its interpreter or dynamic loader is not in the image"
+            os.write(exec_w, f"cannot start {spec.command!r}: {why}".encode())
         os._exit(127)
     app_pid = pid
     if userns is not None:

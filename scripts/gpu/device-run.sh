@@ -31,6 +31,7 @@ echo "user namespaces: $(cat /proc/sys/user/max_user_namespaces)"
 for tool in gcc mksquashfs ldconfig; do echo "$tool: $(command -v $tool || echo missing)"; done
 ldconfig -p | grep -E 'libcuda\.so|libnvidia-ml\.so|libseccomp\.so|liblzo2' || true
 echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+head -20 /proc/driver/nvidia/gpus/*/information 2>&1
 smi=$(command -v nvidia-smi) && ls -l "$smi" && file "$smi" 2>/dev/null \
     && { head -c 2 "$smi" | grep -q '#!' && cat "$smi"; }
 echo

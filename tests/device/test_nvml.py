@@ -4,6 +4,7 @@ check: scripts/gpu-check.sh runs on a real GPU."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -97,6 +98,7 @@ def test_a_reservation_gives_only_its_gpus_nodes_libraries_and_consistent_env() 
         exists=present.__contains__,
         lib_dirs=(),
         tool_dirs=("/usr/bin",),
+        is_binary=present.__contains__,
     )
     assert res["devices"] == ["/dev/nvidia1", "/dev/nvidiactl", "/dev/nvidia-uvm"]
     assert (
@@ -126,6 +128,7 @@ def test_a_driver_outside_the_linker_cache_is_found_where_the_loader_is_told_to_
             "libcuda.so",
             "libcuda.so.1",
             "libcuda.so.580.159.04",
+            "libnvidia-gpucomp.so.580.159.04",
             "libnvidia-ml.so.1",
             "libnvidia-ml.so.1",
             "libEGL.so.1",
@@ -141,6 +144,7 @@ def test_a_driver_outside_the_linker_cache_is_found_where_the_loader_is_told_to_
     found = nvml.host_libraries("", ("/usr/local/nvidia/lib64", "/nowhere"), listdir)
     assert found == [
         "/usr/local/nvidia/lib64/libcuda.so.1",
+        "/usr/local/nvidia/lib64/libnvidia-gpucomp.so.580.159.04",
         "/usr/local/nvidia/lib64/libnvidia-ml.so.1",
         "/usr/local/nvidia/lib64/libnvidia-ptxjitcompiler.so.1",
     ]
@@ -149,6 +153,7 @@ def test_a_driver_outside_the_linker_cache_is_found_where_the_loader_is_told_to_
         [
             "/usr/lib/x86_64-linux-gnu/libcuda.so.1",
             "/usr/lib/x86_64-linux-gnu/libnvidia-ml.so.1",
+            "/usr/local/nvidia/lib64/libnvidia-gpucomp.so.580.159.04",
             "/usr/local/nvidia/lib64/libnvidia-ptxjitcompiler.so.1",
         ]
     )
@@ -160,11 +165,34 @@ def test_a_driver_outside_the_linker_cache_is_found_where_the_loader_is_told_to_
         gpus,
         ["GPU-6f1c7a0e-001"],
         "",
-        exists={"/usr/local/nvidia/bin/nvidia-smi"}.__contains__,
+        exists=lambda path: True,
         lib_dirs=(),
         tool_dirs=("/usr/bin", "/usr/local/nvidia/bin"),
+        # /usr/bin/nvidia-smi is a wrapper script there, which an image could not run.
+        is_binary={"/usr/local/nvidia/bin/nvidia-smi"}.__contains__,
     )
     assert ("/usr/local/nvidia/bin/nvidia-smi", "/usr/local/nvidia/bin/nvidia-smi") in res["mounts"]
+
+
+def test_the_kernel_drivers_listing_gives_uuid_minor_and_bus(tmp_path: Path) -> None:
+    for bus, minor, uuid in (("0000:41:00.0", 1, "GPU-b"), ("0000:00:06.0", 0, "GPU-a")):
+        (tmp_path / bus).mkdir()
+        (tmp_path / bus / "information").write_text(
+            f"Model: \t\t NVIDIA H200\nIRQ:   \t\t 37\nGPU UUID: \t {uuid}\n"
+            f"Video BIOS: \t 96.00.af.00.01\nBus Location: \t {bus}\n"
+            f"Device Minor: \t {minor}\nGPU Excluded:\t No\n"
+        )
+    gpus = nvml.from_proc(str(tmp_path))
+    assert [(g.uuid, g.minor, g.pci_bus_id, g.name) for g in gpus] == [
+        ("GPU-a", 0, "0000:00:06.0", "NVIDIA H200"),
+        ("GPU-b", 1, "0000:41:00.0", "NVIDIA H200"),
+    ]
+    assert nvml.reservation(gpus, ["GPU-b"], "", exists=lambda p: False)["devices"] == [
+        "/dev/nvidia1"
+    ]
+    assert nvml.from_proc(str(tmp_path / "absent")) == []
+    (tmp_path / "0000:00:06.0" / "information").write_text("garbled\n")
+    assert nvml.from_proc(str(tmp_path)) == []
 
 
 def test_driver_attributes_summarise_the_gpus_and_say_zero_without_them() -> None:
