@@ -223,7 +223,9 @@ def main() -> int:
         t1 = time.perf_counter()
         listed_gpus = nvml.from_proc()
         lookup_ms = (time.perf_counter() - t1) * 1e3
+        t1 = time.perf_counter()
         res = nvml.reservation(gpus, [gpus[0].uuid])
+        reserve_ms = (time.perf_counter() - t1) * 1e3
         plain, with_gpu = entry_ms(args.image, ""), entry_ms(args.image, "1")
         report(
             "GPU injection cost (pyhpc run /bin/true, median of 10)",
@@ -235,7 +237,8 @@ def main() -> int:
                 f"from /proc/driver/nvidia {lookup_ms:.1f} ms"
                 if listed_gpus
                 else f"through NVML (no /proc/driver/nvidia listing) {probe_ms:.0f} ms"
-            ),
+            )
+            + f", reservation (linker cache, tools) {reserve_ms:.1f} ms",
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)

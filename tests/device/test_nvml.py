@@ -4,6 +4,8 @@ check: scripts/gpu-check.sh runs on a real GPU."""
 
 from __future__ import annotations
 
+import struct
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -206,3 +208,22 @@ def test_driver_attributes_summarise_the_gpus_and_say_zero_without_them() -> Non
         "driver.pyhpc.gpu.compute_capability": "8.9",
     }
     assert nvml.driver_attributes([]) == {"driver.pyhpc.gpu.count": 0}
+
+
+def test_the_linker_cache_is_read_as_ldconfig_prints_it(tmp_path: Path) -> None:
+    # This machine's own cache against its own ldconfig, 64-bit entries in the same order.
+    printed = subprocess.run(["/sbin/ldconfig", "-p"], capture_output=True, text=True).stdout
+    wanted = [line for line in printed.splitlines() if "x86-64" in line or "AArch64" in line]
+    assert wanted and nvml.linker_cache().splitlines() == wanted
+    # A cache written here: one x86-64 entry, one 32-bit entry (left out).
+    strings = b"libcuda.so.1\0/opt/nv/libcuda.so.1\0libz.so.1\0/lib32/libz.so.1\0"
+    head = 48 + 2 * 24
+    entries = struct.pack("<iIIIQ", 0x0303, head, head + 13, 0, 0)
+    entries += struct.pack("<iIIIQ", 0x0003, head + 34, head + 44, 0, 0)
+    header = b"glibc-ld.so.cache1.1" + struct.pack("<IIB3xI12x", 2, len(strings), 0, 0)
+    cache = tmp_path / "ld.so.cache"
+    cache.write_bytes(header + entries + strings)
+    assert nvml.linker_cache(str(cache)) == "\tlibcuda.so.1 (libc6,x86-64) => /opt/nv/libcuda.so.1"
+    # Not a cache glibc writes: ldconfig is asked instead.
+    cache.write_bytes(b"ld.so-1.7.0" + bytes(40))
+    assert "\tlibc.so.6 (libc6,x86-64" in nvml.linker_cache(str(cache))
