@@ -6,6 +6,8 @@
 #   deb/        squashfs-tools and the libraries it and pyseccomp need (used only when missing)
 #   busybox.sqsh  scripts/make-demo-image.sh's output
 #   cudacheck   scripts/gpu/cudacheck.c built with gcc (used only when the machine has no gcc)
+#   nomad.xz    optional: the test bed's Nomad binary, xz-compressed; then jobspecs/gpu.nomad
+#               also runs through a Nomad agent (scripts/gpu/nomad-gpu.sh)
 # It prints what the machine offers (kernel, SquashFS, loop devices, cgroups, driver), installs
 # the wheels into /tmp/site, runs the check, and on failure adds what a diagnosis needs.
 # The log also goes to $OUT/gpu-check.log when OUT is set. Run as root from the repository root:
@@ -57,9 +59,19 @@ command -v gcc >/dev/null || extra=(--cudacheck "$bundle/cudacheck")
 echo
 
 echo "== the check"
-PYTHONUNBUFFERED=1 timeout 420 scripts/gpu-check.sh "${extra[@]}"
+PYTHONUNBUFFERED=1 timeout 420 scripts/gpu-check.sh "${extra[@]}" \
+    --keep-image /var/lib/pyhpc/images/cuda.sqsh
 rc=$?
 echo "gpu-check exit status: $rc"
+if [[ $rc == 0 && -f "$bundle/nomad.xz" ]]; then
+    echo
+    echo "== the GPU job through Nomad"
+    xz -dc "$bundle/nomad.xz" >/tmp/nomad && chmod +x /tmp/nomad
+    /tmp/nomad version | head -1
+    NOMAD_BIN=/tmp/nomad timeout 300 scripts/gpu/nomad-gpu.sh /var/lib/pyhpc/images/cuda.sqsh
+    rc=$?
+    echo "nomad-gpu exit status: $rc"
+fi
 if [[ $rc != 0 && $rc != 77 ]]; then
     echo "== diagnosis"
     python3 -m nomad_driver.cli.main run /var/lib/pyhpc/images/busybox.sqsh -- /bin/true
