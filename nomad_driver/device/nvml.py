@@ -135,10 +135,10 @@ def host_libraries(
     in the loader's order) and from `lib_dirs`, the directories the host's loader is told to
     search (LD_LIBRARY_PATH: drivers installed outside the cache, as under
     /usr/local/nvidia/lib64, are found there, as NVML was)."""
+    wanted = re.compile("(?:" + "|".join(LIBRARY_PATTERNS) + r")(?:\.\d+)+")
     by_name: dict[str, str] = {}
-    for line in ldconfig_output.splitlines():
-        m = re.match(r"\s*(\S+) \(([^)]*)\) => (\S+)", line)
-        if m and ("x86-64" in m.group(2) or "AArch64" in m.group(2)):
+    for m in re.finditer(r"^\s*(\S+) \(([^)]*)\) => (\S+)$", ldconfig_output, re.MULTILINE):
+        if wanted.fullmatch(m.group(1)) and ("x86-64" in m.group(2) or "AArch64" in m.group(2)):
             by_name.setdefault(m.group(1), m.group(3))
     for directory in lib_dirs:
         try:
@@ -146,15 +146,14 @@ def host_libraries(
         except OSError:
             continue
         for entry in entries:
-            by_name.setdefault(entry, os.path.join(directory, entry))
+            if wanted.fullmatch(entry):
+                by_name.setdefault(entry, os.path.join(directory, entry))
     # Per library, the name with the shortest version: the soname (libcuda.so.1 rather than
     # libcuda.so.580.159.04, which is the same file); libnvidia-gpucomp's soname is its full
     # version, so that one is kept.
     chosen: dict[str, str] = {}
     for name in sorted(by_name, key=lambda n: (n.count("."), n)):
-        m = re.fullmatch(r"(.+?\.so)(\.\d+)+", name)
-        if m and any(re.fullmatch(p, m.group(1)) for p in LIBRARY_PATTERNS):
-            chosen.setdefault(m.group(1), by_name[name])
+        chosen.setdefault(name[: name.index(".so") + 3], by_name[name])
     return sorted(chosen.values())
 
 

@@ -63,14 +63,15 @@ PYTHONUNBUFFERED=1 timeout 420 scripts/gpu-check.sh "${extra[@]}" \
     --keep-image /var/lib/pyhpc/images/cuda.sqsh
 rc=$?
 echo "gpu-check exit status: $rc"
-if [[ $rc == 0 && -f "$bundle/nomad.xz" ]]; then
+if [[ -f "$bundle/nomad.xz" && -f /var/lib/pyhpc/images/cuda.sqsh ]]; then
     echo
     echo "== the GPU job through Nomad"
     xz -dc "$bundle/nomad.xz" >/tmp/nomad && chmod +x /tmp/nomad
     /tmp/nomad version | head -1
     NOMAD_BIN=/tmp/nomad timeout 300 scripts/gpu/nomad-gpu.sh /var/lib/pyhpc/images/cuda.sqsh
-    rc=$?
-    echo "nomad-gpu exit status: $rc"
+    nomad_rc=$?
+    echo "nomad-gpu exit status: $nomad_rc"
+    [[ $nomad_rc == 0 ]] || rc=$nomad_rc
 fi
 if [[ $rc != 0 && $rc != 77 ]]; then
     echo "== diagnosis"
