@@ -60,7 +60,7 @@ echo
 
 echo "== the check"
 PYTHONUNBUFFERED=1 timeout 420 scripts/gpu-check.sh "${extra[@]}" \
-    --keep-image /var/lib/pyhpc/images/cuda.sqsh
+    --keep-image /var/lib/pyhpc/images/cuda.sqsh --json "$out/gpu.json"
 rc=$?
 echo "gpu-check exit status: $rc"
 if [[ -f "$bundle/nomad.xz" && -f /var/lib/pyhpc/images/cuda.sqsh ]]; then

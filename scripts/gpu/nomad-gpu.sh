@@ -21,7 +21,8 @@ t0=$EPOCHREALTIME
 "$nomad" agent -dev -bind 127.0.0.1 -config "$state/agent.hcl" \
     -config plugin-config/pyhpc.hcl -config plugin-config/pyhpc-gpu.hcl >"$state/agent.log" 2>&1 &
 agent=$!
-trap 'kill $agent 2>/dev/null; wait $agent 2>/dev/null; true' EXIT
+# (each part || true: errexit holds inside the trap, and the agent's kill status is not ours)
+trap 'kill $agent 2>/dev/null || true; wait $agent 2>/dev/null || true' EXIT
 
 # The node, once it reports a GPU through the device plugin.
 devices=""
