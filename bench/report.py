@@ -48,6 +48,7 @@ def benchmarks(quick: bool) -> dict[str, list[str]]:
         + (["--size-mb", "256"] if quick else []),
         "mpi": [py, "bench/mpi.py", "--out", str(RESULTS / "mpi.md")]
         + (["--runs", "3"] if quick else []),
+        "gpu": [py, "bench/gpu.py"],  # exits 77 without a GPU: the recorded results stay
         "images": [py, "bench/import_speed.py", "--out", out["images"]],
         "foundation": [py, "bench/start_latency.py", "--out", out["foundation"]]
         + (["--jobs", "20", "--batch", "40", "--exec-jobs", "5", "--exec-batch", "10"]
@@ -226,6 +227,18 @@ def report() -> str:
                     f"{r['pyhpc_lat'] / r['host_lat']:.2f}x",
                 )
             )
+
+    gpu = load("gpu")
+    if gpu:
+        m = gpu["measures"]
+        ratios.append(
+            (
+                f"GPU injection per task ({m['gpu']}), reservation + mounts",
+                f"{m['reservation_ms'] + m['mounting_ms']:.1f} ms",
+                "target 20 ms",
+                f"{(m['reservation_ms'] + m['mounting_ms']) / 20:.3f}x",
+            )
+        )
 
     load_run = load("load")
     if load_run:
