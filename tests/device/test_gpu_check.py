@@ -35,3 +35,29 @@ def test_the_cuda_test_image_runs_in_a_container(tmp_path: Path) -> None:
     done = check.run(str(image), "", "/cudacheck")
     assert done.returncode == 2, done.stdout + done.stderr
     assert "cudacheck: cannot load libcuda.so.1" in done.stderr
+
+
+def test_a_program_whose_interpreter_or_loader_is_missing_is_named_so(tmp_path: Path) -> None:
+    # As nvidia-smi (dynamically linked) in an image without a C library, or a wrapper script
+    # whose #! interpreter the image lacks: execve says ENOENT although the file is there.
+    root = tmp_path / "root"
+    (root / "bin").mkdir(parents=True)
+    (root / "bin" / "wrapper").write_text("#!/bin/nope\n")
+    (root / "bin" / "wrapper").chmod(0o755)
+    shutil.copy2("/bin/true", root / "bin" / "dynamic")
+    image = tmp_path / "bare.sqsh"
+    subprocess.run(
+        ["mksquashfs", str(root), str(image), "-quiet", "-all-root", "-noappend"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    check = load_check()
+    for program in ("/bin/wrapper", "/bin/dynamic"):
+        done = check.run(str(image), "", program)
+        assert done.returncode != 0
+        assert (
+            f"cannot start '{program}': its interpreter or dynamic loader is not in the image"
+            in (done.stderr)
+        ), done.stderr
+    done = check.run(str(image), "", "/bin/absent")
+    assert "command '/bin/absent' does not exist in the image" in done.stderr
