@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# More Nomad client nodes for multi-node MPI, each in its own network namespace, joined to the
+# running test bed's "global" region (scripts/testbed/cluster.sh up first).
+#
+#   scripts/testbed/mpi-nodes.sh up [N]    N client nodes (default 2), node pool "mpi"
+#   scripts/testbed/mpi-nodes.sh down      stop them, remove the namespaces
+#   scripts/testbed/mpi-nodes.sh status
+#
+# Node i runs in network namespace pyhpc-mpi-i with address 10.99.0.i/24 on a veth whose
+# other end sits on a bridge in namespace pyhpc-mpi-sw: the nodes reach each other, and
+# nothing of this is on the host's own interfaces. The server's RPC port (127.0.0.1:4647 of
+# the host) is carried into every namespace's 127.0.0.1:4647 by nsbridge.py. The nodes are in
+# node pool "mpi", so jobs of the default pool never land there; each has its own data_dir,
+# cgroup parent and pyhpc run_dir, and shares the host's plugin_dir, image store and images.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
+STATE="${PYHPC_CLUSTER_DIR:-/tmp/pyhpc-cluster}"
+M="$STATE/mpi-nodes"
+NET=10.99.0
+eval "$("$here/cluster.sh" env)"
+NOMAD_BIN=$(command -v nomad)
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+die() { printf 'mpi-nodes.sh: error: %s\n' "$*" >&2; exit 1; }
+
+count() { [[ -f "$M/count" ]] && cat "$M/count" || echo 0; }
+
+netns_up() {
+  local n=$1 i
+  ip netns add pyhpc-mpi-sw
+  ip -n pyhpc-mpi-sw link add br0 type bridge
+  ip -n pyhpc-mpi-sw link set br0 up
+  for ((i = 1; i <= n; i++)); do
+    ip netns add "pyhpc-mpi-$i"
+    ip -n "pyhpc-mpi-$i" link set lo up
+    ip link add "mpi$i" netns "pyhpc-mpi-$i" type veth peer name "mpi$i-sw" netns pyhpc-mpi-sw
+    ip -n pyhpc-mpi-sw link set "mpi$i-sw" master br0 up
+    ip -n "pyhpc-mpi-$i" addr add "$NET.$i/24" dev "mpi$i"
+    ip -n "pyhpc-mpi-$i" link set "mpi$i" up
+  done
+}
+
+netns_down() {
+  local ns
+  for ns in $(ip netns list | awk '/^pyhpc-mpi-/ {print $1}'); do ip netns del "$ns"; done
+}
+
+node_config() {   # node_config I -> agent HCL for node I
+  local i=$1 cgroup
+  if [[ -f /sys/fs/cgroup/cgroup.controllers ]]; then cgroup="nomad-mpi-$i.slice"; else cgroup="/nomad-mpi-$i"; fi
+  cat <<EOF
+name       = "mpi-$i"
+region     = "global"
+datacenter = "dc1"
+data_dir   = "$M/node$i/data"
+plugin_dir = "$STATE/plugins"
+bind_addr  = "127.0.0.1"
+log_level  = "DEBUG"
+disable_update_check = true
+
+advertise {
+  http = "$NET.$i"
+  rpc  = "$NET.$i"
+  serf = "$NET.$i"
+}
+
+client {
+  enabled           = true
+  servers           = ["127.0.0.1:4647"]
+  node_pool         = "mpi"
+  network_interface = "mpi$i"
+  cgroup_parent     = "$cgroup"
+  options {
+    "fingerprint.denylist" = "env_aws,env_gce,env_azure,env_digitalocean"
+  }
+}
+
+consul {
+  client_auto_join = false
+  auto_advertise   = false
+}
+EOF
+}
+
+cmd_up() {
+  local n=${1:-2} i pid
+  [[ -n "$NOMAD_BIN" ]] || die "no nomad binary (build the test bed first)"
+  curl -sf "$NOMAD_ADDR/v1/agent/self" >/dev/null || die "the test bed is not up ($NOMAD_ADDR)"
+  [[ "$(count)" == 0 ]] || die "MPI nodes already up ($(count)); run '$0 down' first"
+  netns_down
+  mkdir -p "$M"
+  netns_up "$n"
+  echo "$n" >"$M/count"
+  local -a names=()
+  for ((i = 1; i <= n; i++)); do names+=("pyhpc-mpi-$i"); done
+  (cd "$M" && exec setsid python3 "$here/nsbridge.py" 4647 "${names[@]}" >"$M/bridge.log" 2>&1 &
+   echo $! >"$M/bridge.pid")
+  for ((i = 1; i <= n; i++)); do
+    mkdir -p "$M/node$i/data"
+    node_config "$i" >"$M/node$i/agent.hcl"
+    # The pyhpc plugin config of the host's client, with this node's own run_dir.
+    sed -e "s|^    run_dir = .*|    run_dir = \"/run/pyhpc-mpi-$i\"|" "$STATE/nomad/pyhpc.hcl" \
+      >"$M/node$i/pyhpc.hcl"
+    (cd "$M/node$i" && exec setsid ip netns exec "pyhpc-mpi-$i" "$NOMAD_BIN" agent \
+        -config "$M/node$i/agent.hcl" -config "$M/node$i/pyhpc.hcl" >"$M/node$i/agent.log" 2>&1 &
+     echo $! >"$M/node$i/pid")
+  done
+  local deadline=$((SECONDS + ${NOMAD_READY_TIMEOUT:-90})) ready
+  while :; do
+    ready=$("$NOMAD_BIN" node status -filter 'NodePool == "mpi"' -t \
+      '{{range .}}{{if and (eq .Status "ready") (index .Drivers "pyhpc")}}{{if (index .Drivers "pyhpc").Healthy}}{{.Name}} {{end}}{{end}}{{end}}' 2>/dev/null || true)
+    [[ $(wc -w <<<"$ready") -ge $n ]] && break
+    ((SECONDS < deadline)) || { tail -n 20 "$M"/node*/agent.log >&2; die "only '$ready' ready after ${NOMAD_READY_TIMEOUT:-90} s"; }
+    sleep 0.5
+  done
+  log "MPI nodes ready: $ready(node pool mpi, $NET.1-$n)"
+}
+
+cmd_down() {
+  local i pid
+  for ((i = 1; i <= $(count); i++)); do
+    pid=$(cat "$M/node$i/pid" 2>/dev/null || true)
+    [[ -n "$pid" ]] && kill -INT "$pid" 2>/dev/null || true
+  done
+  for ((i = 1; i <= $(count); i++)); do
+    pid=$(cat "$M/node$i/pid" 2>/dev/null || true)
+    for _ in $(seq 100); do [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    [[ -n "$pid" ]] && kill -KILL "$pid" 2>/dev/null || true
+  done
+  pid=$(cat "$M/bridge.pid" 2>/dev/null || true)
+  [[ -n "$pid" ]] && kill "$pid" 2>/dev/null || true
+  # The nodes' allocations and plugins outlive their agents; cluster.sh down ends them too.
+  pkill -f "$M/" 2>/dev/null || true
+  netns_down
+  if [[ -d "$M" ]]; then
+    { grep -o " $M/[^ ]*" /proc/mounts || true; } | sort -r | while read -r mnt; do umount -l "$mnt" || true; done
+    rm -rf --one-file-system "$M"
+  fi
+  # Their nodes stay known to the server as down; purge them so node lists stay short.
+  for id in $("$NOMAD_BIN" node status -filter 'NodePool == "mpi"' -t '{{range .}}{{.ID}} {{end}}' 2>/dev/null); do
+    curl -sf -X POST "$NOMAD_ADDR/v1/node/$id/purge" >/dev/null || true
+  done
+  log "MPI nodes down"
+}
+
+cmd_status() {
+  "$NOMAD_BIN" node status -filter 'NodePool == "mpi"' || true
+  ip netns list | grep pyhpc-mpi || true
+}
+
+case "${1:-}" in
+  up) shift; cmd_up "$@" ;;
+  down) cmd_down ;;
+  status) cmd_status ;;
+  *) sed -n '2,14p' "$0"; exit 2 ;;
+esac

@@ -1,0 +1,82 @@
+"""Carry TCP from 127.0.0.1:PORT inside network namespaces to 127.0.0.1:PORT of this one.
+
+The test bed's Nomad server listens on 127.0.0.1 only; a client agent in its own network
+namespace (a second "node" on this machine) reaches it through this bridge. One process: it
+enters each namespace to open a listener there, comes back, and connects out from here (a
+socket keeps the namespace it was made in).
+
+    python3 nsbridge.py PORT NETNS [NETNS...]      (as root; runs until killed)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import selectors
+import socket
+import sys
+import threading
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def setns(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def listener_in(netns: str, port: int) -> socket.socket:
+    home = f"/proc/self/task/{threading.get_native_id()}/ns/net"
+    keep = os.open(home, os.O_RDONLY)
+    try:
+        setns(f"/run/netns/{netns}")
+        sock = socket.create_server(("127.0.0.1", port))
+    finally:
+        if _libc.setns(keep, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns back")
+        os.close(keep)
+    return sock
+
+
+def pipe(a: socket.socket, b: socket.socket) -> None:
+    try:
+        while data := a.recv(65536):
+            b.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def serve(port: int, netns: list[str]) -> None:
+    sel = selectors.DefaultSelector()
+    for name in netns:
+        sel.register(listener_in(name, port), selectors.EVENT_READ)
+    print(f"nsbridge: 127.0.0.1:{port} in {', '.join(netns)} -> 127.0.0.1:{port}", flush=True)
+    while True:
+        for key, _ in sel.select():
+            inside, _ = key.fileobj.accept()  # type: ignore[union-attr]
+            try:
+                outside = socket.create_connection(("127.0.0.1", port), timeout=5)
+                outside.settimeout(None)
+            except OSError:
+                inside.close()
+                continue
+            for a, b in ((inside, outside), (outside, inside)):
+                threading.Thread(target=pipe, args=(a, b), daemon=True).start()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3:
+        raise SystemExit(__doc__)
+    serve(int(sys.argv[1]), sys.argv[2:])
