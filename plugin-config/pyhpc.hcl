@@ -57,5 +57,9 @@ plugin "pyhpc" {
 
     # Whether a jobspec may say seccomp = "unconfined". Keep false on shared clusters.
     allow_unconfined_seccomp = false
+
+    # Where an MPI launcher task (mpi mode "launcher") reaches this node's Nomad agent, to
+    # start the MPI daemons in the workers' containers through the exec API.
+    mpi_nomad_address = "http://127.0.0.1:4646"
   }
 }

@@ -4,6 +4,7 @@ block and a task's `config {}` block. Their hclspec, decoding and docs all come 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +95,12 @@ def _binds(value: Any) -> str | None:
     except ValueError as err:
         return str(err).lstrip(": ")
     return None
+
+
+def _hostname(value: Any) -> str | None:
+    if value == "" or re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,62})", value):
+        return None
+    return "must be a host name: letters, digits, '.' and '-', at most 63, not starting with '-'"
 
 
 def _no_nul(value: Any) -> str | None:
@@ -300,9 +307,18 @@ class PluginConfig:
         default=False,
         doc='Whether a task may turn seccomp off with seccomp = "unconfined".',
     )
+    mpi_nomad_address: str = option(
+        "string",
+        default="http://127.0.0.1:4646",
+        doc='The Nomad agent\'s HTTP API as an MPI launcher (mpi mode "launcher") reaches it '
+        "from its node, to start the MPI daemons in the workers' containers through the exec "
+        "API. With ACLs, give the launcher a token (e.g. `identity { env = true }`).",
+        check=_no_nul,
+    )
 
 
 MPI_LAUNCHERS = {"openmpi": "mpirun", "mpich": "mpiexec.hydra"}
+MPI_MODES = ("local", "launcher", "worker")
 
 
 @dataclass(frozen=True)
@@ -331,6 +347,42 @@ class MpiConfig:
         "list(string)", default=(), doc="Extra launcher arguments, before the command.",
         check=_no_nul,
     )  # fmt: skip
+    mode: str = option(
+        "string",
+        default="local",
+        doc='"local": every rank in this container. Across allocations: "launcher" (the task '
+        'that runs the launcher, once `workers` have registered) or "worker" (holds ranks the '
+        "launcher starts through Nomad's exec API; its command is ignored, and it ends when "
+        "the launcher does).",
+        check=_one_of(*MPI_MODES),
+    )
+    workers: int = option(
+        "number",
+        default=0,
+        doc='mode "launcher": how many worker allocations to wait for (the start barrier).',
+        check=_whole(0, 10000),
+    )
+    hosts_file: str = option(
+        "string",
+        default="local/mpi-hosts",
+        doc="The file a `template` renders the peers into, one `ADDRESS ALLOC_ID` line each, "
+        'from the Nomad service of the workers (mode "launcher") or of the launcher '
+        '(mode "worker"); relative to the task directory.',
+        check=_no_nul,
+    )
+    barrier_timeout: str = option(
+        "string",
+        default="5m",
+        doc="How long the launcher waits for all workers, and a worker for the launcher, "
+        "before failing with the count it saw.",
+        check=duration("5m"),
+    )
+    worker_task: str = option(
+        "string",
+        default="worker",
+        doc="The task name of the workers, where the launcher execs the MPI daemons.",
+        check=_no_nul,
+    )
 
 
 @dataclass(frozen=True)
@@ -365,6 +417,13 @@ class TaskConfig:
         default="",
         doc="Working directory inside the container. Default: the image's WorkingDir, or /.",
         check=_optional(_absolute),
+    )
+    hostname: str = option(
+        "string",
+        default="",
+        doc='The container\'s host name. Default: the task\'s name. E.g. "${node.unique.name}", '
+        "so that MPI ranks report the node they run on.",
+        check=_hostname,
     )
     writable: str = option(
         "string",

@@ -17,6 +17,7 @@ from nomad_driver.driver.config import (
     MpiConfig,
     PluginConfig,
     TaskConfig,
+    parse_duration,
     parse_id_range,
 )
 from nomad_driver.runtime import security
@@ -104,6 +105,8 @@ def resolve_image(
 def command_line(cfg: TaskConfig, image: dict[str, Any]) -> list[str]:
     """Docker's rule: the task's command replaces Entrypoint and Cmd; without one, the task's
     args replace Cmd after the image's Entrypoint."""
+    if cfg.mpi and cfg.mpi.mode == "worker":
+        return mpi_launch(cfg.mpi, [])
     if cfg.command:
         argv = [cfg.command, *cfg.args]
     else:
@@ -118,22 +121,85 @@ def command_line(cfg: TaskConfig, image: dict[str, Any]) -> list[str]:
     return mpi_launch(cfg.mpi, argv) if cfg.mpi else argv
 
 
+# Multi-node MPI: pyhpc's helper scripts (nomad_driver/mpi/) and the Nomad agent's own binary,
+# bound read-only into launcher and worker containers.
+MPI_HELPERS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "mpi")
+MPI_BIN = "/usr/local/pyhpc/bin"
+MPI_NOMAD = "/usr/local/pyhpc/libexec/nomad"
+
+
 def mpi_launch(mpi: MpiConfig, argv: list[str]) -> list[str]:
-    """argv as mpi.ranks_per_node ranks of one launcher in this container."""
+    """argv as MPI ranks: mpi.ranks_per_node of them under one launcher in this container
+    (mode "local"); the launcher over every worker's ranks, after the start barrier
+    (mode "launcher"); or the worker's wait for the launcher (mode "worker")."""
     launcher = mpi.launcher or MPI_LAUNCHERS[mpi.implementation]
+    if mpi.mode == "worker":
+        return [f"{MPI_BIN}/pyhpc-mpi-worker"]
+    if mpi.mode == "launcher":
+        if mpi.workers < 1:
+            raise PolicyError('mpi block: mode "launcher" needs workers = N (at least 1)')
+        return [f"{MPI_BIN}/pyhpc-mpi-launch", launcher, *mpi.launcher_args, *argv]
     return [launcher, "-n", str(mpi.ranks_per_node), *mpi.launcher_args, *argv]
 
 
 def mpi_env(mpi: MpiConfig | None) -> dict[str, str]:
     """What the launcher needs in a container: Open MPI refuses uid 0 (the container's root is
-    an unprivileged uid on the host) and would look for ssh, which is never used here."""
-    if mpi is None or mpi.implementation != "openmpi":
+    an unprivileged uid on the host) and would look for ssh, which is never used here: across
+    allocations its remote shell is pyhpc-rsh, through Nomad's exec API."""
+    if mpi is None:
         return {}
-    return {
-        "OMPI_ALLOW_RUN_AS_ROOT": "1",
-        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-        "OMPI_MCA_plm_rsh_agent": "false",
-    }
+    env = {}
+    if mpi.mode != "local":
+        timeout = parse_duration(mpi.barrier_timeout) or 300.0
+        env = {
+            "PYHPC_MPI_IMPLEMENTATION": mpi.implementation,
+            "PYHPC_MPI_RANKS_PER_NODE": str(mpi.ranks_per_node),
+            "PYHPC_MPI_WORKERS": str(mpi.workers),
+            "PYHPC_MPI_HOSTS": "/" + mpi.hosts_file.lstrip("/"),
+            "PYHPC_MPI_TIMEOUT": str(int(timeout)),
+            "PYHPC_MPI_WORKER_TASK": mpi.worker_task,
+            "PYHPC_NOMAD": MPI_NOMAD,
+        }
+    if mpi.implementation == "openmpi":
+        env.update(
+            OMPI_ALLOW_RUN_AS_ROOT="1",
+            OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+            OMPI_MCA_plm_rsh_agent="false" if mpi.mode == "local" else f"{MPI_BIN}/pyhpc-rsh",
+        )
+        if mpi.mode != "local":
+            # Every daemon is started from the launcher, where the remote shell is.
+            env["OMPI_MCA_plm_rsh_no_tree_spawn"] = "1"
+    return env
+
+
+def mpi_mounts(mpi: MpiConfig | None) -> list[BindMount]:
+    """The helper scripts, and for the launcher the Nomad agent's binary (its CLI is the remote
+    shell), read-only."""
+    if mpi is None or mpi.mode == "local":
+        return []
+    mounts = [BindMount(MPI_HELPERS, MPI_BIN, True)]
+    if mpi.mode == "launcher":
+        mounts.append(BindMount(nomad_binary(), MPI_NOMAD, True))
+    return mounts
+
+
+def nomad_binary() -> str:
+    """The Nomad agent that runs this plugin (its parent), else `nomad` on PATH."""
+    try:
+        parent = os.readlink(f"/proc/{os.getppid()}/exe")
+    except OSError:
+        parent = ""
+    if os.path.basename(parent).startswith("nomad"):
+        return parent
+    import shutil
+
+    found = shutil.which("nomad")
+    if not found:
+        raise PolicyError(
+            'mpi mode "launcher" needs the Nomad binary for its remote shell: the plugin\'s '
+            "parent is not a Nomad agent and there is no nomad on PATH"
+        )
+    return os.path.realpath(found)
 
 
 def image_env(image: dict[str, Any]) -> dict[str, str]:
@@ -189,18 +255,28 @@ def container_spec(
     later cannot redirect the mount; its OCI config supplies what the task leaves out."""
     resolved = image if isinstance(image, ResolvedImage) else ResolvedImage(image, {})
     argv = command_line(cfg, resolved.config)
-    mounts = [*ctx.mounts, *allowed_binds(cfg.mounts, plugin.mount_dirs, "mounts", "mount_dirs")]
+    mounts = [
+        *ctx.mounts,
+        *allowed_binds(cfg.mounts, plugin.mount_dirs, "mounts", "mount_dirs"),
+        *mpi_mounts(cfg.mpi),
+    ]
     devices = [
         *ctx.devices,
         *allowed_binds(cfg.devices, plugin.allow_devices, "devices", "allow_devices"),
     ]
     return ContainerSpec(
         task_id=ctx.task_id,
-        hostname=ctx.hostname[:63],
+        hostname=(cfg.hostname or ctx.hostname)[:63],
         image=resolved.path,
         command=argv[0],
         args=tuple(argv[1:]),
-        env={"PATH": DEFAULT_PATH, **image_env(resolved.config), **mpi_env(cfg.mpi), **ctx.env},
+        env={
+            "PATH": DEFAULT_PATH,
+            **image_env(resolved.config),
+            **mpi_env(cfg.mpi),
+            **({"PYHPC_NOMAD_ADDR": plugin.mpi_nomad_address} if cfg.mpi else {}),
+            **ctx.env,
+        },
         work_dir=cfg.work_dir or str(resolved.config.get("WorkingDir") or "/"),
         user=ctx.user or str(resolved.config.get("User") or ""),
         stdout_path=ctx.stdout_path or os.devnull,
@@ -222,7 +298,6 @@ def container_spec(
 
 def verifier(plugin: PluginConfig) -> Any:
     """The signature checker the plugin config describes (keys cached under run_dir)."""
-    from nomad_driver.driver.config import parse_duration
     from nomad_driver.signing.vault import Auth, Vault
     from nomad_driver.signing.verify import Verifier, cache_dir
 

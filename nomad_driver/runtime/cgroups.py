@@ -190,13 +190,27 @@ def names() -> set[str]:
     return found
 
 
-def sweep(in_use: Callable[[], set[str]]) -> list[str]:
+SWEEP_GRACE_S = 60.0
+
+
+def sweep(in_use: Callable[[], set[str]], now: float | None = None) -> list[str]:
     """Remove the task cgroups not in in_use() (a supervisor that died before cleaning up leaves
     its cgroup). The cgroups are listed before in_use() is asked, so one made meanwhile by a
-    starting supervisor is in use by then; and only empty cgroups can be removed at all."""
+    starting supervisor is in use by then; only empty cgroups can be removed at all; and none
+    younger than SWEEP_GRACE_S, since another pyhpc driver on the node (a second Nomad client,
+    with its own run_dir) may have just made it for a supervisor about to join it."""
+    import time
+
     removed = []
+    now = time.time() if now is None else now
     for name in sorted(names() - in_use()):
         group = Cgroup(name)
+        try:
+            born = min(os.stat(p).st_ctime for p in group.paths() if os.path.isdir(p))
+        except (OSError, ValueError):
+            continue
+        if now - born < SWEEP_GRACE_S:
+            continue
         group.remove()
         if not any(os.path.isdir(p) for p in group.paths()):
             removed.append(name)

@@ -12,6 +12,8 @@
 # the host) is carried into every namespace's 127.0.0.1:4647 by nsbridge.py. The nodes are in
 # node pool "mpi", so jobs of the default pool never land there; each has its own data_dir,
 # cgroup parent and pyhpc run_dir, and shares the host's plugin_dir, image store and images.
+# The agents enter their namespace with nsenter --net, not `ip netns exec`, which would also
+# mount a fresh /sys and so hide /sys/fs/cgroup from them and their tasks.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
@@ -102,7 +104,7 @@ cmd_up() {
     # The pyhpc plugin config of the host's client, with this node's own run_dir.
     sed -e "s|^    run_dir = .*|    run_dir = \"/run/pyhpc-mpi-$i\"|" "$STATE/nomad/pyhpc.hcl" \
       >"$M/node$i/pyhpc.hcl"
-    (cd "$M/node$i" && exec setsid ip netns exec "pyhpc-mpi-$i" "$NOMAD_BIN" agent \
+    (cd "$M/node$i" && exec setsid nsenter --net="/run/netns/pyhpc-mpi-$i" "$NOMAD_BIN" agent \
         -config "$M/node$i/agent.hcl" -config "$M/node$i/pyhpc.hcl" >"$M/node$i/agent.log" 2>&1 &
      echo $! >"$M/node$i/pid")
   done

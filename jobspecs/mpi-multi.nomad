@@ -1,0 +1,166 @@
+# MPI across Nomad allocations, in the style of a launcher plus workers (as Kubernetes' MPI
+# Operator does it), with pyhpc containers and no sshd:
+#  - group "worker": `workers` allocations on distinct nodes, each registering a Nomad service
+#    and holding `ranks_per_node` ranks;
+#  - group "launcher": waits until every worker is registered (a start barrier in place of gang
+#    scheduling), writes the hostfile and runs mpirun / mpiexec.hydra, whose remote shell is
+#    pyhpc-rsh: it starts the MPI daemons in each worker's container through Nomad's exec API.
+# A lost worker or a failing rank ends the launcher with the cause named; the workers end when
+# the launcher does. `nomad job stop` ends every rank.
+#   scripts/make-mpi-image.sh
+#   nomad job run jobspecs/mpi-multi.nomad
+#   nomad job run -var implementation=mpich -var program=/opt/mpi/mpich/allreduce \
+#     -var workers=4 jobspecs/mpi-multi.nomad
+# The nodes should be a pool of their own (node_pool below), so the start barrier is not
+# kept waiting by other work.
+
+variable "implementation" {
+  type        = string
+  default     = "openmpi"
+  description = "openmpi or mpich: the MPI the program was built against"
+}
+
+variable "program" {
+  type    = string
+  default = "/opt/mpi/openmpi/hello"
+}
+
+variable "args" {
+  type    = list(string)
+  default = []
+}
+
+variable "workers" {
+  type    = number
+  default = 2
+}
+
+variable "ranks_per_node" {
+  type    = number
+  default = 2
+}
+
+variable "image" {
+  type    = string
+  default = "/var/lib/pyhpc/images/mpi.sqsh"
+}
+
+variable "node_pool" {
+  type    = string
+  default = "mpi"
+}
+
+job "mpi-multi" {
+  datacenters = ["*"]
+  node_pool   = var.node_pool
+  type        = "batch"
+
+  # An MPI run is not restarted piecewise: a failure fails the job.
+  reschedule {
+    attempts  = 0
+    unlimited = false
+  }
+
+  group "worker" {
+    count = var.workers
+
+    constraint {
+      operator = "distinct_hosts"
+      value    = "true"
+    }
+
+    restart {
+      attempts = 0
+      mode     = "fail"
+    }
+
+    task "worker" {
+      driver = "pyhpc"
+
+      config {
+        image    = var.image
+        hostname = "${node.unique.name}"
+
+        mpi {
+          implementation = var.implementation
+          ranks_per_node = var.ranks_per_node
+          mode           = "worker"
+        }
+      }
+
+      service {
+        provider = "nomad"
+        name     = "${NOMAD_JOB_ID}-workers"
+        address  = "${attr.unique.network.ip-address}"
+      }
+
+      # The launcher's address; the worker ends once it has come and gone.
+      template {
+        destination = "local/mpi-hosts"
+        change_mode = "noop"
+        data        = <<-EOT
+          {{- range nomadService (printf "%s-launcher" (env "NOMAD_JOB_ID")) }}
+          {{ .Address }} {{ .AllocID }}
+          {{- end }}
+        EOT
+      }
+
+      resources {
+        cpu    = 500
+        memory = 512
+      }
+    }
+  }
+
+  group "launcher" {
+    restart {
+      attempts = 0
+      mode     = "fail"
+    }
+
+    task "launcher" {
+      driver = "pyhpc"
+
+      config {
+        image    = var.image
+        command  = var.program
+        args     = var.args
+        hostname = "${node.unique.name}"
+
+        mpi {
+          implementation = var.implementation
+          ranks_per_node = var.ranks_per_node
+          mode           = "launcher"
+          workers        = var.workers
+        }
+      }
+
+      service {
+        provider = "nomad"
+        name     = "${NOMAD_JOB_ID}-launcher"
+        address  = "${attr.unique.network.ip-address}"
+      }
+
+      # MPICH's launcher gives its proxies this address to call back to.
+      env {
+        PYHPC_MPI_ADDRESS = "${attr.unique.network.ip-address}"
+      }
+
+      # One "ADDRESS ALLOC_ID" line per registered worker: the start barrier counts them.
+      template {
+        destination = "local/mpi-hosts"
+        change_mode = "noop"
+        data        = <<-EOT
+          {{- range nomadService (printf "%s-workers" (env "NOMAD_JOB_ID")) }}
+          {{ .Address }} {{ .AllocID }}
+          {{- end }}
+        EOT
+      }
+
+      resources {
+        cpu    = 200
+        memory = 256
+      }
+    }
+  }
+}
