@@ -120,7 +120,18 @@ cmd_up() {
 }
 
 cmd_down() {
-  local i pid
+  local i pid id
+  # Their tasks outlive the agents by design: stop every allocation on them first.
+  local -a ids=()
+  read -r -a ids <<<"$("$NOMAD_BIN" node status -filter 'NodePool == "mpi" and Status == "ready"' \
+    -t '{{range .}}{{.ID}} {{end}}' 2>/dev/null || true)"
+  for id in "${ids[@]}"; do
+    "$NOMAD_BIN" node drain -enable -force -detach -yes "$id" >/dev/null 2>&1 || true
+  done
+  for _ in $(seq 60); do
+    pgrep -f "^/bin/sh /usr/local/pyhpc/bin/" >/dev/null || break
+    sleep 0.5
+  done
   for ((i = 1; i <= $(count); i++)); do
     pid=$(cat "$M/node$i/pid" 2>/dev/null || true)
     [[ -n "$pid" ]] && kill -INT "$pid" 2>/dev/null || true
@@ -135,6 +146,7 @@ cmd_down() {
   # The nodes' allocations and plugins outlive their agents; cluster.sh down ends them too.
   pkill -f "$M/" 2>/dev/null || true
   netns_down
+  for ((i = 1; i <= 16; i++)); do rm -rf "/run/pyhpc-mpi-$i"; done
   if [[ -d "$M" ]]; then
     { grep -o " $M/[^ ]*" /proc/mounts || true; } | sort -r | while read -r mnt; do umount -l "$mnt" || true; done
     rm -rf --one-file-system "$M"
