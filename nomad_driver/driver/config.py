@@ -98,7 +98,8 @@ def _binds(value: Any) -> str | None:
 
 
 def _hostname(value: Any) -> str | None:
-    if value == "" or re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,62})", value):
+    # "${node.unique.name}": Nomad interpolates it before the driver sees it (and checks again).
+    if value == "" or "${" in value or re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]{0,62}", value):
         return None
     return "must be a host name: letters, digits, '.' and '-', at most 63, not starting with '-'"
 
@@ -421,7 +422,7 @@ class TaskConfig:
     hostname: str = option(
         "string",
         default="",
-        doc='The container\'s host name. Default: the task\'s name. E.g. "${node.unique.name}", '
+        doc="The container's host name. Default: the task's name. E.g. \"${node.unique.name}\", "
         "so that MPI ranks report the node they run on.",
         check=_hostname,
     )

@@ -63,3 +63,90 @@ def test_new_plugin_options_refuse_nonsense_naming_each() -> None:
         plugin(**bad)
     for name in bad:
         assert f"option {name!r}" in str(err.value), name
+
+
+def mpi_task(image: Path, **mpi: object) -> config.TaskConfig:
+    return schema.load(
+        config.TaskConfig,
+        {"image": str(image), "command": "/opt/app", "args": ["x"], "mpi": [mpi]},
+        "t",
+    )
+
+
+def test_mpi_modes_give_the_command_env_and_mounts_each_needs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = tmp_path / "img.sqsh"
+    image.write_bytes(b"x")
+    # Not run by a Nomad agent here: the launcher's Nomad CLI is then the one on PATH.
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nomad").write_text("#!/bin/sh\n")
+    (tmp_path / "bin" / "nomad").chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    ctx = policy.TaskContext("t1", "host", {}, "", "/dev/null", "/dev/null")
+    task = mpi_task(image, implementation="openmpi", ranks_per_node=2)
+    local = policy.container_spec(plugin(), task, str(image), ctx)
+    assert [local.command, *local.args] == ["mpirun", "-n", "2", "/opt/app", "x"]
+    assert local.env["OMPI_MCA_plm_rsh_agent"] == "false"
+    assert not any(k.startswith("PYHPC_MPI_") for k in local.env)
+    assert not [m for m in local.mounts if m.task_path.startswith("/usr/local/pyhpc")]
+
+    launcher = policy.container_spec(
+        plugin(mpi_nomad_address="http://10.0.0.1:4646"),
+        mpi_task(
+            image,
+            implementation="mpich",
+            mode="launcher",
+            workers=3,
+            hosts_file="local/peers",
+            barrier_timeout="90s",
+        ),  # fmt: skip
+        str(image),
+        ctx,
+    )
+    assert [launcher.command, *launcher.args] == [
+        "/usr/local/pyhpc/bin/pyhpc-mpi-launch", "mpiexec.hydra", "/opt/app", "x"
+    ]  # fmt: skip
+    env = launcher.env
+    assert (env["PYHPC_MPI_WORKERS"], env["PYHPC_MPI_HOSTS"], env["PYHPC_MPI_TIMEOUT"]) == (
+        "3", "/local/peers", "90"
+    )  # fmt: skip
+    assert env["PYHPC_NOMAD_ADDR"] == "http://10.0.0.1:4646"
+    bound = {m.task_path: m for m in launcher.mounts}
+    helpers = bound["/usr/local/pyhpc/bin"]
+    assert helpers.read_only and Path(helpers.host_path, "pyhpc-rsh").is_file()
+    assert bound["/usr/local/pyhpc/libexec/nomad"].read_only
+    assert bound["/usr/local/pyhpc/libexec/nomad"].host_path == str(tmp_path / "bin" / "nomad")
+
+    worker = policy.container_spec(
+        plugin(), mpi_task(image, implementation="openmpi", mode="worker"), str(image), ctx
+    )
+    # A worker runs pyhpc's wait, whatever the command says; it gets the scripts, not Nomad.
+    assert [worker.command, *worker.args] == ["/usr/local/pyhpc/bin/pyhpc-mpi-worker"]
+    assert worker.env["OMPI_MCA_plm_rsh_agent"] == "/usr/local/pyhpc/bin/pyhpc-rsh"
+    assert [m.task_path for m in worker.mounts if m.task_path.startswith("/usr/local/pyhpc")] == [
+        "/usr/local/pyhpc/bin"
+    ]
+
+
+def test_mpi_launcher_without_workers_and_bad_options_are_refused(tmp_path: Path) -> None:
+    image = tmp_path / "img.sqsh"
+    image.write_bytes(b"x")
+    ctx = policy.TaskContext("t1", "host", {}, "", "/dev/null", "/dev/null")
+    with pytest.raises(PolicyError, match='mode "launcher" needs workers = N'):
+        policy.container_spec(
+            plugin(), mpi_task(image, implementation="openmpi", mode="launcher"), str(image), ctx
+        )
+    with pytest.raises(schema.ConfigError) as err:
+        mpi_task(image, implementation="openmpi", mode="leader", barrier_timeout="soon")
+    assert err.value.problems == [
+        'mpi block: option \'mode\' = \'leader\': must be "local", "launcher" or "worker"',
+        "mpi block: option 'barrier_timeout' = 'soon': must be a duration like \"5m\"",
+    ]
+    with pytest.raises(schema.ConfigError, match="option 'hostname' = '-x'"):
+        schema.load(config.TaskConfig, {"image": "/i", "hostname": "-x"}, "t")
+    named = schema.load(
+        config.TaskConfig, {"image": "/i", "command": "true", "hostname": "mpi-1"}, "t"
+    )
+    spec = policy.container_spec(plugin(), named, str(image), ctx)
+    assert spec.hostname == "mpi-1"
