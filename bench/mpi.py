@@ -5,8 +5,8 @@ entered with chroot alone: no namespaces, cgroup or seccomp), for Open MPI and M
     python bench/mpi.py [--image /var/lib/pyhpc/images/mpi.sqsh] [--runs 3]
 
 Needs root and the MPI image (scripts/make-mpi-image.sh). Writes bench/results/mpi.md and
-.json. Target: the container within 5 % of the host on bandwidth. (Across nodes: not measured;
-multi-node MPI is not supported yet.)
+.json. Target: the container within 5 % of the host on bandwidth. Across nodes:
+bench/mpi_nodes.py.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -48,6 +49,8 @@ def benchmarks(quick: bool) -> dict[str, list[str]]:
         + (["--size-mb", "256"] if quick else []),
         "mpi": [py, "bench/mpi.py", "--out", str(RESULTS / "mpi.md")]
         + (["--runs", "3"] if quick else []),
+        "mpi_nodes": [py, "bench/mpi_nodes.py", "--out", str(RESULTS / "mpi_nodes.md")]
+        + (["--runs", "3", "--starts", "3"] if quick else []),
         "gpu": [py, "bench/gpu.py"],  # exits 77 without a GPU: the recorded results stay
         "images": [py, "bench/import_speed.py", "--out", out["images"]],
         "foundation": [py, "bench/start_latency.py", "--out", out["foundation"]]
@@ -228,6 +231,27 @@ def report() -> str:
                 )
             )
 
+    nodes = load("mpi_nodes")
+    if nodes:
+        for impl, r in nodes["pingpong"].items():
+            ratios.append(
+                (
+                    f"MPI ping-pong bandwidth, {impl}, two nodes, vs the host",
+                    f"{r['pyhpc_bw']:.0f} MB/s",
+                    f"{r['host_bw']:.0f} MB/s",
+                    f"{r['pyhpc_bw'] / r['host_bw']:.2f}x",
+                )
+            )
+        for workers, times in nodes["start_s"].items():
+            ratios.append(
+                (
+                    f"MPI `nomad job run` to all ranks started, {workers} workers",
+                    f"{statistics.median(times):.2f} s",
+                    "-",
+                    "-",
+                )
+            )
+
     gpu = load("gpu")
     if gpu:
         m = gpu["measures"]
@@ -283,12 +307,10 @@ def report() -> str:
         "|---|---|---|---|",
         *(f"| {m} | {p} | {a} | {r} |" for m, p, a, r in ratios),
         "",
-        "Not measured yet: MPI across nodes and MPI job start time (multi-node MPI is not "
-        "supported yet).",
-        "",
         "Tables: [foundation.md](foundation.md) (Nomad start latency, throughput, memory), "
         "[runtime.md](runtime.md) (container entry), [images.md](images.md) (import), "
-        "[signing.md](signing.md), [dispatch.md](dispatch.md), [mpi.md](mpi.md), and the load "
+        "[signing.md](signing.md), [dispatch.md](dispatch.md), [mpi.md](mpi.md), "
+        "[mpi_nodes.md](mpi_nodes.md), [gpu.md](gpu.md), and the load "
         "summary in "
         "[load.json](load.json).",
         "",

@@ -40,6 +40,12 @@ variable "ranks_per_node" {
   default = 2
 }
 
+variable "worker_cpu" {
+  type        = number
+  default     = 500
+  description = "MHz per worker; the ranks share it (they busy-poll: give each rank a core's worth)"
+}
+
 variable "image" {
   type    = string
   default = "/var/lib/pyhpc/images/mpi.sqsh"
@@ -106,7 +112,7 @@ job "mpi-multi" {
       }
 
       resources {
-        cpu    = 500
+        cpu    = var.worker_cpu
         memory = 512
       }
     }

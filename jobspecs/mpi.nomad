@@ -4,7 +4,7 @@
 # them. `cores` reserves a core per rank: the ranks are pinned to cores no other task uses.
 #   scripts/make-mpi-image.sh            # Debian + Open MPI + MPICH + the test programs
 #   nomad job run jobspecs/mpi.nomad
-# Multi-node MPI (ranks across allocations) is not supported yet: see the README.
+# Across nodes: jobspecs/mpi-multi.nomad (a launcher and workers).
 job "mpi" {
   datacenters = ["*"]
   type        = "batch"

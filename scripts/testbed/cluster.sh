@@ -596,6 +596,8 @@ cmd_up() {
 
 cmd_down() {
   local region
+  # MPI nodes (mpi-nodes.sh) first, while the server that drains them is up.
+  if [[ -d "$STATE/mpi-nodes" ]]; then "$here/mpi-nodes.sh" down || warn "mpi-nodes down failed"; fi
   for region in east global; do
     agent "$region"
     stop_all_jobs

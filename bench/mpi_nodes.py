@@ -1,0 +1,240 @@
+"""MPI across nodes (issue: MPI), on the test bed's network-namespace nodes
+(scripts/testbed/mpi-nodes.sh), in one run:
+
+1. ping-pong between two ranks on two nodes: through Nomad in pyhpc containers
+   (jobspecs/mpi-multi.nomad, one rank per worker) against the same binaries on the host (the
+   image mounted and entered with chroot in the two namespaces, the second rank started by an
+   nsenter remote shell), for Open MPI and MPICH, interleaved;
+2. time from `nomad job run` to every rank started (each rank's hello line in the launcher's
+   log) for 2 and 4 workers of 2 ranks.
+
+    python bench/mpi_nodes.py [--runs 5] [--starts 5]
+
+Needs root, the test bed up (scripts/testbed/cluster.sh up) and the MPI image
+(scripts/make-mpi-image.sh). Brings 4 MPI nodes up and down. Writes
+bench/results/mpi_nodes.md and .json. Target: bandwidth within 5 % of the host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.mpi import CHROOT, ENV, parse  # noqa: E402
+
+NODES_SH = REPO / "scripts" / "testbed" / "mpi-nodes.sh"
+SPEC = REPO / "jobspecs" / "mpi-multi.nomad"
+NOMAD = os.environ.get("NOMAD_ADDR", "http://127.0.0.1:4646")
+HTTP = requests.Session()
+HTTP.trust_env = False
+# The host's remote shell: the first rank runs where the launcher does (namespace 1, the
+# address is local there); the second is started in namespace 2, in the same chroot, with IPC
+# and PID namespaces of its own, as on another machine: else UCX (MPICH's device) would take
+# the two ranks for one host and use shared memory between them.
+AGENT = """#!/bin/sh
+while [ $# -gt 0 ]; do case $1 in -*) shift ;; *) break ;; esac; done
+host=$1; shift
+exec nsenter --net=/run/netns/pyhpc-mpi-${host##*.} unshare --ipc --pid --mount-proc --fork \
+    /bin/sh -c "mount -t sysfs sysfs /sys; $*"
+"""
+# The host's ranks run unconstrained; a worker's cgroup gets this CPU weight (MHz), enough
+# that its rank is not outweighed by the agents beside it.
+WORKER_CPU = 2000
+HOST_LAUNCH = {
+    "openmpi": ["mpirun", "-n", "2", "--host", "10.99.0.1:1,10.99.0.2:1",
+                "--mca", "plm_rsh_agent", "/tmp/agent"],
+    "mpich": ["mpiexec.hydra", "-n", "2", "-hosts", "10.99.0.1:1,10.99.0.2:1",
+              "-launcher", "rsh", "-launcher-exec", "/tmp/agent"],
+}  # fmt: skip
+
+
+def nomad(*args: str) -> str:
+    return subprocess.run(
+        ["nomad", *args], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+
+
+def launcher_log(job: str) -> str:
+    allocs = HTTP.get(f"{NOMAD}/v1/job/{job}/allocations", timeout=10).json()
+    ids = [a["ID"] for a in allocs if a["TaskGroup"] == "launcher"]
+    if not ids:
+        return ""
+    r = HTTP.get(
+        f"{NOMAD}/v1/client/fs/logs/{ids[0]}",
+        params={"task": "launcher", "type": "stdout", "plain": "true", "origin": "start"},
+        timeout=10,
+    )
+    return r.text if r.status_code == 200 else ""
+
+
+def run_job(job: str, *variables: str) -> float:
+    text = SPEC.read_text().replace('job "mpi-multi"', f'job "{job}"')
+    path = Path(tempfile.mkdtemp()) / "job.nomad"
+    path.write_text(text)
+    args = [a for v in variables for a in ("-var", v)]
+    started = time.monotonic()
+    nomad("job", "run", "-detach", *args, str(path))
+    return started
+
+
+def wait_for(job: str, pattern: str, count: int, timeout: float = 120) -> tuple[float, str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        out = launcher_log(job)
+        if len(re.findall(pattern, out)) >= count:
+            return time.monotonic(), out
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{job}: {count} x {pattern!r} not seen in {timeout}s: {out[-400:]}")
+        time.sleep(0.1)
+
+
+def stop(job: str) -> None:
+    subprocess.run(["nomad", "job", "stop", "-purge", job], capture_output=True, timeout=120)
+
+
+def in_pyhpc(impl: str, n: int) -> tuple[float, float]:
+    job = f"bench-pingpong-{impl}-{n}"
+    run_job(job, f"implementation={impl}", f"program=/opt/mpi/{impl}/pingpong",
+            "ranks_per_node=1", f"worker_cpu={WORKER_CPU}")  # fmt: skip
+    try:
+        _, out = wait_for(job, r"pingpong latency_us=", 1, timeout=300)
+        return parse(out)
+    finally:
+        stop(job)
+
+
+def on_host(root: Path, impl: str) -> tuple[float, float]:
+    # A mount namespace of its own, for a sysfs of namespace 1 (its network devices).
+    launch = " ".join([*HOST_LAUNCH[impl], f"/opt/mpi/{impl}/pingpong"])
+    argv = ["nsenter", "--net=/run/netns/pyhpc-mpi-1", "unshare", "--mount", CHROOT, str(root),
+            "/bin/sh", "-c", f"mount -t sysfs sysfs /sys && exec {launch}"]  # fmt: skip
+    env = {k: v for k, v in ENV.items() if k != "OMPI_MCA_plm_rsh_agent"}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)  # fmt: skip
+    out = ""
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # the result, even should MPI_Finalize not return
+            out += line
+            if "pingpong latency_us=" in line:
+                return parse(out)
+        raise RuntimeError(f"host {impl}: no result: {out[-1500:]}")
+    finally:
+        proc.kill()
+        proc.wait()
+        subprocess.run(["pkill", "-f", f"/opt/mpi/{impl}/pingpong"], check=False)
+
+
+def start_time(workers: int, n: int) -> float:
+    job = f"bench-start-{workers}-{n}"
+    started = run_job(job, f"workers={workers}")
+    try:
+        seen, _ = wait_for(job, r"hello from rank", 2 * workers)
+        return seen - started
+    finally:
+        stop(job)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--image", default="/var/lib/pyhpc/images/mpi.sqsh")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--starts", type=int, default=5)
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "mpi_nodes.md"))
+    args = parser.parse_args()
+    subprocess.run([str(NODES_SH), "down"], capture_output=True, check=False)
+    subprocess.run([str(NODES_SH), "up", "4"], check=True)
+    root = Path(tempfile.mkdtemp(prefix="pyhpc-mpi-host-"))
+    subprocess.run(["mount", "-o", "loop,ro", args.image, str(root)], check=True)
+    mounts = [
+        ("proc", root / "proc", ["-t", "proc"]),
+        ("/dev", root / "dev", ["--rbind"]),
+        ("tmpfs", root / "tmp", ["-t", "tmpfs"]),
+        ("tmpfs", root / "run", ["-t", "tmpfs"]),
+    ]
+    pingpong: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    starts: dict[int, list[float]] = {2: [], 4: []}
+    try:
+        for src, dst, how in mounts:
+            subprocess.run(["mount", *how, src, str(dst)], check=True)
+        (root / "run" / "netns").mkdir()
+        subprocess.run(["mount", "--rbind", "/run/netns", str(root / "run" / "netns")], check=True)
+        (root / "tmp" / "agent").write_text(AGENT)
+        (root / "tmp" / "agent").chmod(0o755)
+        for impl in HOST_LAUNCH:
+            pingpong[impl] = {"host": [], "pyhpc": []}
+            for i in range(args.runs):  # interleaved, so drift hits both alike
+                pingpong[impl]["host"].append(on_host(root, impl))
+                pingpong[impl]["pyhpc"].append(in_pyhpc(impl, i))
+            print(impl, pingpong[impl], flush=True)
+        for i in range(args.starts):
+            for workers in starts:
+                starts[workers].append(start_time(workers, i))
+        print("starts", starts, flush=True)
+    finally:
+        for _, dst, _ in reversed(mounts):
+            subprocess.run(["umount", "-R", str(dst)], check=False)
+        subprocess.run(["umount", str(root)], check=False)
+        os.rmdir(root)
+        subprocess.run([str(NODES_SH), "down"], capture_output=True, check=False)
+    summary: dict[str, Any] = {"pingpong": {}, "start_s": {}}
+    lines = [
+        "# MPI across two nodes: pyhpc through Nomad vs the same binaries on the host",
+        "",
+        f"Measured by `python bench/mpi_nodes.py --runs {args.runs} --starts {args.starts}` on "
+        f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}. The nodes are Nomad clients in "
+        "their own network namespaces on this machine, joined by veth links to a bridge. "
+        "Ping-pong: one rank per node, medians of interleaved runs; latency 8 bytes one way, "
+        "bandwidth 4 MiB messages. pyhpc: jobspecs/mpi-multi.nomad (launcher, 2 workers, "
+        "daemons started through Nomad's exec API). Host: the image's binaries under chroot in "
+        "the same two namespaces, the remote rank started with nsenter. Workers ask for "
+        f"cpu = {WORKER_CPU} MHz.",
+        "",
+        "| MPI | host latency (us) | pyhpc latency (us) | host bandwidth (MB/s) "
+        "| pyhpc bandwidth (MB/s) | bandwidth ratio |",
+        "|---|---|---|---|---|---|",
+    ]
+    for impl, runs in pingpong.items():
+        h_lat = statistics.median(r[0] for r in runs["host"])
+        h_bw = statistics.median(r[1] for r in runs["host"])
+        p_lat = statistics.median(r[0] for r in runs["pyhpc"])
+        p_bw = statistics.median(r[1] for r in runs["pyhpc"])
+        summary["pingpong"][impl] = {
+            "host_lat": h_lat, "host_bw": h_bw, "pyhpc_lat": p_lat, "pyhpc_bw": p_bw
+        }  # fmt: skip
+        lines.append(
+            f"| {impl} | {h_lat:.2f} | {p_lat:.2f} | {h_bw:.0f} | {p_bw:.0f} | {p_bw / h_bw:.3f} |"
+        )
+    lines += ["", "Target: bandwidth ratio at least 0.95.", "",
+              "Time from `nomad job run` to every rank's hello line in the launcher's log "
+              "(workers of 2 ranks each, Open MPI):", "",
+              "| workers | ranks | median (s) | min (s) | max (s) |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for workers, times in starts.items():
+        summary["start_s"][str(workers)] = times
+        lines.append(
+            f"| {workers} | {2 * workers} | {statistics.median(times):.2f} | {min(times):.2f} "
+            f"| {max(times):.2f} |"
+        )
+    lines.append("")
+    Path(args.out).write_text("\n".join(lines))
+    Path(args.out).with_suffix(".json").write_text(json.dumps(summary))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
