@@ -20,6 +20,26 @@ def passing(service: str) -> list[dict[str, Any]]:
     return reply.json()
 
 
+def wait_healthy(cluster: Any, service: str, job_id: str, task: str) -> None:
+    """Until the service is registered in Consul with every check passing. After the fault
+    tests have restarted Consul, Nomad's sync to it can lag; 80 s leave room for that. On
+    failure, say what Consul and Nomad show."""
+    deadline = time.monotonic() + 80
+    while not passing(service):
+        if time.monotonic() > deadline:
+            catalog = requests.get(f"{CONSUL}/v1/catalog/services", timeout=5).json()
+            health = requests.get(f"{CONSUL}/v1/health/service/{service}", timeout=5).json()
+            checks = [(c["Name"], c["Status"], c["Output"][:200]) for e in health
+                      for c in e["Checks"]]  # fmt: skip
+            stubs = cluster.allocs(job_id)
+            events = events_text(cluster, cluster.alloc(stubs[0]["ID"]), task) if stubs else ""
+            raise AssertionError(
+                f"{service} never became healthy in Consul; catalog {catalog}; checks {checks}; "
+                f"allocations {[a['ClientStatus'] for a in stubs]}: {events}"
+            )
+        time.sleep(1)
+
+
 def allocated(cluster: Any, job_id: str) -> tuple[str, int]:
     """The address and port Nomad gave the job's group network (its one port)."""
     [stub] = cluster.allocs(job_id)
@@ -46,22 +66,8 @@ def test_hpc_job_dispatches_and_registers_a_healthy_service(cluster: Any, tmp_pa
         str(payload),
     ).stdout
     child = next(w for w in out.split() if w.startswith("hpc/dispatch-"))
-    # The run holds 90 s: healthy while it works. After the fault tests have restarted Consul,
-    # Nomad's sync to it can take a while to come back; 80 s leaves room for that.
-    deadline = time.monotonic() + 80
-    while not passing("hpc-solver"):
-        if time.monotonic() > deadline:
-            catalog = requests.get(f"{CONSUL}/v1/catalog/services", timeout=5).json()
-            stubs = cluster.allocs(child)
-            events = (
-                events_text(cluster, cluster.alloc(stubs[0]["ID"]), "solver") if stubs else "none"
-            )
-            raise AssertionError(
-                f"hpc-solver never became healthy in Consul; catalog {catalog}; "
-                f"allocation {[a['ClientStatus'] for a in stubs]}: {events}; health "
-                + str(requests.get(f"{CONSUL}/v1/health/service/hpc-solver", timeout=5).json())
-            )
-        time.sleep(1)
+    # The run holds 90 s: healthy while it works.
+    wait_healthy(cluster, "hpc-solver", child, "solver")
     entry = passing("hpc-solver")[0]
     assert "pyhpc" in entry["Service"]["Tags"]
     assert (entry["Service"]["Address"], entry["Service"]["Port"]) == allocated(cluster, child)
@@ -84,10 +90,7 @@ def test_service_example_registers_its_address_and_port_and_both_checks_pass(
     cluster.nomad("job", "run", "-detach", str(REPO / "jobspecs" / "service.nomad"))
     try:
         cluster.wait_alloc("web", {"running"})
-        deadline = time.monotonic() + 60
-        while not passing("pyhpc-web"):
-            assert time.monotonic() < deadline, "pyhpc-web never became healthy in Consul"
-            time.sleep(1)
+        wait_healthy(cluster, "pyhpc-web", "web", "web")
         [entry] = passing("pyhpc-web")
         address, port = allocated(cluster, "web")
         assert (entry["Service"]["Address"], entry["Service"]["Port"]) == (address, port)
