@@ -45,7 +45,7 @@ netns_up() {
 
 netns_down() {
   local ns
-  for ns in $(ip netns list | awk '/^pyhpc-mpi-/ {print $1}'); do ip netns del "$ns"; done
+  for ns in $(ip netns list 2>/dev/null | awk '/^pyhpc-mpi-/ {print $1}'); do ip netns del "$ns"; done
 }
 
 node_config() {   # node_config I -> agent HCL for node I
