@@ -97,6 +97,11 @@ def _binds(value: Any) -> str | None:
     return None
 
 
+def _url(example: str) -> Check:
+    wanted = f'must be a URL like "{example}"'
+    return lambda v: None if str(v).startswith(("http://", "https://")) else wanted
+
+
 def _hostname(value: Any) -> str | None:
     # "${node.unique.name}": Nomad interpolates it before the driver sees it (and checks again).
     if value == "" or "${" in value or re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]{0,62}", value):
@@ -255,13 +260,7 @@ class PluginConfig:
         "string",
         default="",
         doc="Vault's address (default: $VAULT_ADDR of the agent).",
-        check=_optional(
-            lambda v: (
-                None
-                if str(v).startswith(("http://", "https://"))
-                else 'must be a URL like "https://vault.example.org:8200"'
-            )
-        ),
+        check=_optional(_url("https://vault.example.org:8200")),
     )
     vault_transit_mount: str = option(
         "string",
@@ -314,7 +313,7 @@ class PluginConfig:
         doc='The Nomad agent\'s HTTP API as an MPI launcher (mpi mode "launcher") reaches it '
         "from its node, to start the MPI daemons in the workers' containers through the exec "
         "API. With ACLs, give the launcher a token (e.g. `identity { env = true }`).",
-        check=_no_nul,
+        check=_url("http://127.0.0.1:4646"),
     )
 
 

@@ -142,7 +142,7 @@ def mpi_launch(mpi: MpiConfig, argv: list[str]) -> list[str]:
     return [launcher, "-n", str(mpi.ranks_per_node), *mpi.launcher_args, *argv]
 
 
-def mpi_env(mpi: MpiConfig | None) -> dict[str, str]:
+def mpi_env(mpi: MpiConfig | None, nomad_address: str) -> dict[str, str]:
     """What the launcher needs in a container: Open MPI refuses uid 0 (the container's root is
     an unprivileged uid on the host) and would look for ssh, which is never used here: across
     allocations its remote shell is pyhpc-rsh, through Nomad's exec API."""
@@ -159,6 +159,7 @@ def mpi_env(mpi: MpiConfig | None) -> dict[str, str]:
             "PYHPC_MPI_TIMEOUT": str(int(timeout)),
             "PYHPC_MPI_WORKER_TASK": mpi.worker_task,
             "PYHPC_NOMAD": MPI_NOMAD,
+            "PYHPC_NOMAD_ADDR": nomad_address,
         }
     if mpi.implementation == "openmpi":
         env.update(
@@ -273,8 +274,7 @@ def container_spec(
         env={
             "PATH": DEFAULT_PATH,
             **image_env(resolved.config),
-            **mpi_env(cfg.mpi),
-            **({"PYHPC_NOMAD_ADDR": plugin.mpi_nomad_address} if cfg.mpi else {}),
+            **mpi_env(cfg.mpi, plugin.mpi_nomad_address),
             **ctx.env,
         },
         work_dir=cfg.work_dir or str(resolved.config.get("WorkingDir") or "/"),

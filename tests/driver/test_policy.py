@@ -58,6 +58,7 @@ def test_new_plugin_options_refuse_nonsense_naming_each() -> None:
         "store_max_mb": -1,
         "root_id_range": "0:65536",
         "store_dir": "store",
+        "mpi_nomad_address": "127.0.0.1:4646",
     }
     with pytest.raises(schema.ConfigError) as err:
         plugin(**bad)
@@ -89,6 +90,7 @@ def test_mpi_modes_give_the_command_env_and_mounts_each_needs(
     assert [local.command, *local.args] == ["mpirun", "-n", "2", "/opt/app", "x"]
     assert local.env["OMPI_MCA_plm_rsh_agent"] == "false"
     assert not any(k.startswith("PYHPC_MPI_") for k in local.env)
+    assert "PYHPC_NOMAD_ADDR" not in local.env
     assert not [m for m in local.mounts if m.task_path.startswith("/usr/local/pyhpc")]
 
     launcher = policy.container_spec(
