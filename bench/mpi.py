@@ -38,6 +38,31 @@ ENV = {
 }
 
 
+TABLE_HEAD = [
+    "| MPI | host latency (us) | pyhpc latency (us) | host bandwidth (MB/s) "
+    "| pyhpc bandwidth (MB/s) | bandwidth ratio |",
+    "|---|---|---|---|---|---|",
+]
+
+
+def summarize(
+    results: dict[str, dict[str, list[tuple[float, float]]]],
+) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """Medians per MPI of (latency, bandwidth) runs on the host and in pyhpc, and the table
+    rows under TABLE_HEAD."""
+    summary, rows = {}, []
+    for impl, runs in results.items():
+        h_lat = statistics.median(r[0] for r in runs["host"])
+        h_bw = statistics.median(r[1] for r in runs["host"])
+        p_lat = statistics.median(r[0] for r in runs["pyhpc"])
+        p_bw = statistics.median(r[1] for r in runs["pyhpc"])
+        summary[impl] = {"host_lat": h_lat, "host_bw": h_bw, "pyhpc_lat": p_lat, "pyhpc_bw": p_bw}
+        rows.append(
+            f"| {impl} | {h_lat:.2f} | {p_lat:.2f} | {h_bw:.0f} | {p_bw:.0f} | {p_bw / h_bw:.3f} |"
+        )
+    return summary, rows
+
+
 def parse(out: str) -> tuple[float, float]:
     found = re.search(r"latency_us=([\d.]+) bandwidth_MBps=([\d.]+)", out)
     if not found:
@@ -92,20 +117,10 @@ def main() -> int:
         "one way. Bandwidth: 4 MiB messages. Host: the image's binaries under chroot (no "
         "namespaces, cgroup or seccomp); pyhpc: `pyhpc run` with both ranks in one container.",
         "",
-        "| MPI | host latency (us) | pyhpc latency (us) | host bandwidth (MB/s) "
-        "| pyhpc bandwidth (MB/s) | bandwidth ratio |",
-        "|---|---|---|---|---|---|",
+        *TABLE_HEAD,
     ]
-    summary = {}
-    for impl, runs in results.items():
-        h_lat = statistics.median(r[0] for r in runs["host"])
-        h_bw = statistics.median(r[1] for r in runs["host"])
-        p_lat = statistics.median(r[0] for r in runs["pyhpc"])
-        p_bw = statistics.median(r[1] for r in runs["pyhpc"])
-        summary[impl] = {"host_lat": h_lat, "host_bw": h_bw, "pyhpc_lat": p_lat, "pyhpc_bw": p_bw}
-        lines.append(
-            f"| {impl} | {h_lat:.2f} | {p_lat:.2f} | {h_bw:.0f} | {p_bw:.0f} | {p_bw / h_bw:.3f} |"
-        )
+    summary, rows = summarize(results)
+    lines += rows
     lines += ["", "Target: bandwidth ratio at least 0.95.", ""]
     Path(args.out).write_text("\n".join(lines))
     Path(args.out).with_suffix(".json").write_text(json.dumps({"results": summary}))

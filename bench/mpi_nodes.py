@@ -33,7 +33,7 @@ import requests
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.mpi import CHROOT, ENV, parse  # noqa: E402
+from bench.mpi import CHROOT, ENV, TABLE_HEAD, parse, summarize  # noqa: E402
 
 NODES_SH = REPO / "scripts" / "testbed" / "mpi-nodes.sh"
 SPEC = REPO / "jobspecs" / "mpi-multi.nomad"
@@ -203,21 +203,10 @@ def main() -> int:
         "the same two namespaces, the remote rank started with nsenter. Workers ask for "
         f"cpu = {WORKER_CPU} MHz.",
         "",
-        "| MPI | host latency (us) | pyhpc latency (us) | host bandwidth (MB/s) "
-        "| pyhpc bandwidth (MB/s) | bandwidth ratio |",
-        "|---|---|---|---|---|---|",
+        *TABLE_HEAD,
     ]
-    for impl, runs in pingpong.items():
-        h_lat = statistics.median(r[0] for r in runs["host"])
-        h_bw = statistics.median(r[1] for r in runs["host"])
-        p_lat = statistics.median(r[0] for r in runs["pyhpc"])
-        p_bw = statistics.median(r[1] for r in runs["pyhpc"])
-        summary["pingpong"][impl] = {
-            "host_lat": h_lat, "host_bw": h_bw, "pyhpc_lat": p_lat, "pyhpc_bw": p_bw
-        }  # fmt: skip
-        lines.append(
-            f"| {impl} | {h_lat:.2f} | {p_lat:.2f} | {h_bw:.0f} | {p_bw:.0f} | {p_bw / h_bw:.3f} |"
-        )
+    summary["pingpong"], rows = summarize(pingpong)
+    lines += rows
     lines += ["", "Target: bandwidth ratio at least 0.95.", "",
               "Time from `nomad job run` to every rank's hello line in the launcher's log "
               "(workers of 2 ranks each, Open MPI):", "",

@@ -79,6 +79,16 @@ def run_all(names: list[str], quick: bool, soak: bool) -> dict[str, float]:
     return took
 
 
+def mpi_bandwidth(impl: str, where: str, r: dict[str, float]) -> tuple[str, str, str, str]:
+    """A ratio row for an MPI ping-pong result of bench/mpi.py or bench/mpi_nodes.py."""
+    return (
+        f"MPI ping-pong bandwidth, {impl}, {where}, vs the host",
+        f"{r['pyhpc_bw']:.0f} MB/s",
+        f"{r['host_bw']:.0f} MB/s",
+        f"{r['pyhpc_bw'] / r['host_bw']:.2f}x",
+    )
+
+
 def load(name: str) -> Any:
     path = RESULTS / f"{name}.json"
     return json.loads(path.read_text()) if path.exists() else None
@@ -214,14 +224,7 @@ def report() -> str:
     mpi = load("mpi")
     if mpi:
         for impl, r in mpi["results"].items():
-            ratios.append(
-                (
-                    f"MPI ping-pong bandwidth, {impl}, one node, vs the host",
-                    f"{r['pyhpc_bw']:.0f} MB/s",
-                    f"{r['host_bw']:.0f} MB/s",
-                    f"{r['pyhpc_bw'] / r['host_bw']:.2f}x",
-                )
-            )
+            ratios.append(mpi_bandwidth(impl, "one node", r))
             ratios.append(
                 (
                     f"MPI ping-pong latency, {impl}, one node, vs the host",
@@ -234,14 +237,7 @@ def report() -> str:
     nodes = load("mpi_nodes")
     if nodes:
         for impl, r in nodes["pingpong"].items():
-            ratios.append(
-                (
-                    f"MPI ping-pong bandwidth, {impl}, two nodes, vs the host",
-                    f"{r['pyhpc_bw']:.0f} MB/s",
-                    f"{r['host_bw']:.0f} MB/s",
-                    f"{r['pyhpc_bw'] / r['host_bw']:.2f}x",
-                )
-            )
+            ratios.append(mpi_bandwidth(impl, "two nodes", r))
         for workers, times in nodes["start_s"].items():
             ratios.append(
                 (
