@@ -214,9 +214,10 @@ def test_stopping_the_job_mid_run_ends_every_rank(cluster: Any, mpi_nodes: int) 
     job = submit(cluster, "e2e-mpim-stop", "program=/opt/mpi/mpich/allreduce",
                  "implementation=mpich", 'args=["10000000"]')  # fmt: skip
     try:
+        # All four ranks running (the two nodes' ranks start a moment apart).
         deadline = time.monotonic() + 60
-        while not rank_pids():
-            assert time.monotonic() < deadline, cluster.allocs(job)
+        while len(rank_pids()) < 4:
+            assert time.monotonic() < deadline, (rank_pids(), cluster.allocs(job))
             time.sleep(0.5)
         assert len(rank_pids()) == 4
     finally:
