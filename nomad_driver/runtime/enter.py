@@ -1,8 +1,10 @@
 """Run an extra command inside a running container, under the task's own restrictions.
 
 `nomad alloc exec` and script checks use this instead of a bare nsenter: the command joins the
-container's namespaces and root, and gets the same user, capabilities, no_new_privs and seccomp
-filter as the task itself. A separate small process, so the plugin's threads never fork.
+container's namespaces, root and cgroup(s), and gets the same user, capabilities, no_new_privs
+and seccomp filter as the task itself: what it runs counts against the task's memory, CPU and
+process limits, as the task's own processes do. A separate small process, so the plugin's
+threads never fork.
 
 Run as: python -m nomad_driver.runtime.enter RUN_DIR INIT_PID -- COMMAND [ARGS...]
 """
@@ -15,6 +17,7 @@ import signal
 import sys
 
 from nomad_driver.runtime import container, linux, security
+from nomad_driver.runtime.cgroups import Cgroup
 from nomad_driver.runtime.spec import ContainerSpec
 from nomad_driver.runtime.supervisor import SPEC_FILE, enter_work_dir, restrict
 
@@ -58,6 +61,12 @@ def main(args: list[str]) -> int:
     fds = [(os.open(f"/proc/{init_pid}/ns/{name}", os.O_RDONLY), kind) for name, kind in NAMESPACES]
     root = os.open(f"/proc/{init_pid}/root", os.O_RDONLY | os.O_DIRECTORY)
     userns = task_user_namespace(init_pid) if spec.userns is not None else -1
+    # Opened here, written by the child: the cgroup files are out of reach after the chroot, and
+    # this waiting parent stays out of the task's accounting.
+    cgroups = [
+        os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY)
+        for path in (Cgroup(os.path.basename(run_dir)).paths() if spec.limits is not None else [])
+    ]
     for fd, kind in fds:
         linux.setns(fd, kind)
         os.close(fd)
@@ -67,6 +76,8 @@ def main(args: list[str]) -> int:
     pid = os.fork()  # only a child lands in the container's PID namespace
     if pid == 0:
         try:
+            for fd in cgroups:
+                os.write(fd, b"0")
             uid, gid = container.resolve_user(spec.user)
             path = container.find_command(command[0], spec.env)
             if userns >= 0:  # as the task's init does: checks first, as host root
@@ -77,6 +88,8 @@ def main(args: list[str]) -> int:
         except (OSError, container.ContainerError, security.PolicyError) as err:
             sys.stderr.write(f"pyhpc exec: {err}\n")
         os._exit(127)
+    for fd in cgroups:
+        os.close(fd)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(sig, lambda s, _f: os.kill(pid, s))
     _, status = os.waitpid(pid, 0)

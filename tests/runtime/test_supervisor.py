@@ -342,3 +342,35 @@ def test_task_is_pinned_to_its_cpuset(tmp_path: Path, busybox_image: Path) -> No
         limits=Limits(cpuset_cpus="0"),
     )
     assert out.split() == ["Cpus_allowed_list:", "0"], out
+
+
+def test_exec_joins_the_tasks_cgroup_and_counts_against_its_limits(
+    tmp_path: Path, busybox_image: Path
+) -> None:
+    # An exec session (nomad alloc exec, script checks, MPI daemons) must not escape the task's
+    # limits: it lands in the task's own cgroup(s), and the pids limit holds for it.
+    from nomad_driver.runtime import enter
+    from nomad_driver.runtime.cgroups import Limits
+
+    spec = make_spec(tmp_path, busybox_image, "/bin/sleep", "60")
+    spec = spec._replace(limits=Limits(memory_bytes=64 << 20, pids_max=12))
+    started = client.start(spec, str(tmp_path / "run"))
+
+    def exec_(*command: str) -> subprocess.CompletedProcess[str]:
+        argv = enter.argv(started.run_dir, started.init_pid, list(command))
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+    try:
+        done = exec_("/bin/cat", "/proc/self/cgroup")
+        assert done.returncode == 0, done.stderr
+        mine = Path("/proc/self/cgroup").read_text().splitlines()
+        theirs = done.stdout.splitlines()
+        assert theirs and len(theirs) == len(mine), (theirs, mine)
+        # Every hierarchy the task's cgroup lives in now holds the exec'd process too.
+        limited = [line for line in theirs if line.endswith(":/pyhpc/run")]
+        assert limited and set(theirs) - set(limited) <= set(mine), theirs
+        bomb = exec_("/bin/sh", "-c", "for i in $(seq 30); do sleep 5 & done; wait")
+        assert "can't fork" in bomb.stderr, bomb
+    finally:
+        client.send_signal(started.run_dir, signal.SIGKILL)
+        client.wait(started.run_dir)
