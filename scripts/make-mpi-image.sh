@@ -11,7 +11,18 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
 out=${1:-/var/lib/pyhpc/images/mpi.sqsh}
 cache="${PYHPC_IMAGE_CACHE:-$HOME/.cache/pyhpc/images}"
 suite=${PYHPC_MPI_SUITE:-bookworm}
-mirror=${PYHPC_MPI_MIRROR:-http://deb.debian.org/debian}
+# The Debian mirror this machine's apt already uses (its first source), unless one is given.
+apt_mirror() {
+  awk '$1 == "URIs:" { print $2; exit }' /etc/apt/sources.list.d/*.sources 2>/dev/null ||
+    true
+  awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:\/\//) { print $i; exit } }' \
+    /etc/apt/sources.list 2>/dev/null || true
+}
+mirror=${PYHPC_MPI_MIRROR:-$(apt_mirror | head -n1)}
+if [[ -z "$mirror" ]]; then
+  echo "make-mpi-image: no Debian mirror: none in /etc/apt/sources.list(.d); set PYHPC_MPI_MIRROR" >&2
+  exit 2
+fi
 key=$(cat "$0" "$here"/mpi/*.c | sha256sum | cut -c1-16)
 cached="$cache/mpi-$suite-$key.sqsh"
 for tool in debootstrap mksquashfs; do
