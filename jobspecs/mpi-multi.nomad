@@ -1,7 +1,8 @@
 # MPI across Nomad allocations, in the style of a launcher plus workers (as Kubernetes' MPI
 # Operator does it), with pyhpc containers and no sshd:
-#  - group "worker": `workers` allocations on distinct nodes, each registering a Nomad service
-#    and holding `ranks_per_node` ranks;
+#  - group "worker": `workers` allocations on distinct nodes, each registering a service (in
+#    Nomad's own catalog, or Consul's with -var service_provider=consul) and holding
+#    `ranks_per_node` ranks;
 #  - group "launcher": waits until every worker is registered (a start barrier in place of gang
 #    scheduling), writes the hostfile and runs mpirun / mpiexec.hydra, whose remote shell is
 #    pyhpc-rsh: it starts the MPI daemons in each worker's container through Nomad's exec API.
@@ -51,6 +52,21 @@ variable "image" {
   default = "/var/lib/pyhpc/images/mpi.sqsh"
 }
 
+variable "service_provider" {
+  type        = string
+  default     = "nomad"
+  description = "where the workers and the launcher find each other: nomad (always there) or consul"
+  validation {
+    condition     = contains(["nomad", "consul"], var.service_provider)
+    error_message = "The service_provider must be \"nomad\" or \"consul\"."
+  }
+}
+
+locals {
+  # The template function that reads that catalog.
+  catalog = var.service_provider == "consul" ? "service" : "nomadService"
+}
+
 variable "node_pool" {
   type    = string
   default = "mpi"
@@ -95,9 +111,10 @@ job "mpi-multi" {
       }
 
       service {
-        provider = "nomad"
+        provider = var.service_provider
         name     = "${NOMAD_JOB_ID}-workers"
         address  = "${attr.unique.network.ip-address}"
+        tags     = ["${NOMAD_ALLOC_ID}"]
       }
 
       # The launcher's address; the worker ends once it has come and gone.
@@ -105,8 +122,8 @@ job "mpi-multi" {
         destination = "local/mpi-hosts"
         change_mode = "noop"
         data        = <<-EOT
-          {{- range nomadService (printf "%s-launcher" (env "NOMAD_JOB_ID")) }}
-          {{ .Address }} {{ .AllocID }}
+          {{- range ${local.catalog} (printf "%s-launcher" (env "NOMAD_JOB_ID")) }}
+          {{ .Address }} {{ index .Tags 0 }}
           {{- end }}
         EOT
       }
@@ -142,9 +159,10 @@ job "mpi-multi" {
       }
 
       service {
-        provider = "nomad"
+        provider = var.service_provider
         name     = "${NOMAD_JOB_ID}-launcher"
         address  = "${attr.unique.network.ip-address}"
+        tags     = ["${NOMAD_ALLOC_ID}"]
       }
 
       # MPICH's launcher gives its proxies this address to call back to.
@@ -157,8 +175,8 @@ job "mpi-multi" {
         destination = "local/mpi-hosts"
         change_mode = "noop"
         data        = <<-EOT
-          {{- range nomadService (printf "%s-workers" (env "NOMAD_JOB_ID")) }}
-          {{ .Address }} {{ .AllocID }}
+          {{- range ${local.catalog} (printf "%s-workers" (env "NOMAD_JOB_ID")) }}
+          {{ .Address }} {{ index .Tags 0 }}
           {{- end }}
         EOT
       }

@@ -9,7 +9,8 @@
 # Node i runs in network namespace pyhpc-mpi-i with address 10.99.0.i/24 on a veth whose
 # other end sits on a bridge in namespace pyhpc-mpi-sw: the nodes reach each other, and
 # nothing of this is on the host's own interfaces. The server's RPC port (127.0.0.1:4647 of
-# the host) is carried into every namespace's 127.0.0.1:4647 by nsbridge.py. The nodes are in
+# the host) and Consul's HTTP port are carried into every namespace's 127.0.0.1 by
+# nsbridge.py, so the nodes register services with the test bed's Consul too. The nodes are in
 # node pool "mpi", so jobs of the default pool never land there; each has its own data_dir,
 # cgroup parent and pyhpc run_dir, and shares the host's plugin_dir, image store and images.
 # The agents enter their namespace with nsenter --net, not `ip netns exec`, which would also
@@ -22,6 +23,7 @@ M="$STATE/mpi-nodes"
 NET=10.99.0
 eval "$("$here/cluster.sh" env)"
 NOMAD_BIN=$(command -v nomad)
+CONSUL_PORT=${CONSUL_HTTP_ADDR##*:}
 
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 die() { printf 'mpi-nodes.sh: error: %s\n' "$*" >&2; exit 1; }
@@ -79,6 +81,7 @@ client {
 }
 
 consul {
+  address          = "127.0.0.1:$CONSUL_PORT"
   client_auto_join = false
   auto_advertise   = false
 }
@@ -96,7 +99,7 @@ cmd_up() {
   echo "$n" >"$M/count"
   local -a names=()
   for ((i = 1; i <= n; i++)); do names+=("pyhpc-mpi-$i"); done
-  (cd "$M" && exec setsid python3 "$here/nsbridge.py" 4647 "${names[@]}" >"$M/bridge.log" 2>&1 &
+  (cd "$M" && exec setsid python3 "$here/nsbridge.py" "4647,$CONSUL_PORT" "${names[@]}" >"$M/bridge.log" 2>&1 &
    echo $! >"$M/bridge.pid")
   for ((i = 1; i <= n; i++)); do
     mkdir -p "$M/node$i/data"

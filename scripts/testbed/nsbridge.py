@@ -1,11 +1,11 @@
 """Carry TCP from 127.0.0.1:PORT inside network namespaces to 127.0.0.1:PORT of this one.
 
-The test bed's Nomad server listens on 127.0.0.1 only; a client agent in its own network
-namespace (a second "node" on this machine) reaches it through this bridge. One process: it
+The test bed's Nomad server (and Consul) listen on 127.0.0.1 only; a client agent in its own
+network namespace (a second "node" on this machine) reaches them through this bridge. One process: it
 enters each namespace to open a listener there, comes back, and connects out from here (a
 socket keeps the namespace it was made in).
 
-    python3 nsbridge.py PORT NETNS [NETNS...]      (as root; runs until killed)
+    python3 nsbridge.py PORT[,PORT...] NETNS [NETNS...]      (as root; runs until killed)
 """
 
 from __future__ import annotations
@@ -58,16 +58,18 @@ def pipe(a: socket.socket, b: socket.socket) -> None:
                 pass
 
 
-def serve(port: int, netns: list[str]) -> None:
+def serve(ports: list[int], netns: list[str]) -> None:
     sel = selectors.DefaultSelector()
     for name in netns:
-        sel.register(listener_in(name, port), selectors.EVENT_READ)
-    print(f"nsbridge: 127.0.0.1:{port} in {', '.join(netns)} -> 127.0.0.1:{port}", flush=True)
+        for port in ports:
+            sel.register(listener_in(name, port), selectors.EVENT_READ, port)
+    for port in ports:
+        print(f"nsbridge: 127.0.0.1:{port} in {', '.join(netns)} -> 127.0.0.1:{port}", flush=True)
     while True:
         for key, _ in sel.select():
             inside, _ = key.fileobj.accept()  # type: ignore[union-attr]
             try:
-                outside = socket.create_connection(("127.0.0.1", port), timeout=5)
+                outside = socket.create_connection(("127.0.0.1", key.data), timeout=5)
                 outside.settimeout(None)
             except OSError:
                 inside.close()
@@ -79,4 +81,4 @@ def serve(port: int, netns: list[str]) -> None:
 if __name__ == "__main__":
     if len(sys.argv) < 3:
         raise SystemExit(__doc__)
-    serve(int(sys.argv[1]), sys.argv[2:])
+    serve([int(p) for p in sys.argv[1].split(",")], sys.argv[2:])

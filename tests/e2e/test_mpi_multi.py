@@ -2,7 +2,8 @@
 nodes on this machine, each in its own network namespace (scripts/testbed/mpi-nodes.sh), a
 worker allocation on each with 2 ranks, and a launcher that waits for both and starts the MPI
 daemons in the workers' containers through Nomad's exec API. For Open MPI and MPICH: hello and
-allreduce show every rank and both hosts; a killed worker fails the run within 30 s naming it,
+allreduce show every rank and both hosts; the rendezvous works through Consul as through
+Nomad's own catalog; a killed worker fails the run within 30 s naming it,
 and a rerun works; the start barrier gives up with a count; a stopped job leaves no rank."""
 
 from __future__ import annotations
@@ -125,6 +126,35 @@ def test_hello_and_allreduce_across_two_nodes(
                 time.sleep(0.5)
         finally:
             cluster.stop_job(job)
+
+
+def test_workers_and_launcher_meet_through_consul_when_asked(
+    cluster: Any, mpi_nodes: int
+) -> None:
+    job = submit(cluster, "e2e-mpim-consul", "service_provider=consul")
+    try:
+        # Both workers are in Consul's catalog, each tagged with its allocation ID.
+        deadline = time.monotonic() + 60
+        while True:
+            r = cluster._http.get(
+                f"http://{cluster.consul_addr}/v1/catalog/service/{job}-workers", timeout=10
+            )
+            found = {e["ServiceAddress"]: e["ServiceTags"] for e in r.json()}
+            if len(found) == 2:
+                break
+            assert time.monotonic() < deadline, (r.text, cluster.allocs(job))
+            time.sleep(0.2)
+        workers = {a["ID"] for a in cluster.allocs(job) if a["TaskGroup"] == "worker"}
+        assert {t for tags in found.values() for t in tags} == workers, found
+        assert sorted(found) == ["10.99.0.1", "10.99.0.2"], found
+        stub, out, err = finish(cluster, job)
+        assert stub["ClientStatus"] == "complete", out + err
+        assert sorted(ranks(out, "hello from").values()) == ["mpi-1", "mpi-1", "mpi-2", "mpi-2"]
+        # Nomad's own catalog was not used.
+        r = cluster._http.get(f"{cluster.nomad_addr}/v1/service/{job}-workers", timeout=10)
+        assert r.status_code == 200 and r.json() == [], r.text
+    finally:
+        cluster.stop_job(job)
 
 
 def known_finalize_hang(cluster: Any, job: str) -> None:
