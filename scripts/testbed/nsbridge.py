@@ -1,9 +1,9 @@
 """Carry TCP from 127.0.0.1:PORT inside network namespaces to 127.0.0.1:PORT of this one.
 
 The test bed's Nomad server (and Consul) listen on 127.0.0.1 only; a client agent in its own
-network namespace (a second "node" on this machine) reaches them through this bridge. One process: it
-enters each namespace to open a listener there, comes back, and connects out from here (a
-socket keeps the namespace it was made in).
+network namespace (a second "node" on this machine) reaches them through this bridge. One
+process: it enters each namespace to open a listener there, comes back, and connects out from
+here (a socket keeps the namespace it was made in).
 
     python3 nsbridge.py PORT[,PORT...] NETNS [NETNS...]      (as root; runs until killed)
 """

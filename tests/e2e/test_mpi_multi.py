@@ -128,9 +128,7 @@ def test_hello_and_allreduce_across_two_nodes(
             cluster.stop_job(job)
 
 
-def test_workers_and_launcher_meet_through_consul_when_asked(
-    cluster: Any, mpi_nodes: int
-) -> None:
+def test_workers_and_launcher_meet_through_consul_when_asked(cluster: Any, mpi_nodes: int) -> None:
     job = submit(cluster, "e2e-mpim-consul", "service_provider=consul")
     try:
         # Both workers are in Consul's catalog, each tagged with its allocation ID.
