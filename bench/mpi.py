@@ -114,7 +114,8 @@ def main() -> int:
         "",
         f"Measured by `python bench/mpi.py --runs {args.runs}` on {os.cpu_count()} CPUs, "
         f"{time.strftime('%Y-%m-%d')}; medians of {args.runs} interleaved runs. Latency: 8 bytes, "
-        "one way. Bandwidth: 4 MiB messages. Host: the image's binaries under chroot (no "
+        "one way, over about 0.5 s of round trips. Bandwidth: 4 MiB messages, over about 1 s. "
+        "Host: the image's binaries under chroot (no "
         "namespaces, cgroup or seccomp); pyhpc: `pyhpc run` with both ranks in one container.",
         "",
         *TABLE_HEAD,

@@ -197,8 +197,9 @@ def main() -> int:
         f"Measured by `python bench/mpi_nodes.py --runs {args.runs} --starts {args.starts}` on "
         f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}. The nodes are Nomad clients in "
         "their own network namespaces on this machine, joined by veth links to a bridge. "
-        "Ping-pong: one rank per node, medians of interleaved runs; latency 8 bytes one way, "
-        "bandwidth 4 MiB messages. pyhpc: jobspecs/mpi-multi.nomad (launcher, 2 workers, "
+        "Ping-pong: one rank per node, medians of interleaved runs; latency 8 bytes one way "
+        "(about 0.5 s of round trips), bandwidth 4 MiB messages (about 1 s). "
+        "pyhpc: jobspecs/mpi-multi.nomad (launcher, 2 workers, "
         "daemons started through Nomad's exec API). Host: the image's binaries under chroot in "
         "the same two namespaces, the remote rank started with nsenter. Workers ask for "
         f"cpu = {WORKER_CPU} MHz.",
