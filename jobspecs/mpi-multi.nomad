@@ -165,6 +165,13 @@ job "mpi-multi" {
         tags     = ["${NOMAD_ALLOC_ID}"]
       }
 
+      # The job's own credentials for the remote shell (nomad alloc exec) on a cluster with
+      # ACLs: the workload identity's token, as NOMAD_TOKEN. Give it rights with a policy
+      # linked to this task (see the README: alloc-exec, read-job, alloc-lifecycle).
+      identity {
+        env = true
+      }
+
       # MPICH's launcher gives its proxies this address to call back to.
       env {
         PYHPC_MPI_ADDRESS = "${attr.unique.network.ip-address}"

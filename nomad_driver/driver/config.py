@@ -312,7 +312,8 @@ class PluginConfig:
         default="http://127.0.0.1:4646",
         doc='The Nomad agent\'s HTTP API as an MPI launcher (mpi mode "launcher") reaches it '
         "from its node, to start the MPI daemons in the workers' containers through the exec "
-        "API. With ACLs, give the launcher a token (e.g. `identity { env = true }`).",
+        "API. With ACLs, the launcher uses the job's own credentials: its workload identity "
+        "(`identity { env = true }`) and an ACL policy linked to the task.",
         check=_url("http://127.0.0.1:4646"),
     )
 
