@@ -159,7 +159,13 @@ plugin_dir = "{cluster.state_dir / "plugins"}"
             os.killpg(agent.pid, signal.SIGKILL)
             agent.wait()
         log.close()
+        # The client's task directories keep their secrets/private tmpfs mounts after it stops.
+        with open("/proc/mounts", encoding="utf-8") as f:
+            mounts = [line.split()[1] for line in f]
+        for mount in sorted((m for m in mounts if m.startswith(f"{state}/")), reverse=True):
+            subprocess.run(["umount", "-l", mount], check=False)
         shutil.rmtree(state, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def test_launcher_without_rights_fails_naming_the_denied_exec(acl_agent: AclAgent) -> None:
