@@ -7,6 +7,7 @@ UNAVAILABLE is never used for an application error.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
 import os
@@ -122,16 +123,25 @@ def limits_of(resources: Any) -> Limits:
 
 
 class EventHub:
-    """Fan-out of driver task events to every open TaskEvents stream."""
+    """Fan-out of driver task events to every open TaskEvents stream. Events emitted while no
+    stream is open (after a plugin restart Nomad calls RecoverTask and opens TaskEvents
+    concurrently) are held, at most HELD of them, and go to the next stream that opens."""
+
+    HELD = 256
 
     def __init__(self) -> None:
         self._subscribers: list[queue.Queue[driver_pb2.DriverTaskEvent]] = []
+        self._held: collections.deque[driver_pb2.DriverTaskEvent] = collections.deque(
+            maxlen=self.HELD
+        )
         self._lock = threading.Lock()
 
     def subscribe(self) -> queue.Queue[driver_pb2.DriverTaskEvent]:
         q: queue.Queue[driver_pb2.DriverTaskEvent] = queue.Queue()
         with self._lock:
             self._subscribers.append(q)
+            while self._held:
+                q.put(self._held.popleft())
         return q
 
     def unsubscribe(self, q: queue.Queue[driver_pb2.DriverTaskEvent]) -> None:
@@ -154,6 +164,8 @@ class EventHub:
             annotations=annotations,
         )
         with self._lock:
+            if not self._subscribers:
+                self._held.append(event)
             for q in self._subscribers:
                 q.put(event)
 

@@ -285,14 +285,16 @@ def test_task_survives_kill_9_of_the_plugin_and_reports_its_real_exit_code(clust
             "echo ready; while [ ! -f /alloc/go ]; do sleep 0.2; done; echo finishing; exit 5",
         )
     )
-    alloc = running_alloc(cluster, job_id, "ready")
-    kill_plugin_and_await_recovery(cluster, alloc)
-    release(cluster, alloc["ID"])
-    done = cluster.wait_alloc(job_id, {"failed"})
-    terminated = [e for e in cluster.task_events(done, "t") if e["Type"] == "Terminated"]
-    assert terminated and terminated[-1]["ExitCode"] == 5, events_text(cluster, done)
-    assert "finishing" in cluster.alloc_logs(alloc["ID"], "t")
-    cluster.stop_job(job_id)
+    try:  # a task left running would hold the node's CPU and image for the tests after this
+        alloc = running_alloc(cluster, job_id, "ready")
+        kill_plugin_and_await_recovery(cluster, alloc)
+        release(cluster, alloc["ID"])
+        done = cluster.wait_alloc(job_id, {"failed"})
+        terminated = [e for e in cluster.task_events(done, "t") if e["Type"] == "Terminated"]
+        assert terminated and terminated[-1]["ExitCode"] == 5, events_text(cluster, done)
+        assert "finishing" in cluster.alloc_logs(alloc["ID"], "t")
+    finally:
+        cluster.stop_job(job_id)
 
 
 @pytest.mark.parametrize("kill", [False, True], ids=["graceful", "sigkill"])
@@ -304,15 +306,17 @@ def test_task_survives_an_agent_restart(cluster: Any, kill: bool) -> None:
             "echo ready; while [ ! -f /alloc/go ]; do sleep 0.2; done; echo finishing; exit 6",
         )
     )
-    alloc = running_alloc(cluster, job_id, "ready")
-    cluster.restart_nomad(kill=kill)
-    alloc = cluster.wait_alloc(job_id, {"running"}, timeout=60)
-    release(cluster, alloc["ID"])
-    done = cluster.wait_alloc(job_id, {"failed"}, timeout=60)
-    terminated = [e for e in cluster.task_events(done, "t") if e["Type"] == "Terminated"]
-    assert terminated and terminated[-1]["ExitCode"] == 6, events_text(cluster, done)
-    assert "finishing" in cluster.alloc_logs(alloc["ID"], "t")
-    cluster.stop_job(job_id)
+    try:
+        alloc = running_alloc(cluster, job_id, "ready")
+        cluster.restart_nomad(kill=kill)
+        alloc = cluster.wait_alloc(job_id, {"running"}, timeout=60)
+        release(cluster, alloc["ID"])
+        done = cluster.wait_alloc(job_id, {"failed"}, timeout=60)
+        terminated = [e for e in cluster.task_events(done, "t") if e["Type"] == "Terminated"]
+        assert terminated and terminated[-1]["ExitCode"] == 6, events_text(cluster, done)
+        assert "finishing" in cluster.alloc_logs(alloc["ID"], "t")
+    finally:
+        cluster.stop_job(job_id)
 
 
 @pytest.mark.parametrize(

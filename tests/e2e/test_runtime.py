@@ -127,24 +127,26 @@ def test_tasks_share_one_remapped_image_mount_released_after_a_plugin_kill(
     )
     a = cluster.run_job(job("e2e-share-a", wait_for_go))
     b = cluster.run_job(job("e2e-share-b", wait_for_go))
-    alloc_a = running_alloc(cluster, a, "ready")
-    alloc_b = running_alloc(cluster, b, "ready")
-    # Root remapped as plugin-config/pyhpc.hcl says (root_id_range = "100000:65536").
-    assert cluster.alloc_logs(alloc_a["ID"], "t").split()[:4] == ["0", "100000", "65536", "0"]
-    assert len(image_mounts()) == 1 and len(image_loops()) == 1
+    try:
+        alloc_a = running_alloc(cluster, a, "ready")
+        alloc_b = running_alloc(cluster, b, "ready")
+        # Root remapped as plugin-config/pyhpc.hcl says (root_id_range = "100000:65536").
+        assert cluster.alloc_logs(alloc_a["ID"], "t").split()[:4] == ["0", "100000", "65536", "0"]
+        assert len(image_mounts()) == 1 and len(image_loops()) == 1
 
-    kill_plugin_and_await_recovery(cluster, alloc_a, alloc_b)
-    release(cluster, alloc_a["ID"])
-    cluster.wait_alloc(a, {"complete"})
-    assert len(image_mounts()) == 1, "task b still runs on the image"
-    release(cluster, alloc_b["ID"])
-    cluster.wait_alloc(b, {"complete"})
-    deadline = time.monotonic() + 10
-    while image_mounts() or image_loops():
-        assert time.monotonic() < deadline, (image_mounts(), image_loops())
-        time.sleep(0.2)
-    cluster.stop_job(a)
-    cluster.stop_job(b)
+        kill_plugin_and_await_recovery(cluster, alloc_a, alloc_b)
+        release(cluster, alloc_a["ID"])
+        cluster.wait_alloc(a, {"complete"})
+        assert len(image_mounts()) == 1, "task b still runs on the image"
+        release(cluster, alloc_b["ID"])
+        cluster.wait_alloc(b, {"complete"})
+        deadline = time.monotonic() + 10
+        while image_mounts() or image_loops():
+            assert time.monotonic() < deadline, (image_mounts(), image_loops())
+            time.sleep(0.2)
+    finally:
+        cluster.stop_job(a)
+        cluster.stop_job(b)
 
 
 def test_task_with_reserved_cores_is_pinned_to_them(cluster: Any) -> None:
