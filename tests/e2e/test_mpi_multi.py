@@ -83,6 +83,14 @@ def finish(cluster: Any, job_id: str, timeout: float = 120) -> tuple[dict[str, A
     )
 
 
+def workers_end(cluster: Any, job_id: str, timeout: float = 30) -> None:
+    """The workers end when the launcher has: no allocation of the job runs on."""
+    deadline = time.monotonic() + timeout
+    while any(a["ClientStatus"] == "running" for a in cluster.allocs(job_id)):
+        assert time.monotonic() < deadline, cluster.allocs(job_id)
+        time.sleep(0.5)
+
+
 def ranks(out: str, word: str) -> dict[int, str]:
     """rank -> host, from lines such as 'hello from rank 2 of 4 on mpi-2 (pid 8)'."""
     found = {}
@@ -119,11 +127,7 @@ def test_hello_and_allreduce_across_two_nodes(
                 assert out.count("sum 10 (expected 10), ok") == 4, out
             workers = [a for a in cluster.allocs(job) if a["TaskGroup"] == "worker"]
             assert len({w["NodeID"] for w in workers}) == 2
-            # The workers end when the launcher has: the job finishes.
-            deadline = time.monotonic() + 30
-            while any(a["ClientStatus"] == "running" for a in cluster.allocs(job)):
-                assert time.monotonic() < deadline, cluster.allocs(job)
-                time.sleep(0.5)
+            workers_end(cluster, job)
         finally:
             cluster.stop_job(job)
 
@@ -252,11 +256,7 @@ def test_a_failing_rank_ends_the_run_promptly_naming_it(
         for named in RANK_NAMED[implementation]:
             assert named in out + err, out + err
         assert "pyhpc-mpi: the MPI run failed" in err and "worker(s) lost" not in err, err
-        # The other ranks do not live on: the workers end with the launcher.
-        deadline = time.monotonic() + 30
-        while any(a["ClientStatus"] == "running" for a in cluster.allocs(job)):
-            assert time.monotonic() < deadline, cluster.allocs(job)
-            time.sleep(0.5)
+        workers_end(cluster, job)  # the other ranks do not live on
     finally:
         cluster.stop_job(job)
 
