@@ -138,7 +138,9 @@ def mpi_launch(mpi: MpiConfig, argv: list[str]) -> list[str]:
     if mpi.mode == "launcher":
         if mpi.workers < 1:
             raise PolicyError('mpi block: mode "launcher" needs workers = N (at least 1)')
-        return [f"{MPI_BIN}/pyhpc-mpi-launch", launcher, *mpi.launcher_args, *argv]
+        # MPICH's ranks run under pyhpc-mpi-rank, which ends a run hydra would leave hanging.
+        rank = [f"{MPI_BIN}/pyhpc-mpi-rank"] if mpi.implementation == "mpich" else []
+        return [f"{MPI_BIN}/pyhpc-mpi-launch", launcher, *mpi.launcher_args, *rank, *argv]
     return [launcher, "-n", str(mpi.ranks_per_node), *mpi.launcher_args, *argv]
 
 
@@ -162,14 +164,19 @@ def mpi_env(mpi: MpiConfig | None, nomad_address: str) -> dict[str, str]:
             "PYHPC_NOMAD_ADDR": nomad_address,
         }
     if mpi.implementation == "openmpi":
+        agent = "false" if mpi.mode == "local" else f"{MPI_BIN}/pyhpc-rsh"
+        # Open MPI 4 reads OMPI_MCA_plm_rsh_*; Open MPI 5 starts its daemons through PRRTE,
+        # which reads PRTE_MCA_plm_ssh_*. Each ignores the other's.
         env.update(
             OMPI_ALLOW_RUN_AS_ROOT="1",
             OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-            OMPI_MCA_plm_rsh_agent="false" if mpi.mode == "local" else f"{MPI_BIN}/pyhpc-rsh",
+            OMPI_MCA_plm_rsh_agent=agent,
+            PRTE_MCA_plm_ssh_agent=agent,
         )
         if mpi.mode != "local":
             # Every daemon is started from the launcher, where the remote shell is.
             env["OMPI_MCA_plm_rsh_no_tree_spawn"] = "1"
+            env["PRTE_MCA_plm_ssh_no_tree_spawn"] = "1"
     return env
 
 

@@ -352,6 +352,19 @@ def build(
     pivot_into(root)
 
 
+def passwd_entries(root: str = "/") -> list[list[str]]:
+    """The image's /etc/passwd, split into fields; nothing if it is missing or a link out of
+    the image (never the host's)."""
+    passwd = os.path.realpath(os.path.join(root, "etc/passwd"))
+    if not passwd.startswith(os.path.realpath(root).rstrip("/") + "/"):
+        return []
+    try:
+        with open(passwd, encoding="utf-8", errors="replace") as f:
+            return [fields for line in f if len(fields := line.rstrip("\n").split(":")) >= 4]
+    except OSError:
+        return []
+
+
 def resolve_user(user: str, root: str = "/") -> tuple[int, int]:
     """uid and gid of "name", "uid" or "name:gid", looked up in the container's own files."""
     if not user:
@@ -359,18 +372,10 @@ def resolve_user(user: str, root: str = "/") -> tuple[int, int]:
     name, _, group = user.partition(":")
     uid = int(name) if name.isdigit() else -1
     gid = -1
-    passwd = os.path.realpath(os.path.join(root, "etc/passwd"))
-    if not passwd.startswith(os.path.realpath(root).rstrip("/") + "/"):
-        passwd = "/nonexistent"  # a link out of the image: read nothing of the host's
-    try:
-        with open(passwd, encoding="utf-8") as f:
-            for line in f:
-                fields = line.rstrip("\n").split(":")
-                if len(fields) >= 4 and name in (fields[0], fields[2]):
-                    uid, gid = int(fields[2]), int(fields[3])
-                    break
-    except OSError:
-        pass
+    for fields in passwd_entries(root):
+        if name in (fields[0], fields[2]) and fields[2].isdigit() and fields[3].isdigit():
+            uid, gid = int(fields[2]), int(fields[3])
+            break
     if uid < 0:
         raise ContainerError(f"user {name!r} does not exist in the image's /etc/passwd")
     if group:
@@ -378,6 +383,15 @@ def resolve_user(user: str, root: str = "/") -> tuple[int, int]:
             raise ContainerError(f"group {group!r} in user {user!r} must be numeric")
         gid = int(group)
     return uid, gid if gid >= 0 else uid
+
+
+def with_home(env: dict[str, str], uid: int, root: str = "/") -> dict[str, str]:
+    """env with HOME, as a login would set it, unless the task set its own: the user's home
+    in the image's /etc/passwd, else "/" (Open MPI 5, among others, will not start without)."""
+    if "HOME" in env:
+        return env
+    homes = [f[5] for f in passwd_entries(root) if f[2] == str(uid) and len(f) > 5 and f[5]]
+    return {**env, "HOME": homes[0] if homes else "/"}
 
 
 def find_command(command: str, env: dict[str, str]) -> str:

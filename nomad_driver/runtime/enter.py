@@ -79,12 +79,13 @@ def main(args: list[str]) -> int:
             for fd in cgroups:
                 os.write(fd, b"0")
             uid, gid = container.resolve_user(spec.user)
-            path = container.find_command(command[0], spec.env)
+            env = container.with_home(spec.env, uid)
+            path = container.find_command(command[0], env)
             if userns >= 0:  # as the task's init does: checks first, as host root
                 linux.setns(userns, linux.CLONE_NEWUSER)
             enter_work_dir(spec.work_dir)
             restrict(spec, uid, gid)
-            os.execve(path, command, spec.env)
+            os.execve(path, command, env)
         except (OSError, container.ContainerError, security.PolicyError) as err:
             sys.stderr.write(f"pyhpc exec: {err}\n")
         os._exit(127)

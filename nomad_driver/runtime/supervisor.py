@@ -75,7 +75,8 @@ def run_init(
             cgroup.join()  # before anything runs, so every process of the task is counted
         container.build(spec, scratch, spec.image_root, userns)
         uid, gid = container.resolve_user(spec.user)
-        path = container.find_command(spec.command, spec.env)
+        env = container.with_home(spec.env, uid)
+        path = container.find_command(spec.command, env)
         if not os.path.isdir(spec.work_dir):
             raise container.ContainerError(
                 f"work_dir {spec.work_dir!r} is not a directory in the image"
@@ -103,7 +104,7 @@ def run_init(
                 os.close(userns[0])
             enter_work_dir(spec.work_dir)
             restrict(spec, uid, gid)
-            os.execve(path, [spec.command, *spec.args], spec.env)
+            os.execve(path, [spec.command, *spec.args], env)
         except BaseException as error:  # noqa: BLE001 - report whatever stopped the exec
             why = str(error)
             if isinstance(error, FileNotFoundError) and os.path.exists(path):

@@ -106,8 +106,10 @@ def test_mpi_modes_give_the_command_env_and_mounts_each_needs(
         str(image),
         ctx,
     )
+    # MPICH's ranks run under pyhpc-mpi-rank (hydra may not end a run whose rank died).
     assert [launcher.command, *launcher.args] == [
-        "/usr/local/pyhpc/bin/pyhpc-mpi-launch", "mpiexec.hydra", "/opt/app", "x"
+        "/usr/local/pyhpc/bin/pyhpc-mpi-launch", "mpiexec.hydra",
+        "/usr/local/pyhpc/bin/pyhpc-mpi-rank", "/opt/app", "x"
     ]  # fmt: skip
     env = launcher.env
     assert (env["PYHPC_MPI_WORKERS"], env["PYHPC_MPI_HOSTS"], env["PYHPC_MPI_TIMEOUT"]) == (
@@ -125,7 +127,14 @@ def test_mpi_modes_give_the_command_env_and_mounts_each_needs(
     )
     # A worker runs pyhpc's wait, whatever the command says; it gets the scripts, not Nomad.
     assert [worker.command, *worker.args] == ["/usr/local/pyhpc/bin/pyhpc-mpi-worker"]
+    # Open MPI 4 and 5 (PRRTE) each read their own name for the remote shell.
     assert worker.env["OMPI_MCA_plm_rsh_agent"] == "/usr/local/pyhpc/bin/pyhpc-rsh"
+    assert worker.env["PRTE_MCA_plm_ssh_agent"] == "/usr/local/pyhpc/bin/pyhpc-rsh"
+    openmpi_launcher = policy.container_spec(
+        plugin(), mpi_task(image, implementation="openmpi", mode="launcher", workers=2),
+        str(image), ctx,
+    )  # fmt: skip
+    assert openmpi_launcher.args[1:] == ("/opt/app", "x")  # mpirun names a failed rank itself
     assert [m.task_path for m in worker.mounts if m.task_path.startswith("/usr/local/pyhpc")] == [
         "/usr/local/pyhpc/bin"
     ]

@@ -191,6 +191,22 @@ def test_task_runs_as_the_requested_user(tmp_path: Path, busybox_image: Path) ->
     assert "uid=65534" in (tmp_path / "out").read_text()
 
 
+def test_home_comes_from_the_images_passwd_unless_the_task_sets_it(
+    tmp_path: Path, busybox_image: Path
+) -> None:
+    # As a login (or Docker) would: Open MPI 5, among others, will not start without HOME.
+    cases = [
+        ({}, "/root"),
+        ({"user": "nobody"}, "/home"),
+        ({"user": "4242"}, "/"),  # no entry in /etc/passwd
+        ({"env": {"PATH": "/bin", "HOME": "/scratch"}}, "/scratch"),
+    ]
+    for n, (overrides, home) in enumerate(cases):
+        (tmp_path / str(n)).mkdir()
+        _, out = run_script(tmp_path / str(n), busybox_image, 'echo "home=$HOME"', **overrides)
+        assert out == f"home={home}\n", overrides
+
+
 def test_task_over_its_memory_limit_is_oom_killed_and_reported(
     tmp_path: Path, busybox_image: Path
 ) -> None:
