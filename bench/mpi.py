@@ -33,7 +33,8 @@ ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
     "OMPI_ALLOW_RUN_AS_ROOT": "1",
     "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-    "OMPI_MCA_plm_rsh_agent": "false",
+    "OMPI_MCA_plm_rsh_agent": "false",  # Open MPI 4
+    "PRTE_MCA_plm_ssh_agent": "false",  # Open MPI 5
     "HOME": "/tmp",
 }
 

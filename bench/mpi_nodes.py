@@ -40,21 +40,26 @@ SPEC = REPO / "jobspecs" / "mpi-multi.nomad"
 NOMAD = os.environ.get("NOMAD_ADDR", "http://127.0.0.1:4646")
 HTTP = requests.Session()
 HTTP.trust_env = False
-# The host's remote shell: the first rank runs where the launcher does (namespace 1, the
-# address is local there); the second is started in namespace 2, in the same chroot, with IPC
-# and PID namespaces of its own, as on another machine: else UCX (MPICH's device) would take
-# the two ranks for one host and use shared memory between them.
+# The host's remote shell: it starts a rank's daemon in namespace i (the host name's last
+# number), in the same chroot, with IPC, PID and UTS namespaces and a /dev/shm of its own, as on
+# another machine: else UCX (MPICH's device) and Open MPI 5 would take the two ranks for one
+# host and use shared memory between them. MPICH's first rank runs where mpiexec does
+# (namespace 1, its address local there); Open MPI's are both started through it, named node-1
+# and node-2, as in pyhpc, where the launcher is a task of its own (given the addresses, Open
+# MPI 5 counts one slot; it cuts names at the first dot).
 AGENT = """#!/bin/sh
 while [ $# -gt 0 ]; do case $1 in -*) shift ;; *) break ;; esac; done
 host=$1; shift
-exec nsenter --net=/run/netns/pyhpc-mpi-${host##*.} unshare --ipc --pid --mount-proc --fork \
-    /bin/sh -c "mount -t sysfs sysfs /sys; $*"
+n=${host##*[.-]}
+exec nsenter --net=/run/netns/pyhpc-mpi-$n unshare --ipc --pid --uts --mount-proc --fork \
+    /bin/sh -c "mount -t sysfs sysfs /sys; mount -t tmpfs tmpfs /dev/shm; \
+    echo host-$n >/proc/sys/kernel/hostname; $*"
 """
 # The host's ranks run unconstrained; a worker's cgroup gets this CPU weight (MHz), enough
 # that its rank is not outweighed by the agents beside it.
 WORKER_CPU = 2000
 HOST_LAUNCH = {
-    "openmpi": ["mpirun", "-n", "2", "--host", "10.99.0.1:1,10.99.0.2:1",
+    "openmpi": ["mpirun", "-n", "2", "--host", "node-1:1,node-2:1",
                 "--mca", "plm_rsh_agent", "/tmp/agent"],
     "mpich": ["mpiexec.hydra", "-n", "2", "-hosts", "10.99.0.1:1,10.99.0.2:1",
               "-launcher", "rsh", "-launcher-exec", "/tmp/agent"],
@@ -125,7 +130,8 @@ def on_host(root: Path, impl: str) -> tuple[float, float]:
     launch = " ".join([*HOST_LAUNCH[impl], f"/opt/mpi/{impl}/pingpong"])
     argv = ["nsenter", "--net=/run/netns/pyhpc-mpi-1", "unshare", "--mount", CHROOT, str(root),
             "/bin/sh", "-c", f"mount -t sysfs sysfs /sys && exec {launch}"]  # fmt: skip
-    env = {k: v for k, v in ENV.items() if k != "OMPI_MCA_plm_rsh_agent"}
+    env = {k: v for k, v in ENV.items() if not k.endswith("_agent")}
+    env["PRTE_MCA_plm_ssh_agent"] = "/tmp/agent"  # Open MPI 5; 4 takes HOST_LAUNCH's --mca
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env)  # fmt: skip
     out = ""

@@ -104,5 +104,8 @@ if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv))
     except (OSError, ValueError, IndexError, json.JSONDecodeError) as error:
-        sys.stderr.write(f"pyhpc exec: cannot enter the container: {error}\n")
+        # Most often an exec racing the task's end (its namespaces are being torn down).
+        ended = len(sys.argv) > 2 and not os.path.exists(f"/proc/{sys.argv[2]}/ns/mnt")
+        why = "the task has ended" if ended else str(error)
+        sys.stderr.write(f"pyhpc exec: cannot enter the container: {why}\n")
         sys.exit(126)
