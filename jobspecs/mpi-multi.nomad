@@ -31,6 +31,12 @@ variable "args" {
   default = []
 }
 
+variable "launcher_args" {
+  type        = list(string)
+  default     = []
+  description = "extra arguments for mpirun / mpiexec.hydra, e.g. [\"--bind-to\", \"none\"]"
+}
+
 variable "workers" {
   type    = number
   default = 2
@@ -155,6 +161,7 @@ job "mpi-multi" {
           ranks_per_node = var.ranks_per_node
           mode           = "launcher"
           workers        = var.workers
+          launcher_args  = var.launcher_args
         }
       }
 
