@@ -138,9 +138,9 @@ def mpi_launch(mpi: MpiConfig, argv: list[str]) -> list[str]:
     if mpi.mode == "launcher":
         if mpi.workers < 1:
             raise PolicyError('mpi block: mode "launcher" needs workers = N (at least 1)')
-        # MPICH's ranks run under pyhpc-mpi-rank, which ends a run hydra would leave hanging.
-        rank = [f"{MPI_BIN}/pyhpc-mpi-rank"] if mpi.implementation == "mpich" else []
-        return [f"{MPI_BIN}/pyhpc-mpi-launch", launcher, *mpi.launcher_args, *rank, *argv]
+        # The ranks run under pyhpc-mpi-rank, which records a failed one for the launcher.
+        rank = f"{MPI_BIN}/pyhpc-mpi-rank"
+        return [f"{MPI_BIN}/pyhpc-mpi-launch", launcher, *mpi.launcher_args, rank, *argv]
     return [launcher, "-n", str(mpi.ranks_per_node), *mpi.launcher_args, *argv]
 
 

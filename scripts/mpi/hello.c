@@ -1,6 +1,7 @@
 /* Every rank says who and where it is. With `--fail-rank N`, rank N then exits 3 without
- * MPI_Finalize, as a crashed rank would, while the others wait in a barrier: a launcher must
- * end the run and name that rank. */
+ * MPI_Finalize, as a crashed rank would, while the others compute for a second and then wait
+ * in a barrier: a launcher must end the run and name that rank, the first to fail (the others
+ * fail only after it, when they find it gone). */
 #include <mpi.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,7 +19,10 @@ int main(int argc, char **argv) {
   printf("hello from rank %d of %d on %s (pid %d)\n", rank, size, host, (int)getpid());
   fflush(stdout);
   if (rank == fail) _exit(3);
-  if (fail >= 0) MPI_Barrier(MPI_COMM_WORLD); /* never completes: one rank is gone */
+  if (fail >= 0) {
+    sleep(1);                    /* "computing" */
+    MPI_Barrier(MPI_COMM_WORLD); /* never completes: one rank is gone */
+  }
   MPI_Finalize();
   return 0;
 }

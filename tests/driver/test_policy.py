@@ -106,7 +106,7 @@ def test_mpi_modes_give_the_command_env_and_mounts_each_needs(
         str(image),
         ctx,
     )
-    # MPICH's ranks run under pyhpc-mpi-rank (hydra may not end a run whose rank died).
+    # The ranks run under pyhpc-mpi-rank, which records a failed one for the launcher.
     assert [launcher.command, *launcher.args] == [
         "/usr/local/pyhpc/bin/pyhpc-mpi-launch", "mpiexec.hydra",
         "/usr/local/pyhpc/bin/pyhpc-mpi-rank", "/opt/app", "x"
@@ -134,7 +134,7 @@ def test_mpi_modes_give_the_command_env_and_mounts_each_needs(
         plugin(), mpi_task(image, implementation="openmpi", mode="launcher", workers=2),
         str(image), ctx,
     )  # fmt: skip
-    assert openmpi_launcher.args[1:] == ("/opt/app", "x")  # mpirun names a failed rank itself
+    assert openmpi_launcher.args[1:] == ("/usr/local/pyhpc/bin/pyhpc-mpi-rank", "/opt/app", "x")
     assert [m.task_path for m in worker.mounts if m.task_path.startswith("/usr/local/pyhpc")] == [
         "/usr/local/pyhpc/bin"
     ]

@@ -16,10 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_mpi import (
-    mpi_image,  # noqa: F401 - the fixture that builds the MPI image
-    openmpi_names_rank,
-)
+from test_mpi import mpi_image  # noqa: F401 - the fixture that builds the MPI image
 
 REPO = Path(__file__).resolve().parents[2]
 NODES_SH = REPO / "scripts" / "testbed" / "mpi-nodes.sh"
@@ -195,12 +192,6 @@ def test_a_killed_worker_fails_the_run_promptly_naming_it_and_a_rerun_works(
         cluster.stop_job(job)
 
 
-# When rank 3 (on the second worker, mpi-2) dies: Open MPI's mpirun names the first rank to
-# fail and its exit code; MPICH's hydra does not, and sometimes never ends such a run:
-# pyhpc-mpi-rank records the failure, and the launcher ends the run and names the rank.
-MPICH_NAMES = "pyhpc-mpi: rank 3 (on mpi-2) exited with code 3: /opt/mpi/mpich/hello"
-
-
 @pytest.mark.parametrize("implementation", ["openmpi", "mpich"])
 def test_a_failing_rank_ends_the_run_promptly_naming_it(
     cluster: Any, mpi_nodes: int, implementation: str
@@ -220,10 +211,11 @@ def test_a_failing_rank_ends_the_run_promptly_naming_it(
         took = time.monotonic() - started
         assert stub["ClientStatus"] == "failed", out + err
         assert took < 30, f"the run outlived its failed rank by {took:.0f} s"
-        if implementation == "openmpi":
-            assert openmpi_names_rank(out + err, 3, 3), out + err
-        else:
-            assert MPICH_NAMES in err, err
+        # pyhpc-mpi-rank's record, collected by the launcher: MPICH's hydra names no rank (and
+        # sometimes never ends such a run), Open MPI 5's mpirun may blame a rank that aborted
+        # because rank 3 was gone.
+        named = f"pyhpc-mpi: rank 3 (on mpi-2) exited with code 3: /opt/mpi/{implementation}/hello"
+        assert named in err, err
         assert "pyhpc-mpi: the MPI run failed (exit 3)" in err, err
         assert "worker(s) lost" not in err, err
         workers_end(cluster, job)  # the other ranks do not live on
