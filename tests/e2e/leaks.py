@@ -28,13 +28,24 @@ def _cmdlines() -> dict[int, str]:
     return found
 
 
+def parent_pid(pid: int) -> int:
+    """pid's parent, or 0 once pid is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def plugin_pids(state_dir: Path) -> list[int]:
-    """The pyhpc task driver processes Nomad runs (one per region's agent)."""
-    return sorted(
+    """The pyhpc task driver processes Nomad runs (one per region's agent). A driver's own
+    child between fork and exec shows the driver's command line too (CI saw one while tasks
+    started): a process whose parent is one of these is not a driver, nor is one now gone."""
+    found = [
         pid
         for pid, cmd in _cmdlines().items()
         if cmd.rstrip().endswith(f"{state_dir}/plugins/pyhpc")
-    )
+    ]
+    return sorted(pid for pid in found if parent_pid(pid) not in (0, *found))
 
 
 def supervisors() -> list[int]:
@@ -77,6 +88,23 @@ def _plugin_fds(state_dir: Path) -> tuple[int, list[str]]:
     return total, sorted(fifos)
 
 
+def _fifos_under(top: Path) -> list[str]:
+    """FIFOs under pyhpc's run dir. The walk does not enter mount points (an image root is the
+    image's files, not ours, and may be unmounted mid-walk: CI saw that race; a leaked mount is
+    caught as a mount) and skips entries that vanish while it looks."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(top):
+        dirnames[:] = [d for d in dirnames if not os.path.ismount(os.path.join(dirpath, d))]
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            try:
+                if stat.S_ISFIFO(os.lstat(path).st_mode):
+                    found.append(path)
+            except OSError:
+                continue
+    return sorted(found)
+
+
 def snapshot(state_dir: Path) -> dict[str, Any]:
     mounts = [
         line.split()[4]
@@ -99,7 +127,7 @@ def snapshot(state_dir: Path) -> dict[str, Any]:
         else []
     )
     refs = sorted(p.name for p in (RUN_DIR / "images").glob("*/refs/*"))
-    fifo_files = [str(p) for p in RUN_DIR.rglob("*") if p.is_fifo()]
+    fifo_files = _fifos_under(RUN_DIR)
     fds, fifo_fds = _plugin_fds(state_dir)
     return {
         "supervisors": supervisors(),

@@ -35,11 +35,7 @@ def driver_pid(cluster: Any) -> int:
     (After an agent restart Nomad reattaches to its running plugins, whose parent is then no
     longer the agent.)"""
     east = int((cluster.state_dir / "pids" / "nomad-east.pid").read_text())
-    mine = [
-        pid
-        for pid in leaks.plugin_pids(cluster.state_dir)
-        if int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) != east
-    ]
+    mine = [pid for pid in leaks.plugin_pids(cluster.state_dir) if leaks.parent_pid(pid) != east]
     if len(mine) != 1:
         raise AssertionError(f"expected one pyhpc driver outside region east, found {mine}")
     return mine[0]

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import leaks
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -123,10 +124,7 @@ def release(cluster: Any, alloc_id: str) -> None:
 
 
 def plugin_pids(cluster: Any) -> list[int]:
-    out = subprocess.run(
-        ["pgrep", "-f", f"{cluster.state_dir}/plugins/pyhpc"], capture_output=True, text=True
-    ).stdout
-    return [int(p) for p in out.split()]
+    return leaks.plugin_pids(cluster.state_dir)
 
 
 def kill_plugin_and_await_recovery(cluster: Any, *allocs: dict[str, Any]) -> None:
