@@ -11,11 +11,13 @@
 #   scripts/testbed/cluster.sh start-region REGION   start it again
 #   scripts/testbed/cluster.sh stop-service NAME     stop consul, vault or registry ('up' starts it again;
 #                                                    Consul and Vault come back empty: dev mode)
+#   scripts/testbed/cluster.sh consul-client NAME HTTP_PORT SERF_PORT | consul-client NAME stop
+#                                                    a Consul client agent for one more Nomad client
 #   scripts/testbed/cluster.sh env                   export lines for NOMAD_ADDR & co (eval "$(... env)")
 #
 # Layout (state dir ${PYHPC_CLUSTER_DIR:-/tmp/pyhpc-cluster}):
 #   logs/{consul,vault,nomad,nomad-east}.log   agent logs (Nomad's are appended across restarts)
-#   pids/{consul,vault,nomad,nomad-east}.pid   agent pids
+#   pids/{consul,vault,nomad,nomad-east}.pid   agent pids (consul-NAME: Consul client agents)
 #   nomad/data/, nomad-east/data/   Nomad data_dirs (raft, client state, alloc dirs)
 #   nomad/agent.hcl, nomad-east/agent.hcl   generated agent configs
 #   plugins/                        Nomad plugin_dir (the pyhpc driver is installed here)
@@ -28,9 +30,15 @@
 # the one NOMAD_ADDR points at) and "east" (datacenter dc2), joined over serf like two
 # sites. Both clients use this machine; east's cgroups live under their own parent.
 #
+# Every Nomad client has a Consul agent of its own, as in production: a Nomad client removes
+# from its Consul agent every Nomad service it did not register itself (a minute after it
+# starts), so two clients sharing one agent delete each other's services. Global's is the
+# dev server; east's is a client agent "pyhpc-east" (http 8510, serf 8311), as are those of
+# mpi-nodes.sh's nodes.
+#
 # Everything listens on 127.0.0.1 only:
 #   Nomad global 4646 (http) 4647 (rpc) 4648 (serf), east 4746/4747/4748; Consul 8500 (http) 8502 (grpc) 8600 (dns)
-#   8300-8302 (server/serf); Vault 8200 (api) 8201 (cluster).
+#   8300-8302 (server/serf), east's Consul client 8510 (http) 8311 (serf); Vault 8200 (api) 8201 (cluster).
 #
 # Environment:
 #   PYHPC_CLUSTER_DIR    state dir (default /tmp/pyhpc-cluster)
@@ -110,7 +118,7 @@ pid_of() {
   pid=$(<"$f")
   [[ -n "$pid" ]] && alive "$pid" || return 0
   case "$1" in
-    nomad|nomad-east) want="$NOMAD_BIN" ;; consul) want="$CONSUL_BIN" ;; vault) want="$VAULT_BIN" ;;
+    nomad|nomad-east) want="$NOMAD_BIN" ;; consul|consul-*) want="$CONSUL_BIN" ;; vault) want="$VAULT_BIN" ;;
     registry) want="$REGISTRY_BIN" ;;
   esac
   exe=$(readlink "/proc/$pid/exe" 2>/dev/null) || return 0
@@ -211,6 +219,25 @@ start_consul() {
   log "consul: ready (leader $(consul_leader))"
 }
 
+# start_consul_client NAME HTTP_PORT SERF_PORT: a Consul client agent on 127.0.0.1, joined
+# to the dev server's LAN pool (pids/consul-NAME.pid, logs/consul-NAME.log).
+start_consul_client() {
+  local name="consul-$1" http="$2" serf="$3"
+  if [[ -n "$(pid_of "$name")" ]]; then log "$name: already running"; return 0; fi
+  [[ -n "$(pid_of consul)" ]] || die "consul is not running (run '$0 up' first)"
+  log "$name: starting (client agent, 127.0.0.1:$http)"
+  mkdir -p "$STATE/$name"
+  start_daemon "$name" "$CONSUL_BIN" agent -node="$1" -data-dir="$STATE/$name" \
+    -bind=127.0.0.1 -client=127.0.0.1 -advertise=127.0.0.1 -serf-lan-port="$serf" \
+    -http-port="$http" -dns-port=-1 -grpc-port=-1 -retry-join=127.0.0.1:8301 -log-level=info
+  CLIENT_HTTP=$http wait_for "$name" 30 consul_client_ready
+  log "$name: joined"
+}
+# The client answers with the server's leader once it has joined.
+consul_client_ready() { [[ -n "$(http_get "http://127.0.0.1:$CLIENT_HTTP/v1/status/leader" | tr -d '"')" ]]; }
+
+consul_clients() { local f; for f in "$PIDS"/consul-*.pid; do [[ -e "$f" ]] && basename "$f" .pid; done; }
+
 start_vault() {
   if [[ -n "$(pid_of vault)" ]]; then log "vault: already running"; return 0; fi
   log "vault: starting (dev mode, 127.0.0.1:8200, root token 'root')"
@@ -254,6 +281,8 @@ agent() {
   A_HCL="$STATE/$A_NAME/agent.hcl"
   A_CONFIGS="$STATE/$A_NAME/config-files"   # the -config files 'up' chose, for restarts
   A_ADDR="http://127.0.0.1:$A_PORT"
+  A_CONSUL=$CONSUL_ADDR_LOCAL   # global's is the dev server; east has a client agent (see top)
+  [[ "$1" == global ]] || A_CONSUL=127.0.0.1:8510
   # Nomad's own default parent for each cgroup version, and a sibling for east (a v2 name on
   # v1 leaves the client without reservable cores).
   if [[ -f /sys/fs/cgroup/cgroup.controllers ]]; then A_CGROUP="$A_CGROUP.slice"; else A_CGROUP="/$A_CGROUP"; fi
@@ -312,7 +341,7 @@ plugin "raw_exec" {
 }
 
 consul {
-  address = "$CONSUL_ADDR_LOCAL"
+  address = "$A_CONSUL"
 }
 
 vault {
@@ -554,7 +583,7 @@ print(sum(a["ClientStatus"] in ("pending", "running") for a in json.load(sys.std
 # --------------------------------------------------------------------------------------
 # Commands
 # --------------------------------------------------------------------------------------
-PORTS=(4646 4647 4648 4746 4747 4748 8200 8201 8300 8301 8302 8500 8502 8600 5000)
+PORTS=(4646 4647 4648 4746 4747 4748 8200 8201 8300 8301 8302 8500 8502 8600 8510 8311 5000)
 
 cmd_up() {
   require_binaries
@@ -568,6 +597,7 @@ cmd_up() {
       474?) owner=nomad-east ;;
       820?) owner=vault ;;
       5000) owner=registry ;;
+      8510|8311) owner=consul-pyhpc-east ;;
       *) owner=consul ;;
     esac
     if is_listening "$port" && [[ -z "$(pid_of "$owner")" ]]; then
@@ -582,6 +612,7 @@ cmd_up() {
   [[ -n "$(pid_of nomad)" ]] || { write_pyhpc_config; install_plugin; }
   for region in "${REGIONS[@]}"; do
     agent "$region"
+    [[ "$region" == global ]] || start_consul_client "pyhpc-$region" 8510 8311
     if [[ -z "$(pid_of "$A_NAME")" ]]; then
       write_nomad_config
       choose_nomad_configs
@@ -605,6 +636,9 @@ cmd_down() {
     stop_daemon "$A_NAME" INT 30
   done
   stop_daemon vault INT 15
+  local client
+  # SIGINT: a client agent leaves the pool, so the server forgets its node and services.
+  for client in $(consul_clients); do stop_daemon "$client" INT 15; done
   stop_daemon consul INT 15
   stop_daemon registry TERM 10
   # Executors, logmon, plugins and tasks outlive the agent by design: end them.
@@ -705,6 +739,14 @@ cmd_stop_service() {
   esac
 }
 
+cmd_consul_client() {
+  case "$#:${2:-}" in
+    2:stop) stop_daemon "consul-$1" INT 15 ;;
+    3:[0-9]*) require_binaries; start_consul_client "$@" ;;
+    *) die "usage: $0 consul-client NAME HTTP_PORT SERF_PORT | consul-client NAME stop" ;;
+  esac
+}
+
 cmd_env() {
   cat <<EOF
 export NOMAD_ADDR=$NOMAD_ADDR_LOCAL
@@ -715,7 +757,7 @@ export PATH=$(dirname "$NOMAD_BIN"):$(dirname "$CONSUL_BIN"):$(dirname "$VAULT_B
 EOF
 }
 
-usage() { sed -n '2,14p' "$here/cluster.sh" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,16p' "$here/cluster.sh" | sed 's/^# \{0,1\}//'; exit 2; }
 
 case "${1:-}" in
   up) cmd_up ;;
@@ -725,6 +767,7 @@ case "${1:-}" in
   stop-region) shift; cmd_stop_region "$@" ;;
   start-region) shift; cmd_start_region "$@" ;;
   stop-service) shift; cmd_stop_service "$@" ;;
+  consul-client) shift; cmd_consul_client "$@" ;;
   env) cmd_env ;;
   *) usage ;;
 esac

@@ -9,9 +9,10 @@
 # Node i runs in network namespace pyhpc-mpi-i with address 10.99.0.i/24 on a veth whose
 # other end sits on a bridge in namespace pyhpc-mpi-sw: the nodes reach each other, and
 # nothing of this is on the host's own interfaces. The server's RPC port (127.0.0.1:4647 of
-# the host) and Consul's HTTP port are carried into every namespace's 127.0.0.1 by
-# nsbridge.py, so the nodes register services with the test bed's Consul too. The nodes are in
-# node pool "mpi", so jobs of the default pool never land there; each has its own data_dir,
+# the host) is carried into every namespace's 127.0.0.1 by nsbridge.py, and so is, as port
+# 8500, the HTTP port of the node's own Consul client agent (mpi-i, 127.0.0.1:8520+i, serf
+# 8320+i, joined to the test bed's Consul: one agent per Nomad client, see cluster.sh). The
+# nodes are in node pool "mpi", so jobs of the default pool never land there; each has its own data_dir,
 # cgroup parent and pyhpc run_dir, and shares the host's plugin_dir, image store and images.
 # The agents enter their namespace with nsenter --net, not `ip netns exec`, which would also
 # mount a fresh /sys and so hide /sys/fs/cgroup from them and their tasks.
@@ -23,7 +24,8 @@ M="$STATE/mpi-nodes"
 NET=10.99.0
 eval "$("$here/cluster.sh" env)"
 NOMAD_BIN=$(command -v nomad)
-CONSUL_PORT=${CONSUL_HTTP_ADDR##*:}
+consul_http() { echo $((8520 + $1)); }   # node I's Consul client agent
+consul_serf() { echo $((8320 + $1)); }
 
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 die() { printf 'mpi-nodes.sh: error: %s\n' "$*" >&2; exit 1; }
@@ -81,7 +83,7 @@ client {
 }
 
 consul {
-  address          = "127.0.0.1:$CONSUL_PORT"
+  address          = "127.0.0.1:8500"
   client_auto_join = false
   auto_advertise   = false
 }
@@ -91,18 +93,19 @@ EOF
 cmd_up() {
   local n=${1:-2} i pid
   [[ -n "$NOMAD_BIN" ]] || die "no nomad binary (build the test bed first)"
+  [[ "$n" =~ ^[0-9]+$ ]] && ((n >= 1 && n <= 16)) || die "N must be 1 to 16, not '$n'"
   curl -sf "$NOMAD_ADDR/v1/agent/self" >/dev/null || die "the test bed is not up ($NOMAD_ADDR)"
   [[ "$(count)" == 0 ]] || die "MPI nodes already up ($(count)); run '$0 down' first"
   netns_down
   mkdir -p "$M"
   netns_up "$n"
   echo "$n" >"$M/count"
-  local -a names=()
-  for ((i = 1; i <= n; i++)); do names+=("pyhpc-mpi-$i"); done
-  (cd "$M" && exec setsid python3 "$here/nsbridge.py" "4647,$CONSUL_PORT" "${names[@]}" >"$M/bridge.log" 2>&1 &
-   echo $! >"$M/bridge.pid")
   for ((i = 1; i <= n; i++)); do
     mkdir -p "$M/node$i/data"
+    "$here/cluster.sh" consul-client "mpi-$i" "$(consul_http "$i")" "$(consul_serf "$i")"
+    (cd "$M/node$i" && exec setsid python3 "$here/nsbridge.py" "4647,8500:$(consul_http "$i")" \
+        "pyhpc-mpi-$i" >"$M/node$i/bridge.log" 2>&1 &
+     echo $! >"$M/node$i/bridge.pid")
     node_config "$i" >"$M/node$i/agent.hcl"
     # The pyhpc plugin config of the host's client, with this node's own run_dir.
     sed -e "s|^    run_dir = .*|    run_dir = \"/run/pyhpc-mpi-$i\"|" "$STATE/nomad/pyhpc.hcl" \
@@ -144,8 +147,11 @@ cmd_down() {
     for _ in $(seq 100); do [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     [[ -n "$pid" ]] && kill -KILL "$pid" 2>/dev/null || true
   done
-  pid=$(cat "$M/bridge.pid" 2>/dev/null || true)
-  [[ -n "$pid" ]] && kill "$pid" 2>/dev/null || true
+  for ((i = 1; i <= $(count); i++)); do
+    pid=$(cat "$M/node$i/bridge.pid" 2>/dev/null || true)
+    [[ -n "$pid" ]] && kill "$pid" 2>/dev/null || true
+    "$here/cluster.sh" consul-client "mpi-$i" stop >/dev/null || true
+  done
   # The nodes' allocations and plugins outlive their agents; cluster.sh down ends them too.
   pkill -f "$M/" 2>/dev/null || true
   netns_down
@@ -170,5 +176,5 @@ case "${1:-}" in
   up) shift; cmd_up "$@" ;;
   down) cmd_down ;;
   status) cmd_status ;;
-  *) sed -n '2,14p' "$0"; exit 2 ;;
+  *) sed -n '2,7p' "$0"; exit 2 ;;
 esac

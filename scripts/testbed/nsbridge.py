@@ -1,11 +1,12 @@
-"""Carry TCP from 127.0.0.1:PORT inside network namespaces to 127.0.0.1:PORT of this one.
+"""Carry TCP from 127.0.0.1:PORT inside network namespaces to 127.0.0.1:PORT of this one
+(or to 127.0.0.1:OUTSIDE, for INSIDE:OUTSIDE).
 
 The test bed's Nomad server (and Consul) listen on 127.0.0.1 only; a client agent in its own
 network namespace (a second "node" on this machine) reaches them through this bridge. One
 process: it enters each namespace to open a listener there, comes back, and connects out from
 here (a socket keeps the namespace it was made in).
 
-    python3 nsbridge.py PORT[,PORT...] NETNS [NETNS...]      (as root; runs until killed)
+    python3 nsbridge.py PORT|INSIDE:OUTSIDE[,...] NETNS [NETNS...]   (as root; until killed)
 """
 
 from __future__ import annotations
@@ -58,13 +59,14 @@ def pipe(a: socket.socket, b: socket.socket) -> None:
                 pass
 
 
-def serve(ports: list[int], netns: list[str]) -> None:
+def serve(ports: dict[int, int], netns: list[str]) -> None:
     sel = selectors.DefaultSelector()
     for name in netns:
-        for port in ports:
-            sel.register(listener_in(name, port), selectors.EVENT_READ, port)
-    for port in ports:
-        print(f"nsbridge: 127.0.0.1:{port} in {', '.join(netns)} -> 127.0.0.1:{port}", flush=True)
+        for inside, outside in ports.items():
+            sel.register(listener_in(name, inside), selectors.EVENT_READ, outside)
+    for inside, outside in ports.items():
+        print(f"nsbridge: 127.0.0.1:{inside} in {', '.join(netns)} -> 127.0.0.1:{outside}")
+    sys.stdout.flush()
     while True:
         for key, _ in sel.select():
             inside, _ = key.fileobj.accept()  # type: ignore[union-attr]
@@ -81,4 +83,5 @@ def serve(ports: list[int], netns: list[str]) -> None:
 if __name__ == "__main__":
     if len(sys.argv) < 3:
         raise SystemExit(__doc__)
-    serve([int(p) for p in sys.argv[1].split(",")], sys.argv[2:])
+    pairs = [spec.partition(":") for spec in sys.argv[1].split(",")]
+    serve({int(a): int(b or a) for a, _, b in pairs}, sys.argv[2:])

@@ -73,7 +73,7 @@ def finish(cluster: Any, job_id: str, timeout: float = 120) -> tuple[dict[str, A
         stub = launcher(cluster, job_id)
         if stub and stub["ClientStatus"] in ("complete", "failed"):
             break
-        assert time.monotonic() < deadline, cluster.allocs(job_id)
+        assert time.monotonic() < deadline, stuck(cluster, job_id)
         time.sleep(0.5)
     time.sleep(1)  # the last lines reach the log after the task's end
     return (
@@ -81,6 +81,18 @@ def finish(cluster: Any, job_id: str, timeout: float = 120) -> tuple[dict[str, A
         log(cluster, stub["ID"], "launcher"),
         log(cluster, stub["ID"], "launcher", "stderr"),
     )
+
+
+def stuck(cluster: Any, job_id: str) -> str:
+    """What a launcher that did not end had to say, and where every allocation stood."""
+    lines = []
+    for a in cluster.allocs(job_id):
+        where = f"{a['TaskGroup']} {a['ID'][:8]} on {a['NodeName']}"
+        lines.append(f"{where}: {a['ClientStatus']}, {a['ClientDescription']}")
+        for task in a.get("TaskStates") or {}:
+            for kind in ("stdout", "stderr"):
+                lines.append(f"--- {task} {kind}:\n{log(cluster, a['ID'], task, kind)[-3000:]}")
+    return "launcher did not end\n" + "\n".join(lines)
 
 
 def workers_end(cluster: Any, job_id: str, timeout: float = 30) -> None:
