@@ -273,16 +273,18 @@ REGIONS=(global)
 agent() {
   A_REGION="$1"
   case "$1" in
-    global) A_NAME=nomad;      A_DC=dc1; A_PORT=4646; A_CGROUP=nomad ;;
-    east)   A_NAME=nomad-east; A_DC=dc2; A_PORT=4746; A_CGROUP=nomad-east ;;
+    global) A_NAME=nomad;      A_DC=dc1; A_PORT=4646; A_CGROUP=nomad;      A_CONSUL_PORTS=() ;;
+    east)   A_NAME=nomad-east; A_DC=dc2; A_PORT=4746; A_CGROUP=nomad-east; A_CONSUL_PORTS=(8510 8311) ;;
     *) die "unknown region '$1' (the test bed has: global east)" ;;
   esac
   A_DATA="$STATE/$A_NAME/data"
   A_HCL="$STATE/$A_NAME/agent.hcl"
   A_CONFIGS="$STATE/$A_NAME/config-files"   # the -config files 'up' chose, for restarts
   A_ADDR="http://127.0.0.1:$A_PORT"
-  A_CONSUL=$CONSUL_ADDR_LOCAL   # global's is the dev server; east has a client agent (see top)
-  [[ "$1" == global ]] || A_CONSUL=127.0.0.1:8510
+  # The region's Consul agent (see top): the dev server, or a client agent on A_CONSUL_PORTS
+  # (http, serf).
+  A_CONSUL=$CONSUL_ADDR_LOCAL
+  ((${#A_CONSUL_PORTS[@]} == 0)) || A_CONSUL=127.0.0.1:${A_CONSUL_PORTS[0]}
   # Nomad's own default parent for each cgroup version, and a sibling for east (a v2 name on
   # v1 leaves the client without reservable cores).
   if [[ -f /sys/fs/cgroup/cgroup.controllers ]]; then A_CGROUP="$A_CGROUP.slice"; else A_CGROUP="/$A_CGROUP"; fi
@@ -612,7 +614,7 @@ cmd_up() {
   [[ -n "$(pid_of nomad)" ]] || { write_pyhpc_config; install_plugin; }
   for region in "${REGIONS[@]}"; do
     agent "$region"
-    [[ "$region" == global ]] || start_consul_client "pyhpc-$region" 8510 8311
+    ((${#A_CONSUL_PORTS[@]} == 0)) || start_consul_client "pyhpc-$region" "${A_CONSUL_PORTS[@]}"
     if [[ -z "$(pid_of "$A_NAME")" ]]; then
       write_nomad_config
       choose_nomad_configs

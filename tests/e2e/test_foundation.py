@@ -123,18 +123,14 @@ def release(cluster: Any, alloc_id: str) -> None:
     cluster.nomad("alloc", "exec", "-t=false", "-task", "t", alloc_id, "/bin/touch", "/alloc/go")
 
 
-def plugin_pids(cluster: Any) -> list[int]:
-    return leaks.plugin_pids(cluster.state_dir)
-
-
 def kill_plugin_and_await_recovery(cluster: Any, *allocs: dict[str, Any]) -> None:
     """kill -9 the plugin; return once Nomad relaunched it and it recovered every alloc."""
-    before = plugin_pids(cluster)
+    before = leaks.plugin_pids(cluster.state_dir)
     assert before, "no pyhpc plugin process found"
     for pid in before:
         os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 60
-    while not (set(plugin_pids(cluster)) - set(before)):
+    while not (set(leaks.plugin_pids(cluster.state_dir)) - set(before)):
         assert time.monotonic() < deadline, "Nomad did not relaunch the plugin"
         time.sleep(0.5)
     for alloc in allocs:
