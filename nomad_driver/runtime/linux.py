@@ -32,12 +32,28 @@ PR_SET_DUMPABLE = 4
 SYS_PIVOT_ROOT = 155
 if os.uname().machine == "aarch64":
     SYS_PIVOT_ROOT = 41
-SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_MOUNT_SETATTR = 428, 429, 442
+SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_MOUNT_SETATTR, SYS_OPENAT2 = 428, 429, 442, 437
 OPEN_TREE_CLONE = 1
 AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
 AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_NOEXEC = 0x8
 MOUNT_ATTR_IDMAP = 0x00100000
+# openat2's resolve flags (linux/openat2.h).
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+RESOLVE_IN_ROOT = 0x10
+# Beneath a directory, no symlink of any kind on the way: what a root process uses on paths a
+# tenant can change.
+STRICT = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
 
 
 def libc() -> ctypes.CDLL:
@@ -94,6 +110,45 @@ def idmapped_bind(source: str, target: str, userns_fd: int) -> None:
         )
     finally:
         os.close(tree)
+
+
+def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
+    """openat2(2): path resolved from dirfd under the RESOLVE_* rules, atomically, by the kernel.
+    O_CLOEXEC is always added. Raises OSError naming the path."""
+    how = (ctypes.c_uint64 * 3)(flags | os.O_CLOEXEC, mode, resolve)
+    fd = _libc.syscall(SYS_OPENAT2, dirfd, path.encode(), how, ctypes.sizeof(how))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    return int(fd)
+
+
+def clone_tree(fd: int, recursive: bool = True) -> int:
+    """A detached copy of the mount tree at the opened object fd (open_tree OPEN_TREE_CLONE):
+    what a bind mount of it would attach, taken from the descriptor, never from a path."""
+    flags = OPEN_TREE_CLONE | os.O_CLOEXEC | AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
+    tree = _libc.syscall(SYS_OPEN_TREE, fd, b"", flags)
+    if tree < 0:
+        _check(-1, "open_tree", f"/proc/self/fd/{fd}")
+    return int(tree)
+
+
+def set_mount_attr(tree: int, set_flags: int, clear: int = 0, recursive: bool = True) -> None:
+    """mount_setattr(2) on a mount given by descriptor, on every mount below it too when
+    recursive (a read-only bind is then read-only all the way down)."""
+    attr = (ctypes.c_uint64 * 4)(set_flags, clear, 0, 0)
+    flags = AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
+    _check(
+        _libc.syscall(SYS_MOUNT_SETATTR, tree, b"", flags, attr, ctypes.sizeof(attr)),
+        "mount_setattr",
+    )
+
+
+def attach_tree(tree: int, target_fd: int) -> None:
+    """Attach a detached mount tree onto the object target_fd was opened on (both by
+    descriptor: no path is resolved)."""
+    flags = MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH
+    _check(_libc.syscall(SYS_MOVE_MOUNT, tree, b"", target_fd, b"", flags), "move_mount")
 
 
 def unshare(flags: int) -> None:
