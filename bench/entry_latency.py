@@ -49,13 +49,16 @@ def driver_entry(runs: int, userns: bool, cgroup: bool) -> list[float]:
     (as the driver's supervisor has), with the image already mounted."""
     from nomad_driver.runtime import client, container, security  # noqa: F401 - preloaded
     from nomad_driver.runtime.cgroups import Limits
+    from nomad_driver.runtime.imagefile import open_image
     from nomad_driver.runtime.imagemount import SharedImages
     from nomad_driver.runtime.spec import ContainerSpec
     from nomad_driver.runtime.supervisor import Supervisor
 
     work = Path(tempfile.mkdtemp(prefix="pyhpc-entry-"))
     images = SharedImages(str(work / "images"))
-    root = images.acquire(str(IMAGE), "bench")
+    opened = open_image(str(IMAGE))
+    root = images.acquire(opened, "bench")
+    opened.close()
     spec = ContainerSpec(
         task_id="bench",
         hostname="bench",

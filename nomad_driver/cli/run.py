@@ -206,12 +206,19 @@ def run(args: argparse.Namespace) -> int:
             limits=Limits(),
             upper_dir=layer,
         )
+        checked = policy.check_signature(plugin, lambda: policy.verifier(plugin), image)
+        if checked:
+            print(f"pyhpc run: {checked}", file=sys.stderr)
         spec = policy.container_spec(plugin, task, image, ctx)
     except (schema.ConfigError, security.PolicyError, StoreError, ValueError) as err:
         return _fail(str(err))
     except OSError as err:
         return _fail(f"{err.filename}: {err.strerror}" if err.filename else str(err))
-    return supervise(spec, run_dir)
+    try:
+        return supervise(spec, run_dir, image.file)
+    finally:
+        if image.file is not None:
+            image.file.close()
 
 
 POLICY_CACHE = "/run/pyhpc/.policy-cache"
@@ -253,12 +260,14 @@ def load_policy(path: str) -> Any:
     return plugin
 
 
-def supervise(spec: object, run_dir: str) -> int:
+def supervise(spec: object, run_dir: str, image: Any = None) -> int:
     import shutil
 
     # Loaded here, before the fork, so the container's init finds them already in memory.
     from nomad_driver.runtime import container, security  # noqa: F401
+    from nomad_driver.runtime.client import acquire_image
     from nomad_driver.runtime.container import ContainerError
+    from nomad_driver.runtime.imagefile import ImageError
     from nomad_driver.runtime.imagemount import SharedImages
     from nomad_driver.runtime.spec import ContainerSpec
     from nomad_driver.runtime.supervisor import Supervisor
@@ -269,10 +278,10 @@ def supervise(spec: object, run_dir: str) -> int:
     owner = os.path.basename(run_dir)
     try:
         try:
-            spec = spec._replace(image_root=images.acquire(spec.image, owner))
+            spec = acquire_image(spec, owner, image)
             supervisor = Supervisor(run_dir, spec)
             supervisor.start()
-        except (OSError, ContainerError, RuntimeError) as err:
+        except (OSError, ContainerError, ImageError, RuntimeError) as err:
             images.release(owner)
             return _fail(str(err))
 

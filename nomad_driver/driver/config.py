@@ -142,10 +142,19 @@ class PluginConfig:
 
     image_dirs: tuple[str, ...] = option(
         "list(string)",
-        default=("/",),
-        doc="Directories task images may come from (symlinks resolved, whole path components); "
-        'narrow it on shared clusters, e.g. ["/var/lib/pyhpc/images"].',
+        default=("/var/lib/pyhpc/images",),
+        doc="Directories task images may come from (the store is always allowed). An image is "
+        "opened beneath one of them with no symlink on the way; the task's user must be able to "
+        "read it; never list `/`.",
         check=_absolute,
+    )
+    untrusted_images: str = option(
+        "string",
+        default="refuse",
+        doc='An image file that someone other than root can change: "refuse" it, or "copy" it '
+        "into the store first and run the copy (its bytes can then no longer change under a "
+        "mount that other tasks share).",
+        check=_one_of("refuse", "copy"),
     )
     mount_dirs: tuple[str, ...] = option(
         "list(string)",

@@ -20,8 +20,9 @@ from nomad_driver.driver.config import (
     parse_duration,
     parse_id_range,
 )
-from nomad_driver.runtime import security
+from nomad_driver.runtime import imagefile, security
 from nomad_driver.runtime.cgroups import Limits
+from nomad_driver.runtime.imagefile import ImageFile
 from nomad_driver.runtime.imagemount import images_dir
 from nomad_driver.runtime.paths import parse_bind, within
 from nomad_driver.runtime.security import PolicyError
@@ -50,6 +51,9 @@ class TaskContext(NamedTuple):
 class ResolvedImage(NamedTuple):
     path: str  # the SquashFS file to mount
     config: dict[str, Any]  # the OCI config's Env, Entrypoint, Cmd, WorkingDir, User ({} if none)
+    # The file, opened once and checked (open_image); the caller closes it after the start.
+    file: ImageFile | None = None
+    reference: str = ""  # what signature rules match: the normalised reference or real path
 
 
 def resolve_image(
@@ -61,7 +65,8 @@ def resolve_image(
     """A task's `image`: a SquashFS file in image_dirs as it is, or a reference allowed by
     image_sources, imported into the store on first use (once per node, whoever asks)."""
     if text.startswith("/"):
-        return ResolvedImage(checked_image(plugin, text), {})
+        opened = open_image(plugin, text)
+        return ResolvedImage(opened.path, {}, opened, opened.path)
     from nomad_driver.images import reference
     from nomad_driver.images.registry import Registry
     from nomad_driver.images.store import Store
@@ -99,7 +104,8 @@ def resolve_image(
         )
     if isinstance(outcome[0], Exception):
         raise outcome[0]
-    return ResolvedImage(outcome[0].path, outcome[0].config)
+    opened = open_image(plugin, outcome[0].path)
+    return ResolvedImage(opened.path, outcome[0].config, opened, name)
 
 
 def command_line(cfg: TaskConfig, image: dict[str, Any]) -> list[str]:
@@ -219,17 +225,47 @@ def image_env(image: dict[str, Any]) -> dict[str, str]:
     return env
 
 
-def checked_image(plugin: PluginConfig, image: str) -> str:
-    """The image's real path, inside image_dirs and a file; PolicyError otherwise."""
-    real = within(image, plugin.image_dirs)
-    if real is None:
+def open_image(plugin: PluginConfig, image: str) -> ImageFile:
+    """The image file, opened once beneath image_dirs (or the store) with no symlink on the
+    way, checked on the opened inode. A file someone other than root can change is refused, or
+    copied into the store as untrusted_images says. PolicyError, FileNotFoundError otherwise."""
+    normal = os.path.normpath(image)
+    store = os.path.normpath(plugin.store_dir)
+    for top in dict.fromkeys(
+        d
+        for raw in (*plugin.image_dirs, store)
+        for d in (os.path.normpath(raw), os.path.realpath(raw))
+    ):
+        if normal.startswith(top.rstrip("/") + "/"):
+            break
+    else:
         raise PolicyError(
             f"option 'image' = {image!r} is outside the plugin's image_dirs "
             f"{list(plugin.image_dirs)}"
         )
-    if not os.path.isfile(real):
-        raise FileNotFoundError(f"option 'image' = {image!r}: no such file")
-    return real
+    try:
+        opened = imagefile.open_image(normal, top)
+    except imagefile.ImageError as err:
+        raise PolicyError(f"option 'image': {err}") from err
+    if top in (store, os.path.realpath(store)):
+        return opened._replace(access=())  # imported by policy: any task may run it
+    if opened.trusted:
+        return opened
+    try:
+        if plugin.untrusted_images != "copy":
+            raise PolicyError(
+                f"option 'image' = {image!r} can be changed by uid {opened.st.st_uid} (mode "
+                f"{opened.st.st_mode & 0o7777:o}); this node runs only images owned by root and "
+                'writable by no one else (the plugin\'s untrusted_images = "refuse")'
+            )
+        from nomad_driver.images.store import Store
+
+        stored = Store(plugin.store_dir, max_bytes=int(plugin.store_max_mb) * 1_000_000)
+        copy = imagefile.open_image(stored.copy_in(opened.fd, opened.path).path, store)
+        # The copy is read as root; the task's user must still be able to read the original.
+        return copy._replace(access=opened.access)
+    finally:
+        opened.close()
 
 
 def allowed_binds(
@@ -300,6 +336,33 @@ def container_spec(
         netns_path=ctx.netns_path,
         images_dir=images_dir(plugin.run_dir),
         userns=parse_id_range(plugin.root_id_range) if plugin.user_namespace else None,
+    )
+
+
+class SignatureRefused(PolicyError):
+    """signature_mode "enforce" refused the image."""
+
+
+def check_signature(plugin: PluginConfig, verifier: Callable[[], Any], image: ResolvedImage) -> str:
+    """The image's signature, checked as signature_mode and signature_rules ask, on the very
+    descriptor that will be mounted. Returns what to tell the user ("" when the mode is off);
+    raises SignatureRefused under "enforce". verifier: gives the Verifier, made on first use."""
+    from nomad_driver.signing.verify import SignatureError, mode_for
+
+    mode = mode_for(image.reference, plugin.signature_mode, plugin.signature_rules)
+    if mode == "off" or image.file is None:
+        return ""
+    try:
+        verified = verifier().verify(image.file, image.reference)
+    except SignatureError as err:
+        if mode == "enforce":
+            raise SignatureRefused(
+                f"signature check failed (signature_mode enforce): {err}"
+            ) from err
+        return f"WARNING: signature check failed, starting anyway (warn): {err}"
+    return (
+        f"{verified.digest} verified: signed with {verified.key} v{verified.version} at "
+        f"{verified.signed_at}"
     )
 
 

@@ -305,38 +305,10 @@ class DriverService:
             abort(context, grpc.StatusCode.NOT_FOUND, f"task {task_id!r} is not known to pyhpc")
         return handle
 
-    def _check_signature(
-        self,
-        reference: str,
-        path: str,
-        where: str,
-        progress: Any,
-        context: grpc.ServicerContext,
-    ) -> None:
-        """The image's signature, checked as signature_mode/signature_rules ask, before it is
-        mounted; the outcome (or the refusal) goes into the task's events."""
-        from nomad_driver.signing.verify import SignatureError, mode_for
-
-        mode = mode_for(reference, self.config.signature_mode, self.config.signature_rules)
-        if mode == "off":
-            return
+    def _verifier(self) -> Any:
         if self.verifier is None:
             self.verifier = policy.verifier(self.config)
-        try:
-            verified = self.verifier.verify(path, reference)
-        except SignatureError as err:
-            if mode == "enforce":
-                abort(
-                    context,
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    f"{where}: signature check failed (signature_mode enforce): {err}",
-                )
-            progress(f"WARNING: signature check failed, starting anyway (warn): {err}")
-            return
-        progress(
-            f"{verified.digest} verified: signed with {verified.key} v{verified.version} at "
-            f"{verified.signed_at}; pyhpc {__version__}"
-        )
+        return self.verifier
 
     def _container_spec(
         self, task: Any, cfg: config.TaskConfig, image: policy.ResolvedImage
@@ -393,7 +365,48 @@ class DriverService:
             abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, f"{where}: {err}", recoverable=True)
         except (StoreError, ValueError) as err:
             abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"{where}: {err}")
-        self._check_signature(cfg.image, image.path, where, progress, context)
+        try:
+            started, adopted = self._start(task, cfg, image, where, progress, context)
+        finally:
+            if image.file is not None:
+                image.file.close()
+        state = DriverState(
+            started.run_dir, started.supervisor_pid, started.init_pid, started.started_at
+        )
+        handle = TaskHandle(task.id, task.name, task.alloc_id, state, self._exited)
+        with self.lock:
+            self.tasks[task.id] = handle
+        log.info("task started", extra={"kv": {"task_id": task.id, "init_pid": started.init_pid}})
+        if adopted:
+            self.events.emit(handle, "Task adopted: started before the plugin restarted, not again")
+        return driver_pb2.StartTaskResponse(
+            result=driver_pb2.StartTaskResponse.SUCCESS,
+            handle=driver_pb2.TaskHandle(
+                version=HANDLE_VERSION,
+                config=task,
+                state=driver_pb2.RUNNING,
+                driver_state=state.encode(),
+            ),
+        )
+
+    def _start(
+        self,
+        task: Any,
+        cfg: config.TaskConfig,
+        image: policy.ResolvedImage,
+        where: str,
+        progress: Any,
+        context: grpc.ServicerContext,
+    ) -> tuple[client.Started, client.Started | None]:
+        """The start proper, from the opened image on: its signature (on the descriptor that
+        will be mounted), the container spec, and the supervisor."""
+        try:
+            checked = policy.check_signature(self.config, self._verifier, image)
+        except policy.SignatureRefused as err:
+            abort(context, grpc.StatusCode.PERMISSION_DENIED, f"{where}: {err}")
+        if checked:
+            warned = checked.startswith("WARNING")
+            progress(checked if warned else f"{checked}; pyhpc {__version__}")
         with self.lock:
             if task.id in self.tasks:
                 abort(
@@ -413,7 +426,7 @@ class DriverService:
             if adopted is None:
                 client.discard(run_dir, spec.images_dir)
         try:
-            started = adopted or client.start(spec, run_dir)
+            started = adopted or client.start(spec, run_dir, image=image.file)
         except (client.StartError, OSError) as err:
             client.remove(run_dir)
             # Recoverable errors let Nomad apply the job's restart policy; a bad image or
@@ -425,22 +438,7 @@ class DriverService:
                 f"{where}: {err}",
                 recoverable=True if retry else None,
             )
-        state = DriverState(run_dir, started.supervisor_pid, started.init_pid, started.started_at)
-        handle = TaskHandle(task.id, task.name, task.alloc_id, state, self._exited)
-        with self.lock:
-            self.tasks[task.id] = handle
-        log.info("task started", extra={"kv": {"task_id": task.id, "init_pid": started.init_pid}})
-        if adopted:
-            self.events.emit(handle, "Task adopted: started before the plugin restarted, not again")
-        return driver_pb2.StartTaskResponse(
-            result=driver_pb2.StartTaskResponse.SUCCESS,
-            handle=driver_pb2.TaskHandle(
-                version=HANDLE_VERSION,
-                config=task,
-                state=driver_pb2.RUNNING,
-                driver_state=state.encode(),
-            ),
-        )
+        return started, adopted
 
     def RecoverTask(self, request: Any, context: grpc.ServicerContext) -> Any:
         task = request.handle.config

@@ -15,12 +15,22 @@ CHUNK = 1 << 20
 
 
 def sha256_file(path: str) -> str:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return sha256_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_fd(fd: int) -> str:
+    """The digest of an open file's whole content, read from offset 0 (its offset is kept)."""
     import hashlib  # OpenSSL: 4 MB and milliseconds, paid only when a file must be hashed
 
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
+    offset = 0
+    while chunk := os.pread(fd, CHUNK, offset):
+        digest.update(chunk)
+        offset += len(chunk)
     return "sha256:" + digest.hexdigest()
 
 
@@ -33,7 +43,18 @@ def file_digest(path: str, cache_dir: str | None = None) -> str:
     """ "sha256:<hex>" of the file at path, from the cache when the file is provably unchanged."""
     if cache_dir is None:
         return sha256_file(path)
-    st = os.stat(path)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return fd_digest(fd, cache_dir)
+    finally:
+        os.close(fd)
+
+
+def fd_digest(fd: int, cache_dir: str) -> str:
+    """ "sha256:<hex>" of an open file, from the cache when the inode is provably unchanged.
+    Only meaningful for a file nobody else can write (the caller's check): such a file's
+    bytes are the ones hashed for as long as the descriptor is used."""
+    st = os.fstat(fd)
     entry = os.path.join(cache_dir, f"{st.st_dev}-{st.st_ino}")
     key = unchanged_key(st)
     try:
@@ -43,8 +64,8 @@ def file_digest(path: str, cache_dir: str | None = None) -> str:
             return cached
     except (OSError, UnicodeDecodeError):
         pass
-    digest = sha256_file(path)
-    if unchanged_key(os.stat(path)) == key:  # not changed while we read it
+    digest = sha256_fd(fd)
+    if unchanged_key(os.fstat(fd)) == key:  # not changed while we read it
         os.makedirs(cache_dir, mode=0o700, exist_ok=True)
         write_atomic(entry, f"{key} {digest}\n")
     return digest

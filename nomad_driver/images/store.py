@@ -279,6 +279,47 @@ class Store:
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
+    def copy_in(self, fd: int, source: str) -> StoredImage:
+        """A private copy of the SquashFS file open at fd, stored by the digest of the copy:
+        an image its owner can still change is run from bytes that no longer can."""
+        self._clear_abandoned()
+        work = tempfile.mkdtemp(prefix=f"import-{os.getpid()}-", dir=self._dir("tmp"))
+        try:
+            built = os.path.join(work, "image.sqsh")
+            out = os.open(built, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+            try:
+                size, offset = os.fstat(fd).st_size, 0
+                while offset < size:
+                    copied = os.copy_file_range(fd, out, size - offset, offset, offset)
+                    if copied == 0:
+                        break
+                    offset += copied
+                os.fsync(out)
+            finally:
+                os.close(out)
+            digest = file_digest(built)
+            self._check_cap(offset, digest)
+            target = self.image_path(digest)
+            self._dir("sha256")
+            if not os.path.exists(target):
+                os.replace(built, target)
+                remember(target, digest, self._dir("digests"))
+            meta = {
+                "digest": digest,
+                "size": offset,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "source": f"copy of {source}",
+            }
+            hexpart = digest.partition(":")[2]
+            meta_path = os.path.join(self._dir("meta"), hexpart + ".json")
+            if not os.path.exists(meta_path):
+                write_atomic(meta_path, json.dumps(meta, indent=1))
+            return StoredImage(digest, target, meta)
+        except OSError as err:
+            raise StoreError(f"copying {source} into the store: {err.strerror or err}") from err
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
     def _clear_abandoned(self) -> None:
         """Remove the work directories of imports whose process is gone (a killed plugin)."""
         tmp = self._dir("tmp")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nomad_driver.runtime.container import ContainerError
+from nomad_driver.runtime.imagefile import ImageError, ImageFile, open_image
 from nomad_driver.runtime.imagemount import SharedImages
 from nomad_driver.runtime.spec import ContainerSpec, ExitStatus
 from nomad_driver.runtime.supervisor import EXIT_FILE, SOCKET_FILE, SPEC_FILE, STARTED_FILE
@@ -67,13 +68,29 @@ def helper_env() -> dict[str, str]:
     return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": HELPER_PATH}
 
 
-def start(spec: ContainerSpec, run_dir: str, timeout: float = 60.0) -> Started:
+def acquire_image(spec: ContainerSpec, owner: str, image: ImageFile | None) -> ContainerSpec:
+    """spec with its image mounted (shared per digest) and referenced by owner. image: the
+    file as the policy opened and checked it; None opens spec.image, a path the caller
+    trusts (tests, benchmarks), the same way. Either way the mount comes from the descriptor."""
+    opened = image or open_image(spec.image)
+    try:
+        root = SharedImages(spec.images_dir).acquire(opened, owner)
+    finally:
+        if image is None:
+            opened.close()
+    access = opened.access if image is not None else spec.image_access
+    return spec._replace(image_root=root, image_access=access)
+
+
+def start(
+    spec: ContainerSpec, run_dir: str, timeout: float = 60.0, image: ImageFile | None = None
+) -> Started:
     """Launch a supervisor for spec and return once the task's command is running."""
     os.makedirs(run_dir, mode=0o700, exist_ok=False)
     images, owner = SharedImages(spec.images_dir), os.path.basename(run_dir)
     try:
-        spec = spec.with_seccomp_bpf()._replace(image_root=images.acquire(spec.image, owner))
-    except ContainerError as err:
+        spec = acquire_image(spec.with_seccomp_bpf(), owner, image)
+    except (ContainerError, ImageError, FileNotFoundError) as err:
         raise StartError(str(err)) from err
     try:
         return _start_supervisor(spec, run_dir, timeout)

@@ -11,6 +11,7 @@ import errno
 import fcntl
 import os
 import shutil
+import stat
 import struct
 from typing import NamedTuple
 
@@ -58,59 +59,57 @@ def loopback_up() -> None:
         fcntl.ioctl(sock, siocsifflags, struct.pack("16sH22x", b"lo", flags | iff_up))
 
 
-def attach_loop(image: str) -> tuple[str, int]:
-    """Attach the image read-only to a free loop device that frees itself on the last unmount.
+def attach_loop(fd: int, name: str) -> tuple[str, int]:
+    """Attach the open file fd read-only to a free loop device that frees itself on the last
+    unmount (LOOP_CONFIGURE from the descriptor: the path is never opened again).
 
     Returns the device and an open descriptor on it: closing that descriptor before the
     device is mounted would detach it again (autoclear)."""
-    fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
     try:
-        ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
-        try:
-            for _ in range(16):  # another process may grab the free device first
-                number = fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
-                device = f"/dev/loop{number}"
-                if not os.path.exists(device):
-                    os.mknod(device, 0o660 | 0o060000, os.makedev(7, number))
-                loop = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    info = struct.pack(
-                        "<QQQQQIIII64s64s32sQQ",
-                        0,
-                        0,
-                        0,
-                        0,
-                        0,
-                        0,
-                        0,
-                        0,
-                        LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR,
-                        image.encode()[:63],
-                        b"",
-                        b"",
-                        0,
-                        0,
-                    )
-                    config = struct.pack("<II", fd, 0) + info + b"\0" * 64
-                    fcntl.ioctl(loop, LOOP_CONFIGURE, config)
-                    return device, loop
-                except OSError as err:
-                    os.close(loop)
-                    if err.errno != errno.EBUSY:
-                        raise
-        finally:
-            os.close(ctl)
+        for _ in range(16):  # another process may grab the free device first
+            number = fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
+            device = f"/dev/loop{number}"
+            if not os.path.exists(device):
+                os.mknod(device, 0o660 | 0o060000, os.makedev(7, number))
+            loop = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                info = struct.pack(
+                    "<QQQQQIIII64s64s32sQQ",
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR,
+                    name.encode()[-63:],
+                    b"",
+                    b"",
+                    0,
+                    0,
+                )
+                config = struct.pack("<II", fd, 0) + info + b"\0" * 64
+                fcntl.ioctl(loop, LOOP_CONFIGURE, config)
+                return device, loop
+            except OSError as err:
+                os.close(loop)
+                if err.errno != errno.EBUSY:
+                    raise
     finally:
-        os.close(fd)
-    raise ContainerError(f"no free loop device for {image}")
+        os.close(ctl)
+    raise ContainerError(f"no free loop device for {name}")
 
 
-def mount_image(image: str, target: str) -> None:
-    device, loop = attach_loop(image)
+def mount_image(fd: int, name: str, target: str) -> None:
+    """Mount the SquashFS file open at fd (name: for messages) read-only at target."""
+    device, loop = attach_loop(fd, name)
     try:
         linux.mount(device, target, "squashfs", linux.MS_RDONLY | linux.MS_NODEV | linux.MS_NOSUID)
     except OSError as err:
-        raise ContainerError(f"image {image} is not a readable SquashFS file ({err})") from err
+        raise ContainerError(f"image {name} is not a readable SquashFS file ({err})") from err
     finally:
         os.close(loop)
 
@@ -167,13 +166,49 @@ def new_user_namespace(maps: IdMaps) -> int:
         os.waitpid(pid, 0)
 
 
+def open_source(m: BindMount, device: bool = False) -> int:
+    """An O_PATH descriptor on a bind's source, opened once: beneath the admin's directory
+    with no symlink or '..' on the way when m.beneath is set, so a tenant who swaps a part of
+    the path for a symlink gets a refusal, never the symlink's target. Devices must be device
+    nodes, checked on the opened inode."""
+    try:
+        if m.beneath:
+            top = os.open(m.beneath, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                rel = os.path.relpath(os.path.normpath(m.host_path), m.beneath)
+                fd = linux.openat2(top, rel, os.O_PATH | os.O_NOFOLLOW, linux.STRICT)
+            finally:
+                os.close(top)
+        else:
+            fd = os.open(m.host_path, os.O_PATH | os.O_CLOEXEC)
+    except OSError as err:
+        why = "a symlink or '..' on its path" if err.errno in (errno.ELOOP, errno.EXDEV) else ""
+        raise ContainerError(f"bind source {m.host_path}: {why or err.strerror}") from err
+    mode = os.fstat(fd).st_mode
+    if device and not (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)):
+        os.close(fd)
+        raise ContainerError(f"device {m.host_path} is not a device node")
+    return fd
+
+
+def fd_path(fd: int) -> str:
+    """A path the kernel resolves to the open object itself (mount options take paths)."""
+    return f"/proc/self/fd/{fd}"
+
+
 def make_rootfs(
-    spec: ContainerSpec, scratch: str, image_root: str, userns: tuple[int, IdMaps] | None = None
+    spec: ContainerSpec,
+    scratch: str,
+    image_root: str,
+    userns: tuple[int, IdMaps] | None = None,
+    sources: tuple[int, ...] = (),
 ) -> str:
     """The image, read-only, under the writable layer the task asked for:
     tmpfs (default), disk (upper layer in spec.upper_dir) or none (read-only root).
     The image itself never changes. With root remapping the image is seen through the user
-    namespace's id map, so the container's root owns what the image's root owns."""
+    namespace's id map, so the container's root owns what the image's root owns.
+    Overlay options name every directory as /proc/self/fd/N: no path is resolved twice, and
+    no ',' or ':' in a task's name can add an option."""
     linux.mount("tmpfs", scratch, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0755")
     image, root = os.path.join(scratch, "image"), os.path.join(scratch, "root")
     os.mkdir(root)
@@ -183,36 +218,121 @@ def make_rootfs(
         linux.idmapped_bind(image_root, image, userns[0])
     else:
         image = image_root
+    image_fd = os.open(image, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     flags = linux.MS_NOSUID | linux.MS_NODEV
     if spec.writable == "none":
-        # A read-only overlay: a small layer of mount points over the image.
+        # A read-only overlay: a small layer of mount points over the image. Whether the image
+        # has a path is asked of the image alone (never of the host through its symlinks).
         skel = os.path.join(scratch, "skel")
+        os.mkdir(skel)
+        skel_fd = os.open(skel, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        kinds = {
+            m.task_path: stat.S_ISDIR(os.fstat(fd).st_mode)
+            for m, fd in zip(spec.mounts, sources, strict=True)
+        }
         for path in ("dev", "proc", "sys", ".oldroot", *(m.task_path for m in spec.mounts)):
-            target = _inside(skel, path)
-            if os.path.exists(os.path.join(image, path.lstrip("/"))) or os.path.exists(target):
+            if in_root(image_fd, path) or in_root(skel_fd, path):
                 continue
-            source = next((m.host_path for m in spec.mounts if m.task_path == path), "")
-            if source and not os.path.isdir(source):
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                open(target, "a").close()  # noqa: SIM115
-            else:
-                os.makedirs(target)
-        linux.mount("overlay", root, "overlay", flags | linux.MS_RDONLY, f"lowerdir={skel}:{image}")
+            os.close(open_target(skel_fd, path, kinds.get(path, True)))
+        lower = f"{fd_path(skel_fd)}:{fd_path(image_fd)}"
+        linux.mount("overlay", root, "overlay", flags | linux.MS_RDONLY, f"lowerdir={lower}")
         return root
-    layer = spec.upper_dir if spec.writable == "disk" else os.path.join(scratch, "layer")
-    upper, work = os.path.join(layer, "upper"), os.path.join(layer, "work")
-    os.makedirs(upper, exist_ok=True)
-    os.makedirs(work, exist_ok=True)
+    if spec.writable == "disk":
+        layer = disk_layer(spec.upper_dir)
+    else:
+        os.mkdir(os.path.join(scratch, "layer"))
+        layer = os.open(os.path.join(scratch, "layer"), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    upper, work = (open_target(layer, name, True) for name in ("upper", "work"))
     if remapped:
         # The upper directory is the root directory's inode: same owner as the image's root
         # (as the id-mapped view shows it), so the container's root owns its "/".
-        st = os.stat(image)
-        os.chown(upper, st.st_uid, st.st_gid)
-        os.chmod(upper, st.st_mode & 0o7777)
-    linux.mount(
-        "overlay", root, "overlay", flags, f"lowerdir={image},upperdir={upper},workdir={work}"
-    )
+        st = os.fstat(image_fd)
+        os.chown(fd_path(upper), st.st_uid, st.st_gid)
+        os.chmod(fd_path(upper), st.st_mode & 0o7777)
+    options = f"lowerdir={fd_path(image_fd)},upperdir={fd_path(upper)},workdir={fd_path(work)}"
+    linux.mount("overlay", root, "overlay", flags, options)
     return root
+
+
+def disk_layer(path: str) -> int:
+    """writable = "disk": the layer directory, made (or found, after a restart) as a plain
+    root-owned directory beneath its parent, which the caller trusts. A symlink or anything
+    not root's there is refused: overlay must never write where a tenant points it."""
+    parent, name = os.path.split(os.path.normpath(path))
+    top = os.open(parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            os.mkdir(name, 0o700, dir_fd=top)
+        except FileExistsError:
+            pass
+        try:
+            fd = linux.openat2(top, name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, linux.STRICT)
+        except OSError as err:
+            raise ContainerError(
+                f"writable layer {path}: not a plain directory ({err.strerror})"
+            ) from err
+    finally:
+        os.close(top)
+    if os.fstat(fd).st_uid != 0:
+        os.close(fd)
+        raise ContainerError(f"writable layer {path} is not owned by root; refusing to use it")
+    return fd
+
+
+def in_root(root_fd: int, path: str) -> bool:
+    """Whether path exists in the tree at root_fd, asked without following any symlink (a
+    symlink counts as existing)."""
+    rel = path.strip("/") or "."
+    try:
+        os.close(linux.openat2(root_fd, rel, os.O_PATH | os.O_NOFOLLOW, linux.STRICT))
+    except OSError as err:
+        return err.errno != errno.ENOENT
+    return True
+
+
+def open_target(root_fd: int, task_path: str, directory: bool) -> int:
+    """An O_PATH descriptor on task_path inside the tree at root_fd, made if missing (parents
+    as directories, the last as a directory or an empty file). Every component is opened
+    from its parent's descriptor with no symlink allowed: an image's `/mnt -> /etc`, or a
+    directory a tenant swaps for a symlink mid-start, is refused, never followed."""
+    parts = [p for p in task_path.split("/") if p and p != "."]
+    if ".." in parts:
+        raise ContainerError(f"mount target {task_path!r} leaves the container")
+    fd = os.dup(root_fd)
+    try:
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            want_dir = directory or not last
+            try:
+                step = linux.openat2(fd, part, os.O_PATH | os.O_NOFOLLOW, linux.STRICT)
+            except FileNotFoundError:
+                try:
+                    if want_dir:
+                        os.mkdir(part, 0o755, dir_fd=fd)
+                    else:
+                        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                        os.close(os.open(part, flags, 0o644, dir_fd=fd))
+                except FileExistsError:
+                    pass  # made meanwhile: opened below, with the same checks
+                step = linux.openat2(fd, part, os.O_PATH | os.O_NOFOLLOW, linux.STRICT)
+            st = os.fstat(step)
+            os.close(fd)
+            fd = step
+            if stat.S_ISLNK(st.st_mode):
+                inner = "/" + "/".join(parts[: i + 1])
+                raise ContainerError(
+                    f"mount target {task_path!r}: {inner} is a symlink in the image"
+                )
+            if want_dir and not stat.S_ISDIR(st.st_mode) and not last:
+                inner = "/" + "/".join(parts[: i + 1])
+                raise ContainerError(f"mount target {task_path!r}: {inner} is not a directory")
+    except OSError as err:
+        os.close(fd)
+        raise ContainerError(f"mount target {task_path!r}: {err.strerror}") from err
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _inside(root: str, task_path: str) -> str:
@@ -230,19 +350,29 @@ def _inside(root: str, task_path: str) -> str:
     return target
 
 
-def bind_mounts(root: str, mounts: tuple[BindMount, ...]) -> None:
-    for m in mounts:
-        target = _inside(root, m.task_path)
-        if os.path.isdir(m.host_path):
-            os.makedirs(target, exist_ok=True)
-        else:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            if not os.path.exists(target):
-                open(target, "a").close()  # noqa: SIM115
-        linux.mount(m.host_path, target, None, linux.MS_BIND | linux.MS_REC)
-        if m.read_only:
-            flags = linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NOSUID
-            linux.mount("none", target, None, flags | linux.MS_NODEV)
+def bind_mounts(
+    root: str, mounts: tuple[BindMount, ...], sources: tuple[int, ...], devices: bool = False
+) -> None:
+    """Each source (an O_PATH descriptor from open_source) cloned as a detached mount tree,
+    its flags set on the whole tree (read-only all the way down for ro; nosuid and nodev
+    unless it is a device), then attached onto a target opened inside the new root."""
+    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for m, source in zip(mounts, sources, strict=True):
+            is_dir = stat.S_ISDIR(os.fstat(source).st_mode)
+            target = open_target(root_fd, m.task_path, is_dir)
+            tree = linux.clone_tree(source)
+            try:
+                attrs = linux.MOUNT_ATTR_NOSUID | (0 if devices else linux.MOUNT_ATTR_NODEV)
+                if m.read_only:
+                    attrs |= linux.MOUNT_ATTR_RDONLY
+                linux.set_mount_attr(tree, attrs)
+                linux.attach_tree(tree, target)
+            finally:
+                os.close(tree)
+                os.close(target)
+    finally:
+        os.close(root_fd)
 
 
 def make_dev(root: str) -> None:
@@ -284,17 +414,36 @@ def make_sys(root: str) -> None:
 
 
 def copy_host_files(root: str) -> None:
-    """Name resolution as on the host (host networking is the HPC default)."""
-    etc = os.path.join(root, "etc")
-    if not os.path.isdir(etc) or os.path.islink(etc):
-        return
-    for name in ("resolv.conf", "hosts"):
-        src, dst = os.path.join("/etc", name), os.path.join(etc, name)
-        if os.path.isfile(src) and not os.path.islink(dst):
-            shutil.copyfile(src, dst)
-            # Owned like /etc itself: the container's root, under root remapping too.
-            st = os.stat(etc)
-            os.chown(dst, st.st_uid, st.st_gid)
+    """Name resolution as on the host (host networking is the HPC default). Written into the
+    writable layer before any bind is attached, by descriptor, never across a mount point:
+    whatever a task binds at /etc/hosts, root never writes through it."""
+    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        etc = linux.openat2(root_fd, "etc", os.O_PATH | os.O_DIRECTORY, linux.STRICT)
+    except OSError:
+        return  # no /etc, or a symlink: leave it as the image has it
+    finally:
+        os.close(root_fd)
+    try:
+        owner = os.fstat(etc)  # the container's root, under root remapping too
+        for name in ("resolv.conf", "hosts"):
+            try:
+                with open(os.path.join("/etc", name), "rb") as f:
+                    data = f.read(1 << 20)
+            except OSError:
+                continue
+            try:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                fd = linux.openat2(etc, name, flags, linux.STRICT | linux.RESOLVE_NO_XDEV, 0o644)
+            except OSError:
+                continue  # a symlink or a directory in the image: keep the image's
+            try:
+                os.write(fd, data)
+                os.fchown(fd, owner.st_uid, owner.st_gid)
+            finally:
+                os.close(fd)
+    finally:
+        os.close(etc)
 
 
 # Docker's masked and read-only /proc paths: host-wide knobs a task must not turn, and
@@ -342,13 +491,20 @@ def build(
     """All the steps, in order, leaving the calling process inside the container's root.
     userns: the user namespace (descriptor, maps) the task will run in; the init stays outside."""
     enter_namespaces(spec)
-    root = make_rootfs(spec, scratch, image_root, userns)
-    bind_mounts(root, spec.mounts)
-    make_dev(root)
-    bind_mounts(root, spec.devices)  # after make_dev: its tmpfs would hide them
-    make_sys(root)
+    # Opened once, here, in the container's mount namespace (open_tree clones only from it).
+    sources = tuple(open_source(m) for m in spec.mounts)
+    devices = tuple(open_source(m, device=True) for m in spec.devices)
+    root = make_rootfs(spec, scratch, image_root, userns, sources)
     if spec.writable != "none":
-        copy_host_files(root)
+        copy_host_files(root)  # before the binds: nothing of the host's is under root yet
+    bind_mounts(root, spec.mounts, sources)
+    make_dev(root)
+    bind_mounts(
+        root, spec.devices, devices, devices=True
+    )  # after make_dev: its tmpfs would hide them
+    make_sys(root)
+    for fd in (*sources, *devices):
+        os.close(fd)
     pivot_into(root)
 
 

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from nomad_driver.runtime import linux
+from nomad_driver.runtime.imagefile import ImageFile
 
 LOCK_FILE = ".lock"
 DIGEST_CACHE = ".digests"
@@ -57,17 +58,27 @@ class SharedImages:
         finally:
             os.close(fd)
 
-    def acquire(self, image: str, owner: str, pid: int | None = None) -> str:
-        """Mount image (once per digest) and hold a reference for owner, kept while process
-        pid (default: the caller) lives. Returns the mounted root."""
+    def acquire(self, image: ImageFile, owner: str, pid: int | None = None) -> str:
+        """Mount the opened image (once per digest) and hold a reference for owner, kept while
+        process pid (default: the caller) lives. Returns the mounted root.
+
+        A mount is shared by every task of its digest, so only an image whose bytes nobody but
+        root can change is mounted: another tenant's writable copy of the same bytes would
+        otherwise become what every later task of that digest runs."""
         if "/" in owner or owner.startswith("."):
             raise ValueError(f"bad image reference owner {owner!r}")
-        from nomad_driver.images.digest import file_digest  # hashlib: not in every supervisor
+        from nomad_driver.images.digest import fd_digest  # hashlib: not in every supervisor
         from nomad_driver.runtime.container import ContainerError, mount_image
 
+        if not image.trusted:
+            raise ContainerError(
+                f"image {image.path} can be changed by uid {image.st.st_uid} (mode "
+                f"{image.st.st_mode & 0o7777:o}): only images owned by root and writable by no "
+                "one else are mounted"
+            )
         try:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
-            digest = file_digest(image, os.path.join(self.directory, DIGEST_CACHE))
+            digest = fd_digest(image.fd, os.path.join(self.directory, DIGEST_CACHE))
             base = os.path.join(self.directory, digest.partition(":")[2])
             root, refs = os.path.join(base, "root"), os.path.join(base, "refs")
             identity = process_identity(os.getpid() if pid is None else pid)
@@ -76,14 +87,16 @@ class SharedImages:
                 os.makedirs(refs, exist_ok=True)
                 if not os.path.ismount(root):
                     try:
-                        mount_image(image, root)
+                        mount_image(image.fd, image.path, root)
                     except BaseException:
                         self._unmount_if_unused(base)
                         raise
                 _write_ref(refs, owner, identity)
         except OSError as err:
-            where = f" ({err.filename})" if err.filename and err.filename != image else ""
-            raise ContainerError(f"cannot use image {image}: {err.strerror or err}{where}") from err
+            where = f" ({err.filename})" if err.filename and err.filename != image.path else ""
+            raise ContainerError(
+                f"cannot use image {image.path}: {err.strerror or err}{where}"
+            ) from err
         return root
 
     def hold(self, root: str, owner: str, pid: int) -> None:

@@ -20,6 +20,10 @@ class BindMount(NamedTuple):
     host_path: str
     task_path: str
     read_only: bool = False
+    # The admin's directory host_path was allowed under: the source is opened beneath it with
+    # no symlink on the way (a tenant can change what is below). Empty: a path the caller
+    # trusts whole (Nomad's task directories, its volumes, the GPU driver's files).
+    beneath: str = ""
 
 
 class ContainerSpec(NamedTuple):
@@ -55,6 +59,10 @@ class ContainerSpec(NamedTuple):
     userns: tuple[int, int] | None = None
     stdin_path: str = ""  # the task's stdin; empty: /dev/null (Nomad tasks have none)
     seccomp_bpf: str = ""  # seccomp compiled to BPF, base64 (see with_seccomp_bpf)
+    # (uid, gid, mode) of each directory below the admin's image directory and of the image
+    # file: the task's user must be able to read the image it names (checked once the user
+    # is resolved). Empty: an image from the store or a trusted caller.
+    image_access: tuple[tuple[int, int, int], ...] = ()
 
     def with_seccomp_bpf(self) -> ContainerSpec:
         """Compiled here, before any container step: the init and exec only load it."""
@@ -82,6 +90,7 @@ class ContainerSpec(NamedTuple):
         raw["capabilities"] = tuple(raw.get("capabilities", ()))
         raw["limits"] = Limits(**raw["limits"]) if raw.get("limits") else None
         raw["userns"] = tuple(raw["userns"]) if raw.get("userns") else None
+        raw["image_access"] = tuple(tuple(a) for a in raw.get("image_access", ()))
         return cls(**raw)
 
 

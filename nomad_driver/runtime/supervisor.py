@@ -186,6 +186,7 @@ class Supervisor:
 
     def start(self) -> None:
         """Start the container; raise RuntimeError with the reason if it could not start."""
+        self.check_image_access()
         sock = self.path(SOCKET_FILE)
         if os.path.exists(sock):
             os.unlink(sock)
@@ -227,6 +228,24 @@ class Supervisor:
             self.images.release(self.owner)
             raise RuntimeError(message["error"])
         self.started_at = time.time()
+
+    def check_image_access(self) -> None:
+        """The task's user, as the host sees it, must be able to read the image it named: the
+        plugin mounts as root, so it must not lend a tenant another user's private image."""
+        if not self.spec.image_access:
+            return
+        from nomad_driver.runtime import container
+        from nomad_driver.runtime.imagefile import Access, may_read
+
+        uid, gid = container.resolve_user(self.spec.user, self.spec.image_root)
+        if self.spec.userns is not None and uid == 0:
+            uid = gid = self.spec.userns[0]  # the remapped root
+        access = tuple(Access(*a) for a in self.spec.image_access)
+        if not may_read(access, uid, gid):
+            raise container.ContainerError(
+                f"image {self.spec.image}: the task's user (host uid {uid}, gid {gid}) may not "
+                "read it; the file and the directories above it must allow that user"
+            )
 
     def user_namespace(self) -> tuple[int, IdMaps] | None:
         """Made here, before the PID namespace: its short-lived creator must not be PID 1."""

@@ -14,11 +14,13 @@ from __future__ import annotations
 import base64
 import json
 import os
+import stat
 from dataclasses import dataclass
 from typing import Any
 
 PAYLOAD_TYPE = "application/vnd.pyhpc.image-signature.v1+json"
 SUFFIX = ".dsse.json"
+MAX_BYTES = 1 << 20
 
 
 class EnvelopeError(ValueError):
@@ -75,8 +77,15 @@ def path_for(image: str) -> str:
 def read(image: str) -> dict[str, Any] | None:
     """The envelope beside image, or None if there is none."""
     try:
-        with open(path_for(image), encoding="utf-8") as f:
-            envelope = json.load(f)
+        # Beside a tenant's image it is the tenant's file: never a FIFO, device or endless one.
+        fd = os.open(path_for(image), os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ValueError("not a regular file")
+            raw = f.read(MAX_BYTES + 1)
+        if len(raw) > MAX_BYTES:
+            raise ValueError(f"larger than {MAX_BYTES} bytes")
+        envelope = json.loads(raw)
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as err:

@@ -15,7 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from nomad_driver.images.digest import file_digest
+from nomad_driver.images.digest import fd_digest, file_digest
+from nomad_driver.runtime.imagefile import ImageFile
 from nomad_driver.signing import envelope
 from nomad_driver.signing.vault import PublicKey, Vault, VaultError
 
@@ -39,11 +40,20 @@ class Verified:
 
 
 def mode_for(image: str, default: str, rules: tuple[str, ...]) -> str:
-    """The mode for an image reference or path: the longest matching "PREFIX=MODE" rule."""
+    """The mode for an image: the longest matching "PREFIX=MODE" rule. image is the normalised
+    reference or the opened file's real path; a path prefix matches whole components of the
+    normalised path only, so "/img/dev/../prod/x" or "/img/dev2/x" never match "/img/dev/"."""
     best, mode = -1, default
+    if image.startswith("/"):
+        image = os.path.normpath(image)
     for rule in rules:
         prefix, _, value = rule.rpartition("=")
-        if image.startswith(prefix) and len(prefix) > best:
+        if prefix.startswith("/"):
+            top = os.path.normpath(prefix).rstrip("/")
+            matches = image == top or image.startswith(top + "/")
+        else:
+            matches = image.startswith(prefix)
+        if matches and len(prefix) > best:
             best, mode = len(prefix), value
     return mode
 
@@ -97,8 +107,17 @@ class Verifier:
             ),
         )
 
-    def verify(self, image: str, reference: str) -> Verified:
-        """Check image's signature; raise SignatureError naming the failed check."""
+    def verify(self, opened: ImageFile | str, reference: str) -> Verified:
+        """Check the signature of the image open at opened.fd: its digest is hashed from that
+        descriptor, the one the loop device is attached from (a path: a file the caller trusts,
+        as `pyhpc image verify` names it). Raise SignatureError naming the failed check."""
+        if isinstance(opened, str):
+            fd = os.open(opened, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                return self.verify(ImageFile(fd, opened, os.fstat(fd)), reference)
+            finally:
+                os.close(fd)
+        image = opened.path
         try:
             env = envelope.read(image)
         except envelope.EnvelopeError as err:
@@ -142,7 +161,7 @@ class Verifier:
             if payload.key != qualified or payload.key_version != version:
                 problems.append("the payload names another key than the one that signed it")
                 continue
-            digest = file_digest(image, os.path.join(self.cache_dir, "digests"))
+            digest = fd_digest(opened.fd, os.path.join(self.cache_dir, "digests"))
             if payload.digest != digest:
                 if payload.reference not in (reference, image):
                     problems.append(

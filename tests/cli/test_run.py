@@ -85,7 +85,7 @@ def test_bad_options_are_refused_naming_them(tmp_path: Path, busybox_image: Path
     ):
         done = pyhpc_run(*args, str(busybox_image), "true")
         assert done.returncode == 125 and message in done.stderr, (args, done.stderr)
-    bad = pyhpc_run(str(tmp_path / "missing.sqsh"), "true")
+    bad = pyhpc_run(str(busybox_image.parent / "missing.sqsh"), "true")
     assert bad.returncode == 125 and "no such file" in bad.stderr
 
 

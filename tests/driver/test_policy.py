@@ -28,9 +28,9 @@ def test_a_file_that_is_not_a_device_is_refused(tmp_path: Path) -> None:
 def test_image_outside_image_dirs_and_missing_image(tmp_path: Path) -> None:
     cfg = plugin(image_dirs=[str(tmp_path / "images")])
     with pytest.raises(PolicyError, match="outside the plugin's image_dirs"):
-        policy.checked_image(cfg, "/etc/passwd")
+        policy.open_image(cfg, "/etc/passwd")
     with pytest.raises(FileNotFoundError, match="no such file"):
-        policy.checked_image(cfg, str(tmp_path / "images" / "absent.sqsh"))
+        policy.open_image(cfg, str(tmp_path / "images" / "absent.sqsh"))
 
 
 def test_user_namespace_settings_reach_the_spec(tmp_path: Path) -> None:

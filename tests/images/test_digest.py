@@ -18,8 +18,8 @@ def test_digest_is_cached_until_the_file_changes(
     image.write_bytes(b"a" * 3000)
     cache = str(tmp_path / "cache")
     reads: list[str] = []
-    real = digest.sha256_file
-    monkeypatch.setattr(digest, "sha256_file", lambda p: reads.append(p) or real(p))
+    real = digest.sha256_fd
+    monkeypatch.setattr(digest, "sha256_fd", lambda fd: reads.append(str(fd)) or real(fd))
 
     first = digest.file_digest(str(image), cache)
     assert first == "sha256:" + hashlib.sha256(b"a" * 3000).hexdigest()
