@@ -6,6 +6,7 @@ policy file as one started by Nomad. No gRPC here; refusals raise PolicyError na
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import threading
@@ -20,11 +21,11 @@ from nomad_driver.driver.config import (
     parse_duration,
     parse_id_range,
 )
-from nomad_driver.runtime import imagefile, security
+from nomad_driver.runtime import container, imagefile, security
 from nomad_driver.runtime.cgroups import Limits
 from nomad_driver.runtime.imagefile import ImageFile
 from nomad_driver.runtime.imagemount import images_dir
-from nomad_driver.runtime.paths import parse_bind, within
+from nomad_driver.runtime.paths import parse_bind
 from nomad_driver.runtime.security import PolicyError
 from nomad_driver.runtime.spec import BindMount, ContainerSpec
 
@@ -231,14 +232,8 @@ def open_image(plugin: PluginConfig, image: str) -> ImageFile:
     copied into the store as untrusted_images says. PolicyError, FileNotFoundError otherwise."""
     normal = os.path.normpath(image)
     store = os.path.normpath(plugin.store_dir)
-    for top in dict.fromkeys(
-        d
-        for raw in (*plugin.image_dirs, store)
-        for d in (os.path.normpath(raw), os.path.realpath(raw))
-    ):
-        if normal.startswith(top.rstrip("/") + "/"):
-            break
-    else:
+    top = _allowed_dir(normal, (*plugin.image_dirs, store))
+    if top is None or top == normal:
         raise PolicyError(
             f"option 'image' = {image!r} is outside the plugin's image_dirs "
             f"{list(plugin.image_dirs)}"
@@ -271,25 +266,50 @@ def open_image(plugin: PluginConfig, image: str) -> ImageFile:
 def allowed_binds(
     items: tuple[str, ...], allowed: tuple[str, ...], field: str, allowlist: str
 ) -> list[BindMount]:
-    """Task mounts and devices, each checked against the admin's list; PolicyError names it."""
+    """Task mounts and devices, each checked against the admin's list; PolicyError names it.
+    Each bind carries the allowed directory it lies beneath: the container's init opens the
+    source again from there with no symlink on the way, so a part of the path swapped for a
+    symlink after this check is refused there, not followed."""
     binds = []
     for item in items:
         try:
             src, dst, read_only = parse_bind(item, field)
         except ValueError as err:
             raise PolicyError(str(err)) from err
-        real = within(src, allowed)
-        if real is None:
+        normal = os.path.normpath(src)
+        top = _allowed_dir(normal, allowed)
+        if top is None:
             raise PolicyError(
                 f"{field}: {src!r} is outside the plugin's {allowlist} {list(allowed)}"
             )
-        if not os.path.exists(real):
-            raise PolicyError(f"{field}: {src!r} does not exist on this node")
-        mode = os.stat(real).st_mode
+        try:
+            fd = container.open_beneath(normal, top)
+        except FileNotFoundError as err:
+            raise PolicyError(f"{field}: {src!r} does not exist on this node") from err
+        except OSError as err:
+            raise PolicyError(
+                f"{field}: {src!r}: a symlink or '..' on its path below {top} (binds are opened "
+                "without following them)"
+                if err.errno in (errno.ELOOP, errno.EXDEV)
+                else f"{field}: {src!r}: {err.strerror}"
+            ) from err
+        try:
+            mode = os.fstat(fd).st_mode
+        finally:
+            os.close(fd)
         if field == "devices" and not (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)):
             raise PolicyError(f"devices: {src!r} is not a device")
-        binds.append(BindMount(real, dst, read_only))
+        binds.append(BindMount(normal, dst, read_only, beneath=top))
     return binds
+
+
+def _allowed_dir(normal: str, allowed: tuple[str, ...]) -> str | None:
+    """The admin's directory (as written, or resolved) that the normalised path lies in."""
+    for raw in allowed:
+        for top in (os.path.normpath(raw), os.path.realpath(raw)):
+            if normal == top or normal.startswith(top.rstrip("/") + "/"):
+                return top
+    return None
 
 
 def container_spec(

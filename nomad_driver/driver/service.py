@@ -315,9 +315,10 @@ class DriverService:
     ) -> ContainerSpec:
         task_dir = os.path.join(task.alloc_dir, task.name)
         mounts = [
-            BindMount(os.path.join(task.alloc_dir, "alloc"), "/alloc"),
-            BindMount(os.path.join(task_dir, "local"), "/local"),
-            BindMount(os.path.join(task_dir, "secrets"), "/secrets"),
+            # Opened beneath the allocation's directory: none of them may be a symlink.
+            BindMount(os.path.join(task.alloc_dir, "alloc"), "/alloc", beneath=task.alloc_dir),
+            BindMount(os.path.join(task_dir, "local"), "/local", beneath=task.alloc_dir),
+            BindMount(os.path.join(task_dir, "secrets"), "/secrets", beneath=task.alloc_dir),
         ]
         mounts += [BindMount(m.host_path, m.task_path, m.readonly) for m in task.mounts]
         ctx = policy.TaskContext(

@@ -172,15 +172,7 @@ def open_source(m: BindMount, device: bool = False) -> int:
     the path for a symlink gets a refusal, never the symlink's target. Devices must be device
     nodes, checked on the opened inode."""
     try:
-        if m.beneath:
-            top = os.open(m.beneath, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                rel = os.path.relpath(os.path.normpath(m.host_path), m.beneath)
-                fd = linux.openat2(top, rel, os.O_PATH | os.O_NOFOLLOW, linux.STRICT)
-            finally:
-                os.close(top)
-        else:
-            fd = os.open(m.host_path, os.O_PATH | os.O_CLOEXEC)
+        fd = open_beneath(m.host_path, m.beneath)
     except OSError as err:
         why = "a symlink or '..' on its path" if err.errno in (errno.ELOOP, errno.EXDEV) else ""
         raise ContainerError(f"bind source {m.host_path}: {why or err.strerror}") from err
@@ -189,6 +181,20 @@ def open_source(m: BindMount, device: bool = False) -> int:
         os.close(fd)
         raise ContainerError(f"device {m.host_path} is not a device node")
     return fd
+
+
+def open_beneath(path: str, beneath: str) -> int:
+    """O_PATH descriptor on path: opened from the directory `beneath` with no symlink, magic
+    link or '..' on the way (the kernel refuses them: ELOOP, EXDEV), its last component never
+    followed; with no `beneath`, the trusted path as it resolves."""
+    if not beneath:
+        return os.open(path, os.O_PATH | os.O_CLOEXEC)
+    top = os.open(beneath, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        rel = os.path.relpath(os.path.normpath(path), beneath)
+        return linux.openat2(top, rel, os.O_PATH | os.O_NOFOLLOW, linux.STRICT)
+    finally:
+        os.close(top)
 
 
 def fd_path(fd: int) -> str:
@@ -508,17 +514,33 @@ def build(
     pivot_into(root)
 
 
-def passwd_entries(root: str = "/") -> list[list[str]]:
-    """The image's /etc/passwd, split into fields; nothing if it is missing or a link out of
-    the image (never the host's)."""
-    passwd = os.path.realpath(os.path.join(root, "etc/passwd"))
-    if not passwd.startswith(os.path.realpath(root).rstrip("/") + "/"):
-        return []
+def read_in_root(root: str, path: str, limit: int = 1 << 20) -> bytes | None:
+    """A small regular file of the image, read as root without trusting the image: resolved
+    inside root (its symlinks cannot lead out), never a FIFO or device (they would block or
+    never end), at most limit bytes. None when there is no such file."""
     try:
-        with open(passwd, encoding="utf-8", errors="replace") as f:
-            return [fields for line in f if len(fields := line.rstrip("\n").split(":")) >= 4]
+        top = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            resolve = linux.RESOLVE_IN_ROOT | linux.RESOLVE_NO_MAGICLINKS
+            fd = linux.openat2(top, path.lstrip("/"), os.O_RDONLY | os.O_NONBLOCK, resolve)
+        finally:
+            os.close(top)
     except OSError:
-        return []
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
+
+
+def passwd_entries(root: str = "/") -> list[list[str]]:
+    """The image's /etc/passwd, split into fields; nothing if it is missing or not a plain
+    file (never the host's: it is resolved inside root)."""
+    raw = read_in_root(root, "etc/passwd")
+    text = raw.decode("utf-8", errors="replace") if raw else ""
+    return [fields for line in text.splitlines() if len(fields := line.split(":")) >= 4]
 
 
 def resolve_user(user: str, root: str = "/") -> tuple[int, int]:

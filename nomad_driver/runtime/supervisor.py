@@ -329,19 +329,27 @@ def _open_stdio(path: str, flags: int) -> int:
     than reopened: `pyhpc run > file` then writes where the shell expects.
 
     Nomad's log FIFOs sit in alloc/logs, which the task can write: a task restarted in the same
-    allocation could have left a symlink there (exec2's CVE-2026-8052). Neither the file nor its
-    directory may be a symlink."""
+    allocation could have left a symlink there, for the file or the directory (exec2's
+    CVE-2026-8052), or swap one in while we open it. So the file is opened from the directory
+    above its own (alloc, whose entries a task cannot rename) with no symlink on the way."""
     prefix = "/proc/self/fd/"
     if path.startswith(prefix) and path[len(prefix) :].isdigit():
         return os.dup(int(path[len(prefix) :]))
-    if os.path.islink(os.path.dirname(path)):
-        raise PermissionError(f"{os.path.dirname(path)} is a symlink; refusing to open {path}")
+    from nomad_driver.runtime import linux
+
+    directory, name = os.path.split(os.path.normpath(path))
+    anchor, sub = os.path.split(directory)
     try:
-        # Logmon holds the read ends of Nomad's FIFOs; opening for writing returns at once.
-        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
+        top = os.open(anchor or "/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            # Logmon holds the read ends of Nomad's FIFOs; opening for writing returns at once.
+            rel = os.path.join(sub, name) if sub else name
+            return linux.openat2(top, rel, flags | os.O_NOFOLLOW, linux.STRICT)
+        finally:
+            os.close(top)
     except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise PermissionError(f"{path} is a symlink; refusing to open it") from err
+        if err.errno in (errno.ELOOP, errno.EXDEV):
+            raise PermissionError(f"{path}: a symlink on its path; refusing to open it") from err
         raise
 
 
