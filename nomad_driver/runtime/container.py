@@ -192,7 +192,9 @@ def open_beneath(path: str, beneath: str) -> int:
     top = os.open(beneath, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         rel = os.path.relpath(os.path.normpath(path), beneath)
-        return linux.openat2(top, rel, os.O_PATH | os.O_NOFOLLOW, linux.STRICT)
+        # No O_NOFOLLOW: with it O_PATH would open a trailing symlink itself; without it,
+        # RESOLVE_NO_SYMLINKS makes the kernel refuse the symlink (ELOOP).
+        return linux.openat2(top, rel, os.O_PATH, linux.STRICT)
     finally:
         os.close(top)
 
