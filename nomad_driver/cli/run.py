@@ -4,6 +4,9 @@ Same policy as the Nomad driver: the admin's `plugin "pyhpc"` block (default
 /etc/pyhpc/pyhpc.hcl) decides which images, mounts, devices, capabilities and seccomp choices
 are allowed, and whether root is remapped. This process supervises the container itself (no
 helper process), forwards signals to it and exits with its exit code.
+
+Under sudo it is a user's tool: the caller is SUDO_UID, not root, and may choose nothing the
+system policy does not offer (no --config, no --layer-dir written as root, no other user's ids).
 """
 
 from __future__ import annotations
@@ -132,14 +135,78 @@ def _gpus(choice: str) -> tuple[dict[str, str], tuple[Any, ...], tuple[Any, ...]
     return res["envs"], mounts, devices
 
 
-def _default_user(args: argparse.Namespace) -> str:
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    """Who asked for the container: root, or the user sudo ran us for (SUDO_UID, which sudo
+    sets itself), with their primary and supplementary groups."""
+
+    uid: int
+    gid: int
+    groups: frozenset[int]
+
+    @property
+    def root(self) -> bool:
+        return self.uid == 0
+
+
+def caller() -> Caller:
+    uid = os.getuid()
+    sudo_uid, sudo_gid = os.environ.get("SUDO_UID", ""), os.environ.get("SUDO_GID", "")
+    if uid == 0 and sudo_uid.isdigit():
+        uid = int(sudo_uid)
+    if uid == 0:
+        return Caller(0, 0, frozenset({0}))
+    gid = int(sudo_gid) if sudo_gid.isdigit() else uid
+    groups = {gid}
+    try:
+        import pwd
+
+        groups.update(os.getgrouplist(pwd.getpwuid(uid).pw_name, gid))
+    except (KeyError, OSError):
+        pass  # a uid without a passwd entry has its primary group only
+    return Caller(uid, gid, frozenset(groups))
+
+
+def refusals(args: argparse.Namespace, who: Caller) -> list[str]:
+    """What a non-root caller asked for that only root may choose, one line each: the policy
+    file (it decides user namespaces, mounts, capabilities), a layer directory (written as
+    root), and any uid or gid but the caller's own."""
+    if who.root:
+        return []
+    own = f"a sudo caller (uid {who.uid})"
+    out = []
+    if args.config:
+        out.append(
+            f"--config {args.config}: {own} runs under the system policy only "
+            f"({DEFAULT_CONFIG} or the built-in defaults); only root may name another"
+        )
+    if args.layer_dir:
+        out.append(
+            f"--layer-dir {args.layer_dir}: {own} may not choose where root writes the layer; "
+            "--writable disk keeps it in the task's own run directory"
+        )
+    if args.user:
+        name, _, group = str(args.user).partition(":")
+        if not name.isdigit() or int(name) != who.uid:
+            out.append(
+                f"--user {args.user}: {own} may run as uid {who.uid} only (numeric), "
+                "or as the container's root with --root"
+            )
+        elif group and (not group.isdigit() or int(group) not in who.groups):
+            out.append(
+                f"--user {args.user}: {own} may use its own groups only "
+                f"({', '.join(str(g) for g in sorted(who.groups))})"
+            )
+    return out
+
+
+def _default_user(args: argparse.Namespace, who: Caller) -> str:
     if args.root:
-        return ""
+        return "0"  # the container's (remapped) root, whatever the image's User says
     if args.user:
         return str(args.user)
-    sudo_uid, sudo_gid = os.environ.get("SUDO_UID", ""), os.environ.get("SUDO_GID", "")
-    if sudo_uid.isdigit() and sudo_uid != "0":
-        return f"{sudo_uid}:{sudo_gid}" if sudo_gid.isdigit() else sudo_uid
+    if not who.root:
+        return f"{who.uid}:{who.gid}"
     return ""
 
 
@@ -152,6 +219,12 @@ def run(args: argparse.Namespace) -> int:
 
     if os.geteuid() != 0:
         return _fail("needs root for loop mounts and namespaces; run it with sudo")
+    who = caller()
+    refused = refusals(args, who)
+    if refused:
+        for line in refused:
+            _fail(line)
+        return 125
     command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     try:
         env = {"TERM": os.environ.get("TERM", "xterm"), **pairs(args.env, "--env")}
@@ -163,6 +236,11 @@ def run(args: argparse.Namespace) -> int:
             plugin = load_policy(config_path)
         else:
             plugin = schema.load(config.PluginConfig, {}, "built-in defaults")
+        if args.root and not who.root and not plugin.user_namespace:
+            return _fail(
+                "--root: the system policy has user_namespace = false, so the container's "
+                f"root would be the host's; a sudo caller (uid {who.uid}) may not use it"
+            )
         task = schema.load(
             config.TaskConfig,
             {
@@ -199,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
             env=env,
             mounts=gpu_mounts,
             devices=gpu_devices,
-            user=_default_user(args),
+            user=_default_user(args, who),
             stdin_path="/proc/self/fd/0",
             stdout_path="/proc/self/fd/1",
             stderr_path="/proc/self/fd/2",
@@ -224,26 +302,55 @@ def run(args: argparse.Namespace) -> int:
 POLICY_CACHE = "/run/pyhpc/.policy-cache"
 
 
+def _cache_dir(create: bool) -> int:
+    """The policy cache directory, opened without following a symlink and trusted only if
+    root owns it and nobody else may write to it: whoever could write an entry there would
+    choose the policy. -1 if it is absent or not to be trusted."""
+    if create:
+        try:
+            os.makedirs(os.path.dirname(POLICY_CACHE), mode=0o755, exist_ok=True)
+            os.mkdir(POLICY_CACHE, 0o700)
+        except OSError:
+            pass
+    try:
+        fd = os.open(POLICY_CACHE, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return -1
+    st = os.fstat(fd)
+    if st.st_uid != 0 or st.st_mode & 0o022:
+        os.close(fd)
+        return -1
+    return fd
+
+
 def load_policy(path: str) -> Any:
     """The plugin block of an agent config file. Parsing HCL costs 100 ms, more than starting
     the container, so the decoded options are kept in a root-only cache keyed on what proves
-    the file unchanged (as image digests are), and checked again on every load."""
+    the file unchanged (as image digests are), and checked again on every load. An entry is
+    believed only from a root-owned directory nobody else can write, in a root-owned file
+    opened without following a symlink."""
     import json
 
     from nomad_driver.driver import config
     from nomad_driver.images.digest import unchanged_key
-    from nomad_driver.runtime.spec import write_atomic
     from nomad_driver.wire import schema
 
-    key = unchanged_key(os.stat(path))
-    entry = os.path.join(POLICY_CACHE, key.replace(":", "-"))
+    key = unchanged_key(os.stat(path)).replace(":", "-")
+    cache = _cache_dir(create=False)
     try:
-        with open(entry, encoding="utf-8") as f:
-            cached = json.load(f)
-        if cached.get("path") == os.path.realpath(path):
-            return schema.load(config.PluginConfig, cached["options"], path)
-    except (OSError, ValueError, KeyError, schema.ConfigError):
+        if cache >= 0:
+            fd = os.open(key, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cache)
+            with os.fdopen(fd, encoding="utf-8") as f:
+                st = os.fstat(f.fileno())
+                if st.st_uid == 0 and not st.st_mode & 0o022:
+                    cached = json.load(f)
+                    if cached.get("path") == os.path.realpath(path):
+                        return schema.load(config.PluginConfig, cached["options"], path)
+    except (OSError, ValueError, KeyError, AttributeError, schema.ConfigError):
         pass
+    finally:
+        if cache >= 0:
+            os.close(cache)
     from nomad_driver.driver import jobspec  # python-hcl2
 
     with open(path, encoding="utf-8") as f:
@@ -252,12 +359,30 @@ def load_policy(path: str) -> Any:
         name: list(value) if isinstance(value, tuple) else value
         for name, value in plugin.__dict__.items()
     }
-    try:
-        os.makedirs(POLICY_CACHE, mode=0o700, exist_ok=True)
-        write_atomic(entry, json.dumps({"path": os.path.realpath(path), "options": options}))
-    except OSError:
-        pass  # a cache, nothing more
+    _write_cache(key, json.dumps({"path": os.path.realpath(path), "options": options}))
     return plugin
+
+
+def _write_cache(name: str, text: str) -> None:
+    """Atomically, by descriptor, into the trusted cache directory; a cache, nothing more."""
+    cache = _cache_dir(create=True)
+    if cache < 0:
+        return
+    tmp = f".{name}.{os.getpid()}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=cache)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, name, src_dir_fd=cache, dst_dir_fd=cache)
+    except OSError:
+        try:
+            os.unlink(tmp, dir_fd=cache)
+        except OSError:
+            pass
+    finally:
+        os.close(cache)
 
 
 def supervise(spec: object, run_dir: str, image: Any = None) -> int:
@@ -276,6 +401,22 @@ def supervise(spec: object, run_dir: str, image: Any = None) -> int:
     os.makedirs(run_dir, mode=0o700)
     images = SharedImages(spec.images_dir)
     owner = os.path.basename(run_dir)
+    # Forwarding is in place before the command starts: it may run (and print) before
+    # start() returns, and a signal sent then is held and delivered once the init exists.
+    init: list[int] = []
+    held: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        if not init:
+            held.append(signum)
+            return
+        try:
+            os.kill(init[0], signum)
+        except ProcessLookupError:
+            pass
+
+    for s in FORWARDED:
+        signal.signal(s, forward)
     try:
         try:
             spec = acquire_image(spec, owner, image)
@@ -284,15 +425,9 @@ def supervise(spec: object, run_dir: str, image: Any = None) -> int:
         except (OSError, ContainerError, ImageError, RuntimeError) as err:
             images.release(owner)
             return _fail(str(err))
-
-        def forward(signum: int, _frame: object) -> None:
-            try:
-                os.kill(supervisor.init_pid, signum)
-            except ProcessLookupError:
-                pass
-
-        for s in FORWARDED:
-            signal.signal(s, forward)
+        init.append(supervisor.init_pid)
+        for signum in held:
+            forward(signum, None)
         result = supervisor.finish()
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -70,11 +70,17 @@ def resolve_image(
         return ResolvedImage(opened.path, {}, opened, opened.path)
     from nomad_driver.images import reference
     from nomad_driver.images.registry import Registry
+    from nomad_driver.images.sources import LocalAccess
     from nomad_driver.images.store import Store
 
-    ref = reference.parse(text)
+    try:
+        ref = reference.parse(text)
+    except reference.ReferenceError as err:
+        raise PolicyError(f"option 'image': {err}") from err
     name = str(ref)
-    if not any(name.startswith(prefix) for prefix in plugin.image_sources):
+    # Compared as parsed references on whole components, never as text ("dir:/a/../etc").
+    entry = reference.allowed_by(ref, plugin.image_sources)
+    if entry is None:
         raise PolicyError(
             f"option 'image' = {text!r} is not from the plugin's image_sources "
             f"{list(plugin.image_sources)}"
@@ -87,6 +93,9 @@ def resolve_image(
     kw: dict[str, Any] = {}
     if ref.remote and plugin.registry_ca_file:
         kw["registry"] = Registry(ref.registry, ca_file=plugin.registry_ca_file)
+    if not ref.remote:
+        # Read beneath the allowed directory, and only what every user may read.
+        kw["local"] = LocalAccess(reference.entry_directory(entry), public_only=True)
     outcome: list[Any] = []
 
     def work() -> None:

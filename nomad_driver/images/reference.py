@@ -8,15 +8,20 @@
     dir:ROOTFS                                    a root file system directory
     /PATH.sqsh                                    a SquashFS file
 
-The registry host is always written out: there is no default registry.
+The registry host is always written out: there is no default registry. Local paths are
+normalised here and may not climb with '..', so what an allowlist compares (`admits`) is the
+place that will be read.
 """
 
 from __future__ import annotations
 
+import posixpath
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 TRANSPORTS = ("docker", "oras", "oci", "oci-archive", "docker-archive", "dir", "file")
+LOCAL = ("oci", "oci-archive", "docker-archive", "dir")
 _REPO = re.compile(
     r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$"
 )
@@ -78,9 +83,17 @@ def parse(text: str) -> Reference:
         path, _, tag = rest.rpartition(":")
         if not tag:
             raise ReferenceError(f"image {text!r}: empty tag after ':'")
+    return Reference(transport, path=_local_path(path, f"image {text!r}: {transport}:"), tag=tag)
+
+
+def _local_path(path: str, where: str) -> str:
+    """path with '.', '//' and a trailing '/' gone; ReferenceError if it is relative or has a
+    '..' component (refused, not resolved: the admin's allowlist compares this text)."""
     if not path.startswith("/"):
-        raise ReferenceError(f"image {text!r}: {transport}: needs an absolute path")
-    return Reference(transport, path=path, tag=tag)
+        raise ReferenceError(f"{where} needs an absolute path")
+    if ".." in path.split("/"):
+        raise ReferenceError(f"{where} {path!r}: a '..' component is not accepted")
+    return "/" + posixpath.normpath(path).lstrip("/") if path.strip("/") else "/"
 
 
 def _parse_remote(transport: str, rest: str, text: str) -> Reference:
@@ -108,3 +121,62 @@ def _parse_remote(transport: str, rest: str, text: str) -> Reference:
     if not tag and not digest:
         tag = "latest"
     return Reference(transport, registry=host, repository=name, tag=tag, digest=digest)
+
+
+def _components(path: str) -> list[str]:
+    return [part for part in path.split("/") if part]
+
+
+def _under(components: list[str], prefix: str) -> bool:
+    """components start with prefix's; strictly beneath it when prefix ends in '/'."""
+    wanted = _components(prefix)
+    beneath = prefix.endswith("/") and bool(wanted)
+    return components[: len(wanted)] == wanted and len(components) > len(wanted) * beneath
+
+
+def admits(entry: str, ref: Reference) -> bool:
+    """Whether one image_sources entry allows ref. Entries are prefixes of references compared
+    on whole components of the parsed, normalised forms, never as raw text:
+    "docker://reg:5000/hpc/" admits docker://reg:5000/hpc/app:1 but not .../hpcx/app or
+    another host; "dir:/srv/rootfs/" admits dir:/srv/rootfs/a but not dir:/srv/rootfs2 or
+    anything that climbs out with '..' (refused by parse). A trailing '/' means strictly
+    beneath (as a text prefix did); without it the entry admits itself too. A registry entry
+    that names a tag or digest admits that one image only. A malformed entry admits nothing."""
+    transport, sep, rest = entry.strip().partition(":")
+    if not sep or transport != ref.transport:
+        return False
+    if ref.remote:
+        if not rest.startswith("//"):
+            return False
+        host, _, name = rest[2:].partition("/")
+        if host and host.lower() != ref.registry.lower():
+            return False
+        if not host and name:
+            return False  # "docker:///hpc/" names no registry: nothing
+        if ":" in name.rsplit("/", 1)[-1] or "@" in name:
+            try:
+                wanted = parse(entry.strip())
+            except ReferenceError:
+                return False
+            if wanted.digest:
+                return (wanted.repository, wanted.digest) == (ref.repository, ref.digest)
+            return (wanted.repository, wanted.tag) == (ref.repository, ref.tag)
+        return _under(_components(ref.repository), name)
+    if ref.transport not in LOCAL:
+        return False
+    try:
+        directory = entry_directory(entry.strip())
+    except ReferenceError:
+        return False
+    return _under(_components(ref.path), directory + ("/" if rest.endswith("/") else ""))
+
+
+def allowed_by(ref: Reference, entries: Iterable[str]) -> str | None:
+    """The first image_sources entry that admits ref, else None."""
+    return next((entry for entry in entries if admits(entry, ref)), None)
+
+
+def entry_directory(entry: str) -> str:
+    """The normalised path a local image_sources entry names ("dir:/srv/rootfs/" ->
+    "/srv/rootfs"): what an import from it opens its source beneath."""
+    return _local_path(entry.partition(":")[2] or "/", f"image_sources entry {entry!r}:")

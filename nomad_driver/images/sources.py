@@ -1,12 +1,22 @@
 """Where images come from: each transport yields the manifest, the config and the layer blobs
-(or a finished SquashFS), with every digest checked against what referenced it."""
+(or a finished SquashFS, or a tree to pack), with every digest checked against what referenced it.
+
+Local sources are read by root on a tenant's behalf, so they are read by descriptor: opened
+beneath the directory the admin allowed with no symlink on the way (openat2), and a dir: tree
+walked entry by entry without ever following a symlink, so nothing swapped in while the import
+runs can make root read a file the source does not contain.
+"""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import posixpath
+import stat
 import tarfile
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -14,6 +24,7 @@ from typing import IO, Any
 from nomad_driver.images.merge import Layer
 from nomad_driver.images.reference import Reference
 from nomad_driver.images.registry import INDEX_TYPES, Registry, RegistryError, select_platform
+from nomad_driver.runtime import linux
 
 SQUASHFS_ARTIFACT = "application/vnd.pyhpc.squashfs.v1"
 SQUASHFS_CONFIG = "application/vnd.pyhpc.image.config.v1+json"
@@ -34,7 +45,8 @@ class Fetched:
     config_digest: str = ""
     layers: list[Layer] = field(default_factory=list)
     squashfs: str = ""  # a finished image (file:, oras://)
-    directory: str = ""  # dir:
+    directory: str = ""  # dir: the source, as named
+    tree: Callable[[IO[bytes]], object] | None = None  # dir: writes it as one tar stream
     signature: str = ""  # a DSSE envelope that came with the image (oras://)
     provenance: dict[str, Any] = field(default_factory=dict)
 
@@ -72,20 +84,120 @@ def _blob_name(digest: str) -> str:
     return f"blobs/sha256/{hexpart}"
 
 
+@dataclass(frozen=True)
+class LocalAccess:
+    """How a local source may be read. beneath: the directory the admin allowed it from
+    (image_sources); the source is opened beneath it with no symlink on the way. Empty: the
+    path as given (root importing by hand). public_only: refuse any file not readable by every
+    user and any directory not searchable and listable by every user, since a task of any user
+    may start from the image (root by hand may take anything)."""
+
+    beneath: str = ""
+    public_only: bool = False
+
+
+PUBLIC_RULE = (
+    "an image source for tasks must be readable by every user (files o+r, directories o+rx); "
+    "make it so, or have root import it by hand with `pyhpc image import`"
+)
+
+
+def _public(st: os.stat_result, where: str, access: LocalAccess) -> None:
+    if not access.public_only:
+        return
+    need = stat.S_IROTH | (stat.S_IXOTH if stat.S_ISDIR(st.st_mode) else 0)
+    if st.st_mode & need != need:
+        raise SourceError(f"{where} has mode {st.st_mode & 0o7777:04o}: {PUBLIC_RULE}")
+
+
+def _openat(dirfd: int, rel: str, flags: int, where: str, access: LocalAccess) -> int:
+    """rel opened beneath dirfd, one component at a time, no symlink followed, each directory
+    on the way searchable by every user when access.public_only."""
+    parts = [p for p in rel.split("/") if p not in ("", ".")] or ["."]
+    current = dirfd
+    try:
+        for part in parts[:-1]:
+            step = linux.openat2(current, part, os.O_PATH | os.O_DIRECTORY, linux.STRICT)
+            if current != dirfd:
+                os.close(current)
+            current = step
+            st = os.fstat(current)
+            if access.public_only and not st.st_mode & stat.S_IXOTH:
+                raise SourceError(
+                    f"{where}: directory {part!r} has mode {st.st_mode & 0o7777:04o}: {PUBLIC_RULE}"
+                )
+        return linux.openat2(current, parts[-1], flags | os.O_NOCTTY, linux.STRICT)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise SourceError(
+                f"{where}: {rel!r} is or passes through a symlink, which an import never follows"
+            ) from err
+        if err.errno == errno.EXDEV:
+            raise SourceError(f"{where}: {rel!r} leads out of {access.beneath}") from err
+        raise SourceError(f"{where}: {rel}: {err.strerror}") from err
+    finally:
+        if current != dirfd:
+            os.close(current)
+
+
+def _open_local(ref: Reference, access: LocalAccess, directory: bool) -> int:
+    """The source's file (directory=False: a regular file) or directory, opened as access
+    allows, checked to be what it should be and readable as access requires."""
+    flags = os.O_RDONLY | (os.O_DIRECTORY if directory else os.O_NONBLOCK)
+    what = "directory" if directory else "file"
+    if not access.beneath:
+        try:
+            fd = os.open(ref.path, flags | os.O_CLOEXEC | os.O_NOCTTY)
+        except OSError as err:
+            raise SourceError(f"{ref}: no such {what} ({err.strerror})") from err
+    else:
+        if ref.path == access.beneath:
+            base, rel = posixpath.split(ref.path.rstrip("/") or "/")
+        else:
+            base, rel = access.beneath, posixpath.relpath(ref.path, access.beneath)
+        if rel == ".." or rel.startswith("../"):
+            raise SourceError(f"{ref}: not beneath {access.beneath}")
+        try:
+            top = os.open(base or "/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as err:
+            raise SourceError(f"{ref}: {base}: {err.strerror}") from err
+        try:
+            fd = _openat(top, rel or ".", flags, str(ref), access)
+        finally:
+            os.close(top)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode) != directory or not (directory or stat.S_ISREG(st.st_mode)):
+            raise SourceError(f"{ref}: not a {what}")
+        _public(st, str(ref), access)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _tar_file(ref: Reference, access: LocalAccess) -> tarfile.TarFile:
+    f = os.fdopen(_open_local(ref, access, directory=False), "rb")
+    try:
+        return tarfile.open(fileobj=f)
+    except (OSError, tarfile.TarError) as err:
+        f.close()
+        raise SourceError(f"{ref}: cannot read the archive ({err})") from err
+
+
 class _Layout:
     """An OCI image layout, in a directory or a tar file: read(path) -> bytes, open(path)."""
 
-    def __init__(self, ref: Reference) -> None:
-        self.ref = ref
+    def __init__(self, ref: Reference, access: LocalAccess) -> None:
+        self.ref, self.access = ref, access
         self.tar: tarfile.TarFile | None = None
+        self.fd = -1
         if ref.transport == "oci-archive":
-            try:
-                self.tar = tarfile.open(ref.path)
-            except (OSError, tarfile.TarError) as err:
-                raise SourceError(f"{ref}: cannot read the archive ({err})") from err
+            self.tar = _tar_file(ref, access)
             self.members = {m.name.lstrip("./"): m for m in self.tar.getmembers() if m.isreg()}
-        elif not os.path.isdir(ref.path):
-            raise SourceError(f"{ref}: no such directory")
+        else:
+            self.fd = _open_local(ref, access, directory=True)
+            weakref.finalize(self, os.close, self.fd)  # layers are opened later, lazily
 
     def open(self, name: str) -> IO[bytes]:
         if self.tar is not None:
@@ -94,11 +206,16 @@ class _Layout:
             if stream is None:
                 raise SourceError(f"{self.ref}: {name} is missing from the archive")
             return stream
-        path = os.path.join(self.ref.path, name)
+        fd = _openat(self.fd, name, os.O_RDONLY | os.O_NONBLOCK, str(self.ref), self.access)
         try:
-            return open(path, "rb")  # noqa: SIM115 - the caller closes it
-        except OSError as err:
-            raise SourceError(f"{self.ref}: {name}: {err.strerror}") from err
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise SourceError(f"{self.ref}: {name} is not a regular file")
+            _public(st, f"{self.ref}: {name}", self.access)
+        except BaseException:
+            os.close(fd)
+            raise
+        return os.fdopen(fd, "rb")
 
     def read(self, name: str) -> bytes:
         with self.open(name) as f:
@@ -109,8 +226,8 @@ def _opener(open_blob: Callable[[str], IO[bytes]], name: str) -> Callable[[], IO
     return lambda: open_blob(name)
 
 
-def _from_layout(ref: Reference) -> Fetched:
-    layout = _Layout(ref)
+def _from_layout(ref: Reference, access: LocalAccess) -> Fetched:
+    layout = _Layout(ref, access)
     index = _json(layout.read("index.json"), f"{ref}: index.json")
     manifests = index.get("manifests", [])
     chosen = [
@@ -180,11 +297,8 @@ def _from_manifest(
     )
 
 
-def _from_docker_archive(ref: Reference) -> Fetched:
-    try:
-        archive = tarfile.open(ref.path)
-    except (OSError, tarfile.TarError) as err:
-        raise SourceError(f"{ref}: cannot read the archive ({err})") from err
+def _from_docker_archive(ref: Reference, access: LocalAccess) -> Fetched:
+    archive = _tar_file(ref, access)
     members = {m.name.lstrip("./"): m for m in archive.getmembers() if m.isreg()}
 
     def open_member(name: str) -> IO[bytes]:
@@ -287,18 +401,23 @@ def registry_blob_bytes(registry: Registry, repository: str, digest: str, workdi
 
 
 def fetch(
-    ref: Reference, workdir: str, progress: Progress | None = None, registry: Registry | None = None
+    ref: Reference,
+    workdir: str,
+    progress: Progress | None = None,
+    registry: Registry | None = None,
+    local: LocalAccess | None = None,
 ) -> Fetched:
-    """Everything needed to build ref's SquashFS; downloads go into workdir."""
+    """Everything needed to build ref's SquashFS; downloads go into workdir. local: how a
+    local source may be read (default: as given, for root importing by hand)."""
+    access = local or LocalAccess()
     try:
         if ref.transport in ("oci", "oci-archive"):
-            return _from_layout(ref)
+            return _from_layout(ref, access)
         if ref.transport == "docker-archive":
-            return _from_docker_archive(ref)
+            return _from_docker_archive(ref, access)
         if ref.transport == "dir":
-            if not os.path.isdir(ref.path):
-                raise SourceError(f"{ref}: no such directory")
-            return Fetched(directory=ref.path, provenance={"source": str(ref)})
+            tree = _Tree(ref, _open_local(ref, access, directory=True), access)
+            return Fetched(directory=ref.path, tree=tree, provenance={"source": str(ref)})
         if ref.transport == "file":
             if not os.path.isfile(ref.path):
                 raise SourceError(f"{ref}: no such file")
@@ -308,3 +427,113 @@ def fetch(
         raise SourceError(str(err)) from err
     except (KeyError, TypeError, ValueError) as err:
         raise SourceError(f"{ref}: malformed image metadata ({err})") from err
+
+
+XATTR_PREFIXES = ("user.", "trusted.", "security.")  # what SquashFS can store
+
+
+class _Tree:
+    """A dir: source written as one tar stream, walked by descriptor: each entry is looked at
+    without following it (fstatat), directories and files are opened beneath their parent's
+    descriptor with no symlink allowed and their type checked again on the open descriptor,
+    symlinks are recorded as symlinks, FIFOs as FIFOs (never opened); device nodes are
+    refused as in layers, sockets left out. An entry swapped while it is read fails the
+    import; it never makes root read what it now points at."""
+
+    def __init__(self, ref: Reference, fd: int, access: LocalAccess) -> None:
+        self.ref, self.fd, self.access = ref, fd, access
+        self.links: dict[tuple[int, int], str] = {}
+        self.count = 0
+        weakref.finalize(self, os.close, fd)
+
+    def __call__(self, out: IO[bytes]) -> int:
+        self.count = 0
+        with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            self._directory(tar, self.fd, ".", os.fstat(self.fd))
+        return self.count
+
+    def _changed(self, path: str, now: str) -> SourceError:
+        return SourceError(f"{self.ref}: {path!r} changed while it was read ({now}); import again")
+
+    def _info(self, path: str, kind: bytes, st: os.stat_result, fd: int = -1) -> tarfile.TarInfo:
+        info = tarfile.TarInfo(path)
+        info.type = kind
+        info.mode, info.uid, info.gid = st.st_mode & 0o7777, st.st_uid, st.st_gid
+        info.mtime, info.uname, info.gname = int(st.st_mtime), "", ""
+        if fd >= 0:
+            info.pax_headers = {
+                "SCHILY.xattr." + name: os.getxattr(fd, name).decode("utf-8", "surrogateescape")
+                for name in os.listxattr(fd)
+                if name.startswith(XATTR_PREFIXES)
+            }
+        self.count += 1
+        return info
+
+    def _open(self, dirfd: int, name: str, flags: int, path: str) -> int:
+        try:
+            return linux.openat2(dirfd, name, flags | os.O_NOCTTY, linux.STRICT)
+        except OSError as err:
+            why = "now a symlink, not followed" if err.errno == errno.ELOOP else str(err.strerror)
+            raise self._changed(path, why) from err
+
+    def _directory(self, tar: tarfile.TarFile, fd: int, path: str, st: os.stat_result) -> None:
+        _public(st, f"{self.ref}: {path!r}", self.access)
+        tar.addfile(self._info(path, tarfile.DIRTYPE, st, fd))
+        with os.scandir(fd) as listing:
+            names = sorted(entry.name for entry in listing)
+        for name in names:
+            self._entry(tar, fd, name, name if path == "." else f"{path}/{name}")
+
+    def _entry(self, tar: tarfile.TarFile, dirfd: int, name: str, path: str) -> None:
+        try:
+            st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+        except FileNotFoundError as err:
+            raise self._changed(path, "gone") from err
+        mode = st.st_mode
+        if stat.S_ISDIR(mode):
+            fd = self._open(dirfd, name, os.O_RDONLY | os.O_DIRECTORY, path)
+            try:
+                self._directory(tar, fd, path, os.fstat(fd))
+            finally:
+                os.close(fd)
+        elif stat.S_ISREG(mode):
+            self._file(tar, dirfd, name, path, st)
+        elif stat.S_ISLNK(mode):
+            info = self._info(path, tarfile.SYMTYPE, st)
+            try:
+                info.linkname = os.readlink(name, dir_fd=dirfd)
+            except OSError as err:
+                raise self._changed(path, "no longer a symlink") from err
+            tar.addfile(info)
+        elif stat.S_ISFIFO(mode):
+            tar.addfile(self._info(path, tarfile.FIFOTYPE, st))
+        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            raise SourceError(f"{self.ref}: device node {path!r} is not allowed in images")
+        # a socket means nothing in an image: left out
+
+    def _file(
+        self, tar: tarfile.TarFile, dirfd: int, name: str, path: str, st: os.stat_result
+    ) -> None:
+        first = self.links.get((st.st_dev, st.st_ino)) if st.st_nlink > 1 else None
+        if first is not None:
+            info = self._info(path, tarfile.LNKTYPE, st)
+            info.linkname = first
+            tar.addfile(info)
+            return
+        # O_NONBLOCK: a FIFO swapped in is opened without waiting, then refused below.
+        fd = self._open(dirfd, name, os.O_RDONLY | os.O_NONBLOCK, path)
+        with os.fdopen(fd, "rb") as f:
+            real = os.fstat(fd)
+            if not stat.S_ISREG(real.st_mode):
+                raise self._changed(path, "no longer a regular file")
+            _public(real, f"{self.ref}: {path!r}", self.access)
+            info = self._info(path, tarfile.REGTYPE, real, fd)
+            info.size = real.st_size
+            try:
+                tar.addfile(info, f)
+            except BrokenPipeError:
+                raise  # the builder stopped; its own message says why
+            except OSError as err:
+                raise self._changed(path, str(err)) from err
+        if real.st_nlink > 1:
+            self.links[(real.st_dev, real.st_ino)] = path

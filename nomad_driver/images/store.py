@@ -220,10 +220,10 @@ class Store:
                 shutil.copyfile(fetched.squashfs, built)
             elif fetched.squashfs:
                 os.replace(fetched.squashfs, built)
-            elif fetched.directory:
+            elif fetched.tree is not None:
                 if progress:
                     progress(f"building SquashFS from {fetched.directory}")
-                squashfs.from_directory(fetched.directory, built, self.level)
+                squashfs.from_tar(fetched.tree, built, self.level)
             else:
                 if progress:
                     progress(f"merging {len(fetched.layers)} layers into SquashFS")

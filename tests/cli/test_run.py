@@ -24,8 +24,13 @@ def pyhpc_run(
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, **(env or {})},
+        env={**AS_ROOT, **(env or {})},
     )
+
+
+# The test run's own environment, minus what sudo would have set: the caller is root unless a
+# test says otherwise.
+AS_ROOT = {k: v for k, v in os.environ.items() if k not in ("SUDO_UID", "SUDO_GID", "SUDO_USER")}
 
 
 def policy(tmp: Path, text: str) -> Path:
@@ -118,3 +123,90 @@ def test_gpus_on_a_node_without_any_are_refused_clearly(busybox_image: Path) -> 
     done = pyhpc_run("--gpus", "all", str(busybox_image), "true")
     assert done.returncode == 125
     assert "--gpus all: no NVIDIA GPU on this node" in done.stderr
+
+
+SUDO_1000 = {"SUDO_UID": "1000", "SUDO_GID": "1000", "SUDO_USER": "someone"}
+
+
+def test_a_sudo_caller_cannot_choose_the_policy_a_layer_dir_or_another_user(
+    tmp_path: Path, busybox_image: Path
+) -> None:
+    hostile = policy(tmp_path, '    user_namespace = false\n    mount_dirs = ["/"]')
+    layer = tmp_path / "layer"
+    for args, named in (
+        (["--config", str(hostile), "--mount", "/:/host"], f"--config {hostile}: "),
+        (["--writable", "disk", "--layer-dir", str(layer)], f"--layer-dir {layer}: "),
+        (["--user", "0"], "--user 0: "),
+        (["--user", "root"], "--user root: "),
+        (["--user", "1001"], "--user 1001: "),
+        (["--user", "1000:0"], "--user 1000:0: "),
+    ):
+        done = pyhpc_run(*args, str(busybox_image), "id", env=SUDO_1000)
+        assert done.returncode == 125, (args, done.stdout, done.stderr)
+        lines = done.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"pyhpc run: {named}"), (args, lines)
+        assert done.stdout == "" and not layer.exists()
+    # Control: real root may use the same hostile file, and it does take effect.
+    as_root = pyhpc_run("--config", str(hostile), str(busybox_image), "cat", "/proc/self/uid_map")
+    assert as_root.returncode == 0, as_root.stderr
+    assert as_root.stdout.split() == ["0", "0", "4294967295"]  # no user namespace: host root
+
+
+def test_a_sudo_caller_runs_as_itself_under_the_system_policy(busybox_image: Path) -> None:
+    own = pyhpc_run(str(busybox_image), "--", "sh", "-c", "id -u; id -g", env=SUDO_1000)
+    assert (own.returncode, own.stdout) == (0, "1000\n1000\n"), own.stderr
+    named = pyhpc_run("--user", "1000:1000", str(busybox_image), "id", "-u", env=SUDO_1000)
+    assert (named.returncode, named.stdout) == (0, "1000\n"), named.stderr
+    root = pyhpc_run("--root", str(busybox_image), "cat", "/proc/self/uid_map", env=SUDO_1000)
+    assert root.returncode == 0 and root.stdout.split() == ["0", "100000", "65536"], root.stderr
+
+
+def test_a_dir_source_imports_and_runs_but_cannot_climb_out(
+    tmp_path: Path, busybox_image: Path
+) -> None:
+    os.chmod(tmp_path, 0o755)
+    allowed = tmp_path / "srv"
+    allowed.mkdir(mode=0o755)
+    rootfs = allowed / "rootfs"
+    subprocess.run(["unsquashfs", "-q", "-n", "-d", str(rootfs), str(busybox_image)], check=True)
+    os.chmod(rootfs, 0o755)  # mktemp made the image root 0700: not every user could read it
+    (rootfs / "etc" / "motd").write_text("from a dir source\n")
+    os.chmod(rootfs / "etc" / "motd", 0o644)
+    secret = tmp_path / "secret"
+    secret.mkdir(mode=0o700)
+    (secret / "shadow").write_text("root:secret-hash\n")
+    os.chmod(secret / "shadow", 0o600)
+    config = policy(
+        tmp_path, f'    image_sources = ["dir:{allowed}/"]\n    store_dir = "{tmp_path}/store"'
+    )
+    climbing = pyhpc_run("--config", str(config), f"dir:{allowed}/../secret", "cat", "/shadow")
+    assert climbing.returncode == 125 and "'..' component is not accepted" in climbing.stderr
+    ran = pyhpc_run("--config", str(config), f"dir:{rootfs}", "cat", "/etc/motd")
+    assert (ran.returncode, ran.stdout) == (0, "from a dir source\n"), ran.stderr
+
+
+def test_a_policy_cache_entry_is_believed_only_from_a_root_owned_private_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from nomad_driver.cli import run
+    from nomad_driver.images.digest import unchanged_key
+
+    config = policy(tmp_path, "    user_namespace = true")
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(run, "POLICY_CACHE", str(cache))
+    assert run.load_policy(str(config)).user_namespace  # parsed, and now cached
+    entry = cache / unchanged_key(config.stat()).replace(":", "-")
+    forged = json.loads(entry.read_text())
+    forged["options"]["user_namespace"] = False
+    entry.write_text(json.dumps(forged))
+    assert not run.load_policy(str(config)).user_namespace  # control: the cache is read
+    os.chown(cache, 1000, 1000)  # a user's directory (planted, or made writable for them)
+    assert run.load_policy(str(config)).user_namespace
+    os.chown(cache, 0, 0)
+    os.chmod(cache, 0o777)
+    assert run.load_policy(str(config)).user_namespace
+    os.chmod(cache, 0o700)
+    os.chown(entry, 1000, 1000)  # an entry someone else wrote
+    assert run.load_policy(str(config)).user_namespace

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from nomad_driver.driver import config, policy
+from nomad_driver.images.store import StoreError
 from nomad_driver.runtime.security import PolicyError
 from nomad_driver.wire import schema
 
@@ -161,3 +165,74 @@ def test_mpi_launcher_without_workers_and_bad_options_are_refused(tmp_path: Path
     )
     spec = policy.container_spec(plugin(), named, str(image), ctx)
     assert spec.hostname == "mpi-1"
+
+
+def test_image_sources_match_whole_components_of_the_parsed_reference(tmp_path: Path) -> None:
+    reg = "reg.example.org:5000"
+    cfg = plugin(
+        image_sources=[f"docker://{reg}/hpc/", f"oras://{reg}/tools", "dir:/srv/rootfs/"],
+        store_dir=str(tmp_path / "store"),
+    )
+    outside = "is not from the plugin's image_sources"
+    for text, why in (
+        (f"docker://{reg}/hpc/../prod/x:1", "must be lower-case path components"),
+        (f"docker://{reg}//hpc/app:1", "must be lower-case path components"),
+        (f"docker://{reg}/hpcx/app:1", outside),  # a raw prefix let these two through
+        (f"oras://{reg}/toolsx/app:1", outside),
+        ("docker://other.example.org:5000/hpc/app:1", outside),
+        (f"docker://{reg}/hpc", outside),  # "hpc/": strictly beneath
+        ("dir:/srv/rootfs", outside),
+        (f"oras://{reg}/hpc/app:1", outside),  # another transport
+        ("dir:/srv/rootfs/../../../etc", "'..' component is not accepted"),
+        ("dir:/srv/rootfs/./../x", "'..' component is not accepted"),
+        ("dir:/srv/rootfs2/x", outside),
+        ("oci:/srv/rootfs/layout", outside),
+    ):
+        with pytest.raises(PolicyError, match=re.escape(why)):
+            policy.resolve_image(cfg, text)
+    from nomad_driver.images import reference
+
+    for text in (  # controls: what the entries do allow
+        f"docker://{reg}/hpc/app:1",
+        f"docker://{reg.upper()}/hpc/team/app@sha256:" + "0" * 64,
+        f"oras://{reg}/tools/x:2",
+        f"oras://{reg}/tools:1",  # no trailing '/': the entry itself too
+        "dir:/srv/rootfs//a/./b/",
+    ):
+        assert reference.allowed_by(reference.parse(text), cfg.image_sources), text
+    assert str(reference.parse("dir:/srv/rootfs//a/./b/")) == "dir:/srv/rootfs/a/b"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="imports keep ownership: root")
+def test_a_dir_source_cannot_climb_out_of_image_sources_to_a_secret(tmp_path: Path) -> None:
+    os.chmod(tmp_path, 0o755)
+    allowed, secret = tmp_path / "srv" / "rootfs", tmp_path / "etc"
+    (allowed / "app" / "etc").mkdir(parents=True)
+    (allowed / "app" / "etc" / "motd").write_text("hello\n")
+    subprocess.run(["chmod", "-R", "a+rX", str(tmp_path / "srv")], check=True)
+    secret.mkdir(mode=0o700)
+    (secret / "shadow").write_text("root:$6$secret-hash:19000::::::\n")
+    os.chmod(secret / "shadow", 0o600)
+    store = tmp_path / "store"
+    cfg = plugin(image_sources=[f"dir:{allowed}/"], store_dir=str(store))
+    climbing = f"dir:{allowed}/../../etc"
+    with pytest.raises(PolicyError, match=r"'\.\.' component is not accepted"):
+        policy.resolve_image(cfg, climbing)
+    # The same secret put beneath the allowed directory by a symlink is not read either.
+    os.symlink(secret, allowed / "linked")
+    with pytest.raises(StoreError, match="symlink, which an import never follows"):
+        policy.resolve_image(cfg, f"dir:{allowed}/linked")
+    # Nor is a root-only copy of it (what a hard link or a careless copy would give).
+    (allowed / "app" / "etc" / "shadow").write_text("root:$6$secret-hash:19000::::::\n")
+    os.chmod(allowed / "app" / "etc" / "shadow", 0o600)
+    with pytest.raises(StoreError, match="has mode 0600: .*readable by every user"):
+        policy.resolve_image(cfg, f"dir:{allowed}/app")
+    os.unlink(allowed / "app" / "etc" / "shadow")
+    image = policy.resolve_image(cfg, f"dir:{allowed}/app")  # control: the benign source
+    listing = subprocess.run(
+        ["unsquashfs", "-lc", image.path], check=True, capture_output=True, text=True
+    ).stdout
+    assert "squashfs-root/etc/motd" in listing and "shadow" not in listing
+    for sqsh in store.rglob("*.sqsh"):
+        cat = subprocess.run(["unsquashfs", "-cat", str(sqsh), "etc/motd"], capture_output=True)
+        assert b"secret-hash" not in cat.stdout
