@@ -3,6 +3,8 @@
 Profiles use Docker's JSON format (defaultAction, syscalls[].names/action/args, architectures),
 so existing profiles carry over. Parsing happens in the plugin, before a task starts, so a bad
 profile is refused with its path and field; only the parsed, checked form reaches the runtime.
+A task names a profile; the plugin reads it only from the admin's seccomp_profile_dirs, through
+a descriptor, so nothing a tenant wrote becomes the policy root applies.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import errno
 import json
 import os
-from collections.abc import Iterable, Mapping
+import re
+import stat
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from nomad_driver.runtime import linux
@@ -308,8 +312,16 @@ def _build_filter(profile: Mapping[str, Any]) -> Any:
     return flt
 
 
-def seccomp_policy(choice: str, allow_unconfined: bool) -> dict[str, Any] | None:
-    """The profile for a task's `seccomp` choice: "default", "unconfined" or a profile path."""
+PROFILE_MAX = 1 << 20  # bytes: far more than any real profile needs
+# A profile name in the admin's directories: one path component, not hidden.
+PROFILE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
+def seccomp_policy(
+    choice: str, allow_unconfined: bool, profile_dirs: Sequence[str] = ()
+) -> dict[str, Any] | None:
+    """The profile for a task's `seccomp` choice: "default", "unconfined", or a profile named
+    or given by path in the admin's profile_dirs (the plugin's seccomp_profile_dirs)."""
     if choice == "default":
         return default_profile()
     if choice == "unconfined":
@@ -319,9 +331,110 @@ def seccomp_policy(choice: str, allow_unconfined: bool) -> dict[str, Any] | None
                 "(the plugin's allow_unconfined_seccomp is false)"
             )
         return None
+    text, source = read_admin_profile(choice, profile_dirs, allow_unconfined)
+    return load_profile(text, source)
+
+
+def read_admin_profile(
+    choice: str, profile_dirs: Sequence[str], allow_unconfined: bool = False
+) -> tuple[str, str]:
+    """The text of the profile `choice` names, and its path: a name ("mpi" is mpi.json, the
+    first directory holding it wins) or an absolute path inside one of profile_dirs.
+
+    Runs as root on a tenant's word, so the kernel resolves the path beneath the admin's
+    directory with no symlink, and only the descriptor it gives is checked and read (see
+    _read_beneath). Outside the directories every refusal reads the same, whether or not the
+    file exists, so a task cannot probe for root-only files."""
+    dirs = [d.rstrip("/") or "/" for d in profile_dirs]
+    accepted = '"default"' + (', "unconfined"' if allow_unconfined else "")
+    outside = PolicyError(
+        f"seccomp = {json.dumps(choice)} is not a profile in the plugin's seccomp_profile_dirs "
+        f"{json.dumps(dirs)}: use {accepted}, a profile name from those directories or an "
+        "absolute path inside them"
+    )
+    if "\0" in choice:
+        raise outside
+    if choice.startswith("/"):
+        places = [(d, choice[len(d) :].lstrip("/")) for d in dirs if _is_under(choice, d)]
+    elif PROFILE_NAME.fullmatch(choice):
+        name = choice if choice.endswith(".json") else f"{choice}.json"
+        places = [(d, name) for d in dirs]
+    else:
+        raise outside
+    for directory, relative in places:
+        source = os.path.join(directory, relative)
+        try:
+            data = _read_beneath(directory, relative)
+        except FileNotFoundError:
+            if choice.startswith("/"):
+                raise PolicyError(
+                    f"seccomp = {json.dumps(choice)}: no such profile in the plugin's "
+                    f"seccomp_profile_dirs {json.dumps(dirs)}"
+                ) from None
+            continue  # a name: the next directory may hold it
+        except _Escapes:
+            raise outside from None
+        except _Unfit as err:
+            raise PolicyError(
+                f"seccomp = {json.dumps(choice)}: {source} {err} (a profile in the plugin's "
+                "seccomp_profile_dirs must be a regular file, not a link, owned by root and "
+                f"writable by root alone, at most {PROFILE_MAX} bytes)"
+            ) from None
+        try:
+            return data.decode("utf-8"), source
+        except UnicodeDecodeError as err:
+            raise PolicyError(f"seccomp profile {source}: not UTF-8 text ({err})") from None
+    raise outside
+
+
+class _Escapes(Exception):
+    """The path leaves the directory it must stay beneath."""
+
+
+class _Unfit(Exception):
+    """The file is there but is no profile root may apply; the message says why."""
+
+
+def _read_beneath(directory: str, relative: str) -> bytes:
+    """Read `relative` beneath the admin's `directory`, by descriptor: no symlink anywhere,
+    a regular file owned by root, writable by no one else, at most PROFILE_MAX bytes (never
+    more is read). FileNotFoundError when the directory or the file is missing."""
+    dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        with open(choice, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as err:
-        raise PolicyError(f"seccomp profile {choice}: cannot read it ({err.strerror})") from err
-    return load_profile(text, choice)
+        held = os.fstat(dir_fd)
+        if held.st_uid != 0 or held.st_mode & 0o022:
+            raise PolicyError(
+                f"seccomp_profile_dirs: {directory} must be owned by root and writable by "
+                "root alone (a profile there could be anyone's)"
+            )
+        # O_NONBLOCK: a FIFO opens at once (and is refused below) instead of waiting.
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+        try:
+            fd = linux.openat2(dir_fd, relative, flags, linux.STRICT)
+        except OSError as err:
+            if err.errno == errno.ENOENT:
+                raise FileNotFoundError from None
+            if err.errno == errno.EXDEV:
+                raise _Escapes from None
+            if err.errno == errno.ELOOP:
+                raise _Unfit("is a symlink or has one on its path") from None
+            raise _Unfit(f"cannot be opened ({err.strerror})") from None
+    finally:
+        os.close(dir_fd)
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise _Unfit("is not a regular file")
+        if info.st_uid != 0:
+            raise _Unfit(f"is owned by uid {info.st_uid}, not root")
+        if info.st_mode & 0o022:
+            raise _Unfit(f"is writable by group or others (mode {info.st_mode & 0o7777:o})")
+        data = f.read(PROFILE_MAX + 1) if info.st_size <= PROFILE_MAX else b""
+        if info.st_size > PROFILE_MAX or len(data) > PROFILE_MAX:
+            raise _Unfit(f"is larger than {PROFILE_MAX} bytes")
+        return data
+
+
+def _is_under(path: str, directory: str) -> bool:
+    prefix = directory.rstrip("/") + "/"
+    return path.startswith(prefix) and len(path) > len(prefix)
