@@ -34,13 +34,16 @@ DEFAULT_CAPS = frozenset(
 )
 
 # Refused with EPERM by the default profile: what Docker's default profile blocks for a
-# container without CAP_SYS_ADMIN, plus the new mount API. ptrace and process_vm_readv/writev
-# are allowed, as Docker allows them on kernels >= 4.8 (where ptrace cannot bypass seccomp):
-# they reach only the task's own processes (its user namespace; the container init is not
-# dumpable), and MPI's single-copy shared-memory transport (CMA) needs them.
+# container without CAP_SYS_ADMIN, plus the new mount API and io_uring (the operations a ring
+# carries are not seen by seccomp, so a task could do through it what the filter refuses).
+# ptrace and process_vm_readv/writev are allowed, as Docker allows them on kernels >= 4.8
+# (where ptrace cannot bypass seccomp): they reach only the task's own processes (its user
+# namespace; the container init is not dumpable), and MPI's single-copy shared-memory
+# transport (CMA) needs them.
 DEFAULT_DENIED = (
     "acct add_key bpf clock_adjtime clock_settime create_module delete_module finit_module "
-    "fsconfig fsmount fsopen fspick get_kernel_syms get_mempolicy init_module ioperm iopl "
+    "fsconfig fsmount fsopen fspick get_kernel_syms get_mempolicy init_module "
+    "io_uring_enter io_uring_register io_uring_setup ioperm iopl "
     "kcmp kexec_file_load kexec_load keyctl lookup_dcookie mbind mount move_mount "
     "move_pages name_to_handle_at nfsservctl open_by_handle_at open_tree perf_event_open "
     "pivot_root query_module quotactl reboot "
@@ -57,6 +60,10 @@ NAMESPACE_FLAGS = (
     0x40000000,
     0x02000000,
 )
+# personality() values the default profile allows, Docker's: PER_LINUX, PER_LINUX_32BIT,
+# UNAME26, UNAME26|PER_LINUX_32BIT and 0xffffffff (query). Others, ADDR_NO_RANDOMIZE among
+# them, turn off protections for the programs the task runs next.
+PERSONALITY_ALLOWED = (0x0, 0x8, 0x20000, 0x20008, 0xFFFFFFFF)
 
 ACTIONS = {
     "SCMP_ACT_ALLOW",
@@ -113,15 +120,43 @@ def default_profile() -> dict[str, Any]:
         {"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.ENOSYS},
     ]
     for flag in NAMESPACE_FLAGS:
-        rules.append(
-            {
-                "names": ["clone"],
-                "action": "SCMP_ACT_ERRNO",
-                "errnoRet": errno.EPERM,
-                "args": [{"index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ"}],
-            }
-        )
+        rules.append(_eperm_if("clone", "SCMP_CMP_MASKED_EQ", flag, flag))
+    rules += [_eperm_if("personality", *test) for test in _personality_refused()]
     return {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": rules}
+
+
+def _eperm_if(name: str, op: str, value: int, value_two: int = 0) -> dict[str, Any]:
+    """EPERM for `name` when its first argument passes one comparison (Docker JSON rule)."""
+    arg = {"index": 0, "value": value, "valueTwo": value_two, "op": op}
+    return {"names": [name], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EPERM, "args": [arg]}
+
+
+def _personality_refused() -> list[tuple[str, int, int]]:
+    """Comparisons whose union is every personality() argument not in PERSONALITY_ALLOWED.
+
+    Docker allows the values under a default of ERRNO; ours is ALLOW, and libseccomp takes
+    neither a rule whose action is the default nor two comparisons of one argument in a rule
+    (runc splits those into separate rules, OR, so such a profile would mean something else
+    there too). So the refusal is spelled as one-comparison rules: anything above 32 bits;
+    the three other values with every bit outside the flags 0x20008 set; and, for the rest,
+    a set bit followed by a clear bit among those 30 bits in a cycle, which every value that is
+    neither all zeros nor all ones there has (all zeros leaves only the allowed flag values).
+    """
+    flags = 0
+    for value in PERSONALITY_ALLOWED[:-1]:
+        flags |= value
+    free = [bit for bit in range(32) if not flags >> bit & 1]
+    tests = [("SCMP_CMP_GT", 0xFFFFFFFF, 0)]
+    all_free = sum(1 << bit for bit in free)
+    tests += [
+        ("SCMP_CMP_EQ", all_free | low, 0)
+        for low in PERSONALITY_ALLOWED[:-1]
+        if all_free | low not in PERSONALITY_ALLOWED
+    ]
+    for i, bit in enumerate(free):
+        after = free[(i + 1) % len(free)]
+        tests.append(("SCMP_CMP_MASKED_EQ", (1 << bit) | (1 << after), 1 << bit))
+    return tests
 
 
 def check_profile(profile: Any, source: str) -> dict[str, Any]:

@@ -423,3 +423,61 @@ def test_no_directories_means_only_default_and_unconfined(tmp_path: Path) -> Non
     assert "seccomp_profile_dirs []" in refusal(str(good), [])
     assert "seccomp_profile_dirs []" in refusal("p", [])
     assert security.seccomp_policy("default", False, []) == security.default_profile()
+
+
+# ---- the default profile: io_uring and personality ------------------------------------------
+
+PERSONALITIES = {
+    "0x0": "OK",
+    "0x8": "OK",
+    "0x20000": "OK",
+    "0x20008": "OK",
+    "0xffffffff": "OK",
+    "0x40000": "EPERM",  # ADDR_NO_RANDOMIZE
+    "0x400000": "EPERM",  # READ_IMPLIES_EXEC
+    "0x20040008": "EPERM",
+    "0xfffffff7": "EPERM",
+    "0x100000000": "EPERM",  # the kernel reads 0 from it: seccomp must see all 64 bits
+}
+
+
+def test_default_profile_refuses_io_uring_and_personalities_docker_refuses(
+    tmp_path: Path, image: Path
+) -> None:
+    calls = "io_uring_setup " + " ".join(f"personality:{v}" for v in PERSONALITIES)
+    code, out = run(tmp_path, image, f"probe {calls}")
+    results = dict(line.split() for line in out.splitlines())
+    expected = {
+        "io_uring_setup": "EPERM",
+        **{f"personality:{v}": r for v, r in PERSONALITIES.items()},
+    }
+    assert results == expected, out
+    # Control: without the filter this kernel has io_uring and takes every one of them.
+    code, out = run(tmp_path, image, f"probe {calls}", seccomp=None)
+    assert dict(line.split() for line in out.splitlines()) == dict.fromkeys(expected, "OK"), out
+
+
+def test_personality_rules_refuse_exactly_what_is_not_allowed() -> None:
+    """The default profile's personality rules, evaluated as the filter does, against
+    boundary, single-bit and random values (the container test covers the kernel)."""
+    rules = [r for r in security.default_profile()["syscalls"] if r["names"] == ["personality"]]
+
+    def refused(x: int) -> bool:
+        for rule in rules:
+            (arg,) = rule["args"]
+            op, value = arg["op"], arg["value"]
+            if (
+                (op == "SCMP_CMP_GT" and x > value)
+                or (op == "SCMP_CMP_EQ" and x == value)
+                or (op == "SCMP_CMP_MASKED_EQ" and x & value == arg["valueTwo"])
+            ):
+                return True
+        return False
+
+    samples = {v + d for v in security.PERSONALITY_ALLOWED for d in (-1, 0, 1) if v + d >= 0}
+    for bit in range(64):
+        samples |= {1 << bit, (1 << bit) | 0x20008, 2**64 - 1 - (1 << bit), 0xFFFFFFFF ^ 1 << bit}
+    samples |= {random.getrandbits(64) for _ in range(20000)}
+    samples |= {random.getrandbits(32) for _ in range(20000)}
+    wrong = [hex(x) for x in samples if refused(x) == (x in security.PERSONALITY_ALLOWED)]
+    assert not wrong
