@@ -70,6 +70,44 @@ def test_malformed_seccomp_profile_is_refused_naming_it(cluster: Any) -> None:
         refused(cluster, spec, expected)
 
 
+def test_a_profile_an_earlier_job_wrote_is_refused_and_the_default_runs(cluster: Any) -> None:
+    # The attack: one job leaves a profile that allows everything in its allocation directory
+    # (on the node's disk); the next names it, hoping the root plugin reads it as policy.
+    writer = cluster.run_job(
+        job(
+            "e2e-seccomp-writer",
+            """echo '{"defaultAction": "SCMP_ACT_ALLOW"}' >/alloc/allow.json""",
+        )
+    )
+    alloc = cluster.wait_alloc(writer, {"complete"})
+    try:
+        written = cluster.state_dir / "nomad" / "data" / "alloc" / alloc["ID"] / "alloc"
+        written /= "allow.json"
+        assert json.loads(written.read_text()) == {"defaultAction": "SCMP_ACT_ALLOW"}
+        spec = job(
+            "e2e-seccomp-tenant",
+            "unshare -m true && echo seccomp-off",
+            config_extra=f'        seccomp = "{written}"',
+        )
+        refused(
+            cluster,
+            spec,
+            f'seccomp = "{written}" is not a profile in the plugin\'s seccomp_profile_dirs',
+        )
+    finally:
+        cluster.stop_job(writer)
+    # Control: the same task with the default profile runs, and the filter is on.
+    out, _ = completed(
+        cluster,
+        job(
+            "e2e-seccomp-control",
+            "unshare -m true && echo seccomp-off || echo denied",
+            config_extra='        seccomp = "default"',
+        ),
+    )
+    assert out.split() == ["denied"], out
+
+
 def test_default_seccomp_profile_applies_to_jobs(cluster: Any) -> None:
     out, _ = completed(
         cluster,
