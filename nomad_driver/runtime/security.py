@@ -434,7 +434,12 @@ def _read_beneath(directory: str, relative: str) -> bytes:
     """Read `relative` beneath the admin's `directory`, by descriptor: no symlink anywhere,
     a regular file owned by root, writable by no one else, at most PROFILE_MAX bytes (never
     more is read). FileNotFoundError when the directory or the file is missing."""
-    dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        raise PolicyError(f"seccomp_profile_dirs: {directory}: {err.strerror}") from None
     try:
         held = os.fstat(dir_fd)
         if held.st_uid != 0 or held.st_mode & 0o022:

@@ -321,6 +321,8 @@ def test_the_first_directory_holding_a_name_wins_and_missing_directories_are_ski
     assert security.seccomp_policy("only-here.json", False, dirs) == PERMISSIVE
     os.chmod(second, 0o777)
     assert "must be owned by root and writable by root alone" in refusal("only-here", [second])
+    not_a_dir = admin / "deny-chmod.json"
+    assert f"seccomp_profile_dirs: {not_a_dir}: Not a directory" in refusal("x", [not_a_dir])
 
 
 def test_dev_zero_a_fifo_a_device_and_a_huge_file_are_refused_without_hanging(
