@@ -58,6 +58,12 @@ plugin "pyhpc" {
     # Whether a jobspec may say seccomp = "unconfined". Keep false on shared clusters.
     allow_unconfined_seccomp = false
 
+    # Where the Docker-format seccomp profiles a jobspec may choose live: seccomp = "mpi" is
+    # mpi.json in the first of these that has it; an absolute path must lie inside one. The
+    # directories and the profiles must be root's and writable by root alone; symlinks are
+    # refused. A path anywhere else (say, a file an earlier job wrote) is never read.
+    seccomp_profile_dirs = ["/etc/pyhpc/seccomp"]
+
     # Where an MPI launcher task (mpi mode "launcher") reaches this node's Nomad agent, to
     # start the MPI daemons in the workers' containers through the exec API.
     mpi_nomad_address = "http://127.0.0.1:4646"

@@ -63,7 +63,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     p.add_argument("--layer-dir", metavar="DIR", help="where --writable disk keeps its layer")
     p.add_argument("--network", choices=("host", "none"), default="host")
-    p.add_argument("--seccomp", default="default", metavar="default|unconfined|PROFILE.json")
+    p.add_argument(
+        "--seccomp",
+        default="default",
+        metavar="default|unconfined|NAME|PROFILE.json",
+        help="a profile NAME or path must be in the policy's seccomp_profile_dirs",
+    )
     p.add_argument("--cap-add", action="append", default=[], metavar="CAP")
     p.add_argument("--cap-drop", action="append", default=[], metavar="CAP")
     p.add_argument(

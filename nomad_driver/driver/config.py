@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from nomad_driver.runtime.security import CAP_NUMBER, DEFAULT_CAPS
+from nomad_driver.runtime.security import CAP_NUMBER, DEFAULT_CAPS, PROFILE_NAME
 from nomad_driver.wire.schema import Check, block, option
 
 PLUGIN_NAME = "pyhpc"
@@ -81,9 +81,13 @@ def _capabilities(value: Any) -> str | None:
 
 
 def _seccomp(value: Any) -> str | None:
-    if value in ("default", "unconfined") or str(value).startswith("/"):
+    text = str(value)
+    if "\0" not in text and (text.startswith("/") or PROFILE_NAME.fullmatch(text)):
         return None
-    return 'must be "default", "unconfined" or the absolute path of a Docker-format JSON profile'
+    return (
+        'must be "default", "unconfined", or the name (letters, digits, "-", "_", ".", not '
+        'starting with ".") or absolute path of a profile in the plugin\'s seccomp_profile_dirs'
+    )
 
 
 def _binds(value: Any) -> str | None:
@@ -316,6 +320,15 @@ class PluginConfig:
         default=False,
         doc='Whether a task may turn seccomp off with seccomp = "unconfined".',
     )
+    seccomp_profile_dirs: tuple[str, ...] = option(
+        "list(string)",
+        default=(),
+        doc="Directories of Docker-format seccomp profiles tasks may choose, by name "
+        '(seccomp = "mpi" is mpi.json, the first directory holding it wins) or by path '
+        'inside them, e.g. ["/etc/pyhpc/seccomp"]. The directories and profiles must be owned '
+        "by root and writable by root alone; symlinks are refused. Empty: only the default.",
+        check=_absolute,
+    )
     mpi_nomad_address: str = option(
         "string",
         default="http://127.0.0.1:4646",
@@ -478,7 +491,8 @@ class TaskConfig:
         "string",
         default="default",
         doc='"default" (blocks what Docker\'s default blocks), "unconfined" (if the plugin allows '
-        "it), or the absolute path of a Docker-format JSON profile on the node.",
+        "it), or a Docker-format JSON profile from the plugin's seccomp_profile_dirs: its name "
+        '("mpi" for mpi.json) or its absolute path there.',
         check=_seccomp,
     )
 

@@ -356,7 +356,9 @@ def container_spec(
         stdin_path=ctx.stdin_path,
         mounts=tuple(mounts),
         capabilities=tuple(security.capability_set(cfg.cap_add, cfg.cap_drop, plugin.allow_caps)),
-        seccomp=security.seccomp_policy(cfg.seccomp, plugin.allow_unconfined_seccomp),
+        seccomp=security.seccomp_policy(
+            cfg.seccomp, plugin.allow_unconfined_seccomp, plugin.seccomp_profile_dirs
+        ),
         limits=ctx.limits._replace(pids_max=int(plugin.pids_max)),
         writable=cfg.writable,
         upper_dir=ctx.upper_dir if cfg.writable == "disk" else "",

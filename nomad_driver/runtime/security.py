@@ -3,6 +3,8 @@
 Profiles use Docker's JSON format (defaultAction, syscalls[].names/action/args, architectures),
 so existing profiles carry over. Parsing happens in the plugin, before a task starts, so a bad
 profile is refused with its path and field; only the parsed, checked form reaches the runtime.
+A task names a profile; the plugin reads it only from the admin's seccomp_profile_dirs, through
+a descriptor, so nothing a tenant wrote becomes the policy root applies.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import errno
 import json
 import os
-from collections.abc import Iterable, Mapping
+import re
+import stat
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from nomad_driver.runtime import linux
@@ -30,13 +34,16 @@ DEFAULT_CAPS = frozenset(
 )
 
 # Refused with EPERM by the default profile: what Docker's default profile blocks for a
-# container without CAP_SYS_ADMIN, plus the new mount API. ptrace and process_vm_readv/writev
-# are allowed, as Docker allows them on kernels >= 4.8 (where ptrace cannot bypass seccomp):
-# they reach only the task's own processes (its user namespace; the container init is not
-# dumpable), and MPI's single-copy shared-memory transport (CMA) needs them.
+# container without CAP_SYS_ADMIN, plus the new mount API and io_uring (the operations a ring
+# carries are not seen by seccomp, so a task could do through it what the filter refuses).
+# ptrace and process_vm_readv/writev are allowed, as Docker allows them on kernels >= 4.8
+# (where ptrace cannot bypass seccomp): they reach only the task's own processes (its user
+# namespace; the container init is not dumpable), and MPI's single-copy shared-memory
+# transport (CMA) needs them.
 DEFAULT_DENIED = (
     "acct add_key bpf clock_adjtime clock_settime create_module delete_module finit_module "
-    "fsconfig fsmount fsopen fspick get_kernel_syms get_mempolicy init_module ioperm iopl "
+    "fsconfig fsmount fsopen fspick get_kernel_syms get_mempolicy init_module "
+    "io_uring_enter io_uring_register io_uring_setup ioperm iopl "
     "kcmp kexec_file_load kexec_load keyctl lookup_dcookie mbind mount move_mount "
     "move_pages name_to_handle_at nfsservctl open_by_handle_at open_tree perf_event_open "
     "pivot_root query_module quotactl reboot "
@@ -53,6 +60,10 @@ NAMESPACE_FLAGS = (
     0x40000000,
     0x02000000,
 )
+# personality() values the default profile allows, Docker's: PER_LINUX, PER_LINUX_32BIT,
+# UNAME26, UNAME26|PER_LINUX_32BIT and 0xffffffff (query). Others, ADDR_NO_RANDOMIZE among
+# them, turn off protections for the programs the task runs next.
+PERSONALITY_ALLOWED = (0x0, 0x8, 0x20000, 0x20008, 0xFFFFFFFF)
 
 ACTIONS = {
     "SCMP_ACT_ALLOW",
@@ -109,15 +120,43 @@ def default_profile() -> dict[str, Any]:
         {"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.ENOSYS},
     ]
     for flag in NAMESPACE_FLAGS:
-        rules.append(
-            {
-                "names": ["clone"],
-                "action": "SCMP_ACT_ERRNO",
-                "errnoRet": errno.EPERM,
-                "args": [{"index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ"}],
-            }
-        )
+        rules.append(_eperm_if("clone", "SCMP_CMP_MASKED_EQ", flag, flag))
+    rules += [_eperm_if("personality", *test) for test in _personality_refused()]
     return {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": rules}
+
+
+def _eperm_if(name: str, op: str, value: int, value_two: int = 0) -> dict[str, Any]:
+    """EPERM for `name` when its first argument passes one comparison (Docker JSON rule)."""
+    arg = {"index": 0, "value": value, "valueTwo": value_two, "op": op}
+    return {"names": [name], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EPERM, "args": [arg]}
+
+
+def _personality_refused() -> list[tuple[str, int, int]]:
+    """Comparisons whose union is every personality() argument not in PERSONALITY_ALLOWED.
+
+    Docker allows the values under a default of ERRNO; ours is ALLOW, and libseccomp takes
+    neither a rule whose action is the default nor two comparisons of one argument in a rule
+    (runc splits those into separate rules, OR, so such a profile would mean something else
+    there too). So the refusal is spelled as one-comparison rules: anything above 32 bits;
+    the three other values with every bit outside the flags 0x20008 set; and, for the rest,
+    a set bit followed by a clear bit among those 30 bits in a cycle, which every value that is
+    neither all zeros nor all ones there has (all zeros leaves only the allowed flag values).
+    """
+    flags = 0
+    for value in PERSONALITY_ALLOWED[:-1]:
+        flags |= value
+    free = [bit for bit in range(32) if not flags >> bit & 1]
+    tests = [("SCMP_CMP_GT", 0xFFFFFFFF, 0)]
+    all_free = sum(1 << bit for bit in free)
+    tests += [
+        ("SCMP_CMP_EQ", all_free | low, 0)
+        for low in PERSONALITY_ALLOWED[:-1]
+        if all_free | low not in PERSONALITY_ALLOWED
+    ]
+    for i, bit in enumerate(free):
+        after = free[(i + 1) % len(free)]
+        tests.append(("SCMP_CMP_MASKED_EQ", (1 << bit) | (1 << after), 1 << bit))
+    return tests
 
 
 def check_profile(profile: Any, source: str) -> dict[str, Any]:
@@ -308,8 +347,16 @@ def _build_filter(profile: Mapping[str, Any]) -> Any:
     return flt
 
 
-def seccomp_policy(choice: str, allow_unconfined: bool) -> dict[str, Any] | None:
-    """The profile for a task's `seccomp` choice: "default", "unconfined" or a profile path."""
+PROFILE_MAX = 1 << 20  # bytes: far more than any real profile needs
+# A profile name in the admin's directories: one path component, not hidden.
+PROFILE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
+def seccomp_policy(
+    choice: str, allow_unconfined: bool, profile_dirs: Sequence[str] = ()
+) -> dict[str, Any] | None:
+    """The profile for a task's `seccomp` choice: "default", "unconfined", or a profile named
+    or given by path in the admin's profile_dirs (the plugin's seccomp_profile_dirs)."""
     if choice == "default":
         return default_profile()
     if choice == "unconfined":
@@ -319,9 +366,115 @@ def seccomp_policy(choice: str, allow_unconfined: bool) -> dict[str, Any] | None
                 "(the plugin's allow_unconfined_seccomp is false)"
             )
         return None
+    text, source = read_admin_profile(choice, profile_dirs, allow_unconfined)
+    return load_profile(text, source)
+
+
+def read_admin_profile(
+    choice: str, profile_dirs: Sequence[str], allow_unconfined: bool = False
+) -> tuple[str, str]:
+    """The text of the profile `choice` names, and its path: a name ("mpi" is mpi.json, the
+    first directory holding it wins) or an absolute path inside one of profile_dirs.
+
+    Runs as root on a tenant's word, so the kernel resolves the path beneath the admin's
+    directory with no symlink, and only the descriptor it gives is checked and read (see
+    _read_beneath). Outside the directories every refusal reads the same, whether or not the
+    file exists, so a task cannot probe for root-only files."""
+    dirs = [d.rstrip("/") or "/" for d in profile_dirs]
+    accepted = '"default"' + (', "unconfined"' if allow_unconfined else "")
+    outside = PolicyError(
+        f"seccomp = {json.dumps(choice)} is not a profile in the plugin's seccomp_profile_dirs "
+        f"{json.dumps(dirs)}: use {accepted}, a profile name from those directories or an "
+        "absolute path inside them"
+    )
+    if "\0" in choice:
+        raise outside
+    if choice.startswith("/"):
+        places = [(d, choice[len(d) :].lstrip("/")) for d in dirs if _is_under(choice, d)]
+    elif PROFILE_NAME.fullmatch(choice):
+        name = choice if choice.endswith(".json") else f"{choice}.json"
+        places = [(d, name) for d in dirs]
+    else:
+        raise outside
+    for directory, relative in places:
+        source = os.path.join(directory, relative)
+        try:
+            data = _read_beneath(directory, relative)
+        except FileNotFoundError:
+            if choice.startswith("/"):
+                raise PolicyError(
+                    f"seccomp = {json.dumps(choice)}: no such profile in the plugin's "
+                    f"seccomp_profile_dirs {json.dumps(dirs)}"
+                ) from None
+            continue  # a name: the next directory may hold it
+        except _Escapes:
+            raise outside from None
+        except _Unfit as err:
+            raise PolicyError(
+                f"seccomp = {json.dumps(choice)}: {source} {err} (a profile in the plugin's "
+                "seccomp_profile_dirs must be a regular file, not a link, owned by root and "
+                f"writable by root alone, at most {PROFILE_MAX} bytes)"
+            ) from None
+        try:
+            return data.decode("utf-8"), source
+        except UnicodeDecodeError as err:
+            raise PolicyError(f"seccomp profile {source}: not UTF-8 text ({err})") from None
+    raise outside
+
+
+class _Escapes(Exception):
+    """The path leaves the directory it must stay beneath."""
+
+
+class _Unfit(Exception):
+    """The file is there but is no profile root may apply; the message says why."""
+
+
+def _read_beneath(directory: str, relative: str) -> bytes:
+    """Read `relative` beneath the admin's `directory`, by descriptor: no symlink anywhere,
+    a regular file owned by root, writable by no one else, at most PROFILE_MAX bytes (never
+    more is read). FileNotFoundError when the directory or the file is missing."""
     try:
-        with open(choice, encoding="utf-8") as f:
-            text = f.read()
+        dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
     except OSError as err:
-        raise PolicyError(f"seccomp profile {choice}: cannot read it ({err.strerror})") from err
-    return load_profile(text, choice)
+        raise PolicyError(f"seccomp_profile_dirs: {directory}: {err.strerror}") from None
+    try:
+        held = os.fstat(dir_fd)
+        if held.st_uid != 0 or held.st_mode & 0o022:
+            raise PolicyError(
+                f"seccomp_profile_dirs: {directory} must be owned by root and writable by "
+                "root alone (a profile there could be anyone's)"
+            )
+        # O_NONBLOCK: a FIFO opens at once (and is refused below) instead of waiting.
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+        try:
+            fd = linux.openat2(dir_fd, relative, flags, linux.STRICT)
+        except OSError as err:
+            if err.errno == errno.ENOENT:
+                raise FileNotFoundError from None
+            if err.errno == errno.EXDEV:
+                raise _Escapes from None
+            if err.errno == errno.ELOOP:
+                raise _Unfit("is a symlink or has one on its path") from None
+            raise _Unfit(f"cannot be opened ({err.strerror})") from None
+    finally:
+        os.close(dir_fd)
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise _Unfit("is not a regular file")
+        if info.st_uid != 0:
+            raise _Unfit(f"is owned by uid {info.st_uid}, not root")
+        if info.st_mode & 0o022:
+            raise _Unfit(f"is writable by group or others (mode {info.st_mode & 0o7777:o})")
+        data = f.read(PROFILE_MAX + 1) if info.st_size <= PROFILE_MAX else b""
+        if info.st_size > PROFILE_MAX or len(data) > PROFILE_MAX:
+            raise _Unfit(f"is larger than {PROFILE_MAX} bytes")
+        return data
+
+
+def _is_under(path: str, directory: str) -> bool:
+    prefix = directory.rstrip("/") + "/"
+    return path.startswith(prefix) and len(path) > len(prefix)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -92,6 +93,33 @@ def test_bad_options_are_refused_naming_them(tmp_path: Path, busybox_image: Path
         assert done.returncode == 125 and message in done.stderr, (args, done.stderr)
     bad = pyhpc_run(str(busybox_image.parent / "missing.sqsh"), "true")
     assert bad.returncode == 125 and "no such file" in bad.stderr
+
+
+def test_seccomp_profile_outside_the_policys_dirs_is_refused_and_one_inside_applies(
+    tmp_path: Path, busybox_image: Path
+) -> None:
+    tenant = tmp_path / "tenant.json"
+    tenant.write_text('{"defaultAction": "SCMP_ACT_ALLOW"}')
+    os.chown(tenant, 1000, 1000)
+    admin = tmp_path / "profiles"
+    admin.mkdir(mode=0o755)
+    rule = {"names": ["chmod", "fchmodat", "fchmodat2"], "action": "SCMP_ACT_ERRNO"}
+    (admin / "no-chmod.json").write_text(
+        json.dumps({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [rule]})
+    )
+    config = policy(tmp_path, f'    seccomp_profile_dirs = ["{admin}"]')
+    refused = pyhpc_run(
+        "--config", str(config), "--seccomp", str(tenant), str(busybox_image), "true"
+    )
+    assert refused.returncode == 125
+    assert "is not a profile in the plugin's seccomp_profile_dirs" in refused.stderr
+    script = "chmod 700 /tmp && echo changed"
+    applied = pyhpc_run(
+        "--config", str(config), "--seccomp", "no-chmod", str(busybox_image), "sh", "-c", script
+    )
+    assert applied.returncode != 0 and "Operation not permitted" in applied.stderr, applied
+    control = pyhpc_run("--config", str(config), str(busybox_image), "sh", "-c", script)
+    assert (control.returncode, control.stdout) == (0, "changed\n"), control.stderr
 
 
 def test_a_signal_to_pyhpc_run_reaches_the_command(busybox_image: Path) -> None:

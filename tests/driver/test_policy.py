@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -68,6 +69,38 @@ def test_new_plugin_options_refuse_nonsense_naming_each() -> None:
         plugin(**bad)
     for name in bad:
         assert f"option {name!r}" in str(err.value), name
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root-owned profiles need root")
+def test_seccomp_reads_profiles_only_from_the_plugins_profile_dirs(tmp_path: Path) -> None:
+    image = tmp_path / "img.sqsh"
+    image.write_bytes(b"x")
+    admin = tmp_path / "profiles"
+    admin.mkdir(mode=0o755)
+    strict = {"defaultAction": "SCMP_ACT_ERRNO"}
+    (admin / "strict.json").write_text(json.dumps(strict))
+    tenant = tmp_path / "alloc" / "allow.json"
+    tenant.parent.mkdir()
+    tenant.write_text('{"defaultAction": "SCMP_ACT_ALLOW"}')
+    os.chown(tenant, 1000, 1000)
+    cfg = plugin(seccomp_profile_dirs=[str(admin)])
+    ctx = policy.TaskContext("t1", "host", {}, "", "/dev/null", "/dev/null")
+
+    def spec(choice: str) -> object:
+        task = schema.load(
+            config.TaskConfig, {"image": str(image), "command": "true", "seccomp": choice}, "t"
+        )
+        return policy.container_spec(cfg, task, str(image), ctx).seccomp
+
+    with pytest.raises(PolicyError, match="is not a profile in the plugin's seccomp_profile_dirs"):
+        spec(str(tenant))
+    assert spec("strict") == spec(str(admin / "strict.json")) == strict
+    assert spec("default")["defaultAction"] == "SCMP_ACT_ALLOW"  # type: ignore[index]
+    for bad in (".hidden", "../strict", "a/b", "x\0y"):
+        with pytest.raises(schema.ConfigError, match="option 'seccomp'"):
+            schema.load(config.TaskConfig, {"image": str(image), "seccomp": bad}, "t")
+    with pytest.raises(schema.ConfigError, match="seccomp_profile_dirs"):
+        plugin(seccomp_profile_dirs=["profiles"])
 
 
 def mpi_task(image: Path, **mpi: object) -> config.TaskConfig:

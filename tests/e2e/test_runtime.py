@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,18 +39,73 @@ def test_capability_outside_the_allowlist_is_refused_before_start(cluster: Any) 
     refused(cluster, spec, "cap_add: SYS_ADMIN not in the plugin's allow_caps")
 
 
-def test_malformed_seccomp_profile_is_refused_naming_it(cluster: Any, tmp_path: Path) -> None:
-    profile = tmp_path / "bad.json"
-    profile.write_text(
-        json.dumps(
-            {
-                "defaultAction": "SCMP_ACT_ALLOW",
-                "syscalls": [{"names": ["chmod"], "action": "SCMP_ACT_SOMETIMES"}],
-            }
+# seccomp_profile_dirs in plugin-config/pyhpc.hcl, which the test bed loads.
+ADMIN_PROFILES = Path("/etc/pyhpc/seccomp")
+
+
+@contextlib.contextmanager
+def admin_profile(name: str, profile: object) -> Iterator[Path]:
+    """A profile the admin installed (root's, 0644, in seccomp_profile_dirs), removed after."""
+    made = not ADMIN_PROFILES.exists()
+    ADMIN_PROFILES.mkdir(mode=0o755, parents=True, exist_ok=True)
+    path = ADMIN_PROFILES / name
+    path.write_text(json.dumps(profile))
+    path.chmod(0o644)
+    try:
+        yield path
+    finally:
+        path.unlink()
+        if made:
+            ADMIN_PROFILES.rmdir()
+
+
+def test_malformed_seccomp_profile_is_refused_naming_it(cluster: Any) -> None:
+    bad = {
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [{"names": ["chmod"], "action": "SCMP_ACT_SOMETIMES"}],
+    }
+    with admin_profile("e2e-bad.json", bad) as profile:
+        spec = job("e2e-seccomp-bad", "true", config_extra='        seccomp = "e2e-bad"')
+        expected = f"seccomp profile {profile}: syscalls[0].action 'SCMP_ACT_SOMETIMES'"
+        refused(cluster, spec, expected)
+
+
+def test_a_profile_an_earlier_job_wrote_is_refused_and_the_default_runs(cluster: Any) -> None:
+    # The attack: one job leaves a profile that allows everything in its allocation directory
+    # (on the node's disk); the next names it, hoping the root plugin reads it as policy.
+    writer = cluster.run_job(
+        job(
+            "e2e-seccomp-writer",
+            """echo '{"defaultAction": "SCMP_ACT_ALLOW"}' >/alloc/allow.json""",
         )
     )
-    spec = job("e2e-seccomp-bad", "true", config_extra=f'        seccomp = "{profile}"')
-    refused(cluster, spec, f"seccomp profile {profile}: syscalls[0].action 'SCMP_ACT_SOMETIMES'")
+    alloc = cluster.wait_alloc(writer, {"complete"})
+    try:
+        written = cluster.state_dir / "nomad" / "data" / "alloc" / alloc["ID"] / "alloc"
+        written /= "allow.json"
+        assert json.loads(written.read_text()) == {"defaultAction": "SCMP_ACT_ALLOW"}
+        spec = job(
+            "e2e-seccomp-tenant",
+            "unshare -m true && echo seccomp-off",
+            config_extra=f'        seccomp = "{written}"',
+        )
+        refused(
+            cluster,
+            spec,
+            f'seccomp = "{written}" is not a profile in the plugin\'s seccomp_profile_dirs',
+        )
+    finally:
+        cluster.stop_job(writer)
+    # Control: the same task with the default profile runs, and the filter is on.
+    out, _ = completed(
+        cluster,
+        job(
+            "e2e-seccomp-control",
+            "unshare -m true && echo seccomp-off || echo denied",
+            config_extra='        seccomp = "default"',
+        ),
+    )
+    assert out.split() == ["denied"], out
 
 
 def test_default_seccomp_profile_applies_to_jobs(cluster: Any) -> None:

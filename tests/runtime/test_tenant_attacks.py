@@ -35,6 +35,15 @@ TRIES = 50
 TENANT = 1000
 
 
+def tries(*counts: list[int]) -> Iterator[int]:
+    """TRIES attempts, and more (up to 4x) until every outcome counted in counts was seen
+    once: on a loaded 2-core machine the racer's timing varies, the verdict must not."""
+    for i in range(4 * TRIES):
+        if i >= TRIES and all(c[0] for c in counts):
+            return
+        yield i
+
+
 @pytest.fixture
 def tmp_path() -> Iterator[Path]:
     """A scratch directory the tenant (uid 1000, the racer) can reach: pytest's own sits in a
@@ -142,15 +151,17 @@ def test_b2_the_checked_digest_is_the_mounted_one_under_a_rename_race(
     shutil.move(marked(tmp_path, busybox_image, "evil"), second)
     markers = {sha256_file(str(first)): "good", sha256_file(str(second)): "evil"}
     cfg = plugin(tmp_path)
-    seen = set()
+    seen: set[str] = set()
+    good, evil = [0], [0]
     with racing(first, second):
-        for i in range(TRIES):
+        for i in tries(good, evil):
             opened = policy.open_image(cfg, str(first))
             digest = fd_digest(opened.fd, str(tmp_path / "digests"))  # what the signature covers
             ran = run(tmp_path, opened, "cat /marker", str(i))
             opened.close()
             assert ran == markers[digest], f"try {i}: checked {markers[digest]}, ran {ran}"
             seen.add(ran)
+            (good if ran == "good" else evil)[0] += 1
     assert seen == {"good", "evil"}, f"the race never swapped the files: {seen}"
 
 
@@ -225,9 +236,9 @@ def test_b3_a_bind_source_swapped_for_a_symlink_never_mounts_the_target(
     os.chown(link, TENANT, TENANT, follow_symlinks=False)
     image = policy.open_image(plugin(tmp_path, image_dirs=[str(busybox_image.parent)]),
                               str(busybox_image))  # fmt: skip
-    benign = refused = 0
+    benign, refused = [0], [0]
     with racing(data, link):
-        for i in range(TRIES):
+        for i in tries(benign, refused):
             try:
                 binds = policy.allowed_binds(
                     (f"{data}:/data",), (str(scratch),), "mounts", "mount_dirs"
@@ -235,13 +246,14 @@ def test_b3_a_bind_source_swapped_for_a_symlink_never_mounts_the_target(
                 out = run(tmp_path, image, "ls /data", str(i), mounts=tuple(binds))
             except (PolicyError, StartError) as err:
                 assert "symlink" in str(err), err
-                refused += 1
+                refused[0] += 1
                 continue
             assert "SECRET" not in out, f"try {i}: the host directory was mounted"
-            benign += "benign" in out
+            benign[0] += "benign" in out
+            assert "benign" in out or out == "", out
     image.close()
-    assert benign > 0, "no start ever ran: the setup is broken"
-    assert refused > 0, "the racer never won a check: the race did not run"
+    assert benign[0] > 0, f"no start ever ran: the setup is broken ({refused} refused)"
+    assert refused[0] > 0, "the racer never won a check: the race did not run"
 
 
 # B7: a task's bind over /etc/hosts must not make root write (or chown) the bound file.
@@ -281,20 +293,20 @@ def test_b8_a_mount_target_swapped_for_a_symlink_creates_nothing_on_the_host(
             (f"{outer}:/data", f"{inner}:/data/sub/x"), (str(scratch),), "mounts", "mount_dirs"
         )
     )
-    benign = refused = 0
+    benign, refused = [0], [0]
     with racing(sub, evil):
-        for i in range(TRIES):
+        for i in tries(benign, refused):
             try:
                 out = run(tmp_path, None, "ls /data/sub/x", str(i), image=str(busybox_image),
                           mounts=binds)  # fmt: skip
             except StartError as err:
                 assert "symlink" in str(err), err
-                refused += 1
+                refused[0] += 1
                 continue
-            benign += "benign" in out
+            benign[0] += "benign" in out
     assert list(host.iterdir()) == [], "root created a mount target on the host"
-    assert benign > 0, "no start ever ran: the setup is broken"
-    assert refused > 0, "the racer never won a check: the race did not run"
+    assert benign[0] > 0, "no start ever ran: the setup is broken"
+    assert refused[0] > 0, "the racer never won a check: the race did not run"
 
 
 # B9: the plugin must not lend a task an image its user cannot read.
@@ -442,18 +454,18 @@ def test_w7_log_directory_swapped_mid_open_never_writes_elsewhere(
     evil = alloc / "evil"
     evil.symlink_to(host)
     os.chown(evil, TENANT, TENANT, follow_symlinks=False)
-    wrote = refused = 0
+    wrote, refused = [0], [0]
     with racing(logs, evil):
-        for i in range(TRIES):
+        for i in tries(wrote, refused):
             try:
                 run(tmp_path, None, "echo overwritten", str(i), image=str(busybox_image),
                     stdout_path=str(logs / "t.stdout"))  # fmt: skip
-                wrote += 1
+                wrote[0] += 1
             except StartError as err:
                 assert "symlink" in str(err), err
-                refused += 1
+                refused[0] += 1
     assert (host / "t.stdout").read_text() == "untouched"
-    assert wrote > 0 and refused > 0, (wrote, refused)
+    assert wrote[0] > 0 and refused[0] > 0, (wrote, refused)
 
 
 # W8: writable = "none" must not tell whether a host path exists.

@@ -3,6 +3,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -17,6 +18,17 @@ static long call(const char *name) {
     if (!strcmp(name, "ptrace")) return syscall(SYS_ptrace, 16 /* ATTACH */, 1, 0, 0);
     if (!strcmp(name, "setns")) return syscall(SYS_setns, 0, 0);
     if (!strcmp(name, "getpid")) return syscall(SYS_getpid);
+    if (!strcmp(name, "io_uring_setup")) {
+        char params[120] = {0}; /* struct io_uring_params, all zero: a plain ring */
+        return syscall(SYS_io_uring_setup, 1, params);
+    }
+    /* personality:VALUE, e.g. personality:0x40000; the old persona is restored after. */
+    if (!strncmp(name, "personality:", 12)) {
+        long old = syscall(SYS_personality, 0xffffffffUL);
+        long r = syscall(SYS_personality, strtoul(name + 12, 0, 0));
+        if (r >= 0) syscall(SYS_personality, (unsigned long)old);
+        return r;
+    }
     errno = ENOSYS;
     return -1;
 }
