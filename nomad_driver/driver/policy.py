@@ -20,7 +20,7 @@ from nomad_driver.driver.config import (
     parse_duration,
     parse_id_range,
 )
-from nomad_driver.runtime import security
+from nomad_driver.runtime import ids, security
 from nomad_driver.runtime.cgroups import Limits
 from nomad_driver.runtime.imagemount import images_dir
 from nomad_driver.runtime.paths import parse_bind, within
@@ -300,6 +300,8 @@ def container_spec(
         netns_path=ctx.netns_path,
         images_dir=images_dir(plugin.run_dir),
         userns=parse_id_range(plugin.root_id_range) if plugin.user_namespace else None,
+        allowed_uids=ids.parse_ranges(plugin.allowed_uids),
+        allowed_gids=ids.parse_ranges(plugin.allowed_gids),
     )
 
 

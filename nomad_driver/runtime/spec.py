@@ -12,6 +12,7 @@ import os
 from typing import Any, NamedTuple
 
 from nomad_driver.runtime.cgroups import Limits
+from nomad_driver.runtime.ids import DEFAULT_GIDS, DEFAULT_UIDS
 
 
 # NamedTuple rather than dataclass here: this module is loaded by every task supervisor,
@@ -55,6 +56,10 @@ class ContainerSpec(NamedTuple):
     userns: tuple[int, int] | None = None
     stdin_path: str = ""  # the task's stdin; empty: /dev/null (Nomad tasks have none)
     seccomp_bpf: str = ""  # seccomp compiled to BPF, base64 (see with_seccomp_bpf)
+    # Host ids a non-root task user may have (inclusive ranges): the plugin's allowed_uids and
+    # allowed_gids, checked by ids.check where the user is resolved.
+    allowed_uids: tuple[tuple[int, int], ...] = DEFAULT_UIDS
+    allowed_gids: tuple[tuple[int, int], ...] = DEFAULT_GIDS
 
     def with_seccomp_bpf(self) -> ContainerSpec:
         """Compiled here, before any container step: the init and exec only load it."""
@@ -82,6 +87,9 @@ class ContainerSpec(NamedTuple):
         raw["capabilities"] = tuple(raw.get("capabilities", ()))
         raw["limits"] = Limits(**raw["limits"]) if raw.get("limits") else None
         raw["userns"] = tuple(raw["userns"]) if raw.get("userns") else None
+        for key in ("allowed_uids", "allowed_gids"):
+            if key in raw:
+                raw[key] = tuple((low, high) for low, high in raw[key])
         return cls(**raw)
 
 

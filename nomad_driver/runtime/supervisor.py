@@ -56,7 +56,7 @@ def run_init(
     # Loaded here, in the init only (the long-lived supervisor stays small), and before
     # pivot_root: from inside the container the package is out of sight (restrict() needs
     # security then).
-    from nomad_driver.runtime import container, linux, security  # noqa: F401
+    from nomad_driver.runtime import container, ids, linux, security  # noqa: F401
 
     app_pid = 0
 
@@ -75,6 +75,7 @@ def run_init(
             cgroup.join()  # before anything runs, so every process of the task is counted
         container.build(spec, scratch, spec.image_root, userns)
         uid, gid = container.resolve_user(spec.user)
+        ids.check_user(spec, uid, gid)  # again: a disk layer's /etc/passwd may differ
         env = container.with_home(spec.env, uid)
         path = container.find_command(spec.command, env)
         if not os.path.isdir(spec.work_dir):
@@ -230,11 +231,12 @@ class Supervisor:
 
     def user_namespace(self) -> tuple[int, IdMaps] | None:
         """Made here, before the PID namespace: its short-lived creator must not be PID 1."""
-        if self.spec.userns is None:
-            return None
-        from nomad_driver.runtime import container
+        from nomad_driver.runtime import container, ids
 
         uid, gid = container.resolve_user(self.spec.user, self.spec.image_root)
+        ids.check_user(self.spec, uid, gid)
+        if self.spec.userns is None:
+            return None
         maps = container.id_maps(self.spec.userns, uid, gid)
         return container.new_user_namespace(maps), maps
 
