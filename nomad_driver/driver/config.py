@@ -221,7 +221,8 @@ class PluginConfig:
         default=True,
         doc="Run tasks in a user namespace: a task running as root becomes the host ids of "
         "root_id_range (its capabilities count only inside), any other user is mapped to itself "
-        "alone. false: container root is host root, with capabilities still bounded.",
+        "alone. false: container root is host root, with capabilities still bounded (MKNOD only "
+        "through cap_add), in a devices cgroup (cgroup v1 only: v2 nodes refuse such tasks).",
     )
     root_id_range: str = option(
         "string",

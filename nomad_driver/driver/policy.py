@@ -290,7 +290,11 @@ def container_spec(
         stderr_path=ctx.stderr_path or os.devnull,
         stdin_path=ctx.stdin_path,
         mounts=tuple(mounts),
-        capabilities=tuple(security.capability_set(cfg.cap_add, cfg.cap_drop, plugin.allow_caps)),
+        capabilities=tuple(
+            security.capability_set(
+                cfg.cap_add, cfg.cap_drop, plugin.allow_caps, host_root=not plugin.user_namespace
+            )
+        ),
         seccomp=security.seccomp_policy(cfg.seccomp, plugin.allow_unconfined_seccomp),
         limits=ctx.limits._replace(pids_max=int(plugin.pids_max)),
         writable=cfg.writable,

@@ -246,14 +246,20 @@ def bind_mounts(root: str, mounts: tuple[BindMount, ...]) -> None:
 
 
 def make_dev(root: str) -> None:
-    """A minimal /dev: a few host nodes bound in, a private devpts and /dev/shm."""
+    """A minimal /dev: a few host nodes bound in, a private devpts and /dev/shm.
+
+    The tmpfs is nodev, so a node a task makes there (with CAP_MKNOD as host root) opens
+    nothing; each bound node is a mount of its own, with its own flags, so it still works."""
     dev = _inside(root, "/dev")
     os.makedirs(dev, exist_ok=True)
-    linux.mount("tmpfs", dev, "tmpfs", linux.MS_NOSUID | linux.MS_NOEXEC, "mode=0755,size=64k")
+    nothing = linux.MS_NOSUID | linux.MS_NOEXEC
+    linux.mount("tmpfs", dev, "tmpfs", nothing | linux.MS_NODEV, "mode=0755,size=64k")
     for node in DEV_NODES:
         target = os.path.join(dev, node)
         open(target, "a").close()  # noqa: SIM115
         linux.mount(f"/dev/{node}", target, None, linux.MS_BIND)
+        # Set rather than copied from the host's /dev: device access, nothing else.
+        linux.mount("none", target, None, linux.MS_BIND | linux.MS_REMOUNT | nothing)
     os.mkdir(os.path.join(dev, "pts"))
     linux.mount(
         "devpts",

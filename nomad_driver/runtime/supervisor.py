@@ -198,14 +198,19 @@ class Supervisor:
         stdin = _open_stdio(self.spec.stdin_path or os.devnull, os.O_RDONLY)
         ready_r, ready_w = os.pipe()
         self.status_r, status_w = os.pipe()
+        devices = [(d.host_path, d.read_only) for d in self.spec.devices]
         if self.cgroup is not None and self.spec.limits is not None:
-            self.cgroup.create(self.spec.limits)
-        scratch = self.path("mnt")
-        os.makedirs(scratch, exist_ok=True)
-        # The image's mount stays while this process lives, whatever happens to the plugin.
-        self.images.hold(self.spec.image_root, self.owner, os.getpid())
-        userns = self.user_namespace()
-        _unshare_pid()  # our next child is PID 1 of a new PID namespace
+            self.cgroup.create(self.spec.limits, devices, host_root=self.spec.userns is None)
+        try:
+            scratch = self.path("mnt")
+            os.makedirs(scratch, exist_ok=True)
+            # The image's mount stays while this process lives, whatever happens to the plugin.
+            self.images.hold(self.spec.image_root, self.owner, os.getpid())
+            userns = self.user_namespace()
+            _unshare_pid()  # our next child is PID 1 of a new PID namespace
+        except BaseException:
+            self._abandon()
+            raise
         pid = os.fork()
         if pid == 0:
             self.listener.close()
@@ -223,11 +228,15 @@ class Supervisor:
         message = json.loads(line) if line.strip() else {"error": "container init exited early"}
         if "error" in message:
             os.waitpid(pid, 0)
-            if self.cgroup is not None:
-                self.cgroup.remove()
-            self.images.release(self.owner)
+            self._abandon()
             raise RuntimeError(message["error"])
         self.started_at = time.time()
+
+    def _abandon(self) -> None:
+        """Undo a start that failed: nothing of it may stay on the host."""
+        if self.cgroup is not None:
+            self.cgroup.remove()
+        self.images.release(self.owner)
 
     def user_namespace(self) -> tuple[int, IdMaps] | None:
         """Made here, before the PID namespace: its short-lived creator must not be PID 1."""
