@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from nomad_driver.runtime import ids
 from nomad_driver.runtime.security import CAP_NUMBER, DEFAULT_CAPS, PROFILE_NAME
 from nomad_driver.wire.schema import Check, block, option
 
@@ -127,6 +128,14 @@ def parse_id_range(value: str) -> tuple[int, int] | None:
     return (start, size) if start > 0 and size > 0 and start + size <= 2**32 - 1 else None
 
 
+def _id_ranges(value: Any) -> str | None:
+    try:
+        ids.parse_ranges(value)
+    except ValueError as err:
+        return f'{err}, e.g. ["1000-65534"]'
+    return None
+
+
 @dataclass(frozen=True)
 class PluginConfig:
     """`plugin "pyhpc" { config { ... } }` in the Nomad agent configuration."""
@@ -225,7 +234,8 @@ class PluginConfig:
         default=True,
         doc="Run tasks in a user namespace: a task running as root becomes the host ids of "
         "root_id_range (its capabilities count only inside), any other user is mapped to itself "
-        "alone. false: container root is host root, with capabilities still bounded.",
+        "alone. false: container root is host root, with capabilities still bounded (MKNOD only "
+        "through cap_add), in a devices cgroup (cgroup v1 only: v2 nodes refuse such tasks).",
     )
     root_id_range: str = option(
         "string",
@@ -233,6 +243,21 @@ class PluginConfig:
         doc='Host uids and gids that container ids 0.. map to for root tasks, as "FIRST:COUNT"; '
         "keep it clear of real users' ids.",
         check=lambda v: None if parse_id_range(v) else 'must be "FIRST:COUNT", e.g. "100000:65536"',
+    )
+    allowed_uids: tuple[str, ...] = option(
+        "list(string)",
+        default=tuple(ids.format_ranges(ids.DEFAULT_UIDS)),
+        doc='Host uids a task\'s `user` may be, as ranges "FIRST-LAST" or single ids; root (uid 0) '
+        "is always allowed (remapped, or bounded host root); with user_namespace, no id inside "
+        "root_id_range.",
+        check=_id_ranges,
+    )
+    allowed_gids: tuple[str, ...] = option(
+        "list(string)",
+        default=tuple(ids.format_ranges(ids.DEFAULT_GIDS)),
+        doc='Host gids a non-root task user may have, as allowed_uids (100 is "users"); gid 0 only '
+        "if listed.",
+        check=_id_ranges,
     )
     signature_mode: str = option(
         "string",

@@ -21,7 +21,7 @@ from nomad_driver.driver.config import (
     parse_duration,
     parse_id_range,
 )
-from nomad_driver.runtime import container, imagefile, security
+from nomad_driver.runtime import container, ids, imagefile, security
 from nomad_driver.runtime.cgroups import Limits
 from nomad_driver.runtime.imagefile import ImageFile
 from nomad_driver.runtime.imagemount import images_dir
@@ -355,7 +355,11 @@ def container_spec(
         stderr_path=ctx.stderr_path or os.devnull,
         stdin_path=ctx.stdin_path,
         mounts=tuple(mounts),
-        capabilities=tuple(security.capability_set(cfg.cap_add, cfg.cap_drop, plugin.allow_caps)),
+        capabilities=tuple(
+            security.capability_set(
+                cfg.cap_add, cfg.cap_drop, plugin.allow_caps, host_root=not plugin.user_namespace
+            )
+        ),
         seccomp=security.seccomp_policy(
             cfg.seccomp, plugin.allow_unconfined_seccomp, plugin.seccomp_profile_dirs
         ),
@@ -367,6 +371,8 @@ def container_spec(
         netns_path=ctx.netns_path,
         images_dir=images_dir(plugin.run_dir),
         userns=parse_id_range(plugin.root_id_range) if plugin.user_namespace else None,
+        allowed_uids=ids.parse_ranges(plugin.allowed_uids),
+        allowed_gids=ids.parse_ranges(plugin.allowed_gids),
     )
 
 

@@ -4,12 +4,29 @@ clusters; this module detects which). A task's cgroup is named after its run dir
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import stat
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 ROOT = "/sys/fs/cgroup"
-V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "cpuset")
+V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "cpuset", "devices")
 PARENT = "pyhpc"
+# The devices every task may open (devices.allow lines): null, zero, full, random, urandom,
+# tty, ptmx and the pseudo-terminals of its own devpts. Anything else only if passed through.
+STANDARD_DEVICES = (
+    "c 1:3 rwm",
+    "c 1:5 rwm",
+    "c 1:7 rwm",
+    "c 1:8 rwm",
+    "c 1:9 rwm",
+    "c 5:0 rwm",
+    "c 5:2 rwm",
+    "c 136:* rwm",
+)
+
+
+class CgroupError(RuntimeError):
+    """A task's cgroup cannot be made as its security needs; the message says why."""
 
 
 class Limits(NamedTuple):  # NamedTuple: loaded by every supervisor (see spec.py)
@@ -72,7 +89,36 @@ class Cgroup:
             return os.path.join(ROOT, PARENT, self.name)
         return os.path.join(ROOT, controller, PARENT, self.name)
 
-    def create(self, limits: Limits) -> None:
+    def create(
+        self, limits: Limits, devices: Iterable[tuple[str, bool]] = (), host_root: bool = False
+    ) -> None:
+        """Make the cgroup(s) with limits, and on v1 a device allowlist: STANDARD_DEVICES and
+        devices, (host path, read_only) pairs, a directory meaning every device under it.
+        host_root: the task has no user namespace, so only the allowlist keeps it from the
+        host's devices; refused where there is none. On failure nothing is left behind."""
+        if host_root and not self._confines_devices():
+            raise CgroupError(
+                "user_namespace = false needs the cgroup v1 devices controller to keep host "
+                f"root tasks from the host's devices, and this node has cgroup v{self.version}"
+                + (" (no device BPF program support yet)" if self.version == 2 else "")
+                + "; set the plugin's user_namespace = true"
+            )
+        rules = [*STANDARD_DEVICES, *device_rules(devices)] if self._confines_devices() else []
+        try:
+            self._create(limits)
+            if rules:
+                allowlist = self._path("devices")
+                _write(os.path.join(allowlist, "devices.deny"), "a")
+                for rule in rules:
+                    _write(os.path.join(allowlist, "devices.allow"), rule)
+        except BaseException:
+            self.remove()
+            raise
+
+    def _confines_devices(self) -> bool:
+        return self.version == 1 and os.path.isdir(os.path.join(ROOT, "devices"))
+
+    def _create(self, limits: Limits) -> None:
         if self.version == 2:
             parent = os.path.join(ROOT, PARENT)
             os.makedirs(parent, exist_ok=True)
@@ -172,6 +218,29 @@ class Cgroup:
                 os.rmdir(path)
             except OSError:
                 pass
+
+
+def device_rules(devices: Iterable[tuple[str, bool]]) -> list[str]:
+    """devices.allow lines for host devices given as (path, read_only): a device node by its
+    type and major:minor, a directory by every device node inside it."""
+    rules = []
+    for path, read_only in devices:
+        access = "r" if read_only else "rw"
+        try:
+            found = [os.stat(path)]
+            if stat.S_ISDIR(found[0].st_mode):
+                found = [
+                    os.lstat(os.path.join(parent, name))
+                    for parent, _, files in os.walk(path)
+                    for name in files
+                ]
+        except OSError as err:
+            raise CgroupError(f"device {path}: {err.strerror}") from err
+        for st in found:
+            if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                kind = "c" if stat.S_ISCHR(st.st_mode) else "b"
+                rules.append(f"{kind} {os.major(st.st_rdev)}:{os.minor(st.st_rdev)} {access}")
+    return rules
 
 
 def names() -> set[str]:

@@ -371,7 +371,9 @@ def bind_mounts(
             target = open_target(root_fd, m.task_path, is_dir)
             tree = linux.clone_tree(source)
             try:
-                attrs = linux.MOUNT_ATTR_NOSUID | (0 if devices else linux.MOUNT_ATTR_NODEV)
+                attrs = linux.MOUNT_ATTR_NOSUID | (
+                    linux.MOUNT_ATTR_NOEXEC if devices else linux.MOUNT_ATTR_NODEV
+                )
                 if m.read_only:
                     attrs |= linux.MOUNT_ATTR_RDONLY
                 linux.set_mount_attr(tree, attrs)
@@ -384,14 +386,20 @@ def bind_mounts(
 
 
 def make_dev(root: str) -> None:
-    """A minimal /dev: a few host nodes bound in, a private devpts and /dev/shm."""
+    """A minimal /dev: a few host nodes bound in, a private devpts and /dev/shm.
+
+    The tmpfs is nodev, so a node a task makes there (with CAP_MKNOD as host root) opens
+    nothing; each bound node is a mount of its own, with its own flags, so it still works."""
     dev = _inside(root, "/dev")
     os.makedirs(dev, exist_ok=True)
-    linux.mount("tmpfs", dev, "tmpfs", linux.MS_NOSUID | linux.MS_NOEXEC, "mode=0755,size=64k")
+    nothing = linux.MS_NOSUID | linux.MS_NOEXEC
+    linux.mount("tmpfs", dev, "tmpfs", nothing | linux.MS_NODEV, "mode=0755,size=64k")
     for node in DEV_NODES:
         target = os.path.join(dev, node)
         open(target, "a").close()  # noqa: SIM115
         linux.mount(f"/dev/{node}", target, None, linux.MS_BIND)
+        # Set rather than copied from the host's /dev: device access, nothing else.
+        linux.mount("none", target, None, linux.MS_BIND | linux.MS_REMOUNT | nothing)
     os.mkdir(os.path.join(dev, "pts"))
     linux.mount(
         "devpts",

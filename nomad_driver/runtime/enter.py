@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 
-from nomad_driver.runtime import container, linux, security
+from nomad_driver.runtime import container, ids, linux, security
 from nomad_driver.runtime.cgroups import Cgroup
 from nomad_driver.runtime.spec import ContainerSpec
 from nomad_driver.runtime.supervisor import SPEC_FILE, enter_work_dir, restrict
@@ -79,6 +79,7 @@ def main(args: list[str]) -> int:
             for fd in cgroups:
                 os.write(fd, b"0")
             uid, gid = container.resolve_user(spec.user)
+            ids.check_user(spec, uid, gid)
             env = container.with_home(spec.env, uid)
             path = container.find_command(command[0], env)
             if userns >= 0:  # as the task's init does: checks first, as host root

@@ -89,8 +89,12 @@ class PolicyError(ValueError):
     """A capability name or seccomp profile that cannot be used; the message says which."""
 
 
-def capability_set(add: Iterable[str], drop: Iterable[str], allowed: Iterable[str]) -> list[str]:
-    """The task's capabilities: the default set, plus add, minus drop, within the admin's list."""
+def capability_set(
+    add: Iterable[str], drop: Iterable[str], allowed: Iterable[str], host_root: bool = False
+) -> list[str]:
+    """The task's capabilities: the default set, plus add, minus drop, within the admin's list.
+    host_root (no user namespace): the default set has no MKNOD, since a device node made by
+    host root would be the host's device (inside a user namespace mknod makes none anyway)."""
 
     def normalise(names: Iterable[str], field: str) -> set[str]:
         out = set()
@@ -106,10 +110,11 @@ def capability_set(add: Iterable[str], drop: Iterable[str], allowed: Iterable[st
 
     permitted = normalise(allowed, "allow_caps")
     wanted = normalise(add, "cap_add")
-    beyond = sorted(wanted - permitted - DEFAULT_CAPS)
+    defaults = DEFAULT_CAPS - {"MKNOD"} if host_root else DEFAULT_CAPS
+    beyond = sorted(wanted - permitted - defaults)
     if beyond:
         raise PolicyError(f"cap_add: {', '.join(beyond)} not in the plugin's allow_caps")
-    return sorted((DEFAULT_CAPS | wanted) - normalise(drop, "cap_drop"))
+    return sorted((defaults | wanted) - normalise(drop, "cap_drop"))
 
 
 def default_profile() -> dict[str, Any]:

@@ -12,6 +12,7 @@ import os
 from typing import Any, NamedTuple
 
 from nomad_driver.runtime.cgroups import Limits
+from nomad_driver.runtime.ids import DEFAULT_GIDS, DEFAULT_UIDS
 
 
 # NamedTuple rather than dataclass here: this module is loaded by every task supervisor,
@@ -63,6 +64,10 @@ class ContainerSpec(NamedTuple):
     # file: the task's user must be able to read the image it names (checked once the user
     # is resolved). Empty: an image from the store or a trusted caller.
     image_access: tuple[tuple[int, int, int], ...] = ()
+    # Host ids a non-root task user may have (inclusive ranges): the plugin's allowed_uids and
+    # allowed_gids, checked by ids.check where the user is resolved.
+    allowed_uids: tuple[tuple[int, int], ...] = DEFAULT_UIDS
+    allowed_gids: tuple[tuple[int, int], ...] = DEFAULT_GIDS
 
     def with_seccomp_bpf(self) -> ContainerSpec:
         """Compiled here, before any container step: the init and exec only load it."""
@@ -91,6 +96,9 @@ class ContainerSpec(NamedTuple):
         raw["limits"] = Limits(**raw["limits"]) if raw.get("limits") else None
         raw["userns"] = tuple(raw["userns"]) if raw.get("userns") else None
         raw["image_access"] = tuple(tuple(a) for a in raw.get("image_access", ()))
+        for key in ("allowed_uids", "allowed_gids"):
+            if key in raw:
+                raw[key] = tuple((low, high) for low, high in raw[key])
         return cls(**raw)
 
 

@@ -56,7 +56,7 @@ def run_init(
     # Loaded here, in the init only (the long-lived supervisor stays small), and before
     # pivot_root: from inside the container the package is out of sight (restrict() needs
     # security then).
-    from nomad_driver.runtime import container, linux, security  # noqa: F401
+    from nomad_driver.runtime import container, ids, linux, security  # noqa: F401
 
     app_pid = 0
 
@@ -75,6 +75,7 @@ def run_init(
             cgroup.join()  # before anything runs, so every process of the task is counted
         container.build(spec, scratch, spec.image_root, userns)
         uid, gid = container.resolve_user(spec.user)
+        ids.check_user(spec, uid, gid)  # again: a disk layer's /etc/passwd may differ
         env = container.with_home(spec.env, uid)
         path = container.find_command(spec.command, env)
         if not os.path.isdir(spec.work_dir):
@@ -198,14 +199,19 @@ class Supervisor:
         stdin = _open_stdio(self.spec.stdin_path or os.devnull, os.O_RDONLY)
         ready_r, ready_w = os.pipe()
         self.status_r, status_w = os.pipe()
+        devices = [(d.host_path, d.read_only) for d in self.spec.devices]
         if self.cgroup is not None and self.spec.limits is not None:
-            self.cgroup.create(self.spec.limits)
-        scratch = self.path("mnt")
-        os.makedirs(scratch, exist_ok=True)
-        # The image's mount stays while this process lives, whatever happens to the plugin.
-        self.images.hold(self.spec.image_root, self.owner, os.getpid())
-        userns = self.user_namespace()
-        _unshare_pid()  # our next child is PID 1 of a new PID namespace
+            self.cgroup.create(self.spec.limits, devices, host_root=self.spec.userns is None)
+        try:
+            scratch = self.path("mnt")
+            os.makedirs(scratch, exist_ok=True)
+            # The image's mount stays while this process lives, whatever happens to the plugin.
+            self.images.hold(self.spec.image_root, self.owner, os.getpid())
+            userns = self.user_namespace()
+            _unshare_pid()  # our next child is PID 1 of a new PID namespace
+        except BaseException:
+            self._abandon()
+            raise
         pid = os.fork()
         if pid == 0:
             self.listener.close()
@@ -223,9 +229,7 @@ class Supervisor:
         message = json.loads(line) if line.strip() else {"error": "container init exited early"}
         if "error" in message:
             os.waitpid(pid, 0)
-            if self.cgroup is not None:
-                self.cgroup.remove()
-            self.images.release(self.owner)
+            self._abandon()
             raise RuntimeError(message["error"])
         self.started_at = time.time()
 
@@ -247,13 +251,20 @@ class Supervisor:
                 "read it; the file and the directories above it must allow that user"
             )
 
+    def _abandon(self) -> None:
+        """Undo a start that failed: nothing of it may stay on the host."""
+        if self.cgroup is not None:
+            self.cgroup.remove()
+        self.images.release(self.owner)
+
     def user_namespace(self) -> tuple[int, IdMaps] | None:
         """Made here, before the PID namespace: its short-lived creator must not be PID 1."""
-        if self.spec.userns is None:
-            return None
-        from nomad_driver.runtime import container
+        from nomad_driver.runtime import container, ids
 
         uid, gid = container.resolve_user(self.spec.user, self.spec.image_root)
+        ids.check_user(self.spec, uid, gid)
+        if self.spec.userns is None:
+            return None
         maps = container.id_maps(self.spec.userns, uid, gid)
         return container.new_user_namespace(maps), maps
 

@@ -56,8 +56,8 @@ def test_output_input_and_exit_code_pass_through_with_root_remapped(busybox_imag
 
 
 def test_user_under_sudo_is_mapped_to_itself(busybox_image: Path) -> None:
-    done = pyhpc_run(str(busybox_image), "--", "id", env={"SUDO_UID": "1234", "SUDO_GID": "99"})
-    assert done.stdout.startswith("uid=1234 gid=99"), done.stdout + done.stderr
+    done = pyhpc_run(str(busybox_image), "--", "id", env={"SUDO_UID": "1234", "SUDO_GID": "100"})
+    assert done.stdout.startswith("uid=1234 gid=100"), done.stdout + done.stderr
     root = pyhpc_run("--root", str(busybox_image), "--", "id", env={"SUDO_UID": "1234"})
     assert root.stdout.startswith("uid=0(root)"), root.stdout
 
