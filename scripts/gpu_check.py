@@ -100,7 +100,15 @@ def fingerprint_and_reserve(work: Path) -> list[str]:
 
 
 def run(image: str, gpus: str, *command: str) -> subprocess.CompletedProcess[str]:
-    args = [*PYHPC, "run", *(["--gpus", gpus] if gpus else []), image, "--", *command]
+    """`pyhpc run` (as root) under a policy that allows images from the image's directory."""
+    where = Path(image).parent
+    policy = Path("/run") / f"pyhpc-check-{abs(hash(str(where)))}.hcl"
+    if not policy.exists():
+        policy.write_text(
+            f'plugin "pyhpc" {{\n  config {{\n    image_dirs = ["{where}"]\n  }}\n}}\n'
+        )
+    gpu = ["--gpus", gpus] if gpus else []
+    args = [*PYHPC, "run", "--config", str(policy), *gpu, image, "--", *command]
     return subprocess.run(args, capture_output=True, text=True, timeout=120)
 
 
