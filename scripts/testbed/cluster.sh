@@ -439,13 +439,17 @@ write_pyhpc_config() {
   ( umask 077; printf '%s\n' "$VAULT_TOKEN_LOCAL" >"$STATE/vault-token" )
   local r="$REGISTRY_ADDR_LOCAL"
   mkdir -p "$STATE/nomad"
-  sed -e 's|^    image_sources = \[\]$|    image_sources = ["docker://'"$r"'/", "oras://'"$r"'/"]|' \
+  # A shared scratch directory jobs may bind from (the tenant attack tests race in it).
+  install -d -m 0755 "$STATE/scratch"
+  sed -e 's|^    mount_dirs = \[\]$|    mount_dirs = ["'"$STATE"'/scratch"]|' \
+      -e 's|^    image_sources = \[\]$|    image_sources = ["docker://'"$r"'/", "oras://'"$r"'/"]|' \
       -e 's|^    signature_rules = \[\]$|    signature_rules = ["docker://'"$r"'/signed/=enforce", "docker://'"$r"'/warned/=warn"]|' \
       -e 's|^    signature_keys  = \[\]$|    signature_keys  = ["pyhpc-images"]|' \
       -e 's|^    vault_address   = ""$|    vault_address   = "'"$VAULT_ADDR_LOCAL"'"|' \
       -e 's|^    vault_token_file = ""$|    vault_token_file = "'"$STATE/vault-token"'"|' \
     "$PYHPC_HCL" >"$STATE/nomad/pyhpc.hcl"
   grep -q 'signed/=enforce' "$STATE/nomad/pyhpc.hcl" || die "could not add the signature rules"
+  grep -q "mount_dirs = \[\"$STATE/scratch\"\]" "$STATE/nomad/pyhpc.hcl" || die "could not add mount_dirs"
 }
 
 # choose_nomad_configs: record which config files the region's agent loads (kept for
