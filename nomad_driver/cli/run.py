@@ -154,6 +154,14 @@ class Caller:
         return self.uid == 0
 
 
+def image_argument(text: str) -> str:
+    """IMAGE as the policy sees it: a reference (a transport before any '/': docker://, oci:)
+    as written, anything else as an absolute path. Decided by its form alone: asking the
+    filesystem, as root, would tell a sudo caller what exists where it cannot look."""
+    head = text.split("/", 1)[0]
+    return text if ":" in head else os.path.abspath(text)
+
+
 def caller() -> Caller:
     uid = os.getuid()
     sudo_uid, sudo_gid = os.environ.get("SUDO_UID", ""), os.environ.get("SUDO_GID", "")
@@ -249,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
         task = schema.load(
             config.TaskConfig,
             {
-                "image": os.path.abspath(args.image) if os.path.exists(args.image) else args.image,
+                "image": image_argument(args.image),
                 "command": command[0] if command else "",
                 "args": command[1:],
                 "work_dir": args.workdir or "",
@@ -264,7 +272,10 @@ def run(args: argparse.Namespace) -> int:
             "command line",
         )
         image = policy.resolve_image(
-            plugin, task.image, lambda message: print(f"pyhpc run: {message}", file=sys.stderr)
+            plugin,
+            task.image,
+            lambda message: print(f"pyhpc run: {message}", file=sys.stderr),
+            reader=(who.uid, who.gid) if not who.root else (0, 0),
         )
         if not command and not (image.config.get("Entrypoint") or image.config.get("Cmd")):
             task = dataclasses.replace(task, command="/bin/sh")  # a shell, as enroot start

@@ -217,6 +217,13 @@ class PluginConfig:
         "(default: the system's trust store).",
         check=_optional(_absolute),
     )
+    disk_layer_max_mb: int = option(
+        "number",
+        default=10240,
+        doc='Size of a `writable = "disk"` layer: its own ext4 filesystem in a sparse file '
+        "beside the task, so a task cannot fill the node's disk. 0: a plain directory, no cap.",
+        check=_whole(0),
+    )
     pids_max: int = option(
         "number",
         default=16384,

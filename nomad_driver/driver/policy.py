@@ -62,12 +62,14 @@ def resolve_image(
     text: str,
     progress: Callable[[str], None] | None = None,
     timeout: float | None = None,
+    reader: tuple[int, int] = imagefile.ANYONE,
 ) -> ResolvedImage:
-    """A task's `image`: a SquashFS file in image_dirs as it is, or a reference allowed by
-    image_sources, imported into the store on first use (once per node, whoever asks)."""
+    """A task's `image`: a SquashFS file in image_dirs as it is (opened for reader, see
+    open_image), or a reference allowed by image_sources, imported into the store on first
+    use (once per node, whoever asks)."""
     if text.startswith("/"):
-        opened = open_image(plugin, text)
-        return ResolvedImage(opened.path, {}, opened, opened.path)
+        opened = open_image(plugin, text, reader)
+        return ResolvedImage(text, {}, opened, opened.origin or opened.path)
     from nomad_driver.images import reference
     from nomad_driver.images.registry import Registry
     from nomad_driver.images.sources import LocalAccess
@@ -114,7 +116,7 @@ def resolve_image(
         )
     if isinstance(outcome[0], Exception):
         raise outcome[0]
-    opened = open_image(plugin, outcome[0].path)
+    opened = open_stored(plugin, outcome[0].path)
     return ResolvedImage(opened.path, outcome[0].config, opened, name)
 
 
@@ -235,24 +237,25 @@ def image_env(image: dict[str, Any]) -> dict[str, str]:
     return env
 
 
-def open_image(plugin: PluginConfig, image: str) -> ImageFile:
-    """The image file, opened once beneath image_dirs (or the store) with no symlink on the
-    way, checked on the opened inode. A file someone other than root can change is refused, or
-    copied into the store as untrusted_images says. PolicyError, FileNotFoundError otherwise."""
+def open_image(
+    plugin: PluginConfig, image: str, reader: tuple[int, int] = imagefile.ANYONE
+) -> ImageFile:
+    """The image file a task named, opened once beneath image_dirs with no symlink on the way,
+    each step checked for the reader (the task's host uid and gid, ANYONE until known) before
+    anything below it is looked at, and the file checked on the opened inode. A file someone
+    other than root can change is refused, or copied into the store as untrusted_images says
+    (after the reader's check). PolicyError, FileNotFoundError otherwise."""
     normal = os.path.normpath(image)
-    store = os.path.normpath(plugin.store_dir)
-    top = _allowed_dir(normal, (*plugin.image_dirs, store))
+    top = _allowed_dir(normal, plugin.image_dirs)
     if top is None or top == normal:
         raise PolicyError(
             f"option 'image' = {image!r} is outside the plugin's image_dirs "
             f"{list(plugin.image_dirs)}"
         )
     try:
-        opened = imagefile.open_image(normal, top)
+        opened = imagefile.open_image(normal, top, reader)
     except imagefile.ImageError as err:
         raise PolicyError(f"option 'image': {err}") from err
-    if top in (store, os.path.realpath(store)):
-        return opened._replace(access=())  # imported by policy: any task may run it
     if opened.trusted:
         return opened
     try:
@@ -265,11 +268,36 @@ def open_image(plugin: PluginConfig, image: str) -> ImageFile:
         from nomad_driver.images.store import Store
 
         stored = Store(plugin.store_dir, max_bytes=int(plugin.store_max_mb) * 1_000_000)
-        copy = imagefile.open_image(stored.copy_in(opened.fd, opened.path).path, store)
-        # The copy is read as root; the task's user must still be able to read the original.
-        return copy._replace(access=opened.access)
+        copy = open_stored(plugin, stored.copy_in(opened.fd, opened.path).path)
+        # Run from the copy; the task's user must still be able to read the original, and the
+        # original's path is what signature rules and its signature envelope refer to.
+        return copy._replace(access=opened.access, origin=opened.path)
     finally:
         opened.close()
+
+
+def open_stored(plugin: PluginConfig, path: str) -> ImageFile:
+    """An image of the store, reached through a reference the policy allowed (never named by
+    path in a task: the store holds other tasks' private copies too)."""
+    try:
+        opened = imagefile.open_image(path, os.path.normpath(plugin.store_dir))
+        return opened._replace(access=())  # imported by policy: any task may run it
+    except imagefile.ImageError as err:
+        raise PolicyError(f"option 'image': {err}") from err
+
+
+def image_reader(plugin: PluginConfig, user: str) -> tuple[int, int]:
+    """Who a task's image is opened for, on the host: root (remapped when the plugin uses user
+    namespaces), a numeric uid[:gid], or ANYONE for a name (resolved later, in the image)."""
+    if not user:
+        if plugin.user_namespace:
+            first = (parse_id_range(plugin.root_id_range) or (0, 0))[0]
+            return first, first
+        return 0, 0
+    name, _, group = user.partition(":")
+    if name.isdigit() and (not group or group.isdigit()):
+        return int(name), int(group or name)
+    return imagefile.ANYONE
 
 
 def allowed_binds(
@@ -366,6 +394,7 @@ def container_spec(
         limits=ctx.limits._replace(pids_max=int(plugin.pids_max)),
         writable=cfg.writable,
         upper_dir=ctx.upper_dir if cfg.writable == "disk" else "",
+        disk_max_mb=int(plugin.disk_layer_max_mb) if cfg.writable == "disk" else 0,
         network=cfg.network,
         devices=tuple(devices),
         netns_path=ctx.netns_path,

@@ -353,6 +353,7 @@ class DriverService:
                 cfg.image,
                 progress,
                 config.parse_duration(cfg.image_pull_timeout),
+                policy.image_reader(self.config, task.user),
             )
         except security.PolicyError as err:
             abort(context, grpc.StatusCode.PERMISSION_DENIED, f"{where}: {err}")

@@ -59,7 +59,7 @@ def loopback_up() -> None:
         fcntl.ioctl(sock, siocsifflags, struct.pack("16sH22x", b"lo", flags | iff_up))
 
 
-def attach_loop(fd: int, name: str) -> tuple[str, int]:
+def attach_loop(fd: int, name: str, read_only: bool = True) -> tuple[str, int]:
     """Attach the open file fd read-only to a free loop device that frees itself on the last
     unmount (LOOP_CONFIGURE from the descriptor: the path is never opened again).
 
@@ -72,7 +72,7 @@ def attach_loop(fd: int, name: str) -> tuple[str, int]:
             device = f"/dev/loop{number}"
             if not os.path.exists(device):
                 os.mknod(device, 0o660 | 0o060000, os.makedev(7, number))
-            loop = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+            loop = os.open(device, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
             try:
                 info = struct.pack(
                     "<QQQQQIIII64s64s32sQQ",
@@ -84,7 +84,7 @@ def attach_loop(fd: int, name: str) -> tuple[str, int]:
                     0,
                     0,
                     0,
-                    LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR,
+                    (LO_FLAGS_READ_ONLY if read_only else 0) | LO_FLAGS_AUTOCLEAR,
                     name.encode()[-63:],
                     b"",
                     b"",
@@ -210,6 +210,7 @@ def make_rootfs(
     image_root: str,
     userns: tuple[int, IdMaps] | None = None,
     sources: tuple[int, ...] = (),
+    disk: int = -1,
 ) -> str:
     """The image, read-only, under the writable layer the task asked for:
     tmpfs (default), disk (upper layer in spec.upper_dir) or none (read-only root).
@@ -245,7 +246,16 @@ def make_rootfs(
         lower = f"{fd_path(skel_fd)}:{fd_path(image_fd)}"
         linux.mount("overlay", root, "overlay", flags | linux.MS_RDONLY, f"lowerdir={lower}")
         return root
-    if spec.writable == "disk":
+    if spec.writable == "disk" and disk >= 0:
+        # A filesystem of its own, in a file of disk_max_mb: the layer cannot outgrow it.
+        os.mkdir(os.path.join(scratch, "layer"))
+        device, loop = attach_loop(disk, spec.upper_dir + DISK_SUFFIX, read_only=False)
+        try:
+            linux.mount(device, os.path.join(scratch, "layer"), "ext4", flags)
+        finally:
+            os.close(loop)
+        layer = os.open(os.path.join(scratch, "layer"), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    elif spec.writable == "disk":
         layer = disk_layer(spec.upper_dir)
     else:
         os.mkdir(os.path.join(scratch, "layer"))
@@ -260,6 +270,46 @@ def make_rootfs(
     options = f"lowerdir={fd_path(image_fd)},upperdir={fd_path(upper)},workdir={fd_path(work)}"
     linux.mount("overlay", root, "overlay", flags, options)
     return root
+
+
+DISK_SUFFIX = ".ext4"
+
+
+def disk_layer_file(spec: ContainerSpec) -> int:
+    """writable = "disk" with a size cap: the layer's filesystem image beside spec.upper_dir,
+    opened read-write, made (sparse, ext4) on first use, found again after a restart. Made by
+    the supervisor (mkfs must not run inside the container's PID namespace) and inherited by
+    the init as a descriptor. A symlink, or a file not root's, is refused."""
+    parent, name = os.path.split(os.path.normpath(spec.upper_dir) + DISK_SUFFIX)
+    top = os.open(parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+        fd = linux.openat2(top, name, flags, linux.STRICT, 0o600)
+    except OSError as err:
+        raise ContainerError(f"writable layer {parent}/{name}: {err.strerror}") from err
+    finally:
+        os.close(top)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != 0:
+            raise ContainerError(f"writable layer {parent}/{name} is not root's regular file")
+        if st.st_size == 0:
+            import subprocess
+
+            os.ftruncate(fd, spec.disk_max_mb << 20)
+            subprocess.run(
+                ["mkfs.ext4", "-q", "-F", "-m", "0", "-E",
+                 "root_owner=0:0,lazy_itable_init=1,lazy_journal_init=1,nodiscard",
+                 f"/proc/self/fd/{fd}"],
+                pass_fds=(fd,), check=True, capture_output=True, timeout=60,
+            )  # fmt: skip
+    except (OSError, ValueError) as err:
+        os.close(fd)
+        raise ContainerError(f"writable layer {parent}/{name}: cannot make it ({err})") from err
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def disk_layer(path: str) -> int:
@@ -306,6 +356,8 @@ def open_target(root_fd: int, task_path: str, directory: bool) -> int:
     parts = [p for p in task_path.split("/") if p and p != "."]
     if ".." in parts:
         raise ContainerError(f"mount target {task_path!r} leaves the container")
+    if not parts:
+        raise ContainerError(f"mount target {task_path!r} would cover the container's root")
     fd = os.dup(root_fd)
     try:
         for i, part in enumerate(parts):
@@ -502,7 +554,11 @@ def protect_proc(proc: str) -> None:
 
 
 def build(
-    spec: ContainerSpec, scratch: str, image_root: str, userns: tuple[int, IdMaps] | None = None
+    spec: ContainerSpec,
+    scratch: str,
+    image_root: str,
+    userns: tuple[int, IdMaps] | None = None,
+    disk: int = -1,
 ) -> None:
     """All the steps, in order, leaving the calling process inside the container's root.
     userns: the user namespace (descriptor, maps) the task will run in; the init stays outside."""
@@ -510,7 +566,7 @@ def build(
     # Opened once, here, in the container's mount namespace (open_tree clones only from it).
     sources = tuple(open_source(m) for m in spec.mounts)
     devices = tuple(open_source(m, device=True) for m in spec.devices)
-    root = make_rootfs(spec, scratch, image_root, userns, sources)
+    root = make_rootfs(spec, scratch, image_root, userns, sources, disk)
     if spec.writable != "none":
         copy_host_files(root)  # before the binds: nothing of the host's is under root yet
     bind_mounts(root, spec.mounts, sources)
@@ -560,8 +616,11 @@ def resolve_user(user: str, root: str = "/") -> tuple[int, int]:
     name, _, group = user.partition(":")
     uid = int(name) if name.isdigit() else -1
     gid = -1
+    # A number is that uid, whatever the image says: an image line named "1000" with uid 0
+    # must not turn user "1000" into root. The image only supplies its primary group.
+    column = 2 if name.isdigit() else 0
     for fields in passwd_entries(root):
-        if name in (fields[0], fields[2]) and fields[2].isdigit() and fields[3].isdigit():
+        if fields[column] == name and fields[2].isdigit() and fields[3].isdigit():
             uid, gid = int(fields[2]), int(fields[3])
             break
     if uid < 0:

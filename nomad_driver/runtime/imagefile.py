@@ -42,6 +42,9 @@ class ImageFile(NamedTuple):
     st: os.stat_result
     # Directories below the admin's image directory and the file itself, in order.
     access: tuple[Access, ...] = ()
+    # For a copy in the store: the real path of the file it was copied from, which signature
+    # rules and the signature envelope (beside it) refer to. Empty: path itself.
+    origin: str = ""
 
     @property
     def trusted(self) -> bool:
@@ -55,10 +58,17 @@ class ImageFile(NamedTuple):
             pass
 
 
-def open_image(path: str, beneath: str = "") -> ImageFile:
+# A reader that owns nothing and is in no group: what everybody may do ("other" bits).
+ANYONE = (-1, -1)
+
+
+def open_image(path: str, beneath: str = "", reader: tuple[int, int] | None = None) -> ImageFile:
     """Open the image at path: beneath the directory `beneath` (an admin's, trusted) with no
     symlink and no '..' out of it, or, with no `beneath`, the trusted path itself (its last
-    component not a symlink). Raises ImageError or FileNotFoundError."""
+    component not a symlink). With a reader (host uid, gid; ANYONE when not known yet), each
+    directory must let it search and the file let it read, checked before anything below is
+    looked at: root tells a tenant nothing about what that tenant could not see itself.
+    Raises ImageError or FileNotFoundError."""
     if not path.startswith("/"):
         raise ImageError(f"image {path!r}: not an absolute path")
     steps: list[Access] = []
@@ -78,6 +88,7 @@ def open_image(path: str, beneath: str = "") -> ImageFile:
                 parent = fd
                 st = os.fstat(parent)
                 steps.append(Access(st.st_uid, st.st_gid, st.st_mode))
+                _may(reader, steps, path)
             fd = _open_step(parent, name, os.O_RDONLY | os.O_NONBLOCK, path)
         finally:
             os.close(parent)
@@ -88,6 +99,7 @@ def open_image(path: str, beneath: str = "") -> ImageFile:
             raise _refusal(err, path) from err
     try:
         st = os.fstat(fd)
+        _may(reader, [*steps, Access(st.st_uid, st.st_gid, st.st_mode)], path)
         if not stat.S_ISREG(st.st_mode):
             raise ImageError(f"image {path!r} is not a regular file")
         check_squashfs(fd, st, path)
@@ -96,6 +108,12 @@ def open_image(path: str, beneath: str = "") -> ImageFile:
         os.close(fd)
         raise
     return ImageFile(fd, real, st, (*steps, Access(st.st_uid, st.st_gid, st.st_mode)))
+
+
+def _may(reader: tuple[int, int] | None, steps: list[Access], path: str) -> None:
+    if reader is not None and not may_read(tuple(steps), *reader, whole=False):
+        who = "everyone" if reader == ANYONE else f"host uid {reader[0]}, gid {reader[1]}"
+        raise ImageError(f"image {path!r}: the task's user ({who}) may not read it")
 
 
 def _open_step(parent: int, name: str, flags: int, path: str) -> int:
@@ -132,13 +150,15 @@ def check_squashfs(fd: int, st: os.stat_result, path: str) -> None:
         raise ImageError(f"image {path!r} is a sparse file (mostly holes), not a built image")
 
 
-def may_read(access: tuple[Access, ...], uid: int, gid: int) -> bool:
+def may_read(access: tuple[Access, ...], uid: int, gid: int, whole: bool = True) -> bool:
     """Whether uid:gid (no supplementary groups: tasks run without) may search every directory
-    and read the file of an image's path, as the kernel's permission bits decide it."""
+    and read the file of an image's path, as the kernel's permission bits decide it. whole:
+    access ends with the file; else with a step whose kind its mode tells."""
     if uid == 0:  # host root: CAP_DAC_OVERRIDE
         return True
     for i, step in enumerate(access):
-        want = 0o4 if i == len(access) - 1 else 0o1
+        last = i == len(access) - 1
+        want = 0o4 if last and (whole or not stat.S_ISDIR(step.mode)) else 0o1
         if step.uid == uid:
             bits = step.mode >> 6
         elif step.gid == gid:

@@ -31,4 +31,6 @@ def parse_bind(text: str, field: str) -> tuple[str, str, bool]:
         raise ValueError(f"{field}: {text!r}: both paths must be absolute")
     if ".." in dst.split("/"):
         raise ValueError(f"{field}: {text!r}: the container path may not contain '..'")
+    if os.path.normpath("/" + dst.lstrip("/")) == "/":
+        raise ValueError(f"{field}: {text!r}: the container path may not be / (the image is)")
     return src, dst, mode == "ro"

@@ -47,6 +47,7 @@ class ContainerSpec(NamedTuple):
     limits: Limits | None = None
     writable: str = "tmpfs"  # "tmpfs", "disk" (upper layer in upper_dir) or "none"
     upper_dir: str = ""
+    disk_max_mb: int = 0  # writable = "disk": the layer's own filesystem of this size; 0: none
     network: str = "host"  # "host" or "none"
     devices: tuple[BindMount, ...] = ()
     netns_path: str = ""  # a network namespace to join (Nomad's group network), else network

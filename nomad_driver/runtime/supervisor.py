@@ -51,6 +51,7 @@ def run_init(
     status_w: int,
     stdio: tuple[int, int, int],
     cgroup: Cgroup | None,
+    disk: int = -1,
 ) -> None:
     """PID 1 of the container: build the root, start the command, forward signals, reap."""
     # Loaded here, in the init only (the long-lived supervisor stays small), and before
@@ -73,7 +74,7 @@ def run_init(
     try:
         if cgroup is not None:
             cgroup.join()  # before anything runs, so every process of the task is counted
-        container.build(spec, scratch, spec.image_root, userns)
+        container.build(spec, scratch, spec.image_root, userns, disk)
         uid, gid = container.resolve_user(spec.user)
         ids.check_user(spec, uid, gid)  # again: a disk layer's /etc/passwd may differ
         env = container.with_home(spec.env, uid)
@@ -208,6 +209,7 @@ class Supervisor:
             # The image's mount stays while this process lives, whatever happens to the plugin.
             self.images.hold(self.spec.image_root, self.owner, os.getpid())
             userns = self.user_namespace()
+            disk = self.disk_layer()
             _unshare_pid()  # our next child is PID 1 of a new PID namespace
         except BaseException:
             self._abandon()
@@ -217,13 +219,16 @@ class Supervisor:
             self.listener.close()
             os.close(ready_r)
             os.close(self.status_r)
-            run_init(self.spec, scratch, userns, ready_w, status_w, (stdin, out, err), self.cgroup)
+            stdio = (stdin, out, err)
+            run_init(self.spec, scratch, userns, ready_w, status_w, stdio, self.cgroup, disk)
             os._exit(0)
         self.init_pid = pid
         for fd in (ready_w, status_w, stdin, out, err):
             os.close(fd)
         if userns is not None:
             os.close(userns[0])
+        if disk >= 0:
+            os.close(disk)
         with os.fdopen(ready_r, "r") as ready:
             line = ready.readline()
         message = json.loads(line) if line.strip() else {"error": "container init exited early"}
@@ -232,6 +237,14 @@ class Supervisor:
             self._abandon()
             raise RuntimeError(message["error"])
         self.started_at = time.time()
+
+    def disk_layer(self) -> int:
+        """The capped disk layer's file, made here (outside the PID namespace) for the init."""
+        if self.spec.writable != "disk" or not self.spec.disk_max_mb:
+            return -1
+        from nomad_driver.runtime import container
+
+        return container.disk_layer_file(self.spec)
 
     def check_image_access(self) -> None:
         """The task's user, as the host sees it, must be able to read the image it named: the

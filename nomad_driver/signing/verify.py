@@ -117,7 +117,7 @@ class Verifier:
                 return self.verify(ImageFile(fd, opened, os.fstat(fd)), reference)
             finally:
                 os.close(fd)
-        image = opened.path
+        image = opened.origin or opened.path  # a copy's envelope sits beside its original
         try:
             env = envelope.read(image)
         except envelope.EnvelopeError as err:

@@ -238,3 +238,13 @@ def test_a_policy_cache_entry_is_believed_only_from_a_root_owned_private_directo
     os.chmod(cache, 0o700)
     os.chown(entry, 1000, 1000)  # an entry someone else wrote
     assert run.load_policy(str(config)).user_namespace
+
+
+def test_a_sudo_caller_learns_nothing_of_root_only_paths(busybox_image: Path) -> None:
+    # Found by the red team (F5): `pyhpc run` asked, as root, whether IMAGE exists.
+    sudo = {"SUDO_UID": "1000", "SUDO_GID": "1000"}
+    there = pyhpc_run("../../../../../../root/.bashrc", "true", env=sudo)
+    absent = pyhpc_run("../../../../../../root/no-such-file", "true", env=sudo)
+    assert there.returncode == absent.returncode == 125
+    assert there.stderr.replace(".bashrc", "X") == absent.stderr.replace("no-such-file", "X")
+    assert "outside the plugin's image_dirs" in there.stderr

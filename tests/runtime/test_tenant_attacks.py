@@ -309,7 +309,7 @@ def test_b8_a_mount_target_swapped_for_a_symlink_creates_nothing_on_the_host(
     assert refused[0] > 0, "the racer never won a check: the race did not run"
 
 
-# B9: the plugin must not lend a task an image its user cannot read.
+# B9: the plugin must not lend a task an image its user cannot read, nor say what is there.
 @pytest.mark.parametrize(
     ("mode", "group", "user", "allowed"),
     [
@@ -329,29 +329,68 @@ def test_b9_a_private_image_runs_only_for_a_user_who_can_read_it(
     shutil.copyfile(busybox_image, image)
     os.chown(image, 0, group)
     image.chmod(mode)
-    opened = policy.open_image(plugin(tmp_path), str(image))
+    cfg = plugin(tmp_path)
+    reader = policy.image_reader(cfg, user)
+    if not allowed:
+        with pytest.raises(PolicyError, match="may not read it"):
+            policy.open_image(cfg, str(image), reader)
+        return
+    opened = policy.open_image(cfg, str(image), reader)
     try:
-        if allowed:
-            assert run(tmp_path, opened, "echo ran", "ok", user=user, userns=(100000, 65536)) == (
-                "ran\n"
-            )
-        else:
-            with pytest.raises(StartError, match="may not read it"):
-                run(tmp_path, opened, "echo ran", "no", user=user, userns=(100000, 65536))
+        out = run(tmp_path, opened, "echo ran", "ok", user=user, userns=(100000, 65536))
+        assert out == "ran\n"
     finally:
         opened.close()
 
 
-def test_b9_a_directory_the_user_cannot_search_hides_the_image(
+def test_b9_another_users_private_directory_tells_nothing_and_runs_nothing(
     tmp_path: Path, busybox_image: Path
 ) -> None:
     private = tmp_path / "images" / "alice"
     tenant_dir(private, 1001).chmod(0o700)
     shutil.copyfile(busybox_image, private / "x.sqsh")
-    opened = policy.open_image(plugin(tmp_path), str(private / "x.sqsh"))
+    (private / "notes.txt").write_text("not an image")
+    cfg = plugin(tmp_path)
+    refusals = set()
+    for name in ("x.sqsh", "missing.sqsh", "notes.txt"):  # exists, does not, is no image
+        with pytest.raises(PolicyError, match="may not read it") as err:
+            policy.open_image(cfg, str(private / name), (1000, 1000))
+        refusals.add(str(err.value).replace(name, "NAME"))
+    assert len(refusals) == 1, refusals
+    # A name is resolved later, in the image: until then only what everyone may read opens.
+    with pytest.raises(PolicyError, match="everyone"):
+        policy.open_image(cfg, str(private / "x.sqsh"), policy.image_reader(cfg, "alice"))
+    opened = policy.open_image(cfg, str(private / "x.sqsh"), (1001, 1001))  # the control
     try:
+        assert run(tmp_path, opened, "echo ran", "alice", user="1001:1001") == "ran\n"
+        # The runtime checks again once the user is resolved: opened for alice, run as bob.
         with pytest.raises(StartError, match="may not read it"):
             run(tmp_path, opened, "true", "bob", user="1000:1000")
+    finally:
+        opened.close()
+
+
+def test_b9_an_untrusted_image_is_checked_before_it_is_copied(
+    tmp_path: Path, busybox_image: Path
+) -> None:
+    private = tenant_dir(tmp_path / "images" / "alice", 1001)
+    private.chmod(0o700)
+    image = private / "mine.sqsh"
+    shutil.copyfile(busybox_image, image)
+    os.chown(image, 1001, 1001)
+    image.chmod(0o600)
+    cfg = plugin(tmp_path, untrusted_images="copy")
+    with pytest.raises(PolicyError, match="may not read it") as err:
+        policy.open_image(cfg, str(image), (1000, 1000))
+    assert "store" not in str(err.value)
+    assert not (tmp_path / "store" / "sha256").exists() or not any(
+        (tmp_path / "store" / "sha256").iterdir()
+    ), "the refused image was copied into the store"
+    with pytest.raises(PolicyError, match="outside the plugin's image_dirs"):
+        policy.open_image(cfg, str(tmp_path / "store" / "sha256" / "x.sqsh"), (1000, 1000))
+    opened = policy.open_image(cfg, str(image), (1001, 1001))  # the owner: copied and run
+    try:
+        assert opened.origin == str(image) and opened.path.startswith(str(tmp_path / "store"))
         assert run(tmp_path, opened, "echo ran", "alice", user="1001:1001") == "ran\n"
     finally:
         opened.close()
@@ -502,3 +541,81 @@ def test_w9_a_comma_in_the_task_name_adds_no_overlay_option(
     assert run(tmp_path, None, "echo hi > /f; cat /f", "plain", image=str(busybox_image)) == "hi\n"
     assert run(tmp_path, None, "echo hi > /f; cat /f", name, image=str(busybox_image)) == "hi\n"
     assert list(elsewhere.iterdir()) == []
+
+
+# W5: a disk layer cannot fill the node's disk.
+def test_w5_a_disk_layer_stops_at_its_cap(tmp_path: Path, busybox_image: Path) -> None:
+    script = (
+        "dd if=/dev/zero of=/small bs=1M count=4 2>/dev/null && echo small-ok; "
+        "dd if=/dev/zero of=/big bs=1M count=64 2>&1 | grep -o 'No space left' | head -1"
+    )
+    out = run(tmp_path, None, script, "w5", image=str(busybox_image), writable="disk",
+              upper_dir=str(tmp_path / "layer"), disk_max_mb=32)  # fmt: skip
+    assert out.split("\n")[:2] == ["small-ok", "No space left"], out
+    layer = tmp_path / "layer.ext4"
+    assert layer.stat().st_size == 32 << 20 and layer.stat().st_uid == 0
+    assert layer.stat().st_blocks * 512 <= 32 << 20  # on the host, never more than the cap
+
+
+# Found by the red team (F1): a numeric user is that uid, whatever the image's passwd says.
+def test_a_numeric_user_is_never_renamed_by_the_images_passwd(
+    tmp_path: Path, busybox_image: Path
+) -> None:
+    root = tmp_path / "passwd-root"
+    subprocess.run(["unsquashfs", "-q", "-d", str(root), str(busybox_image)], check=True)
+    with open(root / "etc" / "passwd", "a") as f:
+        f.write("1000:x:0:0:a name that is a number:/:/bin/sh\n")
+    image = tmp_path / "renamed.sqsh"
+    subprocess.run(["mksquashfs", str(root), str(image), "-noappend", "-quiet"], check=True)
+    out = run(tmp_path, None, "id -u; id -g", "numeric", image=str(image), user="1000")
+    assert out.split() == ["1000", "1000"], out
+    named = run(tmp_path, None, "id -u", "named", image=str(image), user="nobody")
+    assert named.split() == ["65534"], named  # the control: names are looked up
+
+
+# Found by the red team (F2): a bind over the container's root would put the runtime's own
+# /dev, /proc and /sys steps inside a directory the tenant can swap.
+def test_a_bind_over_the_containers_root_is_refused(tmp_path: Path, busybox_image: Path) -> None:
+    scratch = tmp_path / "scratch"
+    mine = tenant_dir(scratch / "t")
+    for dst in ("/", "//", "/.", "/./"):
+        with pytest.raises(PolicyError, match="may not be /"):
+            policy.allowed_binds((f"{mine}:{dst}",), (str(scratch),), "mounts", "mount_dirs")
+    with pytest.raises(StartError, match="would cover the container's root"):
+        run(tmp_path, None, "true", "root", image=str(busybox_image),
+            mounts=(BindMount(str(mine), "/"),))  # fmt: skip
+    assert sorted(p.name for p in mine.iterdir()) == []  # root made nothing in it
+    binds = policy.allowed_binds((f"{mine}:/data",), (str(scratch),), "mounts", "mount_dirs")
+    out = run(tmp_path, None, "touch /data/f && echo ok", "control", image=str(busybox_image),
+              mounts=tuple(binds), user=f"{TENANT}:{TENANT}")  # fmt: skip
+    assert out == "ok\n"
+
+
+# Found by the red team (F4): an untrusted image copied into the store is judged by the
+# signature rules of where it came from, and its signature is looked for beside it.
+def test_a_copied_image_is_held_to_its_origins_signature_rule(
+    tmp_path: Path, busybox_image: Path
+) -> None:
+    images = tmp_path / "images"
+    image = tenant_dir(images / "u1000") / "evil.sqsh"
+    shutil.copyfile(busybox_image, image)
+    os.chown(image, TENANT, TENANT)
+
+    def check(rules: list[str]) -> str:
+        cfg = plugin(
+            tmp_path,
+            untrusted_images="copy",
+            signature_rules=rules,
+            signature_keys=["images"],
+            vault_address="http://127.0.0.1:1",
+        )
+        resolved = policy.resolve_image(cfg, str(image), reader=(TENANT, TENANT))
+        assert resolved.file is not None and resolved.reference == str(image)
+        try:
+            return policy.check_signature(cfg, lambda: policy.verifier(cfg), resolved)
+        finally:
+            resolved.file.close()
+
+    assert check([]) == ""  # the control: no rule, no check
+    with pytest.raises(policy.SignatureRefused, match="is not signed"):
+        check([f"{images}/=enforce"])
