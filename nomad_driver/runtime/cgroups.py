@@ -103,7 +103,11 @@ class Cgroup:
                 + (" (no device BPF program support yet)" if self.version == 2 else "")
                 + "; set the plugin's user_namespace = true"
             )
-        rules = [*STANDARD_DEVICES, *device_rules(devices)] if self._confines_devices() else []
+        # In a user namespace the kernel already keeps the task from device nodes (mknod needs
+        # CAP_MKNOD over the host, every mount it could use is nodev); host root needs the
+        # allowlist. Nine writes: 0.3 ms of every start, paid where they protect.
+        confine = host_root and self._confines_devices()
+        rules = [*STANDARD_DEVICES, *device_rules(devices)] if confine else []
         try:
             self._create(limits)
             if rules:

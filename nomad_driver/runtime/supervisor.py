@@ -359,6 +359,8 @@ def _open_stdio(path: str, flags: int) -> int:
     prefix = "/proc/self/fd/"
     if path.startswith(prefix) and path[len(prefix) :].isdigit():
         return os.dup(int(path[len(prefix) :]))
+    if path == os.devnull:  # root's own /dev: nothing a task can swap
+        return os.open(path, flags | os.O_CLOEXEC)
     from nomad_driver.runtime import linux
 
     directory, name = os.path.split(os.path.normpath(path))
