@@ -113,9 +113,12 @@ def main() -> int:
             f"git -C {REPO} archive {args.base} | tar -x -C {base}", shell=True, check=True
         )
         samples: dict[str, list[float]] = {"base": [], "this": []}
+        paired: list[float] = []  # per round: this round's median minus base's
         for _ in range(args.rounds):
-            samples["base"] += entry_ms(Path(base), args.runs)
-            samples["this"] += entry_ms(REPO, args.runs)
+            old, new = entry_ms(Path(base), args.runs), entry_ms(REPO, args.runs)
+            samples["base"] += old
+            samples["this"] += new
+            paired.append(statistics.median(new) - statistics.median(old))
     med = {k: statistics.median(v) for k, v in samples.items()}
     p95 = {k: sorted(v)[int(0.95 * (len(v) - 1))] for k, v in samples.items()}
     rev = subprocess.run(
@@ -135,7 +138,9 @@ def main() -> int:
         f"| this ({rev}) | {len(samples['this'])} | {med['this']:.2f} | {p95['this']:.2f} |",
         "",
         f"Difference of medians: {med['this'] - med['base']:+.2f} ms "
-        f"(ratio {med['this'] / med['base']:.3f}).",
+        f"(ratio {med['this'] / med['base']:.3f}); median of the per-round differences "
+        f"{statistics.median(paired):+.2f} ms, the middle half of them "
+        f"{sorted(paired)[len(paired) // 4]:+.2f} to {sorted(paired)[(3 * len(paired)) // 4]:+.2f} ms.",
     ]
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     Path(args.out + ".json").write_text(json.dumps({"samples_ms": samples, "base": args.base}))
