@@ -98,6 +98,10 @@ def entry_ms(checkout: Path, runs: int) -> list[float]:
     return list(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
+def quartile(values: list[float], which: int) -> float:
+    return sorted(values)[(which * len(values)) // 4]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="8c61705", help="the revision to compare against")
@@ -140,7 +144,7 @@ def main() -> int:
         f"Difference of medians: {med['this'] - med['base']:+.2f} ms "
         f"(ratio {med['this'] / med['base']:.3f}); median of the per-round differences "
         f"{statistics.median(paired):+.2f} ms, the middle half of them "
-        f"{sorted(paired)[len(paired) // 4]:+.2f} to {sorted(paired)[(3 * len(paired)) // 4]:+.2f} ms.",
+        f"{quartile(paired, 1):+.2f} to {quartile(paired, 3):+.2f} ms.",
     ]
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     Path(args.out + ".json").write_text(json.dumps({"samples_ms": samples, "base": args.base}))
