@@ -156,9 +156,9 @@ class PluginConfig:
     image_dirs: tuple[str, ...] = option(
         "list(string)",
         default=("/var/lib/pyhpc/images",),
-        doc="Directories task images may come from (the store is always allowed). An image is "
-        "opened beneath one of them with no symlink on the way; the task's user must be able to "
-        "read it; never list `/`.",
+        doc="Directories a task may name SquashFS images from (imported images are named by "
+        "reference). An image is opened beneath one of them with no symlink on the way, and the "
+        "task's user must be able to read it; never list `/`.",
         check=_absolute,
     )
     untrusted_images: str = option(
@@ -192,7 +192,8 @@ class PluginConfig:
     image_sources: tuple[str, ...] = option(
         "list(string)",
         default=(),
-        doc="Image references tasks may import from, as prefixes, e.g. "
+        doc="Image references tasks may import from, matched on whole components of the parsed "
+        "reference, e.g. "
         '["docker://registry.example.org:5000/hpc/", "oras://registry.example.org:5000/"]; '
         "empty: only SquashFS files in image_dirs.",
         check=_no_nul,
