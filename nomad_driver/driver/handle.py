@@ -16,12 +16,30 @@ from nomad_driver.runtime.spec import ExitStatus
 
 @dataclass(frozen=True)
 class Usage:
-    timestamp: float
-    user_seconds: float
-    system_seconds: float
+    """CPU as shares of one core (percent) over the last interval, and memory in bytes keyed by
+    Nomad's names for the figures; throttling where the cgroup counts it (else None)."""
+
     percent: float
-    rss_bytes: int
-    by_pid: dict[int, stats.ProcessUsage]
+    user: float
+    system: float
+    memory: dict[str, int]
+    throttled: tuple[int, int] | None = None  # periods, nanoseconds
+
+
+@dataclass(frozen=True)
+class Sample:
+    timestamp: float
+    total: Usage
+    by_pid: dict[int, Usage]
+
+
+def task_cgroup(run_dir: str) -> Cgroup | None:
+    """The cgroup the task's supervisor made, as its spec placed it."""
+    try:
+        spec = client.read_spec(run_dir)
+    except (OSError, ValueError):
+        return None
+    return Cgroup(os.path.basename(run_dir), spec.limits) if spec.limits is not None else None
 
 
 class TaskHandle:
@@ -39,10 +57,10 @@ class TaskHandle:
         self.state = state
         self.result: ExitStatus | None = None
         self.exited = threading.Event()
-        self._last: tuple[float, float] | None = None
+        self._rates: dict[int, stats.Rates] = {}  # pid, 0 for the task's cgroup
         self._lock = threading.Lock()
         self._on_exit = on_exit
-        self.cgroup = Cgroup(os.path.basename(state.run_dir))
+        self.cgroup = task_cgroup(state.run_dir)
         threading.Thread(target=self._watch, name=f"wait-{name}", daemon=True).start()
 
     def _watch(self) -> None:
@@ -59,22 +77,40 @@ class TaskHandle:
         self.exited.wait(timeout)
         return self.result
 
-    def usage(self) -> Usage:
-        """The task's usage from its cgroup (or its processes, our init excepted), with the CPU
-        share since the last sample."""
-        now = time.time()
+    def usage(self) -> Sample:
+        """The task's usage from its cgroup (or, without one, the sum of its processes, our
+        init excepted), and each process's own, with CPU shares since the last sample."""
+        now = time.monotonic_ns()
         by_pid = stats.tree_usage(self.state.init_pid)
         by_pid.pop(self.state.init_pid, None)
-        user = sum(u.user_seconds for u in by_pid.values())
-        system = sum(u.system_seconds for u in by_pid.values())
-        rss = sum(u.rss_bytes for u in by_pid.values())
-        cpu_total = user + system
-        measured = self.cgroup.usage()
-        if measured is not None:
-            cpu_total, rss = measured.cpu_seconds, measured.rss_bytes
         with self._lock:
-            last, self._last = self._last, (now, cpu_total)
-        percent = 0.0
-        if last is not None and now > last[0]:
-            percent = max(0.0, (cpu_total - last[1]) / (now - last[0]) * 100.0)
-        return Usage(now, user, system, percent, rss, by_pid)
+            for gone in set(self._rates) - set(by_pid) - {0}:
+                del self._rates[gone]
+            per_pid = {
+                pid: Usage(
+                    *self._rates.setdefault(pid, stats.Rates()).percents(
+                        u.user_seconds * 1e9 + u.system_seconds * 1e9,
+                        u.user_seconds * 1e9,
+                        u.system_seconds * 1e9,
+                        now,
+                    ),
+                    memory={"RSS": u.rss_bytes},
+                )
+                for pid, u in by_pid.items()
+            }
+            rates = self._rates.setdefault(0, stats.Rates())
+            measured = self.cgroup.usage() if self.cgroup is not None else None
+            if measured is not None:
+                total = Usage(
+                    *rates.percents(measured.cpu_ns, measured.user_ns, measured.system_ns, now),
+                    memory=measured.memory,
+                    throttled=(measured.throttled_periods, measured.throttled_ns),
+                )
+            else:
+                user = sum(u.user_seconds for u in by_pid.values()) * 1e9
+                system = sum(u.system_seconds for u in by_pid.values()) * 1e9
+                total = Usage(
+                    *rates.percents(user + system, user, system, now),
+                    memory={"RSS": sum(u.rss_bytes for u in by_pid.values())},
+                )
+        return Sample(time.time(), total, per_pid)

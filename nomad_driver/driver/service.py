@@ -28,7 +28,7 @@ from grpc_status import rpc_status
 from nomad_driver import __version__
 from nomad_driver.device import nvml
 from nomad_driver.driver import config, execio, policy
-from nomad_driver.driver.handle import TaskHandle
+from nomad_driver.driver.handle import TaskHandle, Usage
 from nomad_driver.driver.state import DriverState, StateError
 from nomad_driver.goplugin import hclog
 from nomad_driver.images.store import StoreError
@@ -119,6 +119,52 @@ def limits_of(resources: Any) -> Limits:
         memory_max_bytes=max(memory.memory_max_mb * mib, linux.memory_limit_bytes),
         cpu_shares=linux.cpu_shares or resources.allocated_resources.cpu.cpu_shares,
         cpuset_cpus=linux.cpuset_cpus,
+        # In Nomad's cgroup tree, as its exec driver places tasks: the client's parent, and
+        # the cpuset cgroup it made for this task (which keeps reserved cores reserved).
+        cgroup_parent=cgroups.nomad_parent(linux.cpuset_cgroup, cgroups.version()),
+        cpuset_cgroup=linux.cpuset_cgroup,
+    )
+
+
+MEMORY_FIELDS = {  # Nomad's names for the memory figures, as handle.Usage keys them
+    "RSS": ("rss", driver_pb2.MemoryUsage.RSS),
+    "Cache": ("cache", driver_pb2.MemoryUsage.CACHE),
+    "Swap": ("swap", driver_pb2.MemoryUsage.SWAP),
+    "Usage": ("usage", driver_pb2.MemoryUsage.USAGE),
+    "Max Usage": ("max_usage", driver_pb2.MemoryUsage.MAX_USAGE),
+    "Kernel Usage": ("kernel_usage", driver_pb2.MemoryUsage.KERNEL_USAGE),
+    "Kernel Max Usage": ("kernel_max_usage", driver_pb2.MemoryUsage.KERNEL_MAX_USAGE),
+}
+
+
+def resource_usage(usage: Usage, mhz: float) -> Any:
+    """One TaskResourceUsage as Nomad's executor fills it: CPU in percent of one core over the
+    interval, TotalTicks the MHz that share is worth, and measured_fields naming exactly what
+    this node measured."""
+    cpu_fields = [
+        driver_pb2.CPUUsage.SYSTEM_MODE,
+        driver_pb2.CPUUsage.USER_MODE,
+        driver_pb2.CPUUsage.PERCENT,
+        driver_pb2.CPUUsage.TOTAL_TICKS,
+    ]
+    periods, throttled_ns = usage.throttled or (0, 0)
+    if usage.throttled is not None:
+        cpu_fields += [driver_pb2.CPUUsage.THROTTLED_PERIODS, driver_pb2.CPUUsage.THROTTLED_TIME]
+    known = {k: v for k, v in usage.memory.items() if k in MEMORY_FIELDS}
+    return driver_pb2.TaskResourceUsage(
+        cpu=driver_pb2.CPUUsage(
+            percent=usage.percent,
+            user_mode=usage.user,
+            system_mode=usage.system,
+            total_ticks=usage.percent / 100.0 * mhz,
+            throttled_periods=periods,
+            throttled_time=throttled_ns,
+            measured_fields=cpu_fields,
+        ),
+        memory=driver_pb2.MemoryUsage(
+            measured_fields=[MEMORY_FIELDS[k][1] for k in known],
+            **{MEMORY_FIELDS[k][0]: v for k, v in known.items()},
+        ),
     )
 
 
@@ -564,36 +610,13 @@ class DriverService:
             handle.exited.wait(interval)
 
     def _task_stats(self, handle: TaskHandle) -> Any:
-        usage = handle.usage()
-        cpu_fields = [
-            driver_pb2.CPUUsage.SYSTEM_MODE,
-            driver_pb2.CPUUsage.USER_MODE,
-            driver_pb2.CPUUsage.PERCENT,
-            driver_pb2.CPUUsage.TOTAL_TICKS,
-        ]
-        mem_fields = [driver_pb2.MemoryUsage.RSS]
-
-        def resource(percent: float, user: float, system: float, rss: int) -> Any:
-            return driver_pb2.TaskResourceUsage(
-                cpu=driver_pb2.CPUUsage(
-                    user_mode=user,
-                    system_mode=system,
-                    percent=percent,
-                    total_ticks=percent / 100.0 * self.mhz,
-                    measured_fields=cpu_fields,
-                ),
-                memory=driver_pb2.MemoryUsage(rss=rss, measured_fields=mem_fields),
-            )
-
+        sample = handle.usage()
         return driver_pb2.TaskStats(
             id=handle.task_id,
-            timestamp=timestamp(usage.timestamp),
-            agg_resource_usage=resource(
-                usage.percent, usage.user_seconds, usage.system_seconds, usage.rss_bytes
-            ),
+            timestamp=timestamp(sample.timestamp),
+            agg_resource_usage=resource_usage(sample.total, self.mhz),
             resource_usage_by_pid={
-                str(pid): resource(0.0, u.user_seconds, u.system_seconds, u.rss_bytes)
-                for pid, u in usage.by_pid.items()
+                str(pid): resource_usage(u, self.mhz) for pid, u in sample.by_pid.items()
             },
         )
 

@@ -9,8 +9,12 @@ from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 ROOT = "/sys/fs/cgroup"
-V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "cpuset", "devices")
-PARENT = "pyhpc"
+# Every v1 controller Nomad's own exec driver places a task in (devices only for host root).
+V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "freezer", "cpuset", "devices")
+V2_CONTROLLERS = ("cpu", "cpuset", "memory", "pids")
+PARENT = "pyhpc"  # `pyhpc run`, outside Nomad
+NOMAD_PARENT = {1: "nomad", 2: "nomad.slice"}  # the Nomad client's default cgroup_parent
+PREFIX = "pyhpc-"  # the cgroups pyhpc makes, among Nomad's own under the same parent
 # The devices every task may open (devices.allow lines): null, zero, full, random, urandom,
 # tty, ptmx and the pseudo-terminals of its own devpts. Anything else only if passed through.
 STANDARD_DEVICES = (
@@ -23,6 +27,7 @@ STANDARD_DEVICES = (
     "c 5:2 rwm",
     "c 136:* rwm",
 )
+NS_PER_TICK = 1e9 / os.sysconf("SC_CLK_TCK")
 
 
 class CgroupError(RuntimeError):
@@ -30,25 +35,50 @@ class CgroupError(RuntimeError):
 
 
 class Limits(NamedTuple):  # NamedTuple: loaded by every supervisor (see spec.py)
-    """What Nomad allocated: memory (soft) and memory_max (hard), CPU shares, reserved cores."""
+    """What Nomad allocated: memory (soft) and memory_max (hard), CPU shares, reserved cores,
+    and where the task's cgroups go: the client's cgroup_parent, and the cpuset cgroup Nomad
+    made for the task (v1: its parent's shared or reserved cpuset; v2: the task's own scope),
+    which keeps cores reserved for other tasks out of this one's reach."""
 
     memory_bytes: int = 0
     memory_max_bytes: int = 0
     cpu_shares: int = 0
     cpuset_cpus: str = ""
     pids_max: int = 0
+    cgroup_parent: str = ""
+    cpuset_cgroup: str = ""
 
 
 class Usage(NamedTuple):
-    memory_bytes: int
-    rss_bytes: int
-    cache_bytes: int
-    max_memory_bytes: int
-    cpu_seconds: float
+    """A cgroup's counters: CPU in nanoseconds, memory in bytes keyed by Nomad's names for the
+    figures (only those this node's cgroup version measures)."""
+
+    cpu_ns: int
+    user_ns: int
+    system_ns: int
+    throttled_periods: int
+    throttled_ns: int
+    memory: dict[str, int]
 
 
 def version() -> int:
     return 2 if os.path.exists(os.path.join(ROOT, "cgroup.controllers")) else 1
+
+
+def nomad_parent(cpuset_cgroup: str, ver: int) -> str:
+    """The client's cgroup_parent, read from the cpuset cgroup it gave a task (v1:
+    PARENT/shared or PARENT/reserved/ID under the cpuset hierarchy; v2: PARENT/ID.scope); its
+    default where Nomad gave none (no cpuset management on this client)."""
+    if not cpuset_cgroup:
+        return NOMAD_PARENT[ver]
+    rel = os.path.relpath(cpuset_cgroup, os.path.join(ROOT, "cpuset" if ver == 1 else ""))
+    if rel.startswith(".."):
+        return NOMAD_PARENT[ver]
+    if ver == 2:
+        return os.path.dirname(rel) or NOMAD_PARENT[ver]
+    if os.path.basename(os.path.dirname(rel)) == "reserved":
+        return os.path.dirname(os.path.dirname(rel)) or NOMAD_PARENT[ver]
+    return os.path.dirname(rel) or NOMAD_PARENT[ver]
 
 
 def _write(path: str, value: str) -> None:
@@ -68,34 +98,58 @@ def _keyed(path: str) -> dict[str, int]:
         return {}
 
 
-class Cgroup:
-    """One task's cgroup(s). All methods tolerate a cgroup that is already gone."""
+def _number(path: str) -> int | None:
+    try:
+        return int(_read(path))
+    except (OSError, ValueError):
+        return None
 
-    def __init__(self, name: str) -> None:
+
+class Cgroup:
+    """One task's cgroup(s), under the parent its Limits name. The cgroups Nomad made for the
+    task (its cpuset) are joined and read, never made or removed: the client owns them. All
+    methods tolerate a cgroup that is already gone."""
+
+    def __init__(self, name: str, limits: Limits | None = None) -> None:
         self.name = name
         self.version = version()
+        limits = limits or Limits()
+        self.parent = limits.cgroup_parent.strip("/") or PARENT
+        self.given = limits.cpuset_cgroup
+        hierarchy = os.path.join(ROOT, "cpuset") if self.version == 1 else ROOT
+        if self.given and (
+            os.path.normpath(self.given) != self.given or not self.given.startswith(hierarchy + "/")
+        ):
+            raise CgroupError(
+                f"the cpuset cgroup Nomad gave, {self.given!r}, is not under this node's cgroup "
+                f"v{self.version} hierarchy"
+            )
+        if self.parent != os.path.normpath(self.parent) or self.parent.startswith(".."):
+            raise CgroupError(f"cgroup parent {limits.cgroup_parent!r} is not a plain path")
         # The devices controller is joined only by host-root tasks, which need its allowlist:
         # each more v1 controller joined costs a start about a millisecond.
         self.devices = False
 
-    def paths(self) -> list[str]:
-        if self.version == 2:
-            return [os.path.join(ROOT, PARENT, self.name)]
-        return [
-            os.path.join(ROOT, c, PARENT, self.name)
-            for c in V1_CONTROLLERS
-            if os.path.isdir(os.path.join(ROOT, c))
-            and (
-                c != "devices"
-                or self.devices
-                or os.path.isdir(os.path.join(ROOT, c, PARENT, self.name))
-            )
-        ]
-
     def _path(self, controller: str) -> str:
         if self.version == 2:
-            return os.path.join(ROOT, PARENT, self.name)
-        return os.path.join(ROOT, controller, PARENT, self.name)
+            return self.given or os.path.join(ROOT, self.parent, PREFIX + self.name)
+        if controller == "cpuset" and self.given:
+            return self.given
+        return os.path.join(ROOT, controller, self.parent, PREFIX + self.name)
+
+    def paths(self) -> list[str]:
+        if self.version == 2:
+            return [self._path("")]
+        return [
+            self._path(c)
+            for c in V1_CONTROLLERS
+            if os.path.isdir(os.path.join(ROOT, c))
+            and (c != "devices" or self.devices or os.path.isdir(self._path(c)))
+        ]
+
+    def owned(self) -> list[str]:
+        """The paths pyhpc made and so removes."""
+        return [p for p in self.paths() if p != self.given]
 
     def create(
         self, limits: Limits, devices: Iterable[tuple[str, bool]] = (), host_root: bool = False
@@ -132,24 +186,35 @@ class Cgroup:
 
     def _create(self, limits: Limits) -> None:
         if self.version == 2:
-            parent = os.path.join(ROOT, PARENT)
-            os.makedirs(parent, exist_ok=True)
-            wanted = {"+memory", "+cpu", "+pids", "+cpuset"}
-            available = set(
-                "+" + c for c in _read(os.path.join(ROOT, "cgroup.controllers")).split()
-            )
-            for c in sorted(wanted & available):
-                _write(os.path.join(ROOT, "cgroup.subtree_control"), c)
-                _write(os.path.join(parent, "cgroup.subtree_control"), c)
-        else:
-            cpuset_parent = os.path.join(ROOT, "cpuset", PARENT)
-            if os.path.isdir(os.path.join(ROOT, "cpuset")) and not os.path.isdir(cpuset_parent):
-                os.makedirs(cpuset_parent, exist_ok=True)
-                for f in ("cpuset.cpus", "cpuset.mems"):  # a v1 cpuset starts empty
-                    _write(os.path.join(cpuset_parent, f), _read(os.path.join(ROOT, "cpuset", f)))
-        for path in self.paths():
+            self._delegate(os.path.dirname(self._path("")))
+        elif os.path.isdir(os.path.join(ROOT, "cpuset")) and not self.given:
+            # A v1 cpuset starts empty: the parent gets its own parent's cores and memory nodes.
+            above = os.path.join(ROOT, "cpuset")
+            for part in self.parent.split("/"):
+                below = os.path.join(above, part)
+                if not os.path.isdir(below):
+                    os.makedirs(below, exist_ok=True)
+                    for f in ("cpuset.cpus", "cpuset.mems"):
+                        _write(os.path.join(below, f), _read(os.path.join(above, f)))
+                above = below
+        for path in self.owned():
             os.makedirs(path, exist_ok=True)
         self._apply(limits)
+
+    @staticmethod
+    def _delegate(parent: str) -> None:
+        """v2: every cgroup from the root down to parent hands its children the controllers."""
+        available = set(_read(os.path.join(ROOT, "cgroup.controllers")).split())
+        wanted = [c for c in V2_CONTROLLERS if c in available]
+        os.makedirs(parent, exist_ok=True)
+        at = ROOT
+        for part in [""] + os.path.relpath(parent, ROOT).split("/"):
+            at = os.path.join(at, part) if part and part != "." else at
+            control = os.path.join(at, "cgroup.subtree_control")
+            enabled = set(_read(control).split())
+            for c in wanted:
+                if c not in enabled:
+                    _write(control, "+" + c)
 
     def _apply(self, limits: Limits) -> None:
         hard = max(limits.memory_max_bytes, limits.memory_bytes)
@@ -167,7 +232,7 @@ class Cgroup:
                 _write(os.path.join(p, "cpu.weight"), str(max(1, min(10000, weight))))
             if limits.pids_max:
                 _write(os.path.join(p, "pids.max"), str(limits.pids_max))
-            if limits.cpuset_cpus:
+            if limits.cpuset_cpus and not self.given:  # Nomad keeps its scope's cpuset itself
                 _write(os.path.join(p, "cpuset.cpus"), limits.cpuset_cpus)
             return
         mem = self._path("memory")
@@ -183,7 +248,7 @@ class Cgroup:
         if limits.pids_max and os.path.isdir(self._path("pids")):
             _write(os.path.join(self._path("pids"), "pids.max"), str(limits.pids_max))
         cpuset = self._path("cpuset")
-        if os.path.isdir(cpuset):
+        if os.path.isdir(cpuset) and not self.given:
             parent = os.path.dirname(cpuset)
             _write(os.path.join(cpuset, "cpuset.mems"), _read(os.path.join(parent, "cpuset.mems")))
             _write(
@@ -196,36 +261,123 @@ class Cgroup:
         for path in self.paths():
             _write(os.path.join(path, "cgroup.procs"), "0")
 
+    def freeze(self, frozen: bool) -> bool:
+        """Stop (or let go on) every process of the task at once; False where this node has
+        no freezer. Waits until the kernel reports them all stopped."""
+        import time
+
+        if self.version == 2:
+            control, state, want = "cgroup.freeze", "cgroup.events", "frozen 1"
+            value = "1" if frozen else "0"
+        else:
+            control = state = "freezer.state"
+            value = want = "FROZEN" if frozen else "THAWED"
+        path = self._path("freezer")
+        if not os.path.exists(os.path.join(path, control)):
+            return False
+        try:
+            _write(os.path.join(path, control), value)
+            if not frozen:
+                return True
+            for _ in range(200):  # v1 FREEZING, v2 frozen 0: still stopping the last ones
+                if want in _read(os.path.join(path, state)).splitlines():
+                    return True
+                time.sleep(0.005)
+        except OSError:
+            return False
+        return False
+
+    def kill(self) -> bool:
+        """SIGKILL every process of the task in one step, so none can fork away meanwhile: v2
+        cgroup.kill; v1 freeze, kill each, thaw. False where neither is there."""
+        path = self._path("freezer")
+        if self.version == 2 and os.path.exists(os.path.join(path, "cgroup.kill")):
+            try:
+                _write(os.path.join(path, "cgroup.kill"), "1")
+                return True
+            except OSError:
+                return False
+        if not self.freeze(True):
+            return False
+        try:
+            for pid in _read(os.path.join(path, "cgroup.procs")).split():
+                try:
+                    os.kill(int(pid), 9)
+                except (ProcessLookupError, ValueError):
+                    pass
+        except OSError:
+            pass
+        finally:
+            self.freeze(False)
+        return True
+
     def oom_kills(self) -> int:
         if self.version == 2:
             return _keyed(os.path.join(self._path(""), "memory.events")).get("oom_kill", 0)
         return _keyed(os.path.join(self._path("memory"), "memory.oom_control")).get("oom_kill", 0)
 
     def usage(self) -> Usage | None:
+        """The counters Nomad's executor reports, as this cgroup version names them; None once
+        the cgroup is gone."""
         try:
-            if self.version == 2:
-                p = self._path("")
-                stat = _keyed(os.path.join(p, "memory.stat"))
-                cpu = _keyed(os.path.join(p, "cpu.stat")).get("usage_usec", 0) / 1e6
-                current = int(_read(os.path.join(p, "memory.current")))
-                peak_file = os.path.join(p, "memory.peak")
-                peak = int(_read(peak_file)) if os.path.exists(peak_file) else 0
-                return Usage(current, stat.get("anon", 0), stat.get("file", 0), peak, cpu)
-            mem = self._path("memory")
-            stat = _keyed(os.path.join(mem, "memory.stat"))
-            cpu = int(_read(os.path.join(self._path("cpuacct"), "cpuacct.usage"))) / 1e9
-            return Usage(
-                int(_read(os.path.join(mem, "memory.usage_in_bytes"))),
-                stat.get("total_rss", stat.get("rss", 0)),
-                stat.get("total_cache", stat.get("cache", 0)),
-                int(_read(os.path.join(mem, "memory.max_usage_in_bytes"))),
-                cpu,
-            )
+            return self._usage_v2() if self.version == 2 else self._usage_v1()
         except (OSError, ValueError):
             return None
 
+    def _usage_v2(self) -> Usage:
+        p = self._path("")
+        cpu = _keyed(os.path.join(p, "cpu.stat"))
+        stat = _keyed(os.path.join(p, "memory.stat"))
+        memory = {"Usage": int(_read(os.path.join(p, "memory.current")))}
+        memory["RSS"] = stat.get("anon", 0)
+        memory["Cache"] = stat.get("file", 0)
+        for name, source in (("Swap", "memory.swap.current"), ("Max Usage", "memory.peak")):
+            value = _number(os.path.join(p, source))
+            if value is not None:
+                memory[name] = value
+        if "kernel" in stat:
+            memory["Kernel Usage"] = stat["kernel"]
+        return Usage(
+            cpu.get("usage_usec", 0) * 1000,
+            cpu.get("user_usec", 0) * 1000,
+            cpu.get("system_usec", 0) * 1000,
+            cpu.get("nr_throttled", 0),
+            cpu.get("throttled_usec", 0) * 1000,
+            memory,
+        )
+
+    def _usage_v1(self) -> Usage:
+        mem = self._path("memory")
+        stat = _keyed(os.path.join(mem, "memory.stat"))
+        memory = {
+            "RSS": stat.get("total_rss", stat.get("rss", 0)),
+            "Cache": stat.get("total_cache", stat.get("cache", 0)),
+            "Usage": int(_read(os.path.join(mem, "memory.usage_in_bytes"))),
+            "Max Usage": int(_read(os.path.join(mem, "memory.max_usage_in_bytes"))),
+        }
+        if "total_swap" in stat or "swap" in stat:
+            memory["Swap"] = stat.get("total_swap", stat.get("swap", 0))
+        for name, source in (
+            ("Kernel Usage", "memory.kmem.usage_in_bytes"),
+            ("Kernel Max Usage", "memory.kmem.max_usage_in_bytes"),
+        ):
+            value = _number(os.path.join(mem, source))
+            if value is not None:
+                memory[name] = value
+        acct = self._path("cpuacct")
+        ticks = _keyed(os.path.join(acct, "cpuacct.stat"))
+        throttling = _keyed(os.path.join(self._path("cpu"), "cpu.stat"))
+        return Usage(
+            int(_read(os.path.join(acct, "cpuacct.usage"))),
+            int(ticks.get("user", 0) * NS_PER_TICK),
+            int(ticks.get("system", 0) * NS_PER_TICK),
+            throttling.get("nr_throttled", 0),
+            throttling.get("throttled_time", 0),
+            memory,
+        )
+
     def remove(self) -> None:
-        for path in self.paths():
+        for path in self.owned():
             try:
                 os.rmdir(path)
             except OSError:
@@ -255,19 +407,26 @@ def device_rules(devices: Iterable[tuple[str, bool]]) -> list[str]:
     return rules
 
 
-def names() -> set[str]:
-    """The task cgroups that exist under our parent, in any hierarchy."""
-    parents = (
-        [os.path.join(ROOT, PARENT)]
-        if version() == 2
-        else [os.path.join(ROOT, c, PARENT) for c in V1_CONTROLLERS]
-    )
-    found: set[str] = set()
-    for parent in parents:
-        try:
-            found.update(e.name for e in os.scandir(parent) if e.is_dir())
-        except OSError:
-            continue
+def names() -> dict[str, str]:
+    """The task cgroups pyhpc made that exist, in any hierarchy: name -> parent. Only under
+    the parents pyhpc uses by default (Nomad's own cgroups there are not ours to judge)."""
+    ver = version()
+    found: dict[str, str] = {}
+    for parent in (PARENT, NOMAD_PARENT[ver]):
+        dirs = (
+            [os.path.join(ROOT, parent)]
+            if ver == 2
+            else [os.path.join(ROOT, c, parent) for c in V1_CONTROLLERS]
+        )
+        for d in dirs:
+            try:
+                found.update(
+                    (e.name[len(PREFIX) :], parent)
+                    for e in os.scandir(d)
+                    if e.is_dir() and e.name.startswith(PREFIX)
+                )
+            except OSError:
+                continue
     return found
 
 
@@ -284,15 +443,17 @@ def sweep(in_use: Callable[[], set[str]], now: float | None = None) -> list[str]
 
     removed = []
     now = time.time() if now is None else now
-    for name in sorted(names() - in_use()):
-        group = Cgroup(name)
+    found = names()
+    busy = in_use()
+    for name in sorted(set(found) - busy):
+        group = Cgroup(name, Limits(cgroup_parent=found[name]))
         try:
-            born = min(os.stat(p).st_ctime for p in group.paths() if os.path.isdir(p))
+            born = min(os.stat(p).st_ctime for p in group.owned() if os.path.isdir(p))
         except (OSError, ValueError):
             continue
         if now - born < SWEEP_GRACE_S:
             continue
         group.remove()
-        if not any(os.path.isdir(p) for p in group.paths()):
+        if not any(os.path.isdir(p) for p in group.owned()):
             removed.append(name)
     return removed

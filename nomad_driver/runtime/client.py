@@ -139,6 +139,11 @@ def _start_supervisor(spec: ContainerSpec, run_dir: str, timeout: float) -> Star
     return Started(run_dir, proc.pid, int(message["init_pid"]), float(message["started_at"]))
 
 
+def read_spec(run_dir: str) -> ContainerSpec:
+    with open(os.path.join(run_dir, SPEC_FILE), encoding="utf-8") as f:
+        return ContainerSpec.from_json(f.read())
+
+
 def adopt(run_dir: str, timeout: float = 15.0) -> Started | None:
     """The task an earlier start in run_dir launched, if its command got to run (a plugin killed
     in the middle of StartTask leaves that start's supervisor going); None when it never will,
@@ -251,6 +256,13 @@ def send_signal(run_dir: str, signum: int) -> None:
     reply = _request(run_dir, "kill" if signum == signal.SIGKILL else f"signal {signum}", 5.0)
     if reply != "ok":
         raise OSError(f"supervisor refused the signal: {reply}")
+
+
+def pause(run_dir: str, paused: bool) -> None:
+    """Freeze every process of the task (or let them go on), through its cgroup's freezer."""
+    reply = _request(run_dir, "pause" if paused else "resume", 5.0)
+    if reply != "ok":
+        raise OSError(reply.removeprefix("error "))
 
 
 def remove(run_dir: str) -> None:

@@ -22,6 +22,7 @@ from nomad_driver.runtime.spec import ContainerSpec
 from nomad_driver.runtime.supervisor import SPEC_FILE, enter_work_dir, restrict
 
 NAMESPACES = (
+    ("cgroup", linux.CLONE_NEWCGROUP),
     ("net", linux.CLONE_NEWNET),
     ("ipc", linux.CLONE_NEWIPC),
     ("uts", linux.CLONE_NEWUTS),
@@ -65,7 +66,7 @@ def main(args: list[str]) -> int:
     # this waiting parent stays out of the task's accounting.
     cgroups = [
         os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY)
-        for path in (Cgroup(os.path.basename(run_dir)).paths() if spec.limits is not None else [])
+        for path in (Cgroup(os.path.basename(run_dir), spec.limits).paths() if spec.limits else [])
     ]
     for fd, kind in fds:
         linux.setns(fd, kind)

@@ -10,6 +10,7 @@ import os
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)  # find_library would spawn ldconfig
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000

@@ -1,4 +1,5 @@
-"""CPU and memory of a container's processes, read from /proc on the host."""
+"""CPU and memory of a container's processes, read from /proc on the host, and CPU counters
+turned into shares of one core over the interval between two readings."""
 
 from __future__ import annotations
 
@@ -14,6 +15,36 @@ class ProcessUsage:
     user_seconds: float
     system_seconds: float
     rss_bytes: int
+
+
+class Rate:
+    """The share of one core, in percent, that a growing CPU-time counter (nanoseconds) used
+    since the previous reading. The first reading has no interval and gives 0."""
+
+    def __init__(self) -> None:
+        self.last: tuple[int, float] | None = None
+
+    def percent(self, cpu_ns: float, now_ns: int) -> float:
+        last, self.last = self.last, (now_ns, cpu_ns)
+        if last is None or now_ns <= last[0] or cpu_ns <= last[1]:
+            return 0.0
+        return (cpu_ns - last[1]) / (now_ns - last[0]) * 100.0
+
+
+class Rates:
+    """Rate for the total, user and system CPU time of one thing (a task, a process)."""
+
+    def __init__(self) -> None:
+        self.total, self.user, self.system = Rate(), Rate(), Rate()
+
+    def percents(
+        self, total_ns: float, user_ns: float, system_ns: float, now_ns: int
+    ) -> tuple[float, float, float]:
+        return (
+            self.total.percent(total_ns, now_ns),
+            self.user.percent(user_ns, now_ns),
+            self.system.percent(system_ns, now_ns),
+        )
 
 
 def descendants(pid: int) -> list[int]:

@@ -179,7 +179,7 @@ class Supervisor:
         self.status_r = -1
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.waiters: list[socket.socket] = []
-        self.cgroup = Cgroup(os.path.basename(run_dir)) if spec.limits is not None else None
+        self.cgroup = Cgroup(os.path.basename(run_dir), spec.limits) if spec.limits else None
         self.images = SharedImages(spec.images_dir)
         self.owner = os.path.basename(run_dir)
 
@@ -306,7 +306,14 @@ class Supervisor:
             self.waiters.append(conn)
             return
         if request == ["kill"]:
+            # The whole cgroup at once (freezer or cgroup.kill), then the PID namespace's init,
+            # whose end takes whatever the cgroup did not hold.
+            if self.cgroup is not None:
+                self.cgroup.kill()
             os.kill(self.init_pid, signal.SIGKILL)
+        elif request in (["pause"], ["resume"]):
+            if self.cgroup is None or not self.cgroup.freeze(request == ["pause"]):
+                reply = "error this node has no freezer for the task's cgroup"
         elif len(request) == 2 and request[0] == "signal" and request[1].isdigit():
             os.kill(self.init_pid, int(request[1]))
         else:

@@ -48,7 +48,7 @@ def test_sweep_removes_cgroups_of_dead_tasks_only(tmp_path: Path) -> None:
     for group in (dead, live):
         group.create(Limits(memory_bytes=32 << 20))
     try:
-        in_use = lambda: {"t-sweep-live"} | (cgroups.names() - {"t-sweep-dead"})  # noqa: E731
+        in_use = lambda: {"t-sweep-live"} | (set(cgroups.names()) - {"t-sweep-dead"})  # noqa: E731
         # Just made: maybe another driver's starting task, so left alone for a while.
         assert cgroups.sweep(in_use) == []
         assert all(os.path.isdir(p) for p in dead.paths())

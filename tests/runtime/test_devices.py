@@ -83,7 +83,7 @@ def run(tmp: Path, image: Path, script: str, **overrides: Any) -> str:
 
 
 def leftover_cgroups(name: str) -> list[str]:
-    return [str(p) for p in Path(cgroups.ROOT).glob(f"*/{cgroups.PARENT}/{name}")]
+    return [str(p) for p in Path(cgroups.ROOT).glob(f"*/{cgroups.PARENT}/{cgroups.PREFIX}{name}")]
 
 
 # The standard nodes open, and a device the admin passed through reads: the control for every
@@ -238,7 +238,8 @@ def test_a_task_that_ran_leaves_no_cgroup(tmp_path: Path, busybox_image: Path, u
         in_devices = any(f"/devices/{cgroups.PARENT}/" in p for p in present)
         assert in_devices == (userns is None), present
         if userns is None:
-            listed = Path(cgroups.ROOT, "devices", cgroups.PARENT, name, "devices.list")
+            own = cgroups.PREFIX + name
+            listed = Path(cgroups.ROOT, "devices", cgroups.PARENT, own, "devices.list")
             assert listed.read_text().split("\n")[:-1] == list(cgroups.STANDARD_DEVICES)
     finally:
         client.send_signal(started.run_dir, signal.SIGKILL)

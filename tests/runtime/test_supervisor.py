@@ -222,17 +222,6 @@ def test_task_over_its_memory_limit_is_oom_killed_and_reported(
     assert result.signal == signal.SIGKILL
 
 
-def test_cgroup_is_removed_after_the_task(tmp_path: Path, busybox_image: Path) -> None:
-    from nomad_driver.runtime.cgroups import Cgroup, Limits
-
-    spec = make_spec(tmp_path, busybox_image, "/bin/sh", "-c", "cat /proc/self/cgroup")
-    spec = spec._replace(limits=Limits(memory_bytes=64 << 20, cpu_shares=100))
-    started = client.start(spec, str(tmp_path / "run"))
-    assert client.wait(started.run_dir).exit_code == 0
-    assert "pyhpc/run" in (tmp_path / "out").read_text()
-    assert not any(os.path.exists(p) for p in Cgroup("run").paths())
-
-
 def test_writable_none_gives_a_read_only_root_with_writable_alloc_dirs(
     tmp_path: Path, busybox_image: Path
 ) -> None:
@@ -382,9 +371,9 @@ def test_exec_joins_the_tasks_cgroup_and_counts_against_its_limits(
         mine = Path("/proc/self/cgroup").read_text().splitlines()
         theirs = done.stdout.splitlines()
         assert theirs and len(theirs) == len(mine), (theirs, mine)
-        # Every hierarchy the task's cgroup lives in now holds the exec'd process too.
-        limited = [line for line in theirs if line.endswith(":/pyhpc/run")]
-        assert limited and set(theirs) - set(limited) <= set(mine), theirs
+        # In the task's cgroup namespace: a process in any cgroup but the task's own would
+        # show a path ("/.." at least), so every hierarchy holds the exec'd process too.
+        assert all(line.endswith(":/") for line in theirs), theirs
         bomb = exec_("/bin/sh", "-c", "for i in $(seq 30); do sleep 5 & done; wait")
         assert "can't fork" in bomb.stderr, bomb
     finally:

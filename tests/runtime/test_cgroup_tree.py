@@ -1,0 +1,242 @@
+"""Where a task's cgroups go and what pyhpc does with them: every controller under the parent
+its limits name (Nomad's, for driver tasks), the cpuset cgroup Nomad made joined but never
+touched, a cgroup namespace rooted at the task, one-step kill and pause through the freezer
+(cgroup.kill and cgroup.freeze on v2), and the counters the stats come from."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nomad_driver.runtime import cgroups, client
+from nomad_driver.runtime.cgroups import Cgroup, Limits
+from tests.runtime.test_supervisor import make_spec
+
+V1_TASK_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "freezer", "cpuset")
+
+
+def host_cgroups(pid: int) -> dict[str, str]:
+    """controller -> path, from the host's /proc/PID/cgroup."""
+    found = {}
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, names, path = line.split(":", 2)
+        for name in names.split(","):
+            found[name] = path
+    return found
+
+
+def task_pid(init_pid: int) -> int:
+    children = Path(f"/proc/{init_pid}/task/{init_pid}/children").read_text().split()
+    return int(children[0])
+
+
+@pytest.fixture
+def nomad_like_parent() -> Iterator[tuple[str, str]]:
+    """A cgroup parent laid out as Nomad's v1 client makes it: PARENT/shared and
+    PARENT/reserved in the cpuset hierarchy, the shared one without the last core."""
+    if cgroups.version() != 1:
+        pytest.skip("the v1 layout; v2 placement is checked in test_v2_paths_follow_nomads_scope")
+    parent = f"nomad-test-{uuid.uuid4().hex[:8]}"
+    top = Path(cgroups.ROOT, "cpuset", parent)
+    root_cpus = Path(cgroups.ROOT, "cpuset", "cpuset.cpus").read_text().strip()
+    mems = Path(cgroups.ROOT, "cpuset", "cpuset.mems").read_text().strip()
+    made = [top, top / "shared", top / "reserved"]
+    for d in made:
+        d.mkdir()
+        (d / "cpuset.mems").write_text(mems)
+    (top / "cpuset.cpus").write_text(root_cpus)
+    (top / "shared").joinpath("cpuset.cpus").write_text("0")
+    yield parent, str(top / "shared")
+    for d in reversed(made):
+        d.rmdir()
+    for c in V1_TASK_CONTROLLERS:
+        p = Path(cgroups.ROOT, c, parent)
+        if p.is_dir() and c != "cpuset":
+            p.rmdir()
+
+
+def test_task_is_in_every_controller_under_its_parent_and_sees_only_its_namespace_root(
+    tmp_path: Path, busybox_image: Path, nomad_like_parent: tuple[str, str]
+) -> None:
+    parent, shared = nomad_like_parent
+    limits = Limits(memory_bytes=64 << 20, cgroup_parent=parent, cpuset_cgroup=shared)
+    spec = make_spec(
+        tmp_path, busybox_image, "/bin/sh", "-c", "cat /proc/self/cgroup; exec sleep 30"
+    )._replace(limits=limits)
+    started = client.start(spec, str(tmp_path / "run"))
+    try:
+        placed = host_cgroups(task_pid(started.init_pid))
+        own = f"/{parent}/{cgroups.PREFIX}run"
+        for c in V1_TASK_CONTROLLERS:
+            want = f"/{parent}/shared" if c == "cpuset" else own
+            assert placed[c] == want, (c, placed)
+        # The control: a process outside sits elsewhere, so the check above can fail.
+        assert host_cgroups(os.getpid())["memory"] != own
+        deadline = time.time() + 5
+        while "cpuset" not in (tmp_path / "out").read_text() and time.time() < deadline:
+            time.sleep(0.05)
+        inside = (tmp_path / "out").read_text().splitlines()
+        assert inside and all(line.endswith(":/") for line in inside), inside
+    finally:
+        client.send_signal(started.run_dir, 9)
+        client.wait(started.run_dir)
+    group = Cgroup("run", limits)
+    assert not any(os.path.exists(p) for p in group.owned())
+    assert os.path.isdir(shared)  # Nomad's, not ours to remove
+
+
+def test_a_task_without_nomad_stays_under_pyhpcs_own_parent(
+    tmp_path: Path, busybox_image: Path
+) -> None:
+    spec = make_spec(tmp_path, busybox_image, "/bin/sh", "-c", "exec sleep 30")
+    spec = spec._replace(limits=Limits(memory_bytes=64 << 20))
+    started = client.start(spec, str(tmp_path / "run"))
+    try:
+        placed = host_cgroups(task_pid(started.init_pid))
+        key = "memory" if cgroups.version() == 1 else ""
+        assert placed[key] == f"/{cgroups.PARENT}/{cgroups.PREFIX}run", placed
+    finally:
+        client.send_signal(started.run_dir, 9)
+        client.wait(started.run_dir)
+    assert not any(os.path.exists(p) for p in Cgroup("run").paths())
+
+
+def in_cgroup(group: Cgroup, script: str) -> subprocess.Popen[bytes]:
+    def join() -> None:
+        group.join()
+
+    return subprocess.Popen(["/bin/sh", "-c", script], preexec_fn=join)
+
+
+def alive(pids: list[int]) -> list[int]:
+    live = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            live.append(pid)
+    return live
+
+
+def test_kill_ends_every_process_of_the_cgroup_even_one_that_keeps_forking() -> None:
+    group = Cgroup(f"t-kill-{uuid.uuid4().hex[:8]}")
+    group.create(Limits(memory_bytes=64 << 20, pids_max=200))
+    forker = "while :; do sleep 60 & done"  # new processes all the time
+    procs = [in_cgroup(group, forker), in_cgroup(group, "exec sleep 60")]
+    try:
+        time.sleep(0.3)
+        members = [int(p) for p in Path(group.paths()[0], "cgroup.procs").read_text().split()]
+        assert len(members) > 2, members  # the control: the processes really are in it
+        assert group.kill()
+        for p in procs:
+            p.wait(timeout=5)
+        assert alive(members) == []
+        assert Path(group.paths()[0], "cgroup.procs").read_text().split() == []
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        group.remove()
+    assert not any(os.path.exists(p) for p in group.paths())
+
+
+def test_pause_freezes_the_whole_task_and_resume_lets_it_go_on(
+    tmp_path: Path, busybox_image: Path
+) -> None:
+    script = "while :; do echo . >> /alloc/n; done"  # grows while it runs
+    spec = make_spec(tmp_path, busybox_image, "/bin/sh", "-c", script)
+    spec = spec._replace(limits=Limits(memory_bytes=64 << 20))
+    started = client.start(spec, str(tmp_path / "run"))
+    counter = tmp_path / "alloc" / "n"
+    try:
+        time.sleep(0.3)
+        client.pause(started.run_dir, True)
+        before = counter.stat().st_size
+        time.sleep(0.5)
+        assert counter.stat().st_size == before  # frozen: not one more step
+        client.pause(started.run_dir, False)
+        time.sleep(0.5)
+        assert counter.stat().st_size > before  # the control: it runs when not frozen
+    finally:
+        client.pause(started.run_dir, False)
+        client.send_signal(started.run_dir, 9)
+        client.wait(started.run_dir)
+
+
+def test_usage_counts_the_cgroups_cpu_and_memory() -> None:
+    group = Cgroup(f"t-usage-{uuid.uuid4().hex[:8]}")
+    group.create(Limits(memory_bytes=256 << 20))
+    # 64 MiB held in a shell variable's string, then a busy loop for a while.
+    script = (
+        "x=$(head -c 67108864 /dev/zero | tr '\\0' a); end=$(($(date +%s)+1)); "
+        "while [ $(date +%s) -lt $end ]; do :; done; sleep 5"
+    )
+    proc = in_cgroup(group, script)
+    try:
+        time.sleep(2.0)
+        usage = group.usage()
+        assert usage is not None
+        assert usage.cpu_ns > 0.3e9 and usage.user_ns > 0
+        assert usage.memory["Usage"] >= 64 << 20
+        assert usage.memory["Max Usage" if cgroups.version() == 1 else "Usage"] >= 64 << 20
+        assert usage.memory["RSS"] >= 60 << 20
+    finally:
+        group.kill()
+        proc.wait()
+        group.remove()
+    assert group.usage() is None
+
+
+def test_nomad_parent_is_read_from_the_cpuset_cgroup_nomad_gave() -> None:
+    root = cgroups.ROOT
+    assert cgroups.nomad_parent(f"{root}/cpuset/nomad/shared", 1) == "nomad"
+    assert cgroups.nomad_parent(f"{root}/cpuset/hpc/nomad/reserved/a1-task", 1) == "hpc/nomad"
+    assert cgroups.nomad_parent(f"{root}/nomad.slice/a1.task.scope", 2) == "nomad.slice"
+    assert cgroups.nomad_parent(f"{root}/custom.slice/a1.task.scope", 2) == "custom.slice"
+    assert cgroups.nomad_parent("", 1) == "nomad"
+    assert cgroups.nomad_parent("", 2) == "nomad.slice"
+
+
+def test_v2_paths_follow_nomads_scope(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """On v2 the task uses the scope Nomad made for it (its cpuset written by Nomad), as the
+    exec driver does; pyhpc neither writes its cores nor removes it."""
+    monkeypatch.setattr(cgroups, "version", lambda: 2)
+    monkeypatch.setattr(cgroups, "ROOT", str(tmp_path))
+    scope = tmp_path / "nomad.slice" / "a1b2.train.scope"
+    scope.mkdir(parents=True)
+    (tmp_path / "cgroup.subtree_control").write_text("")
+    (tmp_path / "nomad.slice" / "cgroup.subtree_control").write_text("cpu cpuset io memory pids")
+    (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory pids")
+    (scope / "cpuset.cpus").write_text("1")
+    limits = Limits(
+        memory_bytes=64 << 20,
+        cpu_shares=1024,
+        cpuset_cpus="1",
+        cgroup_parent="nomad.slice",
+        cpuset_cgroup=str(scope),
+    )
+    group = Cgroup("run", limits)
+    assert group.paths() == [str(scope)]
+    assert group.owned() == []
+    group.create(limits)
+    assert (scope / "memory.max").read_text() == str(64 << 20)
+    assert (scope / "cpu.weight").read_text() == "39"
+    assert (scope / "cpuset.cpus").read_text() == "1"  # Nomad's value, untouched
+    # Controllers handed down where missing (a plain file keeps the last write), and only there.
+    assert (tmp_path / "cgroup.subtree_control").read_text() == "+pids"
+    assert (tmp_path / "nomad.slice" / "cgroup.subtree_control").read_text().startswith("cpu ")
+    group.remove()
+    assert scope.is_dir()
+    # Without Nomad's scope (no cpuset management): pyhpc's own cgroup under the parent.
+    own = Cgroup("run", limits._replace(cpuset_cgroup=""))
+    assert own.paths() == [str(tmp_path / "nomad.slice" / f"{cgroups.PREFIX}run")]
+    with pytest.raises(cgroups.CgroupError, match="not under"):
+        Cgroup("run", limits._replace(cpuset_cgroup="/tmp/elsewhere"))
