@@ -1,7 +1,8 @@
 """The GPU check (issue: GPUs). On a machine with an NVIDIA GPU, in under 5 minutes:
 
 1. the pyhpc-gpu device plugin's NVML fingerprint, read through its own gRPC service as Nomad
-   reads it (go-plugin handshake, then DevicePlugin.Fingerprint), and a Reserve of one GPU;
+   reads it (go-plugin handshake, then DevicePlugin.Fingerprint), a Reserve of one GPU, and two
+   Stats samples a second apart (each GPU's figures, recorded in --json);
 2. `pyhpc run --gpus all` of nvidia-smi in a SquashFS image;
 3. `pyhpc run --gpus 1`: the container sees exactly one GPU;
 4. a CUDA program (scripts/gpu/cudacheck.c: driver API, PTX kernel) in the container that
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import duration_pb2
 
 from nomad_driver.device import nvml
 from nomad_driver.driver.main import NOMAD_HANDSHAKE
@@ -92,11 +94,54 @@ def fingerprint_and_reserve(work: Path) -> list[str]:
             f"mounts: {len(res.mounts)} read-only, e.g. "
             + ", ".join(m.task_path for m in res.mounts[:6]),
         )
+        stats(stub, ids)
         channel.close()
         return ids
     finally:
         proc.kill()
         proc.wait()
+
+
+NEEDED_FIGURES = ("GPU utilization", "Memory utilization", "Memory state", "Temperature")
+
+
+def stats(stub: Any, ids: list[str]) -> None:
+    """Two Stats samples on a one-second interval, as Nomad asks for them: every fingerprinted
+    GPU must have utilization, memory and temperature figures; the rest is shown as NVML gave
+    it (power, BAR1, ECC where the GPU has it)."""
+    interval = duration_pb2.Duration(seconds=1)
+    stream = stub.Stats(device_pb2.StatsRequest(collection_interval=interval), timeout=30)
+    t0 = time.monotonic()
+    next(stream)
+    second = next(stream)
+    gap = time.monotonic() - t0
+    stream.cancel()
+    measures["stats_interval_s"] = round(gap, 2)
+    seen: dict[str, dict[str, str]] = {}
+    for group in second.groups:
+        for uuid, dev in group.instance_stats.items():
+            seen[uuid] = {
+                name: f"{v.int_numerator_val.value}"
+                + (f"/{v.int_denominator_val.value}" if v.HasField("int_denominator_val") else "")
+                + f" {v.unit}"
+                for name, v in sorted(dev.stats.attributes.items())
+            }
+    measures["stats"] = seen
+    missing = [
+        f"{uuid}: {name}"
+        for uuid in ids
+        for name in NEEDED_FIGURES
+        if name not in seen.get(uuid, {})
+    ]
+    report(
+        "device plugin stats (two samples, 1 s interval)",
+        "FAIL" if missing else "PASS",
+        f"second sample {gap:.2f} s after the request\n"
+        + "\n".join(
+            f"  {uuid}: " + ", ".join(f"{k}={v}" for k, v in f.items()) for uuid, f in seen.items()
+        )
+        + (f"\nmissing: {', '.join(missing)}" if missing else ""),
+    )
 
 
 def run(image: str, gpus: str, *command: str) -> subprocess.CompletedProcess[str]:

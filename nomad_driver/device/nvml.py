@@ -1,12 +1,15 @@
 """What the node's GPUs are (through NVML) and what a task given some of them needs: device
 nodes, the host driver's user-space libraries and tools, and the environment. Pure mappings,
-so they can be tested with recorded NVML answers; `probe` is the one seam to NVML."""
+so they can be tested with recorded NVML answers; `opened`, `probe` and `telemetry` are the one
+seam to NVML."""
 
 from __future__ import annotations
 
 import os
 import re
 import struct
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 CONTROL_NODES = (
@@ -27,6 +30,7 @@ LIBRARY_PATTERNS = (
 TOOLS = ("nvidia-smi", "nvidia-debugdump", "nvidia-persistenced")
 TASK_LIB_DIR = "/usr/local/nvidia/lib64"
 TASK_BIN_DIR = "/usr/local/nvidia/bin"
+MIB = 1 << 20
 
 
 class Gpu(NamedTuple):
@@ -41,42 +45,130 @@ class Gpu(NamedTuple):
     power_limit_w: int
 
 
-def probe(nvml: Any = None) -> tuple[list[Gpu], str]:
-    """The GPUs NVML reports, and why there are none ("" when NVML answered)."""
+@contextmanager
+def opened(nvml: Any = None) -> Iterator[tuple[Any, str]]:
+    """NVML initialised for the length of the block, and why not ("" when it is): the module, or
+    None where there is no library, driver or GPU. Shut down again when the block ends."""
     try:
         if nvml is None:
             import pynvml as nvml  # type: ignore[no-redef]
         nvml.nvmlInit()
     except Exception as err:  # noqa: BLE001 - no library, no driver, no GPU: all mean none
-        return [], f"NVML unavailable: {err}"
+        yield None, str(err)
+        return
     try:
-        driver = _text(nvml.nvmlSystemGetDriverVersion())
-        cuda = nvml.nvmlSystemGetCudaDriverVersion()
-        gpus = []
-        for i in range(nvml.nvmlDeviceGetCount()):
-            h = nvml.nvmlDeviceGetHandleByIndex(i)
-            major, minor_cc = nvml.nvmlDeviceGetCudaComputeCapability(h)
-            gpus.append(
-                Gpu(
-                    uuid=_text(nvml.nvmlDeviceGetUUID(h)),
-                    name=_text(nvml.nvmlDeviceGetName(h)) or "N/A",
-                    minor=int(nvml.nvmlDeviceGetMinorNumber(h)),
-                    memory_mib=int(nvml.nvmlDeviceGetMemoryInfo(h).total) // (1 << 20),
-                    pci_bus_id=_text(nvml.nvmlDeviceGetPciInfo(h).busId),
-                    driver_version=driver,
-                    cuda_version=f"{cuda // 1000}.{cuda % 1000 // 10}",
-                    compute_capability=f"{major}.{minor_cc}",
-                    power_limit_w=int(nvml.nvmlDeviceGetPowerManagementLimit(h)) // 1000,
-                )
-            )
-        return gpus, ""
-    except Exception as err:  # noqa: BLE001
-        return [], f"NVML failed: {err}"
+        yield nvml, ""
     finally:
         try:
             nvml.nvmlShutdown()
         except Exception:  # noqa: BLE001, S110 - nothing to do on a failed shutdown
             pass
+
+
+def probe(nvml: Any = None) -> tuple[list[Gpu], str]:
+    """The GPUs NVML reports, and why there are none ("" when NVML answered)."""
+    with opened(nvml) as (lib, why):
+        if lib is None:
+            return [], f"NVML unavailable: {why}"
+        try:
+            driver = _text(lib.nvmlSystemGetDriverVersion())
+            cuda = lib.nvmlSystemGetCudaDriverVersion()
+            gpus = []
+            for i in range(lib.nvmlDeviceGetCount()):
+                h = lib.nvmlDeviceGetHandleByIndex(i)
+                major, minor_cc = lib.nvmlDeviceGetCudaComputeCapability(h)
+                gpus.append(
+                    Gpu(
+                        uuid=_text(lib.nvmlDeviceGetUUID(h)),
+                        name=_text(lib.nvmlDeviceGetName(h)) or "N/A",
+                        minor=int(lib.nvmlDeviceGetMinorNumber(h)),
+                        memory_mib=int(lib.nvmlDeviceGetMemoryInfo(h).total) // MIB,
+                        pci_bus_id=_text(lib.nvmlDeviceGetPciInfo(h).busId),
+                        driver_version=driver,
+                        cuda_version=f"{cuda // 1000}.{cuda % 1000 // 10}",
+                        compute_capability=f"{major}.{minor_cc}",
+                        power_limit_w=int(lib.nvmlDeviceGetPowerManagementLimit(h)) // 1000,
+                    )
+                )
+            return gpus, ""
+        except Exception as err:  # noqa: BLE001
+            return [], f"NVML failed: {err}"
+
+
+class Telemetry(NamedTuple):
+    """One GPU's figures at one moment; None where NVML could not give that figure (a query the
+    GPU does not support, such as ECC counts on a GPU without ECC, or one that failed)."""
+
+    gpu_utilization_pct: int | None = None
+    memory_utilization_pct: int | None = None
+    memory_used_mib: int | None = None
+    memory_total_mib: int | None = None
+    temperature_c: int | None = None
+    power_w: int | None = None
+    power_limit_w: int | None = None
+    ecc_single_bit: int | None = None
+    ecc_double_bit: int | None = None
+    bar1_used_mib: int | None = None
+    bar1_total_mib: int | None = None
+
+
+def telemetry(nvml: Any, uuids: Iterable[str]) -> dict[str, Telemetry]:
+    """The figures of GPUs `uuids` through an initialised NVML (see `opened`). A GPU NVML no
+    longer knows is left out (the next fingerprint says it is gone); a query that fails leaves
+    out only its own figures."""
+    out: dict[str, Telemetry] = {}
+    for uuid in uuids:
+        try:
+            h = nvml.nvmlDeviceGetHandleByUUID(uuid)
+        except Exception:  # noqa: BLE001, S112 - gone since the fingerprint
+            continue
+        util = _ask(nvml, "nvmlDeviceGetUtilizationRates", h)
+        memory = _ask(nvml, "nvmlDeviceGetMemoryInfo", h)
+        power_mw = _ask(nvml, "nvmlDeviceGetPowerUsage", h)
+        limit_mw = _ask(nvml, "nvmlDeviceGetEnforcedPowerLimit", h)
+        bar1 = _ask(nvml, "nvmlDeviceGetBAR1MemoryInfo", h)
+        # Volatile counts: since the driver last loaded, as nvidia-smi shows them first.
+        ecc = [
+            _ask(nvml, "nvmlDeviceGetTotalEccErrors", h, kind, nvml.NVML_VOLATILE_ECC)
+            for kind in (
+                nvml.NVML_MEMORY_ERROR_TYPE_CORRECTED,  # single bit
+                nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED,  # double bit
+            )
+        ]
+        out[uuid] = Telemetry(
+            gpu_utilization_pct=None if util is None else int(util.gpu),
+            memory_utilization_pct=None if util is None else int(util.memory),
+            memory_used_mib=None if memory is None else int(memory.used) // MIB,
+            memory_total_mib=None if memory is None else int(memory.total) // MIB,
+            temperature_c=_int(
+                _ask(nvml, "nvmlDeviceGetTemperature", h, nvml.NVML_TEMPERATURE_GPU)
+            ),
+            power_w=_watts(power_mw),
+            power_limit_w=_watts(limit_mw),
+            ecc_single_bit=_int(ecc[0]),
+            ecc_double_bit=_int(ecc[1]),
+            bar1_used_mib=None if bar1 is None else int(bar1.bar1Used) // MIB,
+            bar1_total_mib=None if bar1 is None else int(bar1.bar1Total) // MIB,
+        )
+    return out
+
+
+def _ask(nvml: Any, function: str, *args: Any) -> Any:
+    """One NVML query's answer, or None when it raises (NVMLError_NotSupported and the like, or
+    a function this pynvml lacks)."""
+    try:
+        return getattr(nvml, function)(*args)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _watts(milliwatts: Any) -> int | None:
+    """NVML's milliwatts as whole watts, halves rounded up."""
+    return None if milliwatts is None else (int(milliwatts) + 500) // 1000
 
 
 def driver_attributes(gpus: list[Gpu]) -> dict[str, int | str]:

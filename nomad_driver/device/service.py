@@ -1,15 +1,18 @@
 """The DevicePlugin gRPC service: Fingerprint (a first answer at once, even with no GPU, then
-again whenever the set changes; the stream stays open), Reserve and Stats."""
+again whenever the set changes; the stream stays open), Reserve and Stats (each GPU's figures,
+under the names and units Nomad's own nvidia plugin uses, on the interval Nomad asks for)."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf import timestamp_pb2, wrappers_pb2
 
 from nomad_driver import __version__
 from nomad_driver.device import nvml
@@ -66,10 +69,86 @@ def fingerprint_message(gpus: list[nvml.Gpu], ignored: tuple[str, ...]) -> Any:
     return device_pb2.FingerprintResponse(device_group=groups)
 
 
+def _stat(number: int | None, unit: str, desc: str, of: int | None = None) -> Any:
+    """A StatValue `number` (of `of`, when known), or None where there is no number."""
+    if number is None:
+        return None
+    value = structs_pb2.StatValue(
+        int_numerator_val=wrappers_pb2.Int64Value(value=number), unit=unit, desc=desc
+    )
+    if of is not None:
+        value.int_denominator_val.value = of
+    return value
+
+
+def device_stats(t: nvml.Telemetry, when_ns: int) -> Any:
+    """One GPU's DeviceStats: the figures NVML gave (a missing one is left out, not zero), with
+    memory used of total as the summary `nomad node status` shows beside the device."""
+    memory = _stat(t.memory_used_mib, "MiB", "Used / total memory", t.memory_total_mib)
+    figures = {
+        "GPU utilization": _stat(
+            t.gpu_utilization_pct, "%", "Time in the last sample period a kernel was running"
+        ),
+        "Memory utilization": _stat(
+            t.memory_utilization_pct,
+            "%",
+            "Time in the last sample period memory was read or written",
+        ),
+        "Memory state": memory,
+        "Temperature": _stat(t.temperature_c, "C", "GPU die temperature"),
+        "Power usage": _stat(t.power_w, "W", "Power draw / enforced power limit", t.power_limit_w),
+        "BAR1 buffer state": _stat(
+            t.bar1_used_mib, "MiB", "Used / total BAR1 memory", t.bar1_total_mib
+        ),
+        "ECC single-bit errors": _stat(
+            t.ecc_single_bit, "#", "Corrected memory errors since the driver loaded"
+        ),
+        "ECC double-bit errors": _stat(
+            t.ecc_double_bit, "#", "Uncorrected memory errors since the driver loaded"
+        ),
+    }
+    return device_pb2.DeviceStats(
+        summary=memory,
+        stats=structs_pb2.StatObject(
+            attributes={k: v for k, v in figures.items() if v is not None}
+        ),
+        timestamp=timestamp_pb2.Timestamp(
+            seconds=when_ns // 1_000_000_000, nanos=when_ns % 1_000_000_000
+        ),
+    )
+
+
+def stats_message(
+    gpus: list[nvml.Gpu],
+    ignored: tuple[str, ...],
+    figures: dict[str, nvml.Telemetry],
+    when_ns: int,
+) -> Any:
+    """A StatsResponse grouped as the fingerprint groups the GPUs (so ignored ones are absent),
+    each GPU with figures under its UUID."""
+    groups = []
+    for g in nvml.groups(gpus, ignored):
+        instances = {
+            uuid: device_stats(figures[uuid], when_ns)
+            for uuid, _ in g["devices"]
+            if uuid in figures
+        }
+        if instances:
+            groups.append(
+                device_pb2.DeviceGroupStats(
+                    vendor=g["vendor"], type=g["type"], name=g["name"], instance_stats=instances
+                )
+            )
+    return device_pb2.StatsResponse(groups=groups)
+
+
 class DeviceService:
-    def __init__(self, stop: threading.Event, probe: Any = nvml.probe) -> None:
+    def __init__(
+        self, stop: threading.Event, probe: Any = nvml.probe, nvml_module: Any = None
+    ) -> None:
         self.stop = stop
         self.probe = probe
+        self.nvml_module = nvml_module  # None: pynvml
         self.config = DeviceConfig()
         self.gpus: list[nvml.Gpu] = []
 
@@ -140,7 +219,17 @@ class DeviceService:
     def Stats(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         done = threading.Event()
         context.add_callback(done.set)
-        interval = request.collection_interval.ToTimedelta().total_seconds() or 1.0
-        while not done.is_set() and not self.stop.is_set():
-            yield device_pb2.StatsResponse(groups=[])  # per-GPU figures: not collected yet
-            done.wait(max(interval, 1.0))
+        interval = max(request.collection_interval.ToTimedelta().total_seconds(), 1.0)
+        # NVML's start takes 80 ms or more: once per stream, not once per sample.
+        with nvml.opened(self.nvml_module) as (lib, why):
+            if why:
+                log.debug("no GPU figures", extra={"kv": {"reason": f"NVML unavailable: {why}"}})
+            due = time.monotonic()
+            while not done.is_set() and not self.stop.is_set():
+                ignored = tuple(self.config.ignored_gpu_ids)
+                uuids = [g.uuid for g in self.gpus if g.uuid not in ignored]
+                figures = nvml.telemetry(lib, uuids) if lib is not None else {}
+                yield stats_message(self.gpus, ignored, figures, time.time_ns())
+                # On a steady beat (sampling time does not add up); after a stall, from now.
+                due = max(due + interval, time.monotonic())
+                done.wait(due - time.monotonic())

@@ -1,6 +1,7 @@
 """From NVML answers to Nomad's device messages, and from a reservation to what the task gets.
 The NVML answers here are recorded test data (an 8-GPU H100 node), not a stand-in for a GPU
-check: scripts/gpu-check.sh runs on a real GPU."""
+check: scripts/gpu-check.sh runs on a real GPU. The figures the Stats stream reports come from
+answers in the same place: the second H100 cannot say its power draw, the L4 has no ECC."""
 
 from __future__ import annotations
 
@@ -13,15 +14,23 @@ from typing import Any
 import pytest
 
 from nomad_driver.device import nvml
-from nomad_driver.device.service import fingerprint_message
+from nomad_driver.device.service import device_stats, fingerprint_message, stats_message
 
-RECORDED = [
+MIB = 1 << 20
+RECORDED: list[dict[str, Any]] = [
     {
         "uuid": f"GPU-6f1c7a0e-00{i}",
         "name": "NVIDIA H100 80GB HBM3",
         "minor": i,
         "total": 85520809984,
         "bus": f"00000000:{0x18 + i:02X}:00.0",
+        "used": (1 + 4095 * i) * MIB + 123,
+        "util": SimpleNamespace(gpu=87 + i, memory=41),
+        "temp": 54,
+        "power_mw": None if i else 312_499,  # the second H100's power query fails
+        "limit_mw": 700_000,
+        "ecc": {"corrected": 3, "uncorrected": 0},
+        "bar1": SimpleNamespace(bar1Used=5 * MIB, bar1Total=131072 * MIB),
     }
     for i in range(2)
 ] + [
@@ -31,6 +40,13 @@ RECORDED = [
         "minor": 2,
         "total": 24152899584,
         "bus": "00000000:9A:00.0",
+        "used": 512 * MIB,
+        "util": SimpleNamespace(gpu=0, memory=0),
+        "temp": 38,
+        "power_mw": 27_500,
+        "limit_mw": 72_000,
+        "ecc": None,  # ECC off: NVML says not supported
+        "bar1": SimpleNamespace(bar1Used=2 * MIB, bar1Total=32768 * MIB),
     }
 ]
 LDCONFIG = """\t3 libs found in cache `/etc/ld.so.cache'
@@ -41,13 +57,41 @@ LDCONFIG = """\t3 libs found in cache `/etc/ld.so.cache'
 """
 
 
+class NotSupported(Exception):
+    """As pynvml's NVMLError_NotSupported."""
+
+
 def recorded_nvml() -> Any:
+    """A pynvml stand-in answering from RECORDED; `calls` records each init and shutdown. Its
+    constants are names, not pynvml's numbers, so a query made with the wrong one fails."""
+    calls: list[str] = []
+
     def handle(i: int) -> dict[str, Any]:
         return RECORDED[i]
 
+    def by_uuid(uuid: str) -> dict[str, Any]:
+        for h in RECORDED:
+            if h["uuid"] == uuid:
+                return h
+        raise LookupError(f"NVML_ERROR_NOT_FOUND: {uuid}")
+
+    def answer(key: str, *expected: str) -> Any:
+        def query(h: dict[str, Any], *args: str) -> Any:
+            if h[key] is None or args != expected[: len(args)]:
+                raise NotSupported(key)
+            return h[key]
+
+        return query
+
+    def ecc(h: dict[str, Any], kind: str, counter: str) -> int:
+        if h["ecc"] is None or counter != "volatile":
+            raise NotSupported("ecc")
+        return int(h["ecc"][kind])
+
     return SimpleNamespace(
-        nvmlInit=lambda: None,
-        nvmlShutdown=lambda: None,
+        calls=calls,
+        nvmlInit=lambda: calls.append("init"),
+        nvmlShutdown=lambda: calls.append("shutdown"),
         nvmlSystemGetDriverVersion=lambda: b"550.54.15",
         nvmlSystemGetCudaDriverVersion=lambda: 12040,
         nvmlDeviceGetCount=lambda: len(RECORDED),
@@ -56,10 +100,27 @@ def recorded_nvml() -> Any:
         nvmlDeviceGetUUID=lambda h: h["uuid"].encode(),
         nvmlDeviceGetName=lambda h: h["name"],
         nvmlDeviceGetMinorNumber=lambda h: h["minor"],
-        nvmlDeviceGetMemoryInfo=lambda h: SimpleNamespace(total=h["total"]),
+        nvmlDeviceGetMemoryInfo=lambda h: SimpleNamespace(total=h["total"], used=h["used"]),
         nvmlDeviceGetPciInfo=lambda h: SimpleNamespace(busId=h["bus"].encode()),
         nvmlDeviceGetPowerManagementLimit=lambda h: 700000,
+        nvmlDeviceGetHandleByUUID=by_uuid,
+        nvmlDeviceGetUtilizationRates=answer("util"),
+        nvmlDeviceGetTemperature=answer("temp", "gpu"),
+        nvmlDeviceGetPowerUsage=answer("power_mw"),
+        nvmlDeviceGetEnforcedPowerLimit=answer("limit_mw"),
+        nvmlDeviceGetTotalEccErrors=ecc,
+        nvmlDeviceGetBAR1MemoryInfo=answer("bar1"),
+        NVML_TEMPERATURE_GPU="gpu",
+        NVML_MEMORY_ERROR_TYPE_CORRECTED="corrected",
+        NVML_MEMORY_ERROR_TYPE_UNCORRECTED="uncorrected",
+        NVML_VOLATILE_ECC="volatile",
     )
+
+
+def shown(value: Any) -> tuple[int, int | None, str]:
+    """A StatValue as (number, of, unit)."""
+    of = value.int_denominator_val.value if value.HasField("int_denominator_val") else None
+    return value.int_numerator_val.value, of, value.unit
 
 
 def test_nvml_answers_become_one_group_per_model_with_uuids_and_attributes() -> None:
@@ -227,3 +288,89 @@ def test_the_linker_cache_is_read_as_ldconfig_prints_it(tmp_path: Path) -> None:
     # Not a cache glibc writes: ldconfig is asked instead.
     cache.write_bytes(b"ld.so-1.7.0" + bytes(40))
     assert "\tlibc.so.6 (libc6,x86-64" in nvml.linker_cache(str(cache))
+
+
+def test_stats_report_each_gpus_figures_under_nomads_names_and_units() -> None:
+    fake = recorded_nvml()
+    gpus, _ = nvml.probe(fake)
+    ignored = ("GPU-6f1c7a0e-000",)
+    figures = nvml.telemetry(fake, [g.uuid for g in gpus if g.uuid not in ignored])
+    message = stats_message(gpus, ignored, figures, when_ns=1_700_000_000_250_000_000)
+    by_name = {g.name: g for g in message.groups}
+    assert sorted(by_name) == ["NVIDIA H100 80GB HBM3", "NVIDIA L4"]
+    assert {(g.vendor, g.type) for g in message.groups} == {("nvidia", "gpu")}
+    h100 = by_name["NVIDIA H100 80GB HBM3"].instance_stats
+    assert list(h100) == ["GPU-6f1c7a0e-001"]  # the ignored H100 is not reported
+    l4 = by_name["NVIDIA L4"].instance_stats["GPU-aa11"]
+    assert {k: shown(v) for k, v in h100["GPU-6f1c7a0e-001"].stats.attributes.items()} == {
+        "GPU utilization": (88, None, "%"),
+        "Memory utilization": (41, None, "%"),
+        "Memory state": (4096, 81559, "MiB"),
+        "Temperature": (54, None, "C"),
+        # no "Power usage": its query raised, and nothing else went with it
+        "BAR1 buffer state": (5, 131072, "MiB"),
+        "ECC single-bit errors": (3, None, "#"),
+        "ECC double-bit errors": (0, None, "#"),
+    }
+    assert {k: shown(v) for k, v in l4.stats.attributes.items()} == {
+        "GPU utilization": (0, None, "%"),
+        "Memory utilization": (0, None, "%"),
+        "Memory state": (512, 23034, "MiB"),
+        "Temperature": (38, None, "C"),
+        "Power usage": (28, 72, "W"),
+        "BAR1 buffer state": (2, 32768, "MiB"),
+        # no ECC figures: the L4 runs without ECC
+    }
+    assert shown(l4.summary) == (512, 23034, "MiB")
+    assert l4.summary.desc == "Used / total memory"
+    assert all(v.desc for v in l4.stats.attributes.values())
+    assert (l4.timestamp.seconds, l4.timestamp.nanos) == (1_700_000_000, 250_000_000)
+
+
+def test_a_failing_nvml_query_drops_only_its_own_figure() -> None:
+    fake = recorded_nvml()
+    figures = nvml.telemetry(fake, ["GPU-6f1c7a0e-001", "GPU-aa11", "GPU-gone"])
+    assert "GPU-gone" not in figures  # unknown to NVML since the fingerprint
+    assert figures["GPU-6f1c7a0e-001"] == nvml.Telemetry(
+        gpu_utilization_pct=88,
+        memory_utilization_pct=41,
+        memory_used_mib=4096,
+        memory_total_mib=81559,
+        temperature_c=54,
+        power_w=None,
+        power_limit_w=700,
+        ecc_single_bit=3,
+        ecc_double_bit=0,
+        bar1_used_mib=5,
+        bar1_total_mib=131072,
+    )
+    assert (figures["GPU-aa11"].ecc_single_bit, figures["GPU-aa11"].ecc_double_bit) == (None, None)
+    assert figures["GPU-aa11"].power_w == 28
+    # A GPU that answers nothing but its handle (here: a pynvml without these functions) is
+    # still reported, with its timestamp and no figures.
+    mute = {
+        k: v
+        for k, v in vars(fake).items()
+        if not k.startswith("nvmlDeviceGet") or k.endswith("ByUUID")
+    }
+    assert nvml.telemetry(SimpleNamespace(**mute), ["GPU-aa11"]) == {"GPU-aa11": nvml.Telemetry()}
+    empty = device_stats(nvml.Telemetry(), when_ns=5)
+    assert not empty.HasField("summary") and dict(empty.stats.attributes) == {}
+    assert empty.timestamp.nanos == 5
+    # A power limit without the draw says nothing; a draw without the limit is still a draw.
+    assert "Power usage" not in device_stats(nvml.Telemetry(power_limit_w=700), 0).stats.attributes
+    drawn = device_stats(nvml.Telemetry(power_w=90), 0).stats.attributes["Power usage"]
+    assert shown(drawn) == (90, None, "W")
+
+
+def test_nvml_is_started_once_and_shut_down_when_the_block_ends() -> None:
+    fake = recorded_nvml()
+    with nvml.opened(fake) as (lib, why):
+        assert (lib, why) == (fake, "")
+        for _ in range(3):
+            nvml.telemetry(lib, ["GPU-aa11"])
+        assert fake.calls == ["init"]
+    assert fake.calls == ["init", "shutdown"]
+    broken = SimpleNamespace(nvmlInit=lambda: (_ for _ in ()).throw(OSError("no driver")))
+    with nvml.opened(broken) as (lib, why):
+        assert (lib, why) == (None, "no driver")
