@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections import Counter
 from typing import TYPE_CHECKING
 
 from nomad_driver.cli import pairs
+from nomad_driver.federation import nomad
 
 if TYPE_CHECKING:
     from nomad_driver.federation.dispatch import Run
@@ -20,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p = sub.add_parser(
         "dispatch",
         help="dispatch a parameterized job to one or more regions and follow it",
-        description="Dispatch JOB (registered with `nomad job run` in the region of --address) "
+        description="Dispatch JOB (registered with `nomad job run` in the region of -address) "
         "COUNT times: over the listed regions in turn (--placement spread, the default) or each "
         "instance to the region where the most such instances still fit, by free CPU, memory "
         "and GPUs (--placement best). A region that lacks JOB gets a copy of it first. An "
@@ -29,31 +29,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         epilog="examples:\n"
         "  pyhpc dispatch hpc --region east --meta size=1000\n"
         "  pyhpc dispatch hpc --count 8 --meta size=1000        # spread over every region\n"
-        "  pyhpc dispatch hpc --count 4 --placement best --token run-42 --payload input.txt",
+        "  pyhpc dispatch hpc --count 4 --placement best -idempotency-token run-42 "
+        "--payload input.txt\n"
+        "  NOMAD_ADDR=https://nomad.example:4646 NOMAD_CACERT=ca.pem NOMAD_TOKEN=... \\\n"
+        "    pyhpc dispatch hpc -namespace hpc --region east",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("job", metavar="JOB")
     p.add_argument(
-        "--address",
-        default=os.environ.get("NOMAD_ADDR", "http://127.0.0.1:4646"),
-        help="any Nomad agent of the federation (default $NOMAD_ADDR)",
-    )
-    p.add_argument(
+        "-region",
         "--region",
         action="append",
         default=[],
         metavar="REGION",
-        help="target region (repeat for several; default: every region)",
+        help="target region (repeat for several; default: $NOMAD_REGION, else every region)",
     )
     p.add_argument("--count", type=_positive, default=1, help="instances to dispatch (default 1)")
     p.add_argument("--placement", choices=("spread", "best"), default="spread")
     p.add_argument("--meta", action="append", default=[], metavar="K=V")
     p.add_argument("--payload", metavar="FILE", help="payload file ('-' for stdin)")
     p.add_argument(
-        "--token",
+        "-idempotency-token",
+        "--idempotency-token",
         default="",
-        help="idempotency token: re-running with the same token dispatches nothing new, "
-        "in any region",
+        metavar="TOKEN",
+        help="re-running with the same token dispatches nothing new, in any region",
     )
     p.add_argument(
         "--no-copy", action="store_true", help="do not register JOB in regions that lack it"
@@ -65,6 +65,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument(
         "--timeout", type=float, default=0, metavar="S", help="stop following after S seconds"
     )
+
+    nomad.add_flags(p, region=False)
 
 
 def _positive(text: str) -> int:
@@ -109,27 +111,32 @@ def run(args: argparse.Namespace) -> int:
         except OSError as err:
             print(f"pyhpc dispatch: --payload: {err}", file=sys.stderr)
             return 2
-    nomad = Nomad(args.address, os.environ.get("NOMAD_TOKEN", ""))
+    settings = nomad.settings_from(args)
+    client = Nomad(settings)
     try:
-        home = nomad.home()
-        parent = nomad.job(args.job, home)
+        home = client.home()
+        parent = client.job(args.job, home)
         if parent is None:
+            where = f" in namespace {settings.namespace}" if settings.namespace else ""
             raise DispatchError(
-                f"no job {args.job!r} in region {home} (register it with `nomad job run`)"
+                f"no job {args.job!r} in region {home or 'of the agent'}{where} (register it "
+                "with `nomad job run`)"
             )
         if not parent.get("ParameterizedJob"):
             raise DispatchError(f"job {args.job!r} is not parameterized; nothing to dispatch")
-        regions = args.region or nomad.regions()
+        regions = args.region or ([settings.region] if settings.region else client.regions())
         if not args.no_copy:
-            for line in ensure_job(nomad, args.job, regions, home):
+            for line in ensure_job(client, args.job, regions, home):
                 print(line, flush=True)
-        targets = plan(nomad, regions, args.count, args.placement, need_of(parent))
-        runs = dispatch(nomad, args.job, targets, meta, payload, args.token, fallbacks=regions)
+        targets = plan(client, regions, args.count, args.placement, need_of(parent))
+        runs = dispatch(
+            client, args.job, targets, meta, payload, args.idempotency_token, fallbacks=regions
+        )
         print(_table(runs), flush=True)
         if not args.no_follow:
             many = len(runs) > MANY
             follow(
-                nomad,
+                client,
                 runs,
                 lambda changed: print(
                     "\n".join(_row(r) for r in changed) if many else "\n" + _table(runs),
@@ -140,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
             if args.output:
                 for r in runs:
                     if r.alloc:
-                        text = output(nomad, r)
+                        text = output(client, r)
                         print(f"\n== {r.instance} {r.region} {r.job}\n{text}", end="", flush=True)
     except DispatchError as err:
         print(f"pyhpc dispatch: {err}", file=sys.stderr)

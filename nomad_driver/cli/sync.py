@@ -4,8 +4,9 @@ Nomad Enterprise's multiregion block), showing each region's diff before writing
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+
+from nomad_driver.federation import nomad
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -20,13 +21,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     sync.add_argument("file", metavar="FILE")
     sync.add_argument(
+        "-region",
         "--region",
         action="append",
         default=[],
         metavar="REGION",
-        help="target region (repeat; default: every region)",
+        help="target region (repeat; default: $NOMAD_REGION, else every region)",
     )
-    sync.add_argument("--address", default=os.environ.get("NOMAD_ADDR", "http://127.0.0.1:4646"))
+    nomad.add_flags(sync, region=False)
     sync.add_argument("--dry-run", action="store_true", help="show the diffs, change nothing")
 
 
@@ -40,16 +42,17 @@ def run(args: argparse.Namespace) -> int:
         register,
     )
 
-    nomad = Nomad(args.address, os.environ.get("NOMAD_TOKEN", ""))
+    settings = nomad.settings_from(args)
+    client = Nomad(settings)
     try:
         with open(args.file, encoding="utf-8") as f:
-            job = parse_jobspec(nomad, f.read())
-        regions = args.region or nomad.regions()
+            job = parse_jobspec(client, f.read())
+        regions = args.region or ([settings.region] if settings.region else client.regions())
         changes = {}
         failed = []
         for region in regions:
             try:
-                lines = describe_diff(plan_diff(nomad, job, region))
+                lines = describe_diff(plan_diff(client, job, region))
             except DispatchError as err:  # one region down: the others still get the job
                 print(f"region {region}: not synced: {err}", file=sys.stderr)
                 failed.append(region)
@@ -61,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.dry_run:
             for region, lines in changes.items():
                 if lines:
-                    evaluation = register(nomad, job, region)
+                    evaluation = register(client, job, region)
                     print(f"region {region}: registered (evaluation {evaluation[:8]})")
         if failed:
             return 1

@@ -18,24 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-import requests
+from nomad_driver.federation.nomad import Nomad as Nomad
+from nomad_driver.federation.nomad import NomadError
 
 TERMINAL = {"complete", "failed", "lost"}
-# What a Nomad agent answers (HTTP 500) when it cannot reach another region's servers.
-TRANSPORT = (
-    "failed to get conn",
-    "connection refused",
-    "stream closed",
-    "No cluster leader",
-    "i/o timeout",
-    "rpc error: EOF",
-)
-
-
-class DispatchError(RuntimeError):
-    def __init__(self, message: str, status: int = 0) -> None:
-        super().__init__(message)
-        self.status = status
+DispatchError = NomadError  # what dispatch raises: Nomad's refusals, and its own
 
 
 @dataclass
@@ -59,91 +46,37 @@ class Need:
     gpus: int = 0
 
 
-@dataclass
-class Nomad:
-    address: str
-    token: str = ""
-    timeout: float = 10.0
-
-    def call(self, method: str, path: str, region: str, **kw: Any) -> Any:
-        headers = {"X-Nomad-Token": self.token} if self.token else {}
-        raw = kw.pop("raw", False)
-        params = {"region": region} if region else {}
-        params.update(kw.pop("params", {}))
-        try:
-            reply = requests.request(
-                method,
-                f"{self.address}{path}",
-                params=params or None,
-                headers=headers,
-                timeout=self.timeout,
-                **kw,
-            )
-        except requests.RequestException as err:
-            raise DispatchError(f"region {region or 'default'}: Nomad unreachable ({err})") from err
-        if reply.status_code >= 500 and any(t in reply.text for t in TRANSPORT):
-            # Our agent answered, but could not reach the region's servers.
-            raise DispatchError(
-                f"region {region}: Nomad unreachable ({reply.text.strip()[:200]})",
-                reply.status_code,
-            )
-        if reply.status_code >= 400:
-            raise DispatchError(
-                f"region {region or 'default'}: {method} {path}: HTTP {reply.status_code} "
-                f"{reply.text.strip()[:200]}",
-                reply.status_code,
-            )
-        if raw:
-            return reply.text
-        return reply.json() if reply.content else None
-
-    def regions(self) -> list[str]:
-        return list(self.call("GET", "/v1/regions", ""))
-
-    def home(self) -> str:
-        """The region of the agent at address (where `nomad job run` registered the job)."""
-        return str(self.call("GET", "/v1/agent/self", "")["config"]["Region"])
-
-    def job(self, job: str, region: str) -> dict[str, Any] | None:
-        try:
-            found: dict[str, Any] = self.call("GET", f"/v1/job/{quote(job, safe='')}", region)
-        except DispatchError as err:
-            if err.status == 404:
-                return None
-            raise
-        return found
-
-    def room(self, region: str, need: Need) -> tuple[int, int]:
-        """(instances of need that fit now, free CPU MHz) over the region's ready nodes."""
-        fits = free_cpu = 0
-        for stub in self.call("GET", "/v1/nodes", region):
-            if stub.get("Status") != "ready" or stub.get("SchedulingEligibility") != "eligible":
+def room(nomad: Nomad, region: str, need: Need) -> tuple[int, int]:
+    """(instances of need that fit now, free CPU MHz) over the region's ready nodes."""
+    fits = free_cpu = 0
+    for stub in nomad.call("GET", "/v1/nodes", region):
+        if stub.get("Status") != "ready" or stub.get("SchedulingEligibility") != "eligible":
+            continue
+        node = nomad.call("GET", f"/v1/node/{stub['ID']}", region)
+        res, reserved = node.get("NodeResources") or {}, node.get("ReservedResources") or {}
+        cpu = _get(res, "Cpu", "CpuShares") - _get(reserved, "Cpu", "CpuShares")
+        mem = _get(res, "Memory", "MemoryMB") - _get(reserved, "Memory", "MemoryMB")
+        gpus = sum(
+            sum(1 for i in d.get("Instances") or [] if i.get("Healthy"))
+            for d in res.get("Devices") or []
+            if d.get("Type") == "gpu"
+        )
+        for alloc in nomad.call("GET", f"/v1/node/{stub['ID']}/allocations", region):
+            if alloc.get("ClientStatus") not in ("pending", "running"):
                 continue
-            node = self.call("GET", f"/v1/node/{stub['ID']}", region)
-            res, reserved = node.get("NodeResources") or {}, node.get("ReservedResources") or {}
-            cpu = _get(res, "Cpu", "CpuShares") - _get(reserved, "Cpu", "CpuShares")
-            mem = _get(res, "Memory", "MemoryMB") - _get(reserved, "Memory", "MemoryMB")
-            gpus = sum(
-                sum(1 for i in d.get("Instances") or [] if i.get("Healthy"))
-                for d in res.get("Devices") or []
-                if d.get("Type") == "gpu"
-            )
-            for alloc in self.call("GET", f"/v1/node/{stub['ID']}/allocations", region):
-                if alloc.get("ClientStatus") not in ("pending", "running"):
-                    continue
-                for task in (alloc.get("AllocatedResources") or {}).get("Tasks", {}).values():
-                    cpu -= _get(task, "Cpu", "CpuShares")
-                    mem -= _get(task, "Memory", "MemoryMB")
-                    gpus -= sum(len(d.get("DeviceIDs") or []) for d in task.get("Devices") or [])
-            cpu, mem, gpus = max(0, cpu), max(0, mem), max(0, gpus)
-            free_cpu += cpu
-            limits = [
-                free // wanted
-                for free, wanted in ((cpu, need.cpu), (mem, need.memory), (gpus, need.gpus))
-                if wanted
-            ]
-            fits += min(limits) if limits else 1
-        return fits, free_cpu
+            for task in (alloc.get("AllocatedResources") or {}).get("Tasks", {}).values():
+                cpu -= _get(task, "Cpu", "CpuShares")
+                mem -= _get(task, "Memory", "MemoryMB")
+                gpus -= sum(len(d.get("DeviceIDs") or []) for d in task.get("Devices") or [])
+        cpu, mem, gpus = max(0, cpu), max(0, mem), max(0, gpus)
+        free_cpu += cpu
+        limits = [
+            free // wanted
+            for free, wanted in ((cpu, need.cpu), (mem, need.memory), (gpus, need.gpus))
+            if wanted
+        ]
+        fits += min(limits) if limits else 1
+    return fits, free_cpu
 
 
 def _get(block: dict[str, Any], key: str, field: str) -> int:
@@ -176,19 +109,19 @@ def plan(
         regions = nomad.regions()
     if placement != "best":
         return [regions[i % len(regions)] for i in range(count)]
-    room: dict[str, list[int]] = {}
+    space: dict[str, list[int]] = {}
     for region in regions:
         try:
-            room[region] = list(nomad.room(region, need or Need()))
+            space[region] = list(room(nomad, region, need or Need()))
         except DispatchError as err:
             if not unreachable(err):
                 raise
-    if not room:
+    if not space:
         raise DispatchError(f"no region reachable among {', '.join(regions)}")
     targets = []
     for _ in range(count):
-        best = max(room, key=lambda r: (room[r][0], room[r][1], -regions.index(r)))
-        room[best][0] -= 1
+        best = max(space, key=lambda r: (space[r][0], space[r][1], -regions.index(r)))
+        space[best][0] -= 1
         targets.append(best)
     return targets
 
@@ -207,13 +140,15 @@ def ensure_job(nomad: Nomad, job: str, regions: list[str], home: str) -> list[st
             if source is None:
                 source = nomad.job(job, home)
                 if source is None:
-                    raise DispatchError(f"job {job!r} is not registered in region {home}")
+                    raise DispatchError(
+                        f"job {job!r} is not registered in region {home or 'of the agent'}"
+                    )
             register(nomad, _registrable(source), region)
         except DispatchError as err:
             if not unreachable(err):
                 raise
             continue
-        done.append(f"region {region}: registered {job} (copied from {home})")
+        done.append(f"region {region}: registered {job} (copied from {home or 'the agent'})")
     return done
 
 
@@ -356,9 +291,9 @@ def output(nomad: Nomad, run: Run, stream: str = "stdout") -> str:
     return "".join(parts)
 
 
-def unreachable(err: DispatchError) -> bool:
+def unreachable(err: NomadError) -> bool:
     """A region that is down, has no leader, or is not federated."""
-    return "Nomad unreachable" in str(err) or "No path to region" in str(err)
+    return err.unreachable
 
 
 def _exit_code(alloc: dict[str, Any]) -> int | None:
@@ -378,9 +313,16 @@ def parse_jobspec(nomad: Nomad, hcl: str) -> dict[str, Any]:
     return job
 
 
+def _placed(nomad: Nomad, job: dict[str, Any], region: str) -> dict[str, Any]:
+    """The job for region, in the namespace of the settings when they name one (as Nomad's
+    CLI does with -namespace)."""
+    namespace = nomad.settings.namespace
+    return {**job, "Region": region, **({"Namespace": namespace} if namespace else {})}
+
+
 def plan_diff(nomad: Nomad, job: dict[str, Any], region: str) -> dict[str, Any]:
     """Nomad's plan of registering job in region, with the diff against what runs there."""
-    job = {**job, "Region": region}
+    job = _placed(nomad, job, region)
     reply: dict[str, Any] = nomad.call(
         "POST", f"/v1/job/{job['ID']}/plan", region, json={"Job": job, "Diff": True}
     )
@@ -388,7 +330,7 @@ def plan_diff(nomad: Nomad, job: dict[str, Any], region: str) -> dict[str, Any]:
 
 
 def register(nomad: Nomad, job: dict[str, Any], region: str) -> str:
-    job = {**job, "Region": region}
+    job = _placed(nomad, job, region)
     reply = nomad.call("POST", "/v1/jobs", region, json={"Job": job})
     return str(reply.get("EvalID") or "")
 

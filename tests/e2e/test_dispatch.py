@@ -30,7 +30,7 @@ def test_dispatch_follows_runs_and_a_retry_with_the_token_starts_nothing_new(clu
     cluster.nomad("job", "run", str(REPO / "jobspecs" / "hpc.nomad"))
     token = uuid.uuid4().hex
     done = pyhpc_dispatch(
-        "--count", "2", "--meta", "size=100", "--meta", "hold=0", "--token", token
+        "--count", "2", "--meta", "size=100", "--meta", "hold=0", "--idempotency-token", token
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "2 of 2 completed successfully" in done.stdout
@@ -38,7 +38,7 @@ def test_dispatch_follows_runs_and_a_retry_with_the_token_starts_nothing_new(clu
     assert last_table.count(" complete ") == 2, done.stdout
     before = children(cluster)
     again = pyhpc_dispatch(
-        "--count", "2", "--meta", "size=100", "--meta", "hold=0", "--token", token
+        "--count", "2", "--meta", "size=100", "--meta", "hold=0", "--idempotency-token", token
     )
     assert again.returncode == 0 and children(cluster) == before
 

@@ -108,7 +108,7 @@ def test_a_region_down_fails_over_and_a_retry_dispatches_nothing_twice(
         assert "east unreachable; no region left to try" in pinned.stdout
         assert "0 of 1 completed successfully" in pinned.stdout
         both = ("dispatch", "hpc", "--region", "east", "--region", "global", "--count", "2")
-        moved = pyhpc(*both, "--token", token, *QUICK)
+        moved = pyhpc(*both, "--idempotency-token", token, *QUICK)
         assert moved.returncode == 0, moved.stdout + moved.stderr
         assert [r[1] for r in rows(moved.stdout)] == ["global", "global"]
         assert "failed over from east" in moved.stdout
@@ -116,7 +116,7 @@ def test_a_region_down_fails_over_and_a_retry_dispatches_nothing_twice(
         started = cluster.script("start-region", "east", timeout=180)
         assert started.returncode == 0, started.stdout + started.stderr
     east, glob = children(cluster, "east"), children(cluster, "global")
-    again = pyhpc(*both, "--token", token, *QUICK)
+    again = pyhpc(*both, "--idempotency-token", token, *QUICK)
     assert again.returncode == 0, again.stdout + again.stderr
     again_rows = [" ".join(r) for r in rows(again.stdout)]
     assert all("dispatched before (same token)" in r for r in again_rows) and len(again_rows) == 2
