@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from nomad_driver.cli import job_variables, variables_file
 from nomad_driver.federation import nomad
 
 
@@ -30,6 +31,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     nomad.add_flags(sync, region=False)
     sync.add_argument("--dry-run", action="store_true", help="show the diffs, change nothing")
+    sync.add_argument(
+        "-var", "--var", action="append", default=[], metavar="NAME=VALUE",
+        help="an input variable, as `nomad job run -var` (NOMAD_VAR_NAME works too)",
+    )  # fmt: skip
+    sync.add_argument(
+        "-var-file", "--var-file", action="append", default=[], metavar="FILE",
+        help="a variables file, as `nomad job run -var-file`",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,8 +54,13 @@ def run(args: argparse.Namespace) -> int:
     settings = nomad.settings_from(args)
     client = Nomad(settings)
     try:
+        values = job_variables(args.var, args.var_file)
+    except ValueError as err:
+        print(f"pyhpc job sync: {err}", file=sys.stderr)
+        return 2
+    try:
         with open(args.file, encoding="utf-8") as f:
-            job = parse_jobspec(client, f.read())
+            job = parse_jobspec(client, f.read(), variables_file(values))
         regions = args.region or ([settings.region] if settings.region else client.regions())
         changes = {}
         failed = []

@@ -305,11 +305,11 @@ def _exit_code(alloc: dict[str, Any]) -> int | None:
     return max(codes) if codes else None
 
 
-def parse_jobspec(nomad: Nomad, hcl: str) -> dict[str, Any]:
-    """Nomad's own parse of an HCL jobspec (the agent's parser, so every HCL feature works)."""
-    job: dict[str, Any] = nomad.call(
-        "POST", "/v1/jobs/parse", "", json={"JobHCL": hcl, "Canonicalize": True}
-    )
+def parse_jobspec(nomad: Nomad, hcl: str, variables: str = "") -> dict[str, Any]:
+    """Nomad's own parse of an HCL jobspec (the agent's parser, so every HCL feature works),
+    with variables as the content of a variables file."""
+    body = {"JobHCL": hcl, "Canonicalize": True, "Variables": variables}
+    job: dict[str, Any] = nomad.call("POST", "/v1/jobs/parse", "", json=body)
     return job
 
 

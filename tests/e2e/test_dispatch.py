@@ -104,3 +104,38 @@ def test_job_sync_shows_the_diff_then_registers_only_what_changes(
     assert changed.returncode == 1 and "region mars: not synced" in changed.stderr
     cluster.stop_job(name)
     cluster.nomad("job", "stop", "-region", "east", "-purge", "-yes", "-detach", name)
+
+
+def test_job_sync_takes_variables_as_nomad_job_run_does(cluster: Any, tmp_path: Path) -> None:
+    """NOMAD_VAR_* below -var-file below -var, each giving the job's memory in turn."""
+    name = f"e2e-syncvar-{uuid.uuid4().hex[:6]}"
+    spec = tmp_path / "job.nomad"
+    hello = (REPO / "jobspecs" / "hello.nomad").read_text().replace('job "hello"', f'job "{name}"')
+    assert "memory = 64" in hello
+    spec.write_text(
+        'variable "mem" {\n  type    = number\n  default = 64\n}\n'
+        + hello.replace("memory = 64", "memory = var.mem")
+    )
+    values = tmp_path / "prod.vars.hcl"
+    values.write_text("mem = 80\n")
+
+    def memory_after(*args: str, env: dict[str, str] | None = None) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "nomad_driver.cli.main", "job", "sync", str(spec),
+             "--region", "global", "--dry-run", *args],
+            capture_output=True, text=True, timeout=120,
+            env={"NOMAD_ADDR": "http://127.0.0.1:4646", "PATH": "/usr/bin:/bin", **(env or {})},
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    assert pyhpc_job_sync(spec, "--region", "global").returncode == 0  # registered at 64
+    try:
+        assert "no change" in memory_after()  # the default
+        assert "'64' => '72'" in memory_after(env={"NOMAD_VAR_mem": "72"})
+        assert "'64' => '80'" in memory_after("-var-file", str(values), env={"NOMAD_VAR_mem": "72"})
+        assert "'64' => '96'" in memory_after("-var-file", str(values), "-var", "mem=96")
+        bad = pyhpc_job_sync(spec, "-var", "mem")
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "NAME=VALUE" in bad.stderr
+    finally:
+        cluster.stop_job(name)

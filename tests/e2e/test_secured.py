@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -211,6 +212,12 @@ consul {{
             agent.kill()
             agent.wait()
         log.close()
+        # The client's alloc dirs keep their secrets tmpfs and bind mounts after it stops.
+        for line in reversed(Path("/proc/self/mounts").read_text().splitlines()):
+            target = line.split()[1]
+            if target.startswith(str(root) + "/"):
+                subprocess.run(["umount", "-l", target], check=False)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_dispatch_over_mtls_in_a_namespace_with_a_dispatch_only_token(secured: Secured) -> None:
