@@ -23,16 +23,19 @@ def vault_binary() -> str:
 
 
 @contextmanager
-def dev_vault() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def dev_vault(tls_dir: str = "") -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A dev server; with tls_dir, over TLS with a CA Vault makes there (tls_dir/vault-ca.pem)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    address = f"http://127.0.0.1:{port}"
+    address = f"{'https' if tls_dir else 'http'}://127.0.0.1:{port}"
+    tls = ["-dev-tls", f"-dev-tls-cert-dir={tls_dir}"] if tls_dir else []
     proc = subprocess.Popen(
         [
             vault_binary(),
             "server",
             "-dev",
+            *tls,
             f"-dev-root-token-id={TOKEN}",
             f"-dev-listen-address=127.0.0.1:{port}",
             "-dev-no-store-token",
@@ -40,13 +43,15 @@ def dev_vault() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    ca: bool | str = os.path.join(tls_dir, "vault-ca.pem") if tls_dir else True
     try:
         deadline = time.monotonic() + 30
         while True:
             try:
-                if requests.get(f"{address}/v1/sys/health", timeout=1).status_code == 200:
+                health = requests.get(f"{address}/v1/sys/health", timeout=1, verify=ca)
+                if health.status_code == 200:
                     break
-            except requests.RequestException:
+            except (requests.RequestException, OSError):  # OSError: its CA not written yet
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the Vault dev server did not start")

@@ -51,9 +51,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
     p.add_argument(
         "--config",
-        metavar="FILE",
-        help=f'agent configuration with the plugin "pyhpc" block (default {DEFAULT_CONFIG} '
-        "if it exists, else the built-in defaults)",
+        metavar="FILE|DIR",
+        help="a Nomad agent configuration (HCL1 or JSON file, or a directory such as "
+        f'/etc/nomad.d) with the plugin "pyhpc" block (default {DEFAULT_CONFIG} if it exists, '
+        "else the built-in defaults)",
     )
     p.add_argument(
         "--writable",
@@ -340,18 +341,19 @@ def _cache_dir(create: bool) -> int:
 
 
 def load_policy(path: str) -> Any:
-    """The plugin block of an agent config file. Parsing HCL costs 100 ms, more than starting
-    the container, so the decoded options are kept in a root-only cache keyed on what proves
-    the file unchanged (as image digests are), and checked again on every load. An entry is
-    believed only from a root-owned directory nobody else can write, in a root-owned file
-    opened without following a symlink."""
+    """The plugin block of an agent configuration: a file, or a directory the agent would load
+    (/etc/nomad.d), its *.hcl and *.json files merged in lexical order, a later file's block
+    winning (agentconfig). Parsing HCL costs 100 ms, more than starting the container, so the
+    decoded options are kept in a root-only cache keyed on what proves every file read
+    unchanged (as image digests are), and checked again on every load. An entry is believed
+    only from a root-owned directory nobody else can write, in a root-owned file opened
+    without following a symlink."""
     import json
 
-    from nomad_driver.driver import config
-    from nomad_driver.images.digest import unchanged_key
+    from nomad_driver.driver import agentconfig, config
     from nomad_driver.wire import schema
 
-    key = unchanged_key(os.stat(path)).replace(":", "-")
+    files, key = _policy_files(path)
     cache = _cache_dir(create=False)
     try:
         if cache >= 0:
@@ -367,16 +369,30 @@ def load_policy(path: str) -> Any:
     finally:
         if cache >= 0:
             os.close(cache)
-    from nomad_driver.driver import jobspec  # python-hcl2
-
-    with open(path, encoding="utf-8") as f:
-        plugin = jobspec.plugin_config(f.read(), path)
+    plugin = agentconfig.plugin_config(files, path)
     options = {
         name: list(value) if isinstance(value, tuple) else value
         for name, value in plugin.__dict__.items()
     }
     _write_cache(key, json.dumps({"path": os.path.realpath(path), "options": options}))
     return plugin
+
+
+def _policy_files(path: str) -> tuple[list[str], str]:
+    """The files to load for path, and the cache key that proves them all unchanged: a file's
+    own unchanged_key; for a directory, a digest of its key (taken before it is listed, so a
+    file added, removed or renamed after that changes it) and every file's."""
+    import hashlib
+
+    from nomad_driver.driver import agentconfig
+    from nomad_driver.images.digest import unchanged_key
+
+    first = unchanged_key(os.stat(path))
+    files = agentconfig.config_files(path)
+    if files == [path]:
+        return files, first.replace(":", "-")
+    keys = [first] + [f"{os.path.basename(f)} {unchanged_key(os.stat(f))}" for f in files]
+    return files, "dir-" + hashlib.sha256("\n".join(keys).encode()).hexdigest()
 
 
 def _write_cache(name: str, text: str) -> None:

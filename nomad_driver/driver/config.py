@@ -345,8 +345,13 @@ class PluginConfig:
     vault_ca_file: str = option(
         "string",
         default="",
-        doc="PEM file of the CA of Vault's TLS certificate.",
+        doc="PEM file of the CA of Vault's TLS certificate (default $VAULT_CACERT).",
         check=_optional(_absolute),
+    )
+    vault_namespace: str = option(
+        "string",
+        default="",
+        doc="Vault Enterprise namespace of the transit keys (default $VAULT_NAMESPACE).",
     )
     allow_unconfined_seccomp: bool = option(
         "bool",

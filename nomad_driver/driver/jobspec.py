@@ -154,16 +154,3 @@ def check(text: str, given: dict[str, str] | None = None) -> list[TaskReport]:
                 lines = tuple(_option_line(text, line, p) or line for p in problems)
                 reports.append(TaskReport(job_name, group_name, task_name, line, problems, lines))
     return reports
-
-
-def plugin_config(text: str, where: str) -> config.PluginConfig:
-    """The `plugin "pyhpc" { config { ... } }` block of an agent configuration file, decoded
-    and checked like the agent's own copy; an absent block means every default."""
-    try:
-        parsed = hcl2.loads(text, serialization_options=_OPTIONS)
-    except Exception as err:  # noqa: BLE001 - the parser raises many types
-        raise schema.ConfigError(where, [f"not valid HCL: {err}"]) from err
-    for name, block in _labelled(parsed.get("plugin", [])):
-        if name == config.PLUGIN_NAME:
-            return schema.load(config.PluginConfig, _config_values(block.get("config", {})), where)
-    return schema.load(config.PluginConfig, {}, where)

@@ -445,7 +445,13 @@ def verifier(plugin: PluginConfig) -> Any:
         role=plugin.vault_jwt_role,
         jwt_file=plugin.vault_jwt_file,
     )
-    vault = Vault(plugin.vault_address, plugin.vault_transit_mount, auth, plugin.vault_ca_file)
+    vault = Vault(
+        plugin.vault_address,
+        plugin.vault_transit_mount,
+        auth,
+        plugin.vault_ca_file,
+        plugin.vault_namespace,
+    )
     return Verifier(
         vault,
         tuple(plugin.signature_keys),

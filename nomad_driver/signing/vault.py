@@ -79,6 +79,7 @@ class Vault:
     transit: str = "transit"
     auth: Auth = field(default_factory=Auth)
     ca_file: str = ""
+    namespace: str = ""
     timeout: float = 10.0
     _client: Any = None  # hvac.Client, imported on first use
     _expires: float = 0.0
@@ -91,8 +92,22 @@ class Vault:
             raise VaultError("no Vault address: set vault_address or VAULT_ADDR")
         if self._client is not None and (not self._expires or time.time() < self._expires - 60):
             return self._client
-        verify: bool | str = self.ca_file or os.environ.get("VAULT_CACERT", "") or True
-        client = hvac.Client(url=address, timeout=self.timeout, verify=verify)
+        # Vault's own variables (VAULT_CACERT, VAULT_CAPATH, VAULT_CLIENT_CERT/KEY,
+        # VAULT_SKIP_VERIFY, VAULT_NAMESPACE) where the settings name none.
+        env = os.environ.get
+        verify: bool | str = (
+            self.ca_file or env("VAULT_CACERT", "") or env("VAULT_CAPATH", "") or True
+        )
+        if env("VAULT_SKIP_VERIFY", "").lower() in ("1", "true"):
+            verify = False
+        cert = env("VAULT_CLIENT_CERT", "")
+        client = hvac.Client(
+            url=address,
+            timeout=self.timeout,
+            verify=verify,
+            cert=(cert, env("VAULT_CLIENT_KEY", "")) if cert else None,
+            namespace=self.namespace or env("VAULT_NAMESPACE", "") or None,
+        )
         a = self.auth
         try:
             if a.method == "token":

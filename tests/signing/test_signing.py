@@ -135,6 +135,31 @@ def test_vault_down_cached_keys_keep_verifying_and_no_cache_fails_closed(tmp_pat
             cold.verify(str(img), "i")
 
 
+def test_signing_and_verifying_over_tls_with_vaults_own_variables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Vault behind TLS: the CA from the plugin's vault_ca_file or from VAULT_CACERT; without
+    it, one line saying the certificate was not trusted. (Vault namespaces are Vault
+    Enterprise's; this open-source build has none to test: VAULT_NAMESPACE is passed through.)"""
+    certs = tmp_path / "tls"
+    certs.mkdir()
+    with dev_vault(str(certs)) as (address, _):
+        ca = str(certs / "vault-ca.pem")
+        v = Vault(address=address, auth=Auth(token=TOKEN), ca_file=ca)
+        v.setup("images")
+        img = image(tmp_path, "t.sqsh")
+        payload = sign(v, str(img), "t", "images")
+        monkeypatch.setenv("VAULT_ADDR", address)
+        monkeypatch.setenv("VAULT_TOKEN", TOKEN)
+        monkeypatch.setenv("VAULT_CACERT", ca)
+        from_env = Vault()
+        assert verifier(from_env, tmp_path).verify(str(img), "t").digest == payload.digest
+        monkeypatch.delenv("VAULT_CACERT")
+        with pytest.raises(VaultError, match=f"Vault at {address}.*(?i:certificate)") as err:
+            Vault().public_keys("images")
+        assert "\n" not in str(err.value)
+
+
 def test_bad_credentials_are_reported(vault: Vault) -> None:
     with pytest.raises(VaultError, match="login \\(token\\) refused"):
         Vault(address=vault.address, auth=Auth(token="not-a-token")).public_keys("images")
