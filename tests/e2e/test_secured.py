@@ -1,7 +1,6 @@
-"""pyhpc's Nomad clients against a secured agent: mutual TLS (verify_https_client and
-verify_server_hostname), ACLs bootstrapped, jobs in a namespace other than default. One agent
-(server and client, its own region "secure", the test bed's pyhpc plugin) started here, beside
-the loopback test bed."""
+"""pyhpc on a secured federation (tests/e2e/securebed.py): dispatch and job sync with mutual
+TLS, ACL tokens and a namespace across two regions; a task's service registered in Consul
+over TLS with ACLs; a signed image verified by the plugin with Vault over TLS."""
 
 from __future__ import annotations
 
@@ -16,20 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from securebed import NAMESPACE, REGIONS, SIGNED_DIR, SIGNING_KEY, SecureBed
 from test_foundation import IMAGE, json_str
 
-PORT = 4846  # http; rpc and serf the next two (4646 and 4746 are the test bed's regions)
-ADDRESS = f"https://127.0.0.1:{PORT}"
-NAMESPACE = "hpc"
+BOTH = [a for r in REGIONS for a in ("--region", r)]
 
-JOB = f"""
-job "secured" {{
+
+def job(name: str, script: str, *, kind: str = "batch", image: str = IMAGE, extra: str = "") -> str:
+    return f"""
+job "{name}" {{
   datacenters = ["*"]
   namespace   = "{NAMESPACE}"
-  type        = "batch"
-  parameterized {{
-    meta_required = ["word"]
-  }}
+  type        = "{kind}"
+{extra}
   group "g" {{
     restart {{
       attempts = 0
@@ -38,9 +36,9 @@ job "secured" {{
     task "t" {{
       driver = "pyhpc"
       config {{
-        image   = "{IMAGE}"
+        image   = "{image}"
         command = "/bin/sh"
-        args    = ["-c", {json_str('echo "said ${NOMAD_META_word}"')}]
+        args    = ["-c", {json_str(script)}]
       }}
       resources {{
         cpu    = 100
@@ -51,6 +49,12 @@ job "secured" {{
 }}
 """
 
+
+PARAMETERIZED = job(
+    "secured",
+    'echo "said ${NOMAD_META_word} in ${NOMAD_REGION}"',
+    extra='  parameterized {\n    meta_required = ["word"]\n  }',
+)
 DISPATCH_ONLY = f"""
 namespace "{NAMESPACE}" {{
   capabilities = ["dispatch-job", "read-job", "list-jobs", "read-logs"]
@@ -61,44 +65,6 @@ namespace "{NAMESPACE}" {{
   capabilities = ["read-job", "list-jobs"]
 }}
 """
-
-
-class Secured:
-    def __init__(self, root: Path, nomad: Path) -> None:
-        self.root, self.nomad_bin = root, nomad
-        self.certs = root / "certs"
-        self.management = ""
-
-    def tls_env(self, token: str = "") -> dict[str, str]:
-        env = {
-            "PATH": "/usr/bin:/bin",
-            "NOMAD_ADDR": ADDRESS,
-            "NOMAD_CACERT": str(self.certs / "nomad-agent-ca.pem"),
-            "NOMAD_CLIENT_CERT": str(self.certs / "secure-cli-nomad.pem"),
-            "NOMAD_CLIENT_KEY": str(self.certs / "secure-cli-nomad-key.pem"),
-        }
-        if token:
-            env["NOMAD_TOKEN"] = token
-        return env
-
-    def nomad(self, *args: str, token: str = "", check: bool = True) -> str:
-        done = subprocess.run(
-            [str(self.nomad_bin), *args],
-            env={**self.tls_env(token or self.management), "CHECKPOINT_DISABLE": "1"},
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if check and done.returncode != 0:
-            raise AssertionError(f"nomad {' '.join(args)}: {done.stderr or done.stdout}")
-        return done.stdout
-
-    def token_for(self, name: str, rules: str) -> str:
-        policy = self.root / f"{name}.hcl"
-        policy.write_text(rules)
-        self.nomad("acl", "policy", "apply", name, str(policy))
-        made = self.nomad("acl", "token", "create", f"-name={name}", f"-policy={name}", "-json")
-        return str(json.loads(made)["SecretID"])
 
 
 def pyhpc(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -112,162 +78,142 @@ def pyhpc(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def secured(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
-    root = tmp_path_factory.mktemp("secured")
-    bed = Secured(root, cluster.nomad_bin)
-    bed.certs.mkdir()
-    for made in (
-        ["tls", "ca", "create"],
-        ["tls", "cert", "create", "-server", "-region", "secure"],
-        ["tls", "cert", "create", "-cli", "-region", "secure"],
-    ):
-        subprocess.run([str(cluster.nomad_bin), *made], cwd=bed.certs, check=True,
-                       capture_output=True, timeout=60)  # fmt: skip
-    c = bed.certs
-    (root / "agent.hcl").write_text(f"""
-name       = "pyhpc-secure"
-region     = "secure"
-datacenter = "secure1"
-data_dir   = "{root / "data"}"
-plugin_dir = "{cluster.state_dir / "plugins"}"
-bind_addr  = "127.0.0.1"
-disable_update_check = true
-advertise {{
-  http = "127.0.0.1"
-  rpc  = "127.0.0.1"
-  serf = "127.0.0.1"
-}}
-ports {{
-  http = {PORT}
-  rpc  = {PORT + 1}
-  serf = {PORT + 2}
-}}
-server {{
-  enabled          = true
-  bootstrap_expect = 1
-}}
-client {{
-  enabled           = true
-  network_interface = "lo"
-  cgroup_parent     = "/nomad-secure"
-  options {{
-    "fingerprint.denylist" = "env_aws,env_gce,env_azure,env_digitalocean"
-  }}
-}}
-acl {{
-  enabled = true
-}}
-tls {{
-  http                   = true
-  rpc                    = true
-  ca_file                = "{c / "nomad-agent-ca.pem"}"
-  cert_file              = "{c / "secure-server-nomad.pem"}"
-  key_file               = "{c / "secure-server-nomad-key.pem"}"
-  verify_server_hostname = true
-  verify_https_client    = true
-}}
-consul {{
-  client_auto_join = false
-  server_auto_join = false
-  auto_advertise   = false
-}}
-""")
-    log = open(root / "agent.log", "w")  # noqa: SIM115 - open for the agent's whole life
-    agent = subprocess.Popen(
-        [str(cluster.nomad_bin), "agent", f"-config={root / 'agent.hcl'}"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "CHECKPOINT_DISABLE": "1"},
-    )
+def secured(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBed]:
+    bins = {"nomad": cluster.nomad_bin, "consul": cluster.consul_bin}
+    bed = SecureBed(tmp_path_factory.mktemp("secured"), bins, cluster.state_dir / "plugins")
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            done = subprocess.run(
-                [str(cluster.nomad_bin), "acl", "bootstrap", "-json"],
-                env={**bed.tls_env(), "CHECKPOINT_DISABLE": "1"},
-                capture_output=True,
-                text=True,
-                timeout=30,
-            )
-            if done.returncode == 0:
-                bed.management = json.loads(done.stdout)["SecretID"]
-                break
-            assert agent.poll() is None, (root / "agent.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, done.stderr
-            time.sleep(1)
-        bed.nomad("namespace", "apply", "-description", "pyhpc tests", NAMESPACE)
-        deadline = time.monotonic() + 90
-        while "pyhpc" not in bed.nomad("node", "status", "-verbose", "-self", check=False):
-            assert time.monotonic() < deadline, "the secured client never fingerprinted pyhpc"
-            time.sleep(1)
-        jobfile = root / "secured.nomad"
-        jobfile.write_text(JOB)
-        bed.nomad("job", "run", str(jobfile))
+        bed.up()
+        spec = bed.root / "secured.nomad"
+        spec.write_text(PARAMETERIZED)
+        for region in REGIONS:  # an operator registers it; the dispatcher only dispatches
+            bed.nomad("job", "run", "-region", region, str(spec))
         yield bed
     finally:
-        agent.terminate()
-        try:
-            agent.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-            agent.wait()
-        log.close()
-        # The client's alloc dirs keep their secrets tmpfs and bind mounts after it stops.
-        for line in reversed(Path("/proc/self/mounts").read_text().splitlines()):
-            target = line.split()[1]
-            if target.startswith(str(root) + "/"):
-                subprocess.run(["umount", "-l", target], check=False)
-        shutil.rmtree(root, ignore_errors=True)
+        bed.down()
 
 
-def test_dispatch_over_mtls_in_a_namespace_with_a_dispatch_only_token(secured: Secured) -> None:
+def wait_done(bed: SecureBed, name: str, timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        allocs = json.loads(bed.nomad("job", "allocs", "-namespace", NAMESPACE, "-json", name))
+        done = [a for a in allocs if a["ClientStatus"] in ("complete", "failed")]
+        if done:
+            return dict(done[0])
+        assert time.monotonic() < deadline, f"{name}: {allocs}"
+        time.sleep(1)
+
+
+def test_dispatch_across_both_regions_with_a_dispatch_only_token(secured: SecureBed) -> None:
     token = secured.token_for("dispatch-hpc", DISPATCH_ONLY)
     env = {**secured.tls_env(token), "NOMAD_NAMESPACE": NAMESPACE}
-    done = pyhpc(env, "dispatch", "secured", "--meta", "word=hello", "--output", "--timeout", "120")
+    done = pyhpc(
+        env, "dispatch", "secured", *BOTH, "--count", "2", "--meta", "word=hello",
+        "--output", "--no-copy", "--timeout", "180",
+    )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "said hello" in done.stdout and "1 of 1 completed" in done.stdout, done.stdout
-    # The same with the flags Nomad's CLI has, instead of the environment.
+    for region in REGIONS:
+        assert f"said hello in {region}" in done.stdout, done.stdout
+    assert "2 of 2 completed successfully (1 in secure, 1 in secure2)" in done.stdout
+    # The same with the flags of Nomad's CLI instead of the environment.
     flags = [
-        f"-address={ADDRESS}", f"-token={token}", f"-namespace={NAMESPACE}",
+        f"-address={env['NOMAD_ADDR']}", f"-token={token}", f"-namespace={NAMESPACE}",
         f"-ca-cert={env['NOMAD_CACERT']}", f"-client-cert={env['NOMAD_CLIENT_CERT']}",
         f"-client-key={env['NOMAD_CLIENT_KEY']}",
     ]  # fmt: skip
-    done = pyhpc({"PATH": "/usr/bin:/bin"}, "dispatch", "secured", *flags, "--meta", "word=again")
-    assert done.returncode == 0, done.stdout + done.stderr
+    again = pyhpc({"PATH": "/usr/bin:/bin"}, "dispatch", "secured", *flags, "-region", "secure2",
+                  "--meta", "word=again", "--no-copy")  # fmt: skip
+    assert again.returncode == 0, again.stdout + again.stderr
 
 
-def test_a_token_without_dispatch_is_refused_with_nomads_403_named(secured: Secured) -> None:
+def test_a_token_without_dispatch_is_refused_with_nomads_403_named(secured: SecureBed) -> None:
     token = secured.token_for("read-hpc", READ_ONLY)
     env = {**secured.tls_env(token), "NOMAD_NAMESPACE": NAMESPACE}
-    done = pyhpc(env, "dispatch", "secured", "--meta", "word=no")
-    assert done.returncode != 0
+    done = pyhpc(
+        env, "dispatch", "secured", "--region", "secure2", "--meta", "word=no", "--no-copy"
+    )
     message = done.stdout + done.stderr
+    assert done.returncode != 0
     assert "HTTP 403" in message and "namespace hpc" in message and "NOMAD_TOKEN" in message
     assert "Traceback" not in message, message
 
 
-def test_without_the_client_certificate_or_the_ca_one_line_says_what_to_check(
-    secured: Secured,
-) -> None:
+def test_without_a_certificate_one_line_says_what_to_check(secured: SecureBed) -> None:
     env = {**secured.tls_env(secured.management), "NOMAD_NAMESPACE": NAMESPACE}
     for missing in ("NOMAD_CLIENT_CERT", "NOMAD_CACERT"):
         partial = {k: v for k, v in env.items() if k != missing}
         done = pyhpc(partial, "dispatch", "secured", "--meta", "word=x")
         lines = done.stderr.strip().splitlines()
         assert done.returncode != 0 and len(lines) == 1, done.stderr
-        assert f"Nomad at {ADDRESS}" in lines[0] and "Traceback" not in done.stderr, lines
+        assert f"Nomad at {env['NOMAD_ADDR']}" in lines[0], lines
     # The control: with both, the same call gets through.
-    ok = pyhpc(env, "dispatch", "secured", "--meta", "word=x", "--no-follow")
+    ok = pyhpc(env, "dispatch", "secured", "--meta", "word=x", "--no-follow", "--no-copy")
     assert ok.returncode == 0, ok.stdout + ok.stderr
 
 
-def test_job_sync_plans_and_registers_in_the_namespace(secured: Secured, tmp_path: Path) -> None:
+def test_job_sync_plans_and_registers_in_both_regions(secured: SecureBed, tmp_path: Path) -> None:
     env = {**secured.tls_env(secured.management), "NOMAD_NAMESPACE": NAMESPACE}
     spec = tmp_path / "secured.nomad"
-    spec.write_text(JOB.replace("memory = 64", "memory = 96"))
+    spec.write_text(PARAMETERIZED.replace("memory = 64", "memory = 96"))
     dry = pyhpc(env, "job", "sync", str(spec), "--dry-run")
-    assert dry.returncode == 0 and "MemoryMB: '64' => '96'" in dry.stdout, dry.stdout + dry.stderr
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert dry.stdout.count("MemoryMB: '64' => '96'") == 2, dry.stdout
     done = pyhpc(env, "job", "sync", str(spec))
-    assert done.returncode == 0 and "registered" in done.stdout, done.stdout + done.stderr
-    job = json.loads(secured.nomad("job", "inspect", "-namespace", NAMESPACE, "secured"))
-    assert job["Job"]["TaskGroups"][0]["Tasks"][0]["Resources"]["MemoryMB"] == 96
+    assert done.returncode == 0, done.stdout + done.stderr
+    for region in REGIONS:
+        assert f"region {region}: registered" in done.stdout, done.stdout
+        found = json.loads(
+            secured.nomad("job", "inspect", "-region", region, "-namespace", NAMESPACE, "secured")
+        )
+        assert found["Job"]["TaskGroups"][0]["Tasks"][0]["Resources"]["MemoryMB"] == 96
+
+
+def test_a_tasks_service_is_registered_in_consul_over_tls_with_acls(secured: SecureBed) -> None:
+    name = "secured-web"
+    spec = secured.root / "web.nomad"
+    spec.write_text(
+        job("web", "echo up; exec sleep 600", kind="service").replace(
+            '    task "t" {',
+            '    network {\n      port "http" {}\n    }\n'
+            f'    service {{\n      name     = "{name}"\n      provider = "consul"\n'
+            '      port     = "http"\n    }\n    task "t" {',
+        )
+    )
+    secured.nomad("job", "run", "-detach", str(spec))
+    try:
+        deadline = time.monotonic() + 90
+        while not secured.consul("GET", f"/v1/catalog/service/{name}"):
+            assert time.monotonic() < deadline, secured.log_tails()
+            time.sleep(1)
+        entry = secured.consul("GET", f"/v1/catalog/service/{name}")[0]
+        assert entry["ServicePort"] > 0
+    finally:
+        secured.nomad("job", "stop", "-namespace", NAMESPACE, "-purge", "-detach", "web")
+
+
+def test_a_signed_image_is_verified_with_vault_over_tls(secured: SecureBed) -> None:
+    from nomad_driver.signing.verify import sign
+
+    SIGNED_DIR.mkdir(mode=0o755, exist_ok=True)
+    signed, unsigned = SIGNED_DIR / "signed.sqsh", SIGNED_DIR / "unsigned.sqsh"
+    for path in (signed, unsigned):
+        shutil.copyfile(IMAGE, path)
+        os.chmod(path, 0o644)
+    # The same bytes: the signature is the envelope beside the signed file, and only there.
+    sign(secured.vault(), str(signed), str(signed), SIGNING_KEY)
+    for name, image in (("signed", signed), ("unsigned", unsigned)):
+        spec = secured.root / f"{name}.nomad"
+        spec.write_text(job(name, "echo ran", image=str(image)))
+        secured.nomad("job", "run", "-detach", str(spec))
+    ran = wait_done(secured, "signed")
+    assert ran["ClientStatus"] == "complete", ran
+    events = " ".join(
+        e.get("DisplayMessage", "")
+        for e in json.loads(
+            secured.nomad("alloc", "status", "-namespace", NAMESPACE, "-json", ran["ID"])
+        )["TaskStates"]["t"]["Events"]
+    )
+    assert f"transit/{SIGNING_KEY} v1" in events, events
+    refused = wait_done(secured, "unsigned")
+    assert refused["ClientStatus"] == "failed", refused
+    status = secured.nomad("alloc", "status", "-namespace", NAMESPACE, refused["ID"])
+    assert "signature" in status, status
