@@ -2,7 +2,12 @@
 
 1. the pyhpc-gpu device plugin's NVML fingerprint, read through its own gRPC service as Nomad
    reads it (go-plugin handshake, then DevicePlugin.Fingerprint), a Reserve of one GPU, and two
-   Stats samples a second apart (each GPU's figures, recorded in --json);
+   Stats samples a second apart (each GPU's figures, recorded in --json); then each GPU's MIG
+   mode: where MIG devices exist, that each was fingerprinted (its parent not) and that a
+   Reserve of one gives its capability nodes; where MIG is off, that it was left off (turning
+   it on takes an admin and a GPU reset, which this check never does), so only the whole-GPU
+   path was checked; and where /etc/cdi or /var/run/cdi hold nvidia.com/gpu specs, that
+   Reserve gave what they describe;
 2. `pyhpc run --gpus all` of nvidia-smi in a SquashFS image;
 3. `pyhpc run --gpus 1`: the container sees exactly one GPU;
 4. a CUDA program (scripts/gpu/cudacheck.c: driver API, PTX kernel) in the container that
@@ -18,8 +23,10 @@ failed, 77 when the machine has no usable GPU (nothing to check). Run as root:
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
+import stat
 import statistics
 import subprocess
 import sys
@@ -31,7 +38,7 @@ from typing import Any
 import grpc
 from google.protobuf import duration_pb2
 
-from nomad_driver.device import nvml
+from nomad_driver.device import cdi, nvml
 from nomad_driver.driver.main import NOMAD_HANDSHAKE
 from nomad_driver.proto import device_pb2, device_pb2_grpc
 
@@ -46,7 +53,7 @@ def report(step: str, status: str, detail: str) -> None:
     print(f"[{status}] {step}\n{detail.rstrip()}\n", flush=True)
 
 
-def fingerprint_and_reserve(work: Path) -> list[str]:
+def fingerprint_and_reserve(work: Path, gpus: list[nvml.Gpu]) -> list[str]:
     env = {
         **os.environ,
         NOMAD_HANDSHAKE.cookie_key: NOMAD_HANDSHAKE.cookie_value,
@@ -95,6 +102,8 @@ def fingerprint_and_reserve(work: Path) -> list[str]:
             + ", ".join(m.task_path for m in res.mounts[:6]),
         )
         stats(stub, ids)
+        mig_check(stub, ids)
+        cdi_check(stub, gpus, ids)
         channel.close()
         return ids
     finally:
@@ -103,6 +112,8 @@ def fingerprint_and_reserve(work: Path) -> list[str]:
 
 
 NEEDED_FIGURES = ("GPU utilization", "Memory utilization", "Memory state", "Temperature")
+# NVML has no utilization per MIG device, and temperature is the parent's: memory only.
+NEEDED_MIG_FIGURES = ("Memory state",)
 
 
 def stats(stub: Any, ids: list[str]) -> None:
@@ -130,7 +141,7 @@ def stats(stub: Any, ids: list[str]) -> None:
     missing = [
         f"{uuid}: {name}"
         for uuid in ids
-        for name in NEEDED_FIGURES
+        for name in (NEEDED_MIG_FIGURES if uuid.startswith("MIG-") else NEEDED_FIGURES)
         if name not in seen.get(uuid, {})
     ]
     report(
@@ -141,6 +152,153 @@ def stats(stub: Any, ids: list[str]) -> None:
             f"  {uuid}: " + ", ".join(f"{k}={v}" for k, v in f.items()) for uuid, f in seen.items()
         )
         + (f"\nmissing: {', '.join(missing)}" if missing else ""),
+    )
+
+
+def mig_modes(nvml_module: Any = None) -> dict[str, tuple[bool | None, list[str]]]:
+    """Each GPU's MIG mode (None: the GPU cannot do MIG) and its MIG devices' UUIDs, asked of
+    NVML here, apart from the plugin, so the fingerprint is checked against a second reading."""
+    out: dict[str, tuple[bool | None, list[str]]] = {}
+    with nvml.opened(nvml_module) as (lib, why):
+        if lib is None:
+            return out
+        for i in range(lib.nvmlDeviceGetCount()):
+            h = lib.nvmlDeviceGetHandleByIndex(i)
+            uuid = lib.nvmlDeviceGetUUID(h)
+            mode = nvml.mig_mode(lib, h)
+            migs = []
+            for j in range(lib.nvmlDeviceGetMaxMigDeviceCount(h) if mode else 0):
+                try:
+                    m = lib.nvmlDeviceGetMigDeviceHandleByIndex(h, j)
+                except Exception:  # noqa: BLE001 - an empty place
+                    continue
+                migs.append(_text(lib.nvmlDeviceGetUUID(m)))
+            out[_text(uuid)] = (mode, migs)
+    return out
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+ENABLE_MIG = (
+    "enabling MIG needs an admin: `nvidia-smi -i N -mig 1`, a GPU reset (or reboot), then "
+    "instances (`nvidia-smi mig -cgi PROFILES -C`); this check never changes a GPU's mode"
+)
+
+
+def mig_check(stub: Any, ids: list[str], nvml_module: Any = None) -> None:
+    """MIG mode per GPU. With MIG devices: each fingerprinted in place of its parent, and a
+    Reserve of one giving its parent's node and its capability nodes (character devices on
+    this host). With MIG off: each GPU offered whole, and a note that only that path was
+    checked, since turning MIG on is an admin's act."""
+    modes = mig_modes(nvml_module)
+    lines = [
+        f"  {uuid}: MIG {'unsupported' if mode is None else 'on' if mode else 'off'}"
+        + (f", {len(migs)} MIG device(s)" if mode else "")
+        for uuid, (mode, migs) in modes.items()
+    ]
+    migs = [m for _, found in modes.values() for m in found]
+    wrong = [f"{m} not fingerprinted" for m in migs if m not in ids]
+    wrong += [
+        f"{uuid} (MIG {'on' if mode else 'off'}) " + ("offered whole" if mode else "not offered")
+        for uuid, (mode, _) in modes.items()
+        if bool(mode) == (uuid in ids)
+    ]
+    if migs and not wrong:
+        res = stub.Reserve(device_pb2.ReserveRequest(device_ids=migs[:1]), timeout=30).container_res
+        caps = [d for d in res.devices if d.task_path.startswith("/dev/nvidia-caps/")]
+        lines.append(f"  Reserve {migs[0]}: devices {[d.task_path for d in res.devices]}")
+        if len(caps) != 2:
+            wrong.append(f"Reserve of {migs[0]} gave {len(caps)} capability nodes, not 2")
+        wrong += [f"{d.host_path} is not a character device" for d in caps if not _chr(d.host_path)]
+    if wrong:
+        status = "FAIL"
+    elif migs:
+        status = "PASS"
+    else:
+        status = "INFO"
+        if any(mode for mode, _ in modes.values()):
+            why = (
+                "MIG is on but no MIG device exists (an admin creates them: `nvidia-smi mig "
+                "-cgi PROFILES -C`); the GPUs in MIG mode were rightly not offered"
+            )
+        elif any(mode is not None for mode, _ in modes.values()):
+            why = ENABLE_MIG
+        else:
+            why = "these GPUs cannot do MIG"
+        lines.append(
+            f"no MIG devices on this machine: {why}; only the non-MIG path (each GPU offered "
+            "whole) was checked"
+        )
+    report("MIG mode per GPU", status, "\n".join(lines + wrong))
+
+
+def _chr(path: str) -> bool:
+    try:
+        return stat.S_ISCHR(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+class Skipped(logging.Handler):
+    """The CDI loader's warnings (spec files and entries skipped), as lines for the report."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        kv = getattr(record, "kv", {})
+        self.lines.append(f"{record.getMessage()}: " + " ".join(f"{k}={v}" for k, v in kv.items()))
+
+
+def cdi_check(
+    stub: Any,
+    gpus: list[nvml.Gpu],
+    ids: list[str],
+    dirs: tuple[str, ...] = cdi.DEFAULT_DIRS,
+    owner: int = 0,
+) -> None:
+    """Where CDI specs describe the first fingerprinted device, that the plugin's Reserve gave
+    their nodes and mounts; else a note that Reserve used pyhpc's own discovery, with each
+    spec file skipped and why."""
+    skipped = Skipped()
+    logging.getLogger("pyhpc.device").addHandler(skipped)
+    try:
+        specs = cdi.load(dirs, owner)
+    finally:
+        logging.getLogger("pyhpc.device").removeHandler(skipped)
+    where = " or ".join(dirs)
+    if not specs or not ids:
+        report(
+            "CDI specs",
+            "INFO",
+            f"no usable nvidia.com/gpu CDI spec in {where} (JSON, or YAML where PyYAML is "
+            "installed; root-owned): Reserve used pyhpc's own discovery"
+            + "".join(f"\n  {line}" for line in skipped.lines),
+        )
+        return
+    expected = cdi.injection(specs, gpus, ids[:1])
+    names = ", ".join(s.path for s in specs)
+    if expected is None:
+        report("CDI specs", "INFO", f"{names}: none describes {ids[0]}; Reserve used its own")
+        return
+    res = stub.Reserve(device_pb2.ReserveRequest(device_ids=ids[:1]), timeout=30).container_res
+    got = (
+        [(d.host_path, d.task_path) for d in res.devices],
+        [(m.host_path, m.task_path, m.read_only) for m in res.mounts],
+    )
+    wanted = (
+        [(n.host_path, n.path) for n in expected.nodes],
+        [(m.host_path, m.container_path, m.read_only) for m in expected.mounts],
+    )
+    report(
+        "CDI specs: Reserve used them",
+        "PASS" if got == wanted else "FAIL",
+        f"{ids[0]} from {', '.join(expected.sources)}: {len(got[0])} device nodes, "
+        f"{len(got[1])} mounts (hooks not run)"
+        + ("" if got == wanted else f"\nexpected {wanted}\ngot {got}"),
     )
 
 
@@ -295,9 +453,11 @@ def main() -> int:
         f"CUDA {gpus[0].cuda_version}\n",
         flush=True,
     )
+    # nvidia-smi -L lists GPUs, a MIG GPU once (its MIG devices on lines of their own).
+    physical = {g.mig.parent_uuid if g.mig else g.uuid for g in gpus}
     work = Path(tempfile.mkdtemp(prefix="pyhpc-gpu-check-"))
     try:
-        fingerprint_and_reserve(work)
+        fingerprint_and_reserve(work, gpus)
         if not Path(args.image).exists():
             subprocess.run([str(REPO / "scripts/make-demo-image.sh"), args.image], check=True)
         # nvidia-smi is linked against the C library: it runs in the CUDA image, which has the
@@ -315,7 +475,7 @@ def main() -> int:
             listed = [line for line in smi.stdout.splitlines() if line.startswith("GPU ")]
             report(
                 "pyhpc run --gpus all: nvidia-smi -L",
-                "PASS" if smi.returncode == 0 and len(listed) == len(gpus) else "FAIL",
+                "PASS" if smi.returncode == 0 and len(listed) == len(physical) else "FAIL",
                 smi.stdout + smi.stderr,
             )
             one = run(cuda_sqsh, "1", smi_path, "-L")

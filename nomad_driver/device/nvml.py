@@ -1,7 +1,11 @@
 """What the node's GPUs are (through NVML) and what a task given some of them needs: device
 nodes, the host driver's user-space libraries and tools, and the environment. Pure mappings,
 so they can be tested with recorded NVML answers; `opened`, `probe` and `telemetry` are the one
-seam to NVML."""
+seam to NVML.
+
+A GPU in MIG mode is not offered itself: each of its MIG devices (a compute instance in a GPU
+instance, with its own "MIG-..." UUID) is, as a device of its own. A task given one gets the
+parent's /dev/nvidiaN and the two capability nodes that grant that GPU and compute instance."""
 
 from __future__ import annotations
 
@@ -31,9 +35,30 @@ TOOLS = ("nvidia-smi", "nvidia-debugdump", "nvidia-persistenced")
 TASK_LIB_DIR = "/usr/local/nvidia/lib64"
 TASK_BIN_DIR = "/usr/local/nvidia/bin"
 MIB = 1 << 20
+CAPS_PROC = "/proc/driver/nvidia/capabilities"
+CAPS_DEV = "/dev/nvidia-caps"
+
+
+class Mig(NamedTuple):
+    """Where a MIG device sits: its parent GPU, its GPU and compute instance ids, its place
+    among the parent's MIG devices (NVML's index, which CDI's "GPU:MIG" names use) and its
+    profile as nvidia-smi names it ("1g.10gb"; "1c.3g.40gb" for a compute instance smaller
+    than its GPU instance). Slice counts are None where NVML did not give them."""
+
+    parent_uuid: str
+    gpu_instance: int
+    compute_instance: int
+    mig_index: int
+    profile: str
+    gpu_slices: int | None = None
+    compute_slices: int | None = None
 
 
 class Gpu(NamedTuple):
+    """A device a task can be given: a whole GPU, or a MIG device (`mig` set; then `minor`,
+    `pci_bus_id` and `power_limit_w` are its parent's). `nvml_index` is NVML's index of the GPU
+    (of the parent, for a MIG device); -1 where unknown."""
+
     uuid: str
     name: str
     minor: int
@@ -43,6 +68,13 @@ class Gpu(NamedTuple):
     cuda_version: str
     compute_capability: str
     power_limit_w: int
+    nvml_index: int = -1
+    mig: Mig | None = None
+
+
+class Unavailable(Exception):
+    """A reserved device exists but the host cannot give it now (its MIG capability unreadable
+    or its device node missing): what is missing is named."""
 
 
 @contextmanager
@@ -73,26 +105,84 @@ def probe(nvml: Any = None) -> tuple[list[Gpu], str]:
         try:
             driver = _text(lib.nvmlSystemGetDriverVersion())
             cuda = lib.nvmlSystemGetCudaDriverVersion()
-            gpus = []
+            gpus: list[Gpu] = []
             for i in range(lib.nvmlDeviceGetCount()):
                 h = lib.nvmlDeviceGetHandleByIndex(i)
                 major, minor_cc = lib.nvmlDeviceGetCudaComputeCapability(h)
-                gpus.append(
-                    Gpu(
-                        uuid=_text(lib.nvmlDeviceGetUUID(h)),
-                        name=_text(lib.nvmlDeviceGetName(h)) or "N/A",
-                        minor=int(lib.nvmlDeviceGetMinorNumber(h)),
-                        memory_mib=int(lib.nvmlDeviceGetMemoryInfo(h).total) // MIB,
-                        pci_bus_id=_text(lib.nvmlDeviceGetPciInfo(h).busId),
-                        driver_version=driver,
-                        cuda_version=f"{cuda // 1000}.{cuda % 1000 // 10}",
-                        compute_capability=f"{major}.{minor_cc}",
-                        power_limit_w=int(lib.nvmlDeviceGetPowerManagementLimit(h)) // 1000,
-                    )
+                gpu = Gpu(
+                    uuid=_text(lib.nvmlDeviceGetUUID(h)),
+                    name=_text(lib.nvmlDeviceGetName(h)) or "N/A",
+                    minor=int(lib.nvmlDeviceGetMinorNumber(h)),
+                    memory_mib=int(lib.nvmlDeviceGetMemoryInfo(h).total) // MIB,
+                    pci_bus_id=_text(lib.nvmlDeviceGetPciInfo(h).busId),
+                    driver_version=driver,
+                    cuda_version=f"{cuda // 1000}.{cuda % 1000 // 10}",
+                    compute_capability=f"{major}.{minor_cc}",
+                    power_limit_w=int(lib.nvmlDeviceGetPowerManagementLimit(h)) // 1000,
+                    nvml_index=i,
                 )
+                migs = mig_devices(lib, h, gpu)
+                gpus.extend([gpu] if migs is None else migs)
             return gpus, ""
         except Exception as err:  # noqa: BLE001
             return [], f"NVML failed: {err}"
+
+
+def mig_mode(nvml: Any, handle: Any) -> bool | None:
+    """Whether MIG mode is on now (not merely pending a GPU reset); None where the GPU or this
+    pynvml cannot say (NotSupported: a GPU without MIG)."""
+    mode = _ask(nvml, "nvmlDeviceGetMigMode", handle)
+    return None if mode is None else mode[0] == nvml.NVML_DEVICE_MIG_ENABLE
+
+
+def mig_devices(nvml: Any, handle: Any, parent: Gpu) -> list[Gpu] | None:
+    """The MIG devices of GPU `parent`, or None when it is not in MIG mode (then it is offered
+    whole). A GPU in MIG mode without instances has none to offer: its own node runs no CUDA
+    work. A MIG device whose figures NVML will not give is left out, not guessed."""
+    if not mig_mode(nvml, handle):
+        return None
+    count = _ask(nvml, "nvmlDeviceGetMaxMigDeviceCount", handle)
+    out = []
+    for j in range(int(count or 0)):
+        try:
+            m = nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, j)
+            memory_mib = int(nvml.nvmlDeviceGetMemoryInfo(m).total) // MIB
+            gi = int(nvml.nvmlDeviceGetGpuInstanceId(m))
+            ci = int(nvml.nvmlDeviceGetComputeInstanceId(m))
+            uuid = _text(nvml.nvmlDeviceGetUUID(m))
+        except Exception:  # noqa: BLE001, S112 - NVML_ERROR_NOT_FOUND: an empty place
+            continue
+        attrs = _ask(nvml, "nvmlDeviceGetAttributes", m)
+        gpu_slices = None if attrs is None else int(attrs.gpuInstanceSliceCount)
+        compute_slices = None if attrs is None else int(attrs.computeInstanceSliceCount)
+        profile = profile_name(gpu_slices, compute_slices, memory_mib, parent.memory_mib)
+        out.append(
+            parent._replace(
+                uuid=uuid,
+                name=f"{parent.name} MIG {profile}",
+                memory_mib=memory_mib,
+                mig=Mig(parent.uuid, gi, ci, j, profile, gpu_slices, compute_slices),
+            )
+        )
+    return out
+
+
+def profile_name(
+    gpu_slices: int | None, compute_slices: int | None, memory_mib: int, parent_mib: int
+) -> str:
+    """A MIG profile's name as nvidia-smi gives it: compute slices, then memory in GB, where
+    the memory is the instance's share of the GPU rounded up to eighths, times the GPU's
+    memory in whole GB (so 9.75 GiB of an 80 GB H100 is "10gb", 16.5 GiB of a 141 GB H200
+    "18gb"). Without slice counts, the memory alone ("10gb")."""
+    if parent_mib > 0:
+        eighths = -(-8 * memory_mib // parent_mib)
+        gb = (eighths * -(-parent_mib // 1024) * 2 + 8) // 16  # halves rounded up
+    else:
+        gb = -(-memory_mib // 1024)
+    name = f"{gb}gb" if gpu_slices is None else f"{gpu_slices}g.{gb}gb"
+    if compute_slices is not None and compute_slices != gpu_slices:
+        name = f"{compute_slices}c.{name}"
+    return name
 
 
 class Telemetry(NamedTuple):
@@ -115,12 +205,21 @@ class Telemetry(NamedTuple):
 def telemetry(nvml: Any, uuids: Iterable[str]) -> dict[str, Telemetry]:
     """The figures of GPUs `uuids` through an initialised NVML (see `opened`). A GPU NVML no
     longer knows is left out (the next fingerprint says it is gone); a query that fails leaves
-    out only its own figures."""
+    out only its own figures. A MIG device ("MIG-..." UUID) has its memory only: NVML gives
+    no utilization per MIG device (that takes DCGM's profiling counters), and temperature,
+    power, BAR1 and ECC belong to the whole GPU, shared by its instances."""
     out: dict[str, Telemetry] = {}
     for uuid in uuids:
         try:
             h = nvml.nvmlDeviceGetHandleByUUID(uuid)
         except Exception:  # noqa: BLE001, S112 - gone since the fingerprint
+            continue
+        if uuid.startswith("MIG-"):
+            memory = _ask(nvml, "nvmlDeviceGetMemoryInfo", h)
+            out[uuid] = Telemetry(
+                memory_used_mib=None if memory is None else int(memory.used) // MIB,
+                memory_total_mib=None if memory is None else int(memory.total) // MIB,
+            )
             continue
         util = _ask(nvml, "nvmlDeviceGetUtilizationRates", h)
         memory = _ask(nvml, "nvmlDeviceGetMemoryInfo", h)
@@ -192,31 +291,54 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def offered(gpus: list[Gpu], ignored: tuple[str, ...] = ()) -> list[Gpu]:
+    """The devices offered to jobs: those not ignored, by their UUID or by their parent's (a
+    GPU ignored in `ignored_gpu_ids` is not offered in slices either)."""
+    return [
+        g
+        for g in gpus
+        if g.uuid not in ignored and (g.mig is None or g.mig.parent_uuid not in ignored)
+    ]
+
+
 def groups(gpus: list[Gpu], ignored: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    """Device groups (vendor nvidia, type gpu, one per model) with their instances by UUID."""
+    """Device groups (vendor nvidia, type gpu, one per model, and one per model and MIG
+    profile: "NVIDIA A100-SXM4-80GB MIG 1g.10gb") with their instances by UUID. A MIG device
+    is still of type gpu, so `device "nvidia/gpu"` takes either, and a job that wants one
+    kind names it or constrains on the `mig_profile` attribute."""
     by_name: dict[str, list[Gpu]] = {}
-    for gpu in gpus:
-        if gpu.uuid not in ignored:
-            by_name.setdefault(gpu.name, []).append(gpu)
-    out = []
-    for name, members in sorted(by_name.items()):
-        first = members[0]
-        out.append(
-            {
-                "vendor": "nvidia",
-                "type": "gpu",
-                "name": name,
-                "devices": [(g.uuid, g.pci_bus_id) for g in members],
-                "attributes": {
-                    "memory": (first.memory_mib, "MiB"),
-                    "power": (first.power_limit_w, "W"),
-                    "driver_version": first.driver_version,
-                    "cuda_version": first.cuda_version,
-                    "compute_capability": first.compute_capability,
-                },
-            }
-        )
-    return out
+    for gpu in offered(gpus, ignored):
+        by_name.setdefault(gpu.name, []).append(gpu)
+    return [
+        {
+            "vendor": "nvidia",
+            "type": "gpu",
+            "name": name,
+            "devices": [(g.uuid, g.pci_bus_id) for g in members],
+            "attributes": _attributes(members[0]),
+        }
+        for name, members in sorted(by_name.items())
+    ]
+
+
+def _attributes(gpu: Gpu) -> dict[str, Any]:
+    attrs: dict[str, Any] = {
+        "memory": (gpu.memory_mib, "MiB"),
+        "driver_version": gpu.driver_version,
+        "cuda_version": gpu.cuda_version,
+        "compute_capability": gpu.compute_capability,
+    }
+    if gpu.mig is None:
+        # A MIG device draws from its parent's power limit, shared: not its own figure.
+        attrs["power"] = (gpu.power_limit_w, "W")
+        return attrs
+    attrs["mig_profile"] = gpu.mig.profile
+    attrs["model"] = gpu.name.partition(" MIG ")[0]
+    if gpu.mig.gpu_slices is not None:
+        attrs["gpu_instance_slices"] = (gpu.mig.gpu_slices, "")
+    if gpu.mig.compute_slices is not None:
+        attrs["compute_instance_slices"] = (gpu.mig.compute_slices, "")
+    return attrs
 
 
 def host_libraries(
@@ -302,7 +424,7 @@ def from_proc(root: str = "/proc/driver/nvidia/gpus") -> list[Gpu]:
         buses = sorted(os.listdir(root))
     except OSError:
         return []
-    for bus in buses:
+    for index, bus in enumerate(buses):
         try:
             with open(os.path.join(root, bus, "information")) as f:
                 info = dict(
@@ -319,6 +441,7 @@ def from_proc(root: str = "/proc/driver/nvidia/gpus") -> list[Gpu]:
                     cuda_version="",
                     compute_capability="",
                     power_limit_w=0,
+                    nvml_index=index,
                 )
             )
         except (OSError, KeyError, ValueError):
@@ -331,6 +454,43 @@ def loader_dirs(environ: Any = os.environ) -> tuple[str, ...]:
     return tuple(d for d in environ.get("LD_LIBRARY_PATH", "").split(":") if d.startswith("/"))
 
 
+def reserved(gpus: list[Gpu], ids: list[str]) -> list[Gpu]:
+    """The devices `ids` names, in its order; KeyError names unknown ids."""
+    known = {g.uuid: g for g in gpus}
+    unknown = [i for i in ids if i not in known]
+    if unknown:
+        raise KeyError(f"unknown device IDs: {', '.join(unknown)}")
+    return [known[i] for i in ids]
+
+
+def mig_nodes(
+    gpu: Gpu, caps_proc: str = CAPS_PROC, caps_dev: str = CAPS_DEV
+) -> list[tuple[str, str]]:
+    """The capability device nodes a MIG device needs beside its parent's /dev/nvidiaN: the one
+    granting its GPU instance and the one granting its compute instance. The driver lists each
+    capability's node minor in an `access` file ("DeviceFileMinor: 12") under
+    capabilities/gpu<parent minor>/mig/gi<id>[/ci<id>]; the node is nvidia-caps/nvidia-cap<minor>.
+    Each node with the access file it came from; Unavailable names a file that cannot be read
+    or says no minor."""
+    assert gpu.mig is not None
+    gi_dir = os.path.join(caps_proc, f"gpu{gpu.minor}", "mig", f"gi{gpu.mig.gpu_instance}")
+    nodes: list[tuple[str, str]] = []
+    for access in (
+        os.path.join(gi_dir, "access"),
+        os.path.join(gi_dir, f"ci{gpu.mig.compute_instance}", "access"),
+    ):
+        try:
+            with open(access) as f:
+                text = f.read()
+        except OSError as err:
+            raise Unavailable(f"MIG device {gpu.uuid}: cannot read {access}: {err}") from err
+        m = re.search(r"^DeviceFileMinor:\s*(\d+)\s*$", text, re.MULTILINE)
+        if not m:
+            raise Unavailable(f"MIG device {gpu.uuid}: {access} names no DeviceFileMinor")
+        nodes.append((os.path.join(caps_dev, f"nvidia-cap{m.group(1)}"), access))
+    return nodes
+
+
 def reservation(
     gpus: list[Gpu],
     ids: list[str],
@@ -339,13 +499,24 @@ def reservation(
     lib_dirs: tuple[str, ...] | None = None,
     tool_dirs: tuple[str, ...] | None = None,
     is_binary: Any = None,
+    caps_proc: str = CAPS_PROC,
+    caps_dev: str = CAPS_DEV,
 ) -> dict[str, Any]:
-    """What a task given GPUs `ids` needs; KeyError names unknown ids."""
-    known = {g.uuid: g for g in gpus}
-    unknown = [i for i in ids if i not in known]
-    if unknown:
-        raise KeyError(f"unknown device IDs: {', '.join(unknown)}")
-    nodes = [f"/dev/nvidia{known[i].minor}" for i in ids]
+    """What a task given devices `ids` needs; KeyError names unknown ids, Unavailable a MIG
+    device whose capability nodes cannot be found."""
+    nodes: list[str] = []
+    for gpu in reserved(gpus, ids):
+        wanted = [f"/dev/nvidia{gpu.minor}"]
+        if gpu.mig is not None:
+            for node, access in mig_nodes(gpu, caps_proc, caps_dev):
+                if not exists(node):
+                    # Made on first use by the driver's helper; a task cannot make it itself.
+                    raise Unavailable(
+                        f"MIG device {gpu.uuid}: no device node {node} (as root: "
+                        f"nvidia-modprobe -f {access})"
+                    )
+                wanted.append(node)
+        nodes += [n for n in wanted if n not in nodes]  # two slices share one parent node
     nodes += [n for n in CONTROL_NODES if exists(n)]
     if ldconfig_output is None:
         ldconfig_output = linker_cache()

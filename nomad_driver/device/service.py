@@ -1,6 +1,8 @@
 """The DevicePlugin gRPC service: Fingerprint (a first answer at once, even with no GPU, then
-again whenever the set changes; the stream stays open), Reserve and Stats (each GPU's figures,
-under the names and units Nomad's own nvidia plugin uses, on the interval Nomad asks for)."""
+again whenever the set changes; the stream stays open), Reserve (from the node's CDI specs
+where they describe the reserved devices, else from pyhpc's own discovery) and Stats (each
+GPU's figures, under the names and units Nomad's own nvidia plugin uses, on the interval Nomad
+asks for)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import grpc
 from google.protobuf import timestamp_pb2, wrappers_pb2
 
 from nomad_driver import __version__
-from nomad_driver.device import nvml
+from nomad_driver.device import cdi, nvml
 from nomad_driver.driver.config import duration, parse_duration
 from nomad_driver.proto import base_pb2, device_pb2, structs_pb2
 from nomad_driver.wire import schema
@@ -24,6 +26,11 @@ from nomad_driver.wire.schema import option
 PLUGIN_NAME = "pyhpc-gpu"
 API_VERSION = "v0.1.0"
 log = logging.getLogger("pyhpc.device")
+
+
+def _absolute_dirs(value: Any) -> str | None:
+    wrong = [v for v in value if not str(v).startswith("/")]
+    return f"{wrong} must be absolute paths" if wrong else None
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,14 @@ class DeviceConfig:
         default="1m",
         doc="How often the GPUs are looked at again.",
         check=duration("1m"),
+    )
+    cdi_spec_dirs: tuple[str, ...] = option(
+        "list(string)",
+        default=cdi.DEFAULT_DIRS,
+        doc="Directories of CDI specs (root-owned, not group/other-writable; JSON, or YAML "
+        "where PyYAML is installed) whose nvidia.com/gpu entries Reserve uses for the devices "
+        "they describe; hooks are never run. An empty list turns CDI off.",
+        check=_absolute_dirs,
     )
 
 
@@ -144,11 +159,16 @@ def stats_message(
 
 class DeviceService:
     def __init__(
-        self, stop: threading.Event, probe: Any = nvml.probe, nvml_module: Any = None
+        self,
+        stop: threading.Event,
+        probe: Any = nvml.probe,
+        nvml_module: Any = None,
+        cdi_owner: int = 0,
     ) -> None:
         self.stop = stop
         self.probe = probe
         self.nvml_module = nvml_module  # None: pynvml
+        self.cdi_owner = cdi_owner  # the uid CDI specs must belong to: root (tests: their own)
         self.config = DeviceConfig()
         self.gpus: list[nvml.Gpu] = []
 
@@ -198,22 +218,43 @@ class DeviceService:
             done.wait(period)
 
     def Reserve(self, request: Any, context: grpc.ServicerContext) -> Any:
+        ids = list(request.device_ids)
         try:
-            res = nvml.reservation(self.gpus, list(request.device_ids))
+            given = self._reserve(ids)
         except KeyError as err:
             context.abort(grpc.StatusCode.NOT_FOUND, str(err.args[0]))
+        except nvml.Unavailable as err:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
         return device_pb2.ReserveResponse(
             container_res=device_pb2.ContainerReservation(
-                envs=res["envs"],
+                envs=given.env,
                 devices=[
-                    device_pb2.DeviceSpec(task_path=n, host_path=n, permissions="rw")
-                    for n in res["devices"]
+                    device_pb2.DeviceSpec(
+                        task_path=n.path, host_path=n.host_path, permissions=n.permissions
+                    )
+                    for n in given.nodes
                 ],
                 mounts=[
-                    device_pb2.Mount(task_path=t, host_path=h, read_only=True)
-                    for h, t in res["mounts"]
+                    device_pb2.Mount(
+                        task_path=m.container_path, host_path=m.host_path, read_only=m.read_only
+                    )
+                    for m in given.mounts
                 ],
             )
+        )
+
+    def _reserve(self, ids: list[str]) -> cdi.Injection:
+        """From the CDI specs where they describe every reserved device, else pyhpc's own."""
+        dirs = tuple(self.config.cdi_spec_dirs)
+        given = cdi.injection(cdi.load(dirs, self.cdi_owner), self.gpus, ids) if dirs else None
+        if given is not None:
+            log.info("devices from CDI", extra={"kv": {"ids": ids, "specs": given.sources}})
+            return given
+        res = nvml.reservation(self.gpus, ids)
+        return cdi.Injection(
+            env=res["envs"],
+            nodes=tuple(cdi.Node(n, n) for n in res["devices"]),
+            mounts=tuple(cdi.Mount(h, t, read_only=True) for h, t in res["mounts"]),
         )
 
     def Stats(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
@@ -227,7 +268,7 @@ class DeviceService:
             due = time.monotonic()
             while not done.is_set() and not self.stop.is_set():
                 ignored = tuple(self.config.ignored_gpu_ids)
-                uuids = [g.uuid for g in self.gpus if g.uuid not in ignored]
+                uuids = [g.uuid for g in nvml.offered(self.gpus, ignored)]
                 figures = nvml.telemetry(lib, uuids) if lib is not None else {}
                 yield stats_message(self.gpus, ignored, figures, time.time_ns())
                 # On a steady beat (sampling time does not add up); after a stall, from now.

@@ -1,7 +1,9 @@
 """From NVML answers to Nomad's device messages, and from a reservation to what the task gets.
 The NVML answers here are recorded test data (an 8-GPU H100 node), not a stand-in for a GPU
 check: scripts/gpu-check.sh runs on a real GPU. The figures the Stats stream reports come from
-answers in the same place: the second H100 cannot say its power draw, the L4 has no ECC."""
+answers in the same place: the second H100 cannot say its power draw, the L4 has no ECC. MIG
+answers are recorded beside them (tests/device/test_mig.py): the H100s are in MIG mode off (the
+second with MIG pending a reset), the L4 cannot do MIG."""
 
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ RECORDED: list[dict[str, Any]] = [
         "limit_mw": 700_000,
         "ecc": {"corrected": 3, "uncorrected": 0},
         "bar1": SimpleNamespace(bar1Used=5 * MIB, bar1Total=131072 * MIB),
+        "mig": {"mode": ["mig-disabled", "mig-enabled" if i else "mig-disabled"], "devices": {}},
     }
     for i in range(2)
 ] + [
@@ -61,19 +64,43 @@ class NotSupported(Exception):
     """As pynvml's NVMLError_NotSupported."""
 
 
-def recorded_nvml() -> Any:
-    """A pynvml stand-in answering from RECORDED; `calls` records each init and shutdown. Its
-    constants are names, not pynvml's numbers, so a query made with the wrong one fails."""
+def recorded_nvml(recorded: list[dict[str, Any]] | None = None) -> Any:
+    """A pynvml stand-in answering from `recorded` (RECORDED unless given); `calls` records
+    each init and shutdown. Its constants are names, not pynvml's numbers, so a query made
+    with the wrong one fails. A GPU's "mig" is None where it cannot do MIG, else its mode
+    (current, pending) and its MIG devices by index (a missing index is an empty place)."""
+    recorded = RECORDED if recorded is None else recorded
     calls: list[str] = []
+    migs: list[dict[str, Any]] = [
+        m for h in recorded for m in (h.get("mig") or {"devices": {}})["devices"].values()
+    ]
 
     def handle(i: int) -> dict[str, Any]:
-        return RECORDED[i]
+        return recorded[i]
 
     def by_uuid(uuid: str) -> dict[str, Any]:
-        for h in RECORDED:
+        for h in [*recorded, *migs]:
             if h["uuid"] == uuid:
                 return h
         raise LookupError(f"NVML_ERROR_NOT_FOUND: {uuid}")
+
+    def mig(h: dict[str, Any]) -> dict[str, Any]:
+        if h.get("mig") is None:
+            raise NotSupported("mig")
+        return dict(h["mig"])
+
+    def mig_handle(h: dict[str, Any], j: int) -> dict[str, Any]:
+        if j not in mig(h)["devices"]:
+            raise LookupError(f"NVML_ERROR_NOT_FOUND: MIG device {j}")
+        return dict(mig(h)["devices"][j])
+
+    def instance(key: str) -> Any:
+        def query(h: dict[str, Any]) -> int:
+            if key not in h:  # a whole GPU: NVML says invalid argument
+                raise NotSupported(key)
+            return int(h[key])
+
+        return query
 
     def answer(key: str, *expected: str) -> Any:
         def query(h: dict[str, Any], *args: str) -> Any:
@@ -94,7 +121,7 @@ def recorded_nvml() -> Any:
         nvmlShutdown=lambda: calls.append("shutdown"),
         nvmlSystemGetDriverVersion=lambda: b"550.54.15",
         nvmlSystemGetCudaDriverVersion=lambda: 12040,
-        nvmlDeviceGetCount=lambda: len(RECORDED),
+        nvmlDeviceGetCount=lambda: len(recorded),
         nvmlDeviceGetHandleByIndex=handle,
         nvmlDeviceGetCudaComputeCapability=lambda h: (9, 0) if "H100" in h["name"] else (8, 9),
         nvmlDeviceGetUUID=lambda h: h["uuid"].encode(),
@@ -110,6 +137,13 @@ def recorded_nvml() -> Any:
         nvmlDeviceGetEnforcedPowerLimit=answer("limit_mw"),
         nvmlDeviceGetTotalEccErrors=ecc,
         nvmlDeviceGetBAR1MemoryInfo=answer("bar1"),
+        nvmlDeviceGetMigMode=lambda h: mig(h)["mode"],
+        nvmlDeviceGetMaxMigDeviceCount=lambda h: 7 if h.get("mig") else 0,
+        nvmlDeviceGetMigDeviceHandleByIndex=mig_handle,
+        nvmlDeviceGetGpuInstanceId=instance("gi"),
+        nvmlDeviceGetComputeInstanceId=instance("ci"),
+        nvmlDeviceGetAttributes=answer("attrs"),
+        NVML_DEVICE_MIG_ENABLE="mig-enabled",
         NVML_TEMPERATURE_GPU="gpu",
         NVML_MEMORY_ERROR_TYPE_CORRECTED="corrected",
         NVML_MEMORY_ERROR_TYPE_UNCORRECTED="uncorrected",
