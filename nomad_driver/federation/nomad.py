@@ -2,7 +2,9 @@
 own CLI reads them (NOMAD_ADDR, NOMAD_TOKEN, NOMAD_REGION, NOMAD_NAMESPACE, NOMAD_CACERT,
 NOMAD_CAPATH, NOMAD_CLIENT_CERT, NOMAD_CLIENT_KEY, NOMAD_TLS_SERVER_NAME, NOMAD_SKIP_VERIFY, and
 the same -flags), mutual TLS, connection retries, and errors as one line that names Nomad, the
-address, the region and namespace, and what to check."""
+address, the region and namespace, and what to check. requests is imported only by a client
+made: every `pyhpc` command builds its flags from here, and `pyhpc run` must not pay 100 ms of
+HTTP imports it never uses."""
 
 from __future__ import annotations
 
@@ -12,10 +14,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 from urllib.parse import quote
-
-import requests
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
 
 DEFAULT_ADDRESS = "http://127.0.0.1:4646"
 # What a Nomad agent answers (HTTP 500) when it cannot reach another region's servers.
@@ -128,6 +126,9 @@ class Nomad:
     backoff) before the agent counts as unreachable; an answer is never repeated."""
 
     def __init__(self, settings: Settings | str = DEFAULT_ADDRESS, timeout: float = 10.0) -> None:
+        import requests
+        from urllib3.util.retry import Retry
+
         self.settings = settings if isinstance(settings, Settings) else Settings(address=settings)
         self.address = self.settings.address.rstrip("/")
         self.timeout = timeout
@@ -139,7 +140,7 @@ class Nomad:
         self.session.verify = False if s.tls_skip_verify else (s.ca_cert or s.ca_path or True)
         if s.client_cert:
             self.session.cert = (s.client_cert, s.client_key) if s.client_key else s.client_cert
-        adapter = _Adapter(
+        adapter = _adapter(
             s.tls_server_name,
             max_retries=Retry(total=2, connect=2, read=0, status=0, backoff_factor=0.2),
         )
@@ -148,6 +149,8 @@ class Nomad:
 
     def call(self, method: str, path: str, region: str | None = None, **kw: Any) -> Any:
         """One API call; region None means the settings' region (or the agent's own)."""
+        import requests
+
         region = self.settings.region if region is None else region
         raw = kw.pop("raw", False)
         params = {"region": region} if region else {}
@@ -212,19 +215,19 @@ class Nomad:
         return found
 
 
-class _Adapter(HTTPAdapter):
-    """Checks the agent's certificate against tls_server_name when one is set (Nomad's servers
-    present server.<region>.nomad)."""
+def _adapter(server_name: str, **kw: Any) -> Any:
+    """An HTTPAdapter that checks the agent's certificate against server_name when one is set
+    (Nomad's servers present server.<region>.nomad)."""
+    from requests.adapters import HTTPAdapter
 
-    def __init__(self, server_name: str, **kw: Any) -> None:
-        self.server_name = server_name
-        super().__init__(**kw)
+    class Adapter(HTTPAdapter):
+        def init_poolmanager(self, *args: Any, **pool: Any) -> None:
+            if server_name:
+                pool["server_hostname"] = server_name
+                pool["assert_hostname"] = server_name
+            super().init_poolmanager(*args, **pool)
 
-    def init_poolmanager(self, *args: Any, **kw: Any) -> None:
-        if self.server_name:
-            kw["server_hostname"] = self.server_name
-            kw["assert_hostname"] = self.server_name
-        super().init_poolmanager(*args, **kw)
+    return Adapter(**kw)
 
 
 def _reason(err: Exception) -> str:

@@ -9,8 +9,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import requests
-
 ALGORITHMS = ("ed25519", "ecdsa-p256")
 SIGNER_POLICY = """# pyhpc: sign images with transit key {key}
 path "{mount}/sign/{key}" {{ capabilities = ["update"] }}
@@ -85,7 +83,8 @@ class Vault:
     _expires: float = 0.0
 
     def client(self) -> Any:
-        import hvac
+        import hvac  # with requests: imported only when Vault is asked (not for every start)
+        import requests
 
         address = self.address or os.environ.get("VAULT_ADDR", "")
         if not address:
@@ -144,6 +143,7 @@ class Vault:
 
     def _call(self, what: str, fn: Any, *args: Any, **kw: Any) -> Any:
         import hvac
+        import requests
 
         try:
             return fn(*args, **kw)
