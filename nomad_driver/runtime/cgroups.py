@@ -238,6 +238,11 @@ class Cgroup:
         mem = self._path("memory")
         if hard:
             _write(os.path.join(mem, "memory.limit_in_bytes"), str(hard))
+            # v1 charges TCP buffers to no cgroup until this is set: a task could fill the
+            # node's tcp_mem with sockets nobody reads, against every tenant's TCP.
+            tcp = os.path.join(mem, "memory.kmem.tcp.limit_in_bytes")
+            if os.path.exists(tcp):
+                _write(tcp, str(hard))
             swap = os.path.join(mem, "memory.memsw.limit_in_bytes")
             if os.path.exists(swap):
                 _write(swap, str(hard))
@@ -261,35 +266,58 @@ class Cgroup:
         for path in self.paths():
             _write(os.path.join(path, "cgroup.procs"), "0")
 
-    def freeze(self, frozen: bool) -> bool:
-        """Stop (or let go on) every process of the task at once; False where this node has
-        no freezer. Waits until the kernel reports them all stopped."""
+    def freezer(self) -> tuple[str, str, str] | None:
+        """(control file, state file, the state line meaning frozen), or None without one."""
+        path = self._path("freezer")
+        if self.version == 2:
+            found = (os.path.join(path, "cgroup.freeze"), os.path.join(path, "cgroup.events"))
+            return (*found, "frozen 1") if os.path.exists(found[0]) else None
+        state = os.path.join(path, "freezer.state")
+        return (state, state, "FROZEN") if os.path.exists(state) else None
+
+    def freeze(self, frozen: bool, timeout: float = 1.0) -> bool:
+        """Stop every process of the task at once (frozen), or let them go on. True once the
+        kernel reports them all stopped; False where there is no freezer, or when some process
+        does not stop within timeout (one in uninterruptible sleep: a slow disk, NFS), and then
+        the cgroup is thawed again: never left half frozen."""
         import time
 
-        if self.version == 2:
-            control, state, want = "cgroup.freeze", "cgroup.events", "frozen 1"
-            value = "1" if frozen else "0"
-        else:
-            control = state = "freezer.state"
-            value = want = "FROZEN" if frozen else "THAWED"
-        path = self._path("freezer")
-        if not os.path.exists(os.path.join(path, control)):
+        freezer = self.freezer()
+        if freezer is None:
             return False
+        control, state, want = freezer
+        v2 = self.version == 2
         try:
-            _write(os.path.join(path, control), value)
             if not frozen:
+                _write(control, "0" if v2 else "THAWED")
                 return True
-            for _ in range(200):  # v1 FREEZING, v2 frozen 0: still stopping the last ones
-                if want in _read(os.path.join(path, state)).splitlines():
+            _write(control, "1" if v2 else "FROZEN")
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if want in _read(state).splitlines():
                     return True
                 time.sleep(0.005)
+            _write(control, "0" if v2 else "THAWED")
         except OSError:
-            return False
+            pass
         return False
 
-    def kill(self) -> bool:
-        """SIGKILL every process of the task in one step, so none can fork away meanwhile: v2
-        cgroup.kill; v1 freeze, kill each, thaw. False where neither is there."""
+    def members(self) -> list[int]:
+        try:
+            return [
+                int(p) for p in _read(os.path.join(self._path("freezer"), "cgroup.procs")).split()
+            ]
+        except (OSError, ValueError):
+            return []
+
+    def kill(self, timeout: float = 5.0) -> bool:
+        """SIGKILL every process of the task, so none can fork away meanwhile: v2 cgroup.kill;
+        v1 freeze (as far as the kernel manages: a process in uninterruptible sleep does not
+        stop), kill each member, thaw (a frozen process acts on SIGKILL only once thawed), and
+        again until the cgroup is empty or timeout passes. False where neither is there or
+        processes remain."""
+        import time
+
         path = self._path("freezer")
         if self.version == 2 and os.path.exists(os.path.join(path, "cgroup.kill")):
             try:
@@ -297,19 +325,24 @@ class Cgroup:
                 return True
             except OSError:
                 return False
-        if not self.freeze(True):
+        if self.freezer() is None:
             return False
-        try:
-            for pid in _read(os.path.join(path, "cgroup.procs")).split():
-                try:
-                    os.kill(int(pid), 9)
-                except (ProcessLookupError, ValueError):
-                    pass
-        except OSError:
-            pass
-        finally:
-            self.freeze(False)
-        return True
+        deadline = time.monotonic() + timeout
+        while True:
+            self.freeze(True, timeout=0.2)
+            try:
+                for pid in self.members():
+                    try:
+                        os.kill(pid, 9)
+                    except ProcessLookupError:
+                        pass
+            finally:
+                self.freeze(False)
+            time.sleep(0.01)
+            if not self.members():
+                return True
+            if time.monotonic() > deadline:
+                return False
 
     def oom_kills(self) -> int:
         if self.version == 2:

@@ -169,16 +169,23 @@ def _supervisor_of(run_dir: str) -> int | None:
 
 def supervisors() -> dict[str, int]:
     """Every running task supervisor on this node: run directory -> pid. (A container init is a
-    fork of its supervisor with the same command line until it execs; the supervisor is the one
-    whose parent is not another of the same run directory.)"""
+    fork of its supervisor with the same command line, in the task's PID namespace.)"""
     marker = b"nomad_driver.runtime.supervisor\0"
     by_dir: dict[str, dict[int, int]] = {}
+    own_pid_ns = os.readlink("/proc/self/ns/pid")
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
                     cmdline = f.read()
                 if marker not in cmdline:
+                    continue
+                # A task can name itself anything: only host root in the host's PID namespace
+                # is a supervisor (a task runs remapped, or in its own PID namespace).
+                if (
+                    os.stat(f"/proc/{entry}").st_uid != 0
+                    or os.readlink(f"/proc/{entry}/ns/pid") != own_pid_ns
+                ):
                     continue
                 with open(f"/proc/{entry}/stat", "rb") as f:
                     ppid = int(f.read().rsplit(b")", 1)[1].split()[1])

@@ -312,8 +312,10 @@ class Supervisor:
                 self.cgroup.kill()
             os.kill(self.init_pid, signal.SIGKILL)
         elif request in (["pause"], ["resume"]):
-            if self.cgroup is None or not self.cgroup.freeze(request == ["pause"]):
+            if self.cgroup is None or self.cgroup.freezer() is None:
                 reply = "error this node has no freezer for the task's cgroup"
+            elif not self.cgroup.freeze(request == ["pause"]):
+                reply = "error the task did not stop within a second (a process waits on I/O)"
         elif len(request) == 2 and request[0] == "signal" and request[1].isdigit():
             os.kill(self.init_pid, int(request[1]))
         else:

@@ -60,3 +60,36 @@ def test_sweep_removes_cgroups_of_dead_tasks_only(tmp_path: Path) -> None:
     finally:
         live.remove()
         dead.remove()
+
+
+def test_a_task_naming_itself_a_supervisor_is_not_taken_for_one(
+    tmp_path: Path, busybox_image: Path
+) -> None:
+    """A task's command line is the tenant's: `sh -c ... nomad_driver.runtime.supervisor DIR`
+    must not make the node believe DIR's task alive (the sweep would keep its cgroup, adopt
+    would wait for it)."""
+    spec = make_spec(
+        tmp_path, busybox_image, "/bin/sh", "-c", "sleep 600; exit 0",
+        "nomad_driver.runtime.supervisor", "/fake/run",
+    )  # fmt: skip
+    started = client.start(spec, str(tmp_path / "run"))
+    try:
+        time.sleep(0.3)
+        named = [  # the attack is in place: a process carries the marker and the directory
+            p for p in Path("/proc").iterdir()
+            if p.name.isdigit() and b"supervisor\0/fake/run" in _cmdline(p)
+        ]  # fmt: skip
+        assert named
+        found = client.supervisors()
+        assert found.get(started.run_dir) == started.supervisor_pid  # the control
+        assert "/fake/run" not in found, found
+    finally:
+        client.send_signal(started.run_dir, 9)
+        client.wait(started.run_dir)
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -240,3 +241,82 @@ def test_v2_paths_follow_nomads_scope(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert own.paths() == [str(tmp_path / "nomad.slice" / f"{cgroups.PREFIX}run")]
     with pytest.raises(cgroups.CgroupError, match="not under"):
         Cgroup("run", limits._replace(cpuset_cgroup="/tmp/elsewhere"))
+
+
+DIRECT_WRITER = r"""
+import mmap, os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
+buf = mmap.mmap(-1, 2 << 20)  # page-aligned, as O_DIRECT needs
+while True:  # each call: 1 GiB from one buffer, in uninterruptible sleep for its duration
+    os.pwritev(fd, [buf] * 512, 0)
+"""
+
+
+def test_kill_ends_a_task_whose_processes_will_not_freeze(tmp_path: Path) -> None:
+    """Processes in uninterruptible I/O do not freeze (v1 stays FREEZING): the kill must still
+    signal every member, thaw, and end them all; never leave the cgroup frozen with SIGKILL
+    pending (a task that never ends, its memory held)."""
+    group = Cgroup(f"t-dio-{uuid.uuid4().hex[:8]}")
+    group.create(Limits(memory_bytes=256 << 20))
+    target = tmp_path / "direct"
+    procs = [in_cgroup(group, "exec sleep 600")]
+    procs += [
+        subprocess.Popen(
+            [sys.executable, "-c", DIRECT_WRITER, f"{target}{i}"],
+            preexec_fn=group.join,
+            stderr=subprocess.DEVNULL,
+        )
+        for i in range(4)
+    ]
+    try:
+        time.sleep(2)
+        stalled = not group.freeze(True, timeout=0.2)  # the attack worked: not all stopped
+        assert group.freezer() is not None
+        state = Path(group.freezer()[1]).read_text()  # type: ignore[index]
+        assert "FROZEN" not in state or not stalled  # a failed freeze is thawed again
+        start = time.monotonic()
+        assert group.kill(timeout=30), "members left after the kill"
+        print(f"freeze stalled: {stalled}; kill took {time.monotonic() - start:.2f}s")
+        assert group.members() == []
+        assert "THAWED" in Path(group.freezer()[1]).read_text()  # type: ignore[index]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        group.freeze(False)
+        group.remove()
+
+
+def test_kill_signals_every_member_even_when_the_freeze_times_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same rule, made certain: a freeze that never completes changes nothing."""
+    group = Cgroup(f"t-nofreeze-{uuid.uuid4().hex[:8]}")
+    group.create(Limits(memory_bytes=64 << 20))
+    procs = [in_cgroup(group, "exec sleep 600") for _ in range(3)]
+    monkeypatch.setattr(Cgroup, "freeze", lambda self, frozen, timeout=1.0: False)
+    try:
+        time.sleep(0.2)
+        assert len(group.members()) == 3  # the control
+        assert group.kill(timeout=5)
+        assert group.members() == []
+        assert all(p.wait(timeout=5) == -9 for p in procs)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        group.remove()
+
+
+def test_tcp_buffers_count_against_the_memory_limit_on_v1() -> None:
+    if cgroups.version() != 1:
+        pytest.skip("v2 charges socket memory to the cgroup always")
+    group = Cgroup(f"t-tcp-{uuid.uuid4().hex[:8]}")
+    group.create(Limits(memory_bytes=64 << 20))
+    try:
+        tcp = Path(group._path("memory"), "memory.kmem.tcp.limit_in_bytes")
+        if not tcp.exists():
+            pytest.skip("this kernel has no v1 TCP accounting")
+        assert int(tcp.read_text()) == 64 << 20
+    finally:
+        group.remove()

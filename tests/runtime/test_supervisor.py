@@ -379,3 +379,27 @@ def test_exec_joins_the_tasks_cgroup_and_counts_against_its_limits(
     finally:
         client.send_signal(started.run_dir, signal.SIGKILL)
         client.wait(started.run_dir)
+
+
+def test_an_exec_session_killed_by_sigkill_ends_by_sigkill(
+    tmp_path: Path, busybox_image: Path
+) -> None:
+    """An exec'd command the OOM killer (or anyone) SIGKILLs: the session ends as it did, not
+    as "cannot enter the container: the task has ended" while the task runs on."""
+    from nomad_driver.runtime import enter
+
+    spec = make_spec(tmp_path, busybox_image, "/bin/sleep", "60")
+    started = client.start(spec, str(tmp_path / "run"))
+    try:
+        argv = enter.argv(started.run_dir, started.init_pid, ["/bin/sh", "-c", "kill -9 $$"])
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert done.returncode == -signal.SIGKILL, (done.returncode, done.stderr)
+        assert "cannot enter" not in done.stderr
+        term = subprocess.run(
+            enter.argv(started.run_dir, started.init_pid, ["/bin/sh", "-c", "kill -TERM $$"]),
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert term.returncode == -signal.SIGTERM  # the control: a catchable one, as before
+    finally:
+        client.send_signal(started.run_dir, signal.SIGKILL)
+        client.wait(started.run_dir)
