@@ -13,7 +13,10 @@
 4. a CUDA program (scripts/gpu/cudacheck.c: driver API, PTX kernel) in the container that
    allocates GPU memory, runs a kernel and checks its result;
 5. the fingerprint time and the extra start time of GPU injection (`pyhpc run --gpus 1` vs
-   no GPU, same image, same command).
+   no GPU, same image, same command);
+6. the task cgroup tests (tests/runtime/test_cgroup_tree.py) on this machine's cgroup version
+   (v2 on the lent machines): a task in the scope Nomad gives it, on its cores only, seeing `/`
+   in its cgroup namespace, killed and paused whole.
 
 Each step prints PASS, FAIL or SKIP with what it saw. Exit 0 when every step passed, 1 when one
 failed, 77 when the machine has no usable GPU (nothing to check). Run as root:
@@ -422,6 +425,23 @@ def mount_ms(res: dict[str, Any], n: int = 20) -> float:
     return float(done.stdout) if done.returncode == 0 else float("nan")
 
 
+def cgroup_check() -> None:
+    """The task cgroup tests, run here: on a v2 machine they place a task in a Nomad-made scope
+    for real (the CI machine has v1)."""
+    version = 2 if Path("/sys/fs/cgroup/cgroup.controllers").exists() else 1
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         str(REPO / "tests/runtime/test_cgroup_tree.py")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    measures["cgroup_version"] = version
+    report(
+        f"task cgroups on cgroup v{version} (tests/runtime/test_cgroup_tree.py)",
+        "PASS" if done.returncode == 0 else "FAIL",
+        "\n".join(done.stdout.strip().splitlines()[-15:]),
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -535,6 +555,7 @@ def main() -> int:
             f"{entry['run_delta_q1_ms']:+.1f}, {entry['run_delta_q3_ms']:+.1f}): the whole "
             "command's noise on this machine, beside the parts measured above",
         )
+        cgroup_check()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     failed = [r for r in results if r[1] == "FAIL"]

@@ -39,11 +39,25 @@ def task_pid(init_pid: int) -> int:
 
 @pytest.fixture
 def nomad_like_parent() -> Iterator[tuple[str, str]]:
-    """A cgroup parent laid out as Nomad's v1 client makes it: PARENT/shared and
-    PARENT/reserved in the cpuset hierarchy, the shared one without the last core."""
-    if cgroups.version() != 1:
-        pytest.skip("the v1 layout; v2 placement is checked in test_v2_paths_follow_nomads_scope")
+    """A cgroup parent laid out as Nomad's client makes it, and the cpuset cgroup it gives a
+    task without reserved cores, limited to core 0: v1, PARENT/shared (and PARENT/reserved) in
+    the cpuset hierarchy; v2, the task's own PARENT/ALLOC.TASK.scope."""
     parent = f"nomad-test-{uuid.uuid4().hex[:8]}"
+    if cgroups.version() == 2:
+        top = Path(cgroups.ROOT, parent)
+        top.mkdir()
+        controllers = Path(cgroups.ROOT, "cgroup.controllers").read_text().split()
+        for c in ("cpuset", "cpu", "memory", "pids"):
+            if c in controllers:
+                Path(cgroups.ROOT, "cgroup.subtree_control").write_text(f"+{c}")
+                (top / "cgroup.subtree_control").write_text(f"+{c}")
+        scope = top / "a1b2c3.t.scope"
+        scope.mkdir()
+        (scope / "cpuset.cpus").write_text("0")
+        yield parent, str(scope)
+        scope.rmdir()
+        top.rmdir()
+        return
     top = Path(cgroups.ROOT, "cpuset", parent)
     root_cpus = Path(cgroups.ROOT, "cpuset", "cpuset.cpus").read_text().strip()
     mems = Path(cgroups.ROOT, "cpuset", "cpuset.mems").read_text().strip()
@@ -62,6 +76,13 @@ def nomad_like_parent() -> Iterator[tuple[str, str]]:
             p.rmdir()
 
 
+def allowed_cpus(pid: int) -> str:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Cpus_allowed_list:"):
+            return line.split(":")[1].strip()
+    return ""
+
+
 def test_task_is_in_every_controller_under_its_parent_and_sees_only_its_namespace_root(
     tmp_path: Path, busybox_image: Path, nomad_like_parent: tuple[str, str]
 ) -> None:
@@ -72,13 +93,20 @@ def test_task_is_in_every_controller_under_its_parent_and_sees_only_its_namespac
     )._replace(limits=limits)
     started = client.start(spec, str(tmp_path / "run"))
     try:
-        placed = host_cgroups(task_pid(started.init_pid))
-        own = f"/{parent}/{cgroups.PREFIX}run"
-        for c in V1_TASK_CONTROLLERS:
-            want = f"/{parent}/shared" if c == "cpuset" else own
-            assert placed[c] == want, (c, placed)
-        # The control: a process outside sits elsewhere, so the check above can fail.
-        assert host_cgroups(os.getpid())["memory"] != own
+        pid = task_pid(started.init_pid)
+        placed = host_cgroups(pid)
+        given = "/" + os.path.relpath(shared, cgroups.ROOT).split("/", 1)[1]  # v1: less "cpuset"
+        if cgroups.version() == 2:
+            assert placed[""] == "/" + os.path.relpath(shared, cgroups.ROOT), placed
+            assert host_cgroups(os.getpid())[""] != placed[""]  # the control
+        else:
+            own = f"/{parent}/{cgroups.PREFIX}run"
+            for c in V1_TASK_CONTROLLERS:
+                want = given if c == "cpuset" else own
+                assert placed[c] == want, (c, placed)
+            # The control: a process outside sits elsewhere, so the check above can fail.
+            assert host_cgroups(os.getpid())["memory"] != own
+        assert allowed_cpus(pid) == "0"  # the cores of the cpuset Nomad gave, nothing else
         deadline = time.time() + 5
         while "cpuset" not in (tmp_path / "out").read_text() and time.time() < deadline:
             time.sleep(0.05)
@@ -243,6 +271,15 @@ def test_v2_paths_follow_nomads_scope(monkeypatch: pytest.MonkeyPatch, tmp_path:
         Cgroup("run", limits._replace(cpuset_cgroup="/tmp/elsewhere"))
 
 
+def frozen(group: Cgroup) -> bool:
+    """Whether the cgroup's freezer is set (v1 FROZEN or FREEZING; v2 cgroup.freeze 1)."""
+    found = group.freezer()
+    assert found is not None
+    if cgroups.version() == 2:
+        return Path(found[0]).read_text().strip() == "1"
+    return Path(found[0]).read_text().strip() != "THAWED"
+
+
 DIRECT_WRITER = r"""
 import mmap, os, sys
 fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
@@ -271,14 +308,13 @@ def test_kill_ends_a_task_whose_processes_will_not_freeze(tmp_path: Path) -> Non
     try:
         time.sleep(2)
         stalled = not group.freeze(True, timeout=0.2)  # the attack worked: not all stopped
-        assert group.freezer() is not None
-        state = Path(group.freezer()[1]).read_text()  # type: ignore[index]
-        assert "FROZEN" not in state or not stalled  # a failed freeze is thawed again
+        assert not stalled or not frozen(group)  # a failed freeze is thawed again
+        group.freeze(False)
         start = time.monotonic()
         assert group.kill(timeout=30), "members left after the kill"
         print(f"freeze stalled: {stalled}; kill took {time.monotonic() - start:.2f}s")
         assert group.members() == []
-        assert "THAWED" in Path(group.freezer()[1]).read_text()  # type: ignore[index]
+        assert not frozen(group)
     finally:
         for p in procs:
             p.kill()
