@@ -40,31 +40,46 @@ def install_plugin(plugin_dir: str, name: str, gpu: bool = False) -> int:
     return 0
 
 
-def validate(paths: list[str], var: list[str]) -> int:
-    from nomad_driver.driver import jobspec
+def validate(paths: list[str], var: list[str], var_files: list[str]) -> int:
+    """Check every pyhpc task of each jobspec, with Nomad's parser when `nomad` is on PATH."""
+    from nomad_driver.cli import job_variables
+    from nomad_driver.driver import jobspec, nomad_parser
 
     try:
-        given = pairs(var, "--var", "NAME=VALUE")
+        values = job_variables(var, var_files)
+        named_by = {
+            name: f"-var-file {path}: {name}"
+            for path in var_files
+            for name in job_variables([], [path], {})
+        }
+        named_by.update({name: f"-var {name}" for name in pairs(var, "-var", "NAME=VALUE")})
     except ValueError as err:
         print(f"pyhpc jobspec validate: {err}", file=sys.stderr)
         return 2
+    arguments = [a for path in var_files for a in ("-var-file", path)]
+    arguments += [a for item in var for a in ("-var", item)]
+    variables = jobspec.Variables(values, named_by, tuple(arguments), os.environ)
+    nomad = nomad_parser.find(os.environ)
     failed = False
     for path in paths:
         try:
-            reports = jobspec.check(Path(path).read_text(encoding="utf-8"), given)
+            report = jobspec.check(Path(path).read_text(encoding="utf-8"), variables, nomad)
         except (OSError, ValueError) as err:
-            print(f"{path}: {err}", file=sys.stderr)
+            print(f"{path}: {getattr(err, 'strerror', None) or err}", file=sys.stderr)
             failed = True
             continue
-        if not reports:
+        for p in report.problems:
+            where = ":".join(str(n) for n in (p.file or path, p.line, p.column) if n)
+            print(f"{where}: {p.message}", file=sys.stderr)
+            failed = True
+        if not report.tasks and not report.problems:
             print(f'{path}: no task uses driver "pyhpc"')
-        for r in reports:
+        for r in report.tasks:
             task = f"job {r.job!r} group {r.group!r} task {r.task!r}"
-            if r.problems:
+            for problem in r.problems:
+                print(f"{path}:{problem.line}: {task}: {problem.message}", file=sys.stderr)
                 failed = True
-                for line, problem in zip(r.lines, r.problems, strict=True):
-                    print(f"{path}:{line}: {task}: {problem}", file=sys.stderr)
-            else:
+            if not r.problems:
                 print(f"{path}:{r.line}: {task}: ok")
     return 1 if failed else 0
 
@@ -117,15 +132,22 @@ def parser() -> argparse.ArgumentParser:
     )
     job = sub.add_parser("jobspec", help="work with jobspecs")
     job_sub = job.add_subparsers(dest="jobspec_command", required=True, metavar="ACTION")
-    val = job_sub.add_parser("validate", help="check the config of every pyhpc task")
+    val = job_sub.add_parser(
+        "validate",
+        help="check the config of every pyhpc task",
+        description="Parse each FILE with Nomad's own parser when `nomad` is on PATH (`nomad job "
+        "run -output`, which needs no agent), else with python-hcl2, and check the config of "
+        "every pyhpc task: each problem once, with its line. Exit 1 if any.",
+    )
     val.add_argument("files", nargs="+", metavar="FILE")
     val.add_argument(
-        "--var",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="an input variable, as `nomad job run -var` (default: the variable's default)",
-    )
+        "-var", "--var", action="append", default=[], metavar="NAME=VALUE",
+        help="an input variable, as `nomad job run -var` (NOMAD_VAR_NAME works too)",
+    )  # fmt: skip
+    val.add_argument(
+        "-var-file", "--var-file", action="append", default=[], metavar="FILE",
+        help="a variables file, as `nomad job run -var-file` (repeat; later files win)",
+    )  # fmt: skip
     sub.add_parser("config-reference", help="print the plugin and task option tables")
     run.add_parser(sub)
     image.add_parser(sub)
@@ -151,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         name = args.name or ("pyhpc-gpu" if args.gpu else "pyhpc")
         return install_plugin(args.plugin_dir, name, args.gpu)
     if args.command == "jobspec":
-        return validate(args.files, args.var)
+        return validate(args.files, args.var, args.var_file)
     if args.command == "run":
         return run.run(args)
     if args.command == "image":
