@@ -12,7 +12,7 @@ import termios
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import IO, Any
 
 import grpc
 
@@ -28,30 +28,34 @@ def _resize(fd: int, height: int, width: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
 
 
-def _feed(requests: Iterator[Any], stdin_fd: int, pty_fd: int | None) -> None:
-    """Copy stdin and resize requests into the process until the client closes its side."""
+def _feed(requests: Iterator[Any], stdin: IO[bytes], tty: bool) -> None:
+    """Copy stdin and resize requests into the process until the client closes its side. The
+    thread owns stdin (its own descriptor: a dup of the pty's master, or the pipe) and closes
+    it, once: a descriptor number closed twice, or written after its close, could be another
+    thread's by then (a supervisor socket, another session's pipe)."""
     open_stdin = True
     try:
         for req in requests:
-            if req.HasField("tty_size") and pty_fd is not None:
-                _resize(pty_fd, req.tty_size.height, req.tty_size.width)
+            if req.HasField("tty_size") and tty:
+                _resize(stdin.fileno(), req.tty_size.height, req.tty_size.width)
             if req.HasField("stdin") and open_stdin:
                 if req.stdin.data:
-                    os.write(stdin_fd, req.stdin.data)
+                    stdin.write(req.stdin.data)
+                    stdin.flush()
                 if req.stdin.close:
-                    open_stdin = False
-                    if pty_fd is not None:
-                        os.write(stdin_fd, b"\x04")  # end of file for a terminal
+                    if tty:
+                        stdin.write(b"\x04")  # end of file for a terminal
+                        stdin.flush()
                     else:
-                        os.close(stdin_fd)
+                        open_stdin = False
+                        stdin.close()
     except (OSError, grpc.RpcError, ValueError):
         pass
     finally:
-        if open_stdin and pty_fd is None:
-            try:
-                os.close(stdin_fd)
-            except OSError:
-                pass
+        try:
+            stdin.close()
+        except OSError:
+            pass
 
 
 def _out(channel: str, data: bytes = b"", close: bool = False) -> Any:
@@ -74,7 +78,7 @@ def stream(
         )
         os.close(slave)
         outputs = {master: "stdout"}
-        stdin_fd = os.dup(master)
+        stdin: IO[bytes] = os.fdopen(os.dup(master), "wb", buffering=0)
     else:
         proc = subprocess.Popen(
             argv,
@@ -86,10 +90,8 @@ def stream(
         )
         assert proc.stdin and proc.stdout and proc.stderr
         outputs = {proc.stdout.fileno(): "stdout", proc.stderr.fileno(): "stderr"}
-        stdin_fd = proc.stdin.fileno()
-    threading.Thread(
-        target=_feed, args=(requests, stdin_fd, master if tty else None), daemon=True
-    ).start()
+        stdin = proc.stdin
+    threading.Thread(target=_feed, args=(requests, stdin, tty), daemon=True).start()
 
     def cancel() -> None:
         if proc.poll() is None:
@@ -128,8 +130,8 @@ def stream(
     )
     yield driver_pb2.ExecTaskStreamingResponse(exited=True, result=result)
     if tty:
-        for fd in (master, stdin_fd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        os.close(master)  # the feeding thread closes its own dup
+    else:
+        for out in (proc.stdout, proc.stderr):
+            if out is not None:
+                out.close()
