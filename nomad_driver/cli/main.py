@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from nomad_driver import __version__
-from nomad_driver.cli import dispatch, image, pairs, run, sync
+from nomad_driver.cli import pairs
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 
@@ -109,13 +109,22 @@ def vault_setup(args: argparse.Namespace) -> int:
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(only: str = "") -> argparse.ArgumentParser:
+    """The command line; only: build just that command's parser (`pyhpc run` starts a
+    container: the other commands' parsers and modules would cost it 20 ms)."""
+    from nomad_driver.cli import run
+
     p = argparse.ArgumentParser(
         prog="pyhpc",
         description="pyhpc: a Nomad task driver for HPC jobs in SquashFS containers.",
     )
     p.add_argument("--version", action="version", version=f"pyhpc {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    if only == "run":
+        run.add_parser(sub)
+        return p
+    from nomad_driver.cli import dispatch, image, sync
+
     inst = sub.add_parser(
         "install-plugin", help="install the driver (or the GPU device plugin) into a plugin_dir"
     )
@@ -168,19 +177,28 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    args = parser("run" if given[:1] == ["run"] else "").parse_args(argv)
     if args.command == "install-plugin":
         name = args.name or ("pyhpc-gpu" if args.gpu else "pyhpc")
         return install_plugin(args.plugin_dir, name, args.gpu)
     if args.command == "jobspec":
         return validate(args.files, args.var, args.var_file)
     if args.command == "run":
+        from nomad_driver.cli import run
+
         return run.run(args)
     if args.command == "image":
+        from nomad_driver.cli import image
+
         return image.run(args)
     if args.command == "dispatch":
+        from nomad_driver.cli import dispatch
+
         return dispatch.run(args)
     if args.command == "job":
+        from nomad_driver.cli import sync
+
         return sync.run(args)
     if args.command == "vault":
         return vault_setup(args)
