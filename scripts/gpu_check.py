@@ -42,7 +42,7 @@ import grpc
 from google.protobuf import duration_pb2
 
 from nomad_driver.device import cdi, nvml
-from nomad_driver.driver.main import NOMAD_HANDSHAKE
+from nomad_driver.goplugin.server import NOMAD_HANDSHAKE
 from nomad_driver.proto import device_pb2, device_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[1]

@@ -385,7 +385,7 @@ def _policy_files(path: str) -> tuple[list[str], str]:
     import hashlib
 
     from nomad_driver.driver import agentconfig
-    from nomad_driver.images.digest import unchanged_key
+    from nomad_driver.util.digest import unchanged_key
 
     first = unchanged_key(os.stat(path))
     files = agentconfig.config_files(path)

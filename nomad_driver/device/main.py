@@ -7,8 +7,8 @@ import threading
 
 import grpc
 
-from nomad_driver.driver.main import NOMAD_HANDSHAKE
 from nomad_driver.goplugin import hclog, server
+from nomad_driver.goplugin.server import NOMAD_HANDSHAKE
 
 
 def _register(grpc_server: grpc.Server, stop: threading.Event) -> None:

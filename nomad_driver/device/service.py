@@ -18,8 +18,8 @@ from google.protobuf import timestamp_pb2, wrappers_pb2
 
 from nomad_driver import __version__
 from nomad_driver.device import cdi, nvml
-from nomad_driver.driver.config import duration, parse_duration
 from nomad_driver.proto import base_pb2, device_pb2, structs_pb2
+from nomad_driver.util.durations import duration, parse_duration
 from nomad_driver.wire import schema
 from nomad_driver.wire.schema import option
 

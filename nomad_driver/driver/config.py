@@ -10,6 +10,7 @@ from typing import Any
 
 from nomad_driver.runtime import ids
 from nomad_driver.runtime.security import CAP_NUMBER, DEFAULT_CAPS, PROFILE_NAME
+from nomad_driver.util.durations import duration
 from nomad_driver.wire.schema import Check, block, option
 
 PLUGIN_NAME = "pyhpc"
@@ -46,11 +47,6 @@ def _whole(low: int, high: int | None = None) -> Check:
     return lambda v: (
         None if int(v) == v and v >= low and (high is None or v <= high) else f"must be {wanted}"
     )
-
-
-def duration(example: str) -> Check:
-    wanted = f'must be a duration like "{example}"'
-    return lambda v: None if parse_duration(v) is not None else wanted
 
 
 MODES = ("enforce", "warn", "off")
@@ -539,24 +535,3 @@ class TaskConfig:
         doc="Run the command as MPI ranks inside this one container: "
         '`mpi { implementation = "openmpi"  ranks_per_node = 4 }`.',
     )
-
-
-def parse_duration(text: Any) -> float | None:
-    """Seconds in a Go-style duration such as "30s", "1m30s" or "500ms"; None if malformed."""
-    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-    rest, total = str(text).strip(), 0.0
-    if not rest:
-        return None
-    while rest:
-        number = ""
-        while rest and (rest[0].isdigit() or rest[0] == "."):
-            number, rest = number + rest[0], rest[1:]
-        unit = next((u for u in ("ms", "s", "m", "h") if rest.startswith(u)), None)
-        if not number or unit is None:
-            return None
-        try:
-            total += float(number) * units[unit]
-        except ValueError:
-            return None
-        rest = rest[len(unit) :]
-    return total

@@ -8,13 +8,7 @@ import threading
 import grpc
 
 from nomad_driver.goplugin import hclog, server
-
-NOMAD_HANDSHAKE = server.Handshake(
-    cookie_key="NOMAD_PLUGIN_MAGIC_COOKIE",
-    cookie_value="e4327c2e01eabfd75a8a67adb114fb34a757d57eee7728d857a8cec6e91a7255",
-    app_protocol_version=2,
-)
-
+from nomad_driver.goplugin.server import NOMAD_HANDSHAKE
 
 _service: list[object] = []
 

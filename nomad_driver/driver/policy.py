@@ -18,7 +18,6 @@ from nomad_driver.driver.config import (
     MpiConfig,
     PluginConfig,
     TaskConfig,
-    parse_duration,
     parse_id_range,
 )
 from nomad_driver.runtime import container, ids, imagefile, security
@@ -28,6 +27,7 @@ from nomad_driver.runtime.imagemount import images_dir
 from nomad_driver.runtime.paths import parse_bind
 from nomad_driver.runtime.security import PolicyError
 from nomad_driver.runtime.spec import BindMount, ContainerSpec
+from nomad_driver.util.durations import parse_duration
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 

@@ -39,6 +39,7 @@ from nomad_driver.runtime.container import ContainerError
 from nomad_driver.runtime.imagemount import SharedImages, images_dir
 from nomad_driver.runtime.spec import BindMount, ContainerSpec, ExitStatus
 from nomad_driver.runtime.stats import cpu_mhz
+from nomad_driver.util.durations import parse_duration
 from nomad_driver.wire import schema
 
 log = logging.getLogger("pyhpc.driver")
@@ -318,7 +319,7 @@ class DriverService:
     def Fingerprint(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         done = threading.Event()
         context.add_callback(done.set)
-        period = config.parse_duration(self.config.fingerprint_period) or 30.0
+        period = parse_duration(self.config.fingerprint_period) or 30.0
         while not done.is_set() and not self.stop.is_set():
             yield self._fingerprint()
             # Image mounts and cgroups whose tasks' supervisors were killed: found here.
@@ -398,7 +399,7 @@ class DriverService:
                 self.config,
                 cfg.image,
                 progress,
-                config.parse_duration(cfg.image_pull_timeout),
+                parse_duration(cfg.image_pull_timeout),
                 policy.image_reader(self.config, task.user),
             )
         except security.PolicyError as err:

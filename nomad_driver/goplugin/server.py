@@ -40,6 +40,14 @@ class Handshake:
     app_protocol_version: int
 
 
+# Nomad's own handshake, the same for its driver and device plugins.
+NOMAD_HANDSHAKE = Handshake(
+    cookie_key="NOMAD_PLUGIN_MAGIC_COOKIE",
+    cookie_value="e4327c2e01eabfd75a8a67adb114fb34a757d57eee7728d857a8cec6e91a7255",
+    app_protocol_version=2,
+)
+
+
 class HandshakeError(Exception):
     """The process was not started by a go-plugin host that speaks our protocol."""
 

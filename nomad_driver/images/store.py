@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from nomad_driver.images import reference, squashfs
-from nomad_driver.images.digest import file_digest, remember
-from nomad_driver.runtime.spec import write_atomic
+from nomad_driver.util.digest import file_digest, remember
+from nomad_driver.util.files import write_atomic
 
 if TYPE_CHECKING:  # loaded by _import only: a start from a stored image needs no HTTP stack
     from nomad_driver.images import merge, sources

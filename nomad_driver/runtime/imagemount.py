@@ -67,8 +67,8 @@ class SharedImages:
         otherwise become what every later task of that digest runs."""
         if "/" in owner or owner.startswith("."):
             raise ValueError(f"bad image reference owner {owner!r}")
-        from nomad_driver.images.digest import fd_digest  # hashlib: not in every supervisor
         from nomad_driver.runtime.container import ContainerError, mount_image
+        from nomad_driver.util.digest import fd_digest  # hashlib: not in every supervisor
 
         if not image.trusted:
             raise ContainerError(

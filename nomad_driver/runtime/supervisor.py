@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 
 from nomad_driver.runtime.cgroups import Cgroup
 from nomad_driver.runtime.imagemount import SharedImages
-from nomad_driver.runtime.spec import ContainerSpec, ExitStatus, write_atomic
+from nomad_driver.runtime.spec import ContainerSpec, ExitStatus
+from nomad_driver.util.files import write_atomic
 
 if TYPE_CHECKING:
     from nomad_driver.runtime.container import IdMaps

@@ -97,7 +97,7 @@ def read(image: str) -> dict[str, Any] | None:
 
 def add_signature(image: str, payload: Payload, signature: bytes) -> None:
     """Write (or extend) the envelope beside image, atomically."""
-    from nomad_driver.runtime.spec import write_atomic
+    from nomad_driver.util.files import write_atomic
 
     body = payload.to_bytes()
     envelope = read(image) or {"payloadType": PAYLOAD_TYPE, "signatures": []}

@@ -15,10 +15,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from nomad_driver.images.digest import fd_digest, file_digest
 from nomad_driver.runtime.imagefile import ImageFile
 from nomad_driver.signing import envelope
 from nomad_driver.signing.vault import PublicKey, Vault, VaultError
+from nomad_driver.util.digest import fd_digest, file_digest
 
 
 def cache_dir(run_dir: str) -> str:
@@ -97,7 +97,7 @@ class Verifier:
             return None
 
     def _save(self, key: str, keys: list[PublicKey], minimum: int) -> None:
-        from nomad_driver.runtime.spec import write_atomic
+        from nomad_driver.util.files import write_atomic
 
         os.makedirs(os.path.dirname(self._cached_path(key)), mode=0o700, exist_ok=True)
         write_atomic(

@@ -219,7 +219,7 @@ def test_a_policy_cache_entry_is_believed_only_from_a_root_owned_private_directo
     import json
 
     from nomad_driver.cli import run
-    from nomad_driver.images.digest import unchanged_key
+    from nomad_driver.util.digest import unchanged_key
 
     config = policy(tmp_path, "    user_namespace = true")
     cache = tmp_path / "cache"

@@ -13,7 +13,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from nomad_driver.driver.main import NOMAD_HANDSHAKE
+from nomad_driver.goplugin.server import NOMAD_HANDSHAKE
 from nomad_driver.proto import base_pb2, base_pb2_grpc, goplugin_pb2, goplugin_pb2_grpc
 
 PLUGIN = [sys.executable, "-m", "nomad_driver.driver.main"]

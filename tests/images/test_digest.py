@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nomad_driver.images import digest
+from nomad_driver.util import digest
 
 
 def test_digest_is_cached_until_the_file_changes(

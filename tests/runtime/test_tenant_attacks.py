@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from nomad_driver.driver import config, policy
-from nomad_driver.images.digest import fd_digest, sha256_file
 from nomad_driver.runtime import client
 from nomad_driver.runtime.client import StartError
 from nomad_driver.runtime.container import ContainerError
@@ -26,6 +25,7 @@ from nomad_driver.runtime.imagemount import SharedImages
 from nomad_driver.runtime.security import PolicyError
 from nomad_driver.runtime.spec import BindMount
 from nomad_driver.signing.verify import mode_for
+from nomad_driver.util.digest import fd_digest, sha256_file
 from nomad_driver.wire import schema
 from tests.runtime.racer import racing
 from tests.runtime.test_supervisor import make_spec

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from nomad_driver.runtime.spec import write_atomic
+from nomad_driver.util.files import write_atomic
 
 CHUNK = 1 << 20
 

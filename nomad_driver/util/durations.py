@@ -1,0 +1,32 @@
+"""Go-style durations ("30s", "1m30s", "500ms"), as Nomad's configs write them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+
+def parse_duration(text: Any) -> float | None:
+    """Seconds in a Go-style duration such as "30s", "1m30s" or "500ms"; None if malformed."""
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    rest, total = str(text).strip(), 0.0
+    if not rest:
+        return None
+    while rest:
+        number = ""
+        while rest and (rest[0].isdigit() or rest[0] == "."):
+            number, rest = number + rest[0], rest[1:]
+        unit = next((u for u in ("ms", "s", "m", "h") if rest.startswith(u)), None)
+        if not number or unit is None:
+            return None
+        try:
+            total += float(number) * units[unit]
+        except ValueError:
+            return None
+        rest = rest[len(unit) :]
+    return total
+
+
+def duration(example: str) -> Callable[[Any], str | None]:
+    wanted = f'must be a duration like "{example}"'
+    return lambda v: None if parse_duration(v) is not None else wanted
