@@ -13,6 +13,7 @@ Writes are atomic (write to tmp, fsync, rename), so an interrupted import leaves
 from __future__ import annotations
 
 import base64
+import errno
 import fcntl
 import hashlib
 import json
@@ -263,7 +264,7 @@ class Store:
             self._set_ref(str(ref), digest)
             return StoredImage(digest, target, meta)
         except OSError as err:
-            if err.errno == 28:
+            if err.errno == errno.ENOSPC:
                 raise StoreError(
                     f"importing {ref}: no space left in the store {self.root}"
                 ) from err
