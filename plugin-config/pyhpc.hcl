@@ -1,7 +1,7 @@
 # The pyhpc task driver, as the Nomad agent loads it from plugin_dir.
 # The block label must equal the file name in plugin_dir ("pyhpc", see `pyhpc install-plugin`).
-# Every option is listed by `pyhpc config-reference`; a bad value stops the agent with a
-# message naming the option.
+# Every option is here, and listed by `pyhpc config-reference` (docs/reference.md); a bad value
+# stops the agent with a message naming the option. Commented-out options show their default.
 plugin "pyhpc" {
   config {
     # Per-task supervisor sockets and exit status live here; keep it on a local disk or tmpfs.
@@ -14,11 +14,21 @@ plugin "pyhpc" {
     # compared, so "/var/lib/pyhpc/images" does not admit "/var/lib/pyhpc/images2".
     image_dirs = ["/var/lib/pyhpc/images"]
 
+    # An image file someone other than root can change: "refuse" it, or "copy" it into the
+    # store first and run the copy (so users may run images from their own directories).
+    # untrusted_images = "refuse"
+
     # Image references a jobspec may name instead of a SquashFS path, as prefixes, e.g.
     # ["docker://registry.example.org:5000/hpc/", "oras://registry.example.org:5000/"].
     # They are imported into store_dir on first use, once per node. Empty: files only.
     image_sources = []
     store_dir     = "/var/lib/pyhpc/store"
+    # Most megabytes the store may hold (0: no cap; an import past it asks for
+    # `pyhpc image prune`), the zstd level of imported images (1 fastest, 19 smallest), and
+    # the PEM file of your registries' CA (default: the system's trust store).
+    # store_max_mb     = 0
+    # image_zstd_level = 3
+    # registry_ca_file = ""
 
     # Host directories a jobspec may bind in with `mounts = ["/scratch/me:/data:ro"]`.
     # Empty: none. Same path rules as image_dirs.
@@ -30,6 +40,10 @@ plugin "pyhpc" {
 
     # Most processes and threads one task may have; 0 lifts the limit.
     pids_max = 16384
+
+    # Size of a `writable = "disk"` layer, its own sparse ext4 file (0: a plain directory,
+    # no cap).
+    # disk_layer_max_mb = 10240
 
     # Capabilities a task may add with cap_add. Tasks start with Docker's default set; listing
     # more here (e.g. "SYS_PTRACE" for debuggers) lets jobspecs ask for them.
@@ -44,6 +58,11 @@ plugin "pyhpc" {
     user_namespace = true
     root_id_range  = "100000:65536"
 
+    # Host ids a task's `user` may be ("FIRST-LAST" or one id); root is always allowed
+    # (remapped), and no id inside root_id_range. 100 is "users".
+    # allowed_uids = ["1000-65534"]
+    # allowed_gids = ["100", "1000-65534"]
+
     # Image signatures (keys in Vault's transit engine; see `pyhpc vault setup` and
     # `pyhpc image sign`). "enforce": an unsigned, changed or wrongly signed image does not
     # start; "warn": it starts with a warning event; "off". signature_rules set a mode per
@@ -54,6 +73,17 @@ plugin "pyhpc" {
     vault_address   = ""
     vault_auth      = "token"
     vault_token_file = ""
+    # How long fetched public keys are used before Vault is asked again, the transit mount,
+    # the AppRole (vault_auth = "approle") and JWT (vault_auth = "jwt") logins, Vault's CA
+    # (default $VAULT_CACERT) and Enterprise namespace (default $VAULT_NAMESPACE).
+    # signature_key_ttl    = "5m"
+    # vault_transit_mount  = "transit"
+    # vault_role_id        = ""
+    # vault_secret_id_file = ""
+    # vault_jwt_role       = ""
+    # vault_jwt_file       = ""
+    # vault_ca_file        = ""
+    # vault_namespace      = ""
 
     # Whether a jobspec may say seccomp = "unconfined". Keep false on shared clusters.
     allow_unconfined_seccomp = false

@@ -85,6 +85,7 @@ def validate(paths: list[str], var: list[str], var_files: list[str]) -> int:
 
 
 def config_reference() -> int:
+    from nomad_driver.device.service import DeviceConfig
     from nomad_driver.driver import config
     from nomad_driver.wire import schema
 
@@ -92,6 +93,8 @@ def config_reference() -> int:
     print(schema.markdown_table(config.PluginConfig))
     print('\n### Task options (`config { ... }` of a task with `driver = "pyhpc"`)\n')
     print(schema.markdown_table(config.TaskConfig))
+    print('\n### GPU device plugin options (`plugin "pyhpc-gpu" { config { ... } }`)\n')
+    print(schema.markdown_table(DeviceConfig))
     return 0
 
 
@@ -157,7 +160,10 @@ def parser(only: str = "") -> argparse.ArgumentParser:
         "-var-file", "--var-file", action="append", default=[], metavar="FILE",
         help="a variables file, as `nomad job run -var-file` (repeat; later files win)",
     )  # fmt: skip
-    sub.add_parser("config-reference", help="print the plugin and task option tables")
+    sub.add_parser(
+        "config-reference",
+        help="print the option tables: the pyhpc plugin, its tasks, the pyhpc-gpu plugin",
+    )
     run.add_parser(sub)
     image.add_parser(sub)
     dispatch.add_parser(sub)
