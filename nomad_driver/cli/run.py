@@ -228,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
     from nomad_driver.driver import config, policy
     from nomad_driver.images.store import StoreError
     from nomad_driver.runtime import security
-    from nomad_driver.runtime.cgroups import Limits
+    from nomad_driver.runtime.cgroups import CALLER, Limits
     from nomad_driver.wire import schema
 
     if os.geteuid() != 0:
@@ -298,7 +298,8 @@ def run(args: argparse.Namespace) -> int:
             stdin_path="/proc/self/fd/0",
             stdout_path="/proc/self/fd/1",
             stderr_path="/proc/self/fd/2",
-            limits=Limits(),
+            # Under the caller's own cgroup: a Slurm job's (or a session's) limits bound it.
+            limits=Limits(cgroup_parent=CALLER),
             upper_dir=layer,
         )
         checked = policy.check_signature(plugin, lambda: policy.verifier(plugin), image)

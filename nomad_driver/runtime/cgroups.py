@@ -12,7 +12,10 @@ ROOT = "/sys/fs/cgroup"
 # Every v1 controller Nomad's own exec driver places a task in (devices only for host root).
 V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "freezer", "cpuset", "devices")
 V2_CONTROLLERS = ("cpu", "cpuset", "memory", "pids")
-PARENT = "pyhpc"  # `pyhpc run`, outside Nomad
+PARENT = "pyhpc"  # a task of no Nomad client, where no parent is given
+# `pyhpc run`'s parent: the cgroup its caller is in, in each hierarchy, so a limit the caller
+# lives under (a Slurm job's, a systemd session's) bounds the container too.
+CALLER = "."
 NOMAD_PARENT = {1: "nomad", 2: "nomad.slice"}  # the Nomad client's default cgroup_parent
 PREFIX = "pyhpc-"  # the cgroups pyhpc makes, among Nomad's own under the same parent
 # The devices every task may open (devices.allow lines): null, zero, full, random, urandom,
@@ -81,6 +84,20 @@ def nomad_parent(cpuset_cgroup: str, ver: int) -> str:
     return os.path.dirname(rel) or NOMAD_PARENT[ver]
 
 
+def _own_cgroups() -> dict[str, str]:
+    """The calling process's cgroup in each hierarchy: controller -> path ("" for v2)."""
+    found: dict[str, str] = {}
+    try:
+        with open("/proc/self/cgroup", encoding="ascii") as f:
+            for line in f:
+                _, names, path = line.rstrip("\n").split(":", 2)
+                for name in names.split(",") if names else [""]:
+                    found[name] = path
+    except (OSError, ValueError):
+        pass
+    return {k: v for k, v in found.items() if ".." not in v.split("/")}
+
+
 def _write(path: str, value: str) -> None:
     with open(path, "w", encoding="ascii") as f:
         f.write(value)
@@ -115,6 +132,7 @@ class Cgroup:
         self.version = version()
         limits = limits or Limits()
         self.parent = limits.cgroup_parent.strip("/") or PARENT
+        self.caller = _own_cgroups() if limits.cgroup_parent == CALLER else {}
         self.given = limits.cpuset_cgroup
         hierarchy = os.path.join(ROOT, "cpuset") if self.version == 1 else ROOT
         if self.given and (
@@ -124,7 +142,9 @@ class Cgroup:
                 f"the cpuset cgroup Nomad gave, {self.given!r}, is not under this node's cgroup "
                 f"v{self.version} hierarchy"
             )
-        if self.parent != os.path.normpath(self.parent) or self.parent.startswith(".."):
+        if self.caller:
+            self.parent = ""
+        elif self.parent != os.path.normpath(self.parent) or self.parent.startswith(".."):
             raise CgroupError(f"cgroup parent {limits.cgroup_parent!r} is not a plain path")
         # The devices controller is joined only by host-root tasks, which need its allowlist:
         # each more v1 controller joined costs a start about a millisecond.
@@ -132,10 +152,12 @@ class Cgroup:
 
     def _path(self, controller: str) -> str:
         if self.version == 2:
-            return self.given or os.path.join(ROOT, self.parent, PREFIX + self.name)
+            parent = self.caller.get("", "") or self.parent
+            return self.given or os.path.join(ROOT, parent.lstrip("/"), PREFIX + self.name)
         if controller == "cpuset" and self.given:
             return self.given
-        return os.path.join(ROOT, controller, self.parent, PREFIX + self.name)
+        parent = self.caller.get(controller, "") or self.parent
+        return os.path.join(ROOT, controller, parent.lstrip("/"), PREFIX + self.name)
 
     def paths(self) -> list[str]:
         if self.version == 2:
@@ -185,6 +207,17 @@ class Cgroup:
         return self.version == 1 and os.path.isdir(os.path.join(ROOT, "devices"))
 
     def _create(self, limits: Limits) -> None:
+        if self.version == 2 and self.caller:
+            # The caller's cgroup holds processes (the caller): v2 lets it hand no controller
+            # down. The container's cgroup then only groups (kill, freeze, accounting); the
+            # caller's own limits above it still bound it.
+            os.makedirs(self._path(""), exist_ok=True)
+            try:
+                self._delegate(os.path.dirname(self._path("")))
+                self._apply(limits)
+            except OSError:
+                pass
+            return
         if self.version == 2:
             self._delegate(os.path.dirname(self._path("")))
         elif os.path.isdir(os.path.join(ROOT, "cpuset")) and not self.given:

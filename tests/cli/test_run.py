@@ -248,3 +248,33 @@ def test_a_sudo_caller_learns_nothing_of_root_only_paths(busybox_image: Path) ->
     assert there.returncode == absent.returncode == 125
     assert there.stderr.replace(".bashrc", "X") == absent.stderr.replace("no-such-file", "X")
     assert "outside the plugin's image_dirs" in there.stderr
+
+
+def test_the_callers_cgroup_limits_bound_the_container(busybox_image: Path) -> None:
+    """Under Slurm (or any session with limits) `pyhpc run`, root through sudo, must not leave
+    the caller's cgroup for one of its own: a job limited to 64 MiB keeps the container to it."""
+    import uuid
+
+    from nomad_driver.runtime.cgroups import Cgroup, Limits
+
+    job = Cgroup(f"t-slurm-job-{uuid.uuid4().hex[:8]}")
+    job.create(Limits(memory_bytes=64 << 20, memory_max_bytes=64 << 20))
+
+    def in_job(script: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*PYHPC, str(busybox_image), "/bin/sh", "-c", script],
+            capture_output=True, text=True, timeout=60, env=AS_ROOT, preexec_fn=job.join,
+        )  # fmt: skip
+
+    try:
+        hold = "x=$(head -c {} /dev/zero | tr '\\0' a); echo held"
+        small = in_job(hold.format(16 << 20) + "; cat /proc/self/cgroup")
+        assert small.returncode == 0 and "held" in small.stdout, small.stderr  # the control
+        assert all(line.endswith(":/") for line in small.stdout.split("held\n")[1].split())
+        big = in_job(hold.format(256 << 20))
+        assert big.returncode != 0 and "held" not in big.stdout, big.stdout + big.stderr
+        print(big.returncode, big.stderr)
+        assert big.returncode == 137 or "OOM" in big.stderr, big.stderr
+    finally:
+        job.kill()
+        job.remove()
