@@ -423,7 +423,7 @@ def supervise(spec: object, run_dir: str, image: Any = None) -> int:
 
     # Loaded here, before the fork, so the container's init finds them already in memory.
     from nomad_driver.runtime import container, security  # noqa: F401
-    from nomad_driver.runtime.client import acquire_image
+    from nomad_driver.runtime.client import acquire_image, clear_dead_runs
     from nomad_driver.runtime.container import ContainerError
     from nomad_driver.runtime.imagefile import ImageError
     from nomad_driver.runtime.imagemount import SharedImages
@@ -431,6 +431,8 @@ def supervise(spec: object, run_dir: str, image: Any = None) -> int:
     from nomad_driver.runtime.supervisor import Supervisor
 
     assert isinstance(spec, ContainerSpec)
+    # What earlier runs killed outright left behind (their supervisor was this process).
+    clear_dead_runs(os.path.dirname(run_dir), spec.images_dir)
     os.makedirs(run_dir, mode=0o700)
     images = SharedImages(spec.images_dir)
     owner = os.path.basename(run_dir)

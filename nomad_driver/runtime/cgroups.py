@@ -133,6 +133,18 @@ class Cgroup:
         limits = limits or Limits()
         self.parent = limits.cgroup_parent.strip("/") or PARENT
         self.caller = _own_cgroups() if limits.cgroup_parent == CALLER else {}
+        if limits.cgroup_parent == CALLER:
+            # Fail closed: a hierarchy whose caller cgroup is unknown would fall back to the
+            # root, outside the caller's limits.
+            wanted = [""] if self.version == 2 else [
+                c for c in V1_CONTROLLERS if os.path.isdir(os.path.join(ROOT, c))
+            ]  # fmt: skip
+            unknown = [c or "unified" for c in wanted if c not in self.caller]
+            if unknown:
+                raise CgroupError(
+                    f"cannot tell the caller's own cgroup in the {', '.join(unknown)} "
+                    "hierarchy (/proc/self/cgroup); refusing to start the container outside it"
+                )
         self.given = limits.cpuset_cgroup
         hierarchy = os.path.join(ROOT, "cpuset") if self.version == 1 else ROOT
         if self.given and (

@@ -272,5 +272,46 @@ def pause(run_dir: str, paused: bool) -> None:
         raise OSError(reply.removeprefix("error "))
 
 
+def clear_dead_runs(tasks_dir: str, images_dir: str, prefix: str = "run-") -> list[str]:
+    """Clear what `pyhpc run`s killed outright left (run directory, image reference, cgroups):
+    runs named PREFIX<pid>-..., whose pid is gone and whose cgroups are empty (a container
+    still running keeps its run). Returns the runs cleared."""
+    from nomad_driver.runtime import cgroups
+    from nomad_driver.runtime.supervisor import CGROUPS_FILE
+
+    cleared: list[str] = []
+    try:
+        names = [n for n in os.listdir(tasks_dir) if n.startswith(prefix)]
+    except OSError:
+        return cleared
+    for name in names:
+        pid = name[len(prefix) :].split("-", 1)[0]
+        if not pid.isdigit() or os.path.exists(f"/proc/{pid}"):
+            continue
+        run_dir = os.path.join(tasks_dir, name)
+        try:
+            with open(os.path.join(run_dir, CGROUPS_FILE), encoding="utf-8") as f:
+                made = [str(p) for p in json.load(f)]
+        except FileNotFoundError:
+            made = []
+        except (OSError, ValueError):
+            continue
+        for path in made:
+            ours = os.path.basename(path).startswith(cgroups.PREFIX) and ".." not in path
+            if ours and path.startswith(cgroups.ROOT + "/"):
+                try:
+                    os.rmdir(path)
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    break  # still in use: the container runs on
+        if any(os.path.isdir(p) for p in made):
+            continue
+        SharedImages(images_dir).release(name)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        cleared.append(name)
+    return cleared
+
+
 def remove(run_dir: str) -> None:
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 SPEC_FILE = "spec.json"
 EXIT_FILE = "exit.json"
 SOCKET_FILE = "control.sock"
+CGROUPS_FILE = "cgroups.json"  # the cgroup directories this run made
 STARTED_FILE = "started.json"  # written once the command runs: who to adopt after a crash
 # Signals the init passes on to the task; SIGKILL and SIGSTOP cannot be caught, SIGCHLD is ours.
 FORWARDED = [
@@ -204,6 +205,8 @@ class Supervisor:
         devices = [(d.host_path, d.read_only) for d in self.spec.devices]
         if self.cgroup is not None and self.spec.limits is not None:
             self.cgroup.create(self.spec.limits, devices, host_root=self.spec.userns is None)
+            # What was made, for whoever clears this run if its supervisor dies unannounced.
+            write_atomic(self.path(CGROUPS_FILE), json.dumps(self.cgroup.owned()))
         try:
             scratch = self.path("mnt")
             os.makedirs(scratch, exist_ok=True)

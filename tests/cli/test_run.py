@@ -278,3 +278,53 @@ def test_the_callers_cgroup_limits_bound_the_container(busybox_image: Path) -> N
     finally:
         job.kill()
         job.remove()
+
+
+def test_a_run_killed_outright_is_cleared_by_the_next(busybox_image: Path) -> None:
+    """kill -9 of `pyhpc run` (or the OOM killer taking it in a full job) leaves its cgroups
+    nested in the caller's, its run directory and its image reference; once its container has
+    ended, the next `pyhpc run` on the node clears them (else a Slurm job's cgroup could not be
+    removed, and the image's mount stays pinned)."""
+    import json
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [*PYHPC, str(busybox_image), "/bin/sleep", "1"],
+        env=AS_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    tasks = Path("/run/pyhpc/tasks")  # the default run_dir's; the test policy keeps it
+    deadline = time.monotonic() + 20
+    run_dir = None
+    while run_dir is None:
+        found = list(tasks.glob(f"run-{proc.pid}-*"))
+        if found and (found[0] / "cgroups.json").exists():
+            run_dir = found[0]
+        assert time.monotonic() < deadline, "the run never made its cgroups"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    made = json.loads((run_dir / "cgroups.json").read_text())
+    assert made and run_dir.exists()
+    time.sleep(2)  # the container's sleep ends; its cgroups are empty, still there
+    assert all(Path(p).is_dir() for p in made)  # the control: the kill left them
+    assert pyhpc_run(str(busybox_image), "/bin/true").returncode == 0
+    assert not run_dir.exists()
+    assert not any(Path(p).exists() for p in made)
+
+
+def test_a_caller_whose_cgroup_cannot_be_told_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail closed: a hierarchy missing from /proc/self/cgroup (or with `..`, as a cgroup
+    namespace shows it) must not put the container at the hierarchy's root."""
+    from nomad_driver.runtime import cgroups
+    from nomad_driver.runtime.cgroups import CALLER, Cgroup, CgroupError, Limits
+
+    real = cgroups._own_cgroups()
+    assert Cgroup("x", Limits(cgroup_parent=CALLER)).caller == real  # the control
+    monkeypatch.setattr(
+        cgroups, "_own_cgroups", lambda: {k: v for k, v in real.items() if k != "memory"}
+    )
+    if cgroups.version() == 2:
+        monkeypatch.setattr(cgroups, "_own_cgroups", lambda: {})
+    with pytest.raises(CgroupError, match="cannot tell the caller's own cgroup"):
+        Cgroup("x", Limits(cgroup_parent=CALLER))
