@@ -16,9 +16,16 @@ TOKEN = "root"
 
 
 def vault_binary() -> str:
+    """The test bed's Vault build; a test that needs it is skipped, saying why, where there is
+    none (CI builds it first, and fails rather than skips: CI=true)."""
     found = sorted(glob.glob(os.path.expanduser("~/.cache/pyhpc/testbed/vault-*/vault")))
     if not found:
-        raise RuntimeError("no Vault build; run scripts/testbed/build.sh vault")
+        why = "no Vault build: run scripts/testbed/build.sh vault"
+        if os.environ.get("CI") == "true":
+            raise RuntimeError(why)
+        import pytest
+
+        pytest.skip(why)
     return found[-1]
 
 
