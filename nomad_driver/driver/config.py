@@ -197,8 +197,9 @@ class PluginConfig:
     store_max_mb: int = option(
         "number",
         default=0,
-        doc="Most megabytes of images the store may hold; an import that would pass it fails "
-        "and asks for `pyhpc image prune`. 0: no cap.",
+        doc="Most megabytes of images the store may hold; an import that would pass it first "
+        "evicts the least recently used images no task uses or import holds, and fails only "
+        "when that is not enough. 0: no cap.",
         check=_whole(0),
     )
     image_zstd_level: int = option(

@@ -98,6 +98,8 @@ def resolve_image(
     if not ref.remote:
         # Read beneath the allowed directory, and only what every user may read.
         kw["local"] = LocalAccess(reference.entry_directory(entry), public_only=True)
+    elif timeout:
+        kw["pull_timeout"] = timeout  # the registry's retries stop within the task's budget
     outcome: list[Any] = []
 
     def work() -> None:

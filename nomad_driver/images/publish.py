@@ -12,10 +12,14 @@ from collections.abc import Callable
 
 from nomad_driver.images import reference
 from nomad_driver.images.registry import Registry
-from nomad_driver.images.sources import SIGNATURE_ARTIFACT, SQUASHFS_ARTIFACT, SQUASHFS_CONFIG
+from nomad_driver.images.sources import (
+    ARTIFACT_TYPE,
+    SIGNATURE_ARTIFACT,
+    SQUASHFS_ARTIFACT,
+    SQUASHFS_CONFIG,
+)
 from nomad_driver.images.store import StoredImage
 
-ARTIFACT_TYPE = "application/vnd.pyhpc.squashfs.image.v1"
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 
 

@@ -9,6 +9,7 @@ runs can make root read a file the source does not contain.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -29,6 +30,7 @@ from nomad_driver.runtime import linux
 SQUASHFS_ARTIFACT = "application/vnd.pyhpc.squashfs.v1"
 SQUASHFS_CONFIG = "application/vnd.pyhpc.image.config.v1+json"
 SIGNATURE_ARTIFACT = "application/vnd.dsse.envelope.v1+json"
+ARTIFACT_TYPE = "application/vnd.pyhpc.squashfs.image.v1"
 Progress = Callable[[str], None]
 
 
@@ -343,6 +345,7 @@ def _from_registry(
         manifest = _json(body, f"{where}: manifest")
     if ref.transport == "oras":
         return _oras(ref, manifest, digest, workdir, registry, progress)
+    _container_image(ref, manifest)
 
     def read(name: str) -> bytes:
         return registry_blob_bytes(registry, ref.repository, "sha256:" + name[-64:], workdir)
@@ -360,6 +363,37 @@ def _from_registry(
     return image
 
 
+def _is_squashfs_artifact(manifest: dict[str, Any]) -> bool:
+    layers = manifest.get("layers")
+    config = manifest.get("config")
+    return (
+        manifest.get("artifactType") == ARTIFACT_TYPE
+        or (isinstance(config, dict) and config.get("mediaType") == SQUASHFS_CONFIG)
+        or (
+            isinstance(layers, list)
+            and any(isinstance(d, dict) and d.get("mediaType") == SQUASHFS_ARTIFACT for d in layers)
+        )
+    )
+
+
+def _container_image(ref: Reference, manifest: dict[str, Any]) -> None:
+    """Refuse, naming what it is, a docker:// manifest that is not a container image: a pyhpc
+    SquashFS artifact (pull it with oras://) or another artifact whose layers are no tar."""
+    if _is_squashfs_artifact(manifest):
+        oras = dataclasses.replace(ref, transport="oras")
+        raise SourceError(
+            f"{ref}: this is an oras:// artifact (a SquashFS pushed by pyhpc), not a container "
+            f"image; use {oras}"
+        )
+    for i, d in enumerate(manifest.get("layers") or []):
+        media = d.get("mediaType", "") if isinstance(d, dict) else ""
+        if media and "tar" not in media:
+            raise SourceError(
+                f"{ref}: layer {i + 1} has media type {media!r}: not a container image layer "
+                "(an OCI artifact?)"
+            )
+
+
 def _oras(
     ref: Reference,
     manifest: dict[str, Any],
@@ -370,7 +404,11 @@ def _oras(
 ) -> Fetched:
     layers = [d for d in manifest.get("layers", []) if d.get("mediaType") == SQUASHFS_ARTIFACT]
     if len(layers) != 1:
-        raise SourceError(f"{ref}: not a pyhpc SquashFS artifact (no {SQUASHFS_ARTIFACT} layer)")
+        hint = f"; for a container image use {dataclasses.replace(ref, transport='docker')}"
+        raise SourceError(
+            f"{ref}: not a pyhpc SquashFS artifact (no {SQUASHFS_ARTIFACT} layer)"
+            + ("" if _is_squashfs_artifact(manifest) else hint)
+        )
     path = os.path.join(workdir, "image.sqsh")
     registry.blob(ref.repository, layers[0]["digest"], path)
     if progress:
@@ -406,9 +444,11 @@ def fetch(
     progress: Progress | None = None,
     registry: Registry | None = None,
     local: LocalAccess | None = None,
+    pull_timeout: float | None = None,
 ) -> Fetched:
     """Everything needed to build ref's SquashFS; downloads go into workdir. local: how a
-    local source may be read (default: as given, for root importing by hand)."""
+    local source may be read (default: as given, for root importing by hand). pull_timeout:
+    how long a registry pull goes on retrying (default: the Registry's)."""
     access = local or LocalAccess()
     try:
         if ref.transport in ("oci", "oci-archive"):
@@ -422,7 +462,9 @@ def fetch(
             if not os.path.isfile(ref.path):
                 raise SourceError(f"{ref}: no such file")
             return Fetched(squashfs=ref.path, provenance={"source": str(ref)})
-        return _from_registry(ref, workdir, registry or Registry(ref.registry), progress)
+        client = registry or Registry(ref.registry)
+        client.begin(pull_timeout)
+        return _from_registry(ref, workdir, client, progress)
     except RegistryError as err:
         raise SourceError(str(err)) from err
     except (KeyError, TypeError, ValueError) as err:

@@ -2,12 +2,17 @@
 references, and each image's provenance.
 
     STORE/sha256/<hex>.sqsh     the images (read-only, never changed once written)
-    STORE/meta/<hex>.json       where each came from: source, manifest, config, digests
+    STORE/meta/<hex>.json       where each came from: every source, manifest, config, digests;
+                                its modification time is the image's last use
     STORE/refs/<key>.json       reference -> digest
     STORE/locks/<key>.lock      one import per reference at a time (flock)
+    STORE/locks/<hex>.hold      held (shared flock) while an import or a start uses the image
     STORE/tmp/                  imports in progress; nothing there is ever visible as an image
 
 Writes are atomic (write to tmp, fsync, rename), so an interrupted import leaves no half image.
+With a size cap, an import makes room by evicting the least recently used images that no task
+uses (a running task's image is attached to a loop device; the caller may also say who uses
+what, as the driver's shared mounts do) and no import or start holds.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import base64
 import errno
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -34,10 +40,16 @@ if TYPE_CHECKING:  # loaded by _import only: a start from a stored image needs n
     from nomad_driver.images import merge, sources
 
 Progress = Callable[[str], None]
+InUse = Callable[[str], bool]
+LOOP_BACKING = "/sys/block/loop*/loop/backing_file"
 
 
 class StoreError(RuntimeError):
     """An import or store operation failed; nothing half-written was left behind."""
+
+
+class StoreAccessError(StoreError):
+    """This user may not write the store."""
 
 
 @dataclass(frozen=True)
@@ -68,62 +80,143 @@ def _key(ref: str) -> str:
     return base64.urlsafe_b64encode(hashlib.sha256(ref.encode()).digest()).decode().rstrip("=")
 
 
+def attached_images() -> set[str]:
+    """The real paths of the files attached to loop devices: every mounted image, whichever
+    run_dir (driver or `pyhpc run`) mounted it."""
+    attached = set()
+    for entry in glob.glob(LOOP_BACKING):
+        try:
+            with open(entry, encoding="utf-8", errors="replace") as f:
+                attached.add(f.read().strip())
+        except OSError:
+            continue
+    return attached
+
+
 class Store:
-    def __init__(self, root: str, max_bytes: int = 0, level: int = squashfs.DEFAULT_LEVEL) -> None:
+    def __init__(
+        self,
+        root: str,
+        max_bytes: int = 0,
+        level: int = squashfs.DEFAULT_LEVEL,
+        in_use: InUse | None = None,
+    ) -> None:
         self.root = root
         self.max_bytes = max_bytes
         self.level = level  # zstd level of imported images: low is fast, high is small
+        self.in_use = in_use  # digest -> whether a task uses it, beyond the loop devices
 
     def _dir(self, name: str) -> str:
         path = os.path.join(self.root, name)
-        os.makedirs(path, mode=0o700, exist_ok=True)
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        except PermissionError as err:
+            raise StoreAccessError(
+                f"cannot write the image store {self.root} as uid {os.geteuid()} ({err.strerror})"
+            ) from err
         return path
 
     def image_path(self, digest: str) -> str:
         return os.path.join(self.root, "sha256", digest.partition(":")[2] + ".sqsh")
 
+    def _meta_path(self, digest: str) -> str:
+        return os.path.join(self.root, "meta", digest.partition(":")[2] + ".json")
+
     @contextmanager
-    def _lock(self, ref: str) -> Iterator[None]:
-        fd = os.open(
-            os.path.join(self._dir("locks"), _key(ref) + ".lock"),
-            os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-            0o600,
-        )
+    def _flock(self, name: str, how: int) -> Iterator[bool]:
+        """flock on STORE/locks/name; yields False when how has LOCK_NB and it is taken."""
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
+            fd = os.open(
+                os.path.join(self._dir("locks"), name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+            )
+        except PermissionError as err:
+            raise StoreAccessError(
+                f"cannot write the image store {self.root} as uid {os.geteuid()} ({err.strerror})"
+            ) from err
+        try:
+            try:
+                fcntl.flock(fd, how)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
         finally:
             os.close(fd)
+
+    @contextmanager
+    def _lock(self, ref: str) -> Iterator[None]:
+        with self._flock(_key(ref) + ".lock", fcntl.LOCK_EX):
+            yield
+
+    @contextmanager
+    def hold(self, digest: str) -> Iterator[None]:
+        """Keep the image from being evicted while the block runs (an import placing it, a
+        start opening it). Any number may hold one image at once."""
+        with self._flock(digest.partition(":")[2] + ".hold", fcntl.LOCK_SH):
+            yield
 
     # ---- lookups -----------------------------------------------------------------------------
 
     def lookup(self, ref: str) -> StoredImage | None:
-        """The stored image for a reference (or a digest), if it is complete."""
+        """The stored image for a reference (or a full digest), if it is complete."""
         if ref.startswith("sha256:"):
             digest = ref
         else:
             try:
                 with open(
-                    os.path.join(self.root, "refs", _key(ref) + ".json"), encoding="utf-8"
+                    os.path.join(self.root, "refs", _key(_normal(ref)) + ".json"), encoding="utf-8"
                 ) as f:
                     digest = json.load(f)["digest"]
-            except (OSError, ValueError, KeyError):
+            except (OSError, ValueError, KeyError, TypeError):
                 return None
         path = self.image_path(digest)
         try:
-            with open(
-                os.path.join(self.root, "meta", digest.partition(":")[2] + ".json"),
-                encoding="utf-8",
-            ) as f:
+            with open(self._meta_path(digest), encoding="utf-8") as f:
                 meta = json.load(f)
         except (OSError, ValueError):
             return None
         return StoredImage(digest, path, meta) if os.path.isfile(path) else None
 
+    def resolve(self, text: str) -> StoredImage:
+        """The stored image a user names: a reference, a digest, or a unique prefix of one as
+        `pyhpc image ls` prints it ("sha256:0123abcd4567", or the hex alone). StoreError says
+        what is missing or ambiguous."""
+        name = text.strip()
+        hexpart = name.removeprefix("sha256:").lower()
+        if self.digest_form(name):
+            if not _is_hex(hexpart) or len(hexpart) > 64:
+                raise StoreError(f"{text!r} is not a sha256 digest or a prefix of one")
+            matches = [i for i in self.images() if i.digest[7:].startswith(hexpart)]
+            if len(matches) > 1:
+                raise StoreError(
+                    f"{text!r} is the start of {len(matches)} images' digests "
+                    f"({', '.join(i.digest[:19] for i in matches)}); give more of it"
+                )
+            if not matches:
+                raise StoreError(f"no image {text!r} in the store {self.root}")
+            return matches[0]
+        try:
+            normal = str(reference.parse(name))
+        except reference.ReferenceError as err:
+            raise StoreError(f"{err} (or give a digest as `pyhpc image ls` prints it)") from err
+        found = self.lookup(normal)
+        if found is None:
+            raise StoreError(f"no image {normal} in the store {self.root}")
+        return found
+
+    @staticmethod
+    def digest_form(text: str) -> bool:
+        """Whether text names an image by digest: "sha256:..." or at least 4 hex digits (never
+        a reference: those start with a transport or '/')."""
+        name = text.strip()
+        return name.startswith("sha256:") or (len(name) >= 4 and _is_hex(name.lower()))
+
     def images(self) -> list[StoredImage]:
         out = []
         meta_dir = os.path.join(self.root, "meta")
         for name in sorted(os.listdir(meta_dir)) if os.path.isdir(meta_dir) else []:
+            if not name.endswith(".json"):
+                continue
             found = self.lookup("sha256:" + name.removesuffix(".json"))
             if found:
                 out.append(found)
@@ -137,12 +230,36 @@ class Store:
                 with open(os.path.join(refs_dir, name), encoding="utf-8") as f:
                     entry = json.load(f)
                 refs[entry["ref"]] = entry["digest"]
-            except (OSError, ValueError, KeyError):
+            except (OSError, ValueError, KeyError, TypeError):
                 continue
         return refs
 
     def size(self) -> int:
-        return sum(os.path.getsize(i.path) for i in self.images())
+        total = 0
+        for image in self.images():
+            try:
+                total += os.path.getsize(image.path)
+            except FileNotFoundError:
+                continue  # evicted or removed meanwhile
+        return total
+
+    def last_used(self, digest: str) -> float:
+        try:
+            return os.stat(self._meta_path(digest)).st_mtime
+        except OSError:
+            return 0.0
+
+    def _used_now(self, digest: str) -> None:
+        try:
+            os.utime(self._meta_path(digest))
+        except OSError:
+            pass
+
+    def used(self, digest: str) -> bool:
+        """Whether a task uses the image: attached to a loop device (mounted), or in use as
+        the caller's in_use says."""
+        path = os.path.realpath(self.image_path(digest))
+        return path in attached_images() or bool(self.in_use and self.in_use(digest))
 
     # ---- import ------------------------------------------------------------------------------
 
@@ -159,14 +276,25 @@ class Store:
         name = str(ref)
         # Pinned references never change: no lock. A tag may be being pulled again: wait.
         if not ref.remote or ref.digest:
-            found = self._intact(self.lookup(name), progress)
+            found = self._found(name, progress)
             if found is not None:
                 return found
         with self._lock(name):
-            found = self._intact(self.lookup(name), progress)
+            found = self._found(name, progress)
             if found is not None:
                 return found
             return self._import(ref, progress, meter, **fetch_kw)
+
+    def _found(self, name: str, progress: Progress | None) -> StoredImage | None:
+        """The stored image of a reference, intact, marked as just used; None to import."""
+        image = self.lookup(name)
+        if image is None:
+            return None
+        with self.hold(image.digest):
+            found = self._intact(self.lookup(name), progress)  # again: evicted meanwhile?
+            if found is not None:
+                self._used_now(found.digest)
+            return found
 
     def _intact(self, image: StoredImage | None, progress: Progress | None) -> StoredImage | None:
         """image, if its file still has its digest (hashed again only when the file changed
@@ -211,6 +339,7 @@ class Store:
     ) -> StoredImage:
         self._clear_abandoned()
         from nomad_driver.images import merge, sources
+        from nomad_driver.images.registry import RegistryError
 
         work = tempfile.mkdtemp(prefix=f"import-{os.getpid()}-", dir=self._dir("tmp"))
         try:
@@ -234,7 +363,6 @@ class Store:
                     self.level,
                 )
             digest = file_digest(built)
-            self._check_cap(os.path.getsize(built), digest)
             meta = {
                 "digest": digest,
                 "size": os.path.getsize(built),
@@ -247,21 +375,13 @@ class Store:
                 "image_config": _runtime_config(ref, fetched),
                 "provenance": fetched.provenance,
             }
-            hexpart = digest.partition(":")[2]
             target = self.image_path(digest)
-            self._dir("sha256")
-            if not os.path.exists(target):
-                os.chmod(built, 0o444)
-                with open(built, "rb") as f:
-                    os.fsync(f.fileno())
-                os.replace(built, target)
-                remember(target, digest, self._dir("digests"))
-            if fetched.signature:
-                os.replace(fetched.signature, target + ".dsse.json")
-            write_atomic(
-                os.path.join(self._dir("meta"), hexpart + ".json"), json.dumps(meta, indent=1)
-            )
-            self._set_ref(str(ref), digest)
+            with self.hold(digest):
+                self._place(built, digest, progress)
+                if fetched.signature:
+                    os.replace(fetched.signature, target + ".dsse.json")
+                meta = self._write_meta(digest, meta)
+                self._set_ref(str(ref), digest)
             return StoredImage(digest, target, meta)
         except OSError as err:
             if err.errno == errno.ENOSPC:
@@ -275,10 +395,50 @@ class Store:
                     f"importing {ref}: no space left in the store {self.root} ({err})"
                 ) from err
             raise StoreError(f"importing {ref}: {err}") from err
-        except (sources.SourceError, merge.LayerError, reference.ReferenceError) as err:
+        except (
+            sources.SourceError,
+            merge.LayerError,
+            reference.ReferenceError,
+            RegistryError,
+        ) as err:
             raise StoreError(f"importing {ref}: {err}") from err
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    def _place(self, built: str, digest: str, progress: Progress | None) -> None:
+        """Move a finished image into the store (it is read-only from then on), after making
+        room for it under the cap. The caller holds digest."""
+        target = self.image_path(digest)
+        self._dir("sha256")
+        with self._flock(".cap", fcntl.LOCK_EX):  # one import at a time counts and places
+            if os.path.exists(target):
+                return
+            self._make_room(os.path.getsize(built), digest, progress)
+            os.chmod(built, 0o444)
+            with open(built, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(built, target)
+        remember(target, digest, self._dir("digests"))
+
+    def _write_meta(self, digest: str, meta: dict[str, Any]) -> dict[str, Any]:
+        """Write an image's metadata, keeping every source it was imported from before (in
+        "sources", first first); "source" and the digests are those of this import."""
+        with self._flock(digest.partition(":")[2] + ".meta", fcntl.LOCK_EX):
+            try:
+                with open(self._meta_path(digest), encoding="utf-8") as f:
+                    old = json.load(f)
+            except (OSError, ValueError):
+                old = {}
+            earlier = old.get("sources") if isinstance(old, dict) else None
+            if not isinstance(earlier, list):
+                earlier = [old["source"]] if isinstance(old, dict) and old.get("source") else []
+            sources = [s for s in earlier if isinstance(s, str) and s != meta["source"]]
+            meta = {**meta, "sources": [*sources, meta["source"]]}
+            write_atomic(
+                os.path.join(self._dir("meta"), digest.partition(":")[2] + ".json"),
+                json.dumps(meta, indent=1),
+            )
+        return meta
 
     def copy_in(self, fd: int, source: str) -> StoredImage:
         """A private copy of the SquashFS file open at fd, stored by the digest of the copy:
@@ -299,22 +459,21 @@ class Store:
             finally:
                 os.close(out)
             digest = file_digest(built)
-            self._check_cap(offset, digest)
             target = self.image_path(digest)
-            self._dir("sha256")
-            if not os.path.exists(target):
-                os.replace(built, target)
-                remember(target, digest, self._dir("digests"))
-            meta = {
-                "digest": digest,
-                "size": offset,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "source": f"copy of {source}",
-            }
-            hexpart = digest.partition(":")[2]
-            meta_path = os.path.join(self._dir("meta"), hexpart + ".json")
-            if not os.path.exists(meta_path):
-                write_atomic(meta_path, json.dumps(meta, indent=1))
+            with self.hold(digest):
+                self._place(built, digest, None)
+                meta = {
+                    "digest": digest,
+                    "size": offset,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "source": f"copy of {source}",
+                }
+                existing = self.lookup(digest)  # an import of the same bytes keeps its own
+                if existing is not None:
+                    self._used_now(digest)
+                    meta = existing.meta
+                else:
+                    meta = self._write_meta(digest, meta)
             return StoredImage(digest, target, meta)
         except OSError as err:
             raise StoreError(f"copying {source} into the store: {err.strerror or err}") from err
@@ -336,14 +495,57 @@ class Store:
         free = st.f_bavail * st.f_frsize
         return free < 1 << 20 or (written > 0 and written + (4 << 20) >= free)
 
-    def _check_cap(self, adding: int, digest: str) -> None:
-        if self.max_bytes and not os.path.exists(self.image_path(digest)):
-            used = self.size()
-            if used + adding > self.max_bytes:
-                raise StoreError(
-                    f"the store would grow to {(used + adding) / 1e6:.0f} MB, over its cap of "
-                    f"{self.max_bytes / 1e6:.0f} MB; run `pyhpc image prune`"
+    def _make_room(self, adding: int, digest: str, progress: Progress | None) -> None:
+        """Under the cap, evict least recently used images until `adding` bytes fit; never one
+        a task uses or someone holds. StoreError, with nothing evicted in vain, if even that
+        cannot make room. The caller holds the .cap lock: the files counted are all there is
+        (an image being placed by another import is counted, and held)."""
+        if not self.max_bytes:
+            return
+        if adding > self.max_bytes:
+            raise StoreError(
+                f"the image ({adding / 1e6:.1f} MB) is larger than the store's cap of "
+                f"{self.max_bytes / 1e6:.1f} MB (store_max_mb)"
+            )
+        top = os.path.join(self.root, "sha256")
+        sizes = {
+            "sha256:" + name.removesuffix(".sqsh"): _size(os.path.join(top, name))
+            for name in os.listdir(top)
+            if name.endswith(".sqsh") and "sha256:" + name.removesuffix(".sqsh") != digest
+        }
+        used = sum(sizes.values())
+        if used + adding <= self.max_bytes:
+            return
+        kept = [d for d in sizes if self.used(d)]
+        evictable = sorted((d for d in sizes if d not in kept), key=self.last_used)
+        if used - sum(sizes[d] for d in evictable) + adding > self.max_bytes:
+            raise StoreError(
+                f"the store would grow to {(used + adding) / 1e6:.1f} MB, over its cap of "
+                f"{self.max_bytes / 1e6:.1f} MB, and the images running tasks use "
+                f"({', '.join(d[:19] for d in kept) or 'none'}) leave too little to evict"
+            )
+        for victim in evictable:
+            if used + adding <= self.max_bytes:
+                break
+            hold = victim.partition(":")[2] + ".hold"
+            with self._flock(hold, fcntl.LOCK_EX | fcntl.LOCK_NB) as free:
+                if not free or self.used(victim):
+                    kept.append(victim)
+                    continue  # held by an import or a start, or mounted meanwhile
+                self._drop_refs(victim)
+                self._delete(victim)
+            used -= sizes[victim]
+            if progress:
+                progress(
+                    f"evicted {victim[:19]} ({sizes[victim] / 1e6:.1f} MB, least recently "
+                    "used) to stay under the store's cap"
                 )
+        if used + adding > self.max_bytes:
+            raise StoreError(
+                f"the store would grow to {(used + adding) / 1e6:.1f} MB, over its cap of "
+                f"{self.max_bytes / 1e6:.1f} MB; the images in use or held "
+                f"({', '.join(d[:19] for d in kept)}) cannot be evicted"
+            )
 
     def _set_ref(self, ref: str, digest: str) -> None:
         write_atomic(
@@ -356,36 +558,35 @@ class Store:
 
     # ---- removal -----------------------------------------------------------------------------
 
-    def remove(self, text: str, in_use: Callable[[str], bool]) -> list[str]:
-        """Drop a reference (or every reference of a digest); delete the image when nothing
-        refers to it and no task uses it. Returns what was deleted."""
-        found = self.lookup(text if text.startswith("sha256:") else str(reference.parse(text)))
-        if found is None:
-            raise StoreError(f"no image {text!r} in the store {self.root}")
+    def remove(self, text: str, in_use: InUse | None = None) -> list[str]:
+        """Drop a reference (or, given a digest or a prefix of one, every reference of it);
+        delete the image when nothing refers to it and no task uses it. Returns what was
+        deleted."""
+        found = self.resolve(text)
+        by_digest = self.digest_form(text)
+        named = "" if by_digest else str(reference.parse(text))
         for ref, digest in self.references().items():
-            if digest == found.digest and (
-                text.startswith("sha256:") or ref == str(reference.parse(text))
-            ):
-                os.unlink(os.path.join(self.root, "refs", _key(ref) + ".json"))
+            if digest == found.digest and (by_digest or ref == named):
+                self._unlink_ref(ref)
         if found.digest in self.references().values():
             return []
-        if in_use(found.digest):
+        if (in_use and in_use(found.digest)) or self.used(found.digest):
             raise StoreError(
                 f"image {found.digest} is in use by a running task; reference removed, image kept"
             )
         return self._delete(found.digest)
 
-    def prune(self, in_use: Callable[[str], bool], everything: bool = False) -> list[str]:
+    def prune(self, in_use: InUse | None = None, everything: bool = False) -> list[str]:
         """Delete images no reference names (all unused ones with everything=True), never one a
         running task uses; clear abandoned temporary imports."""
         refs = self.references()
         deleted: list[str] = []
         for image in self.images():
-            if in_use(image.digest) or (not everything and image.digest in refs.values()):
+            if (in_use and in_use(image.digest)) or self.used(image.digest):
                 continue
-            for ref, digest in refs.items():
-                if digest == image.digest:
-                    os.unlink(os.path.join(self.root, "refs", _key(ref) + ".json"))
+            if not everything and image.digest in refs.values():
+                continue
+            self._drop_refs(image.digest)
             deleted += self._delete(image.digest)
         tmp = os.path.join(self.root, "tmp")
         for name in os.listdir(tmp) if os.path.isdir(tmp) else []:
@@ -394,11 +595,42 @@ class Store:
                 shutil.rmtree(path, ignore_errors=True)
         return deleted
 
+    def _unlink_ref(self, ref: str) -> None:
+        try:
+            os.unlink(os.path.join(self.root, "refs", _key(ref) + ".json"))
+        except FileNotFoundError:
+            pass
+
+    def _drop_refs(self, digest: str) -> None:
+        for ref, named in self.references().items():
+            if named == digest:
+                self._unlink_ref(ref)
+
     def _delete(self, digest: str) -> list[str]:
-        hexpart = digest.partition(":")[2]
-        for path in (os.path.join(self.root, "meta", hexpart + ".json"), self.image_path(digest)):
+        """The image and its metadata. Its signature stays: the same bytes imported again are
+        the image that was signed."""
+        for path in (self._meta_path(digest), self.image_path(digest)):
             try:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
         return [digest]
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _is_hex(text: str) -> bool:
+    return bool(text) and all(c in "0123456789abcdef" for c in text)
+
+
+def _normal(ref: str) -> str:
+    """A reference as the store keys it (parsed and written back), else as given."""
+    try:
+        return str(reference.parse(ref))
+    except reference.ReferenceError:
+        return ref

@@ -6,7 +6,9 @@ binds an image's SquashFS digest, its reference, and the key (name and version) 
      "signatures": [{"keyid": "vault:transit/KEY:vN", "sig": base64(signature)}]}
 
 The signature is over PAE(payloadType, payload), as DSSE specifies, so the type cannot be
-swapped. The envelope lives beside the image, in IMAGE.dsse.json.
+swapped. The envelope lives beside the image, in IMAGE.dsse.json. One image (one digest) may be
+signed under several references (docker://reg/app:1 and oci:/srv/app:1 are the same bytes):
+then the file holds a JSON list of envelopes, one per reference and key.
 """
 
 from __future__ import annotations
@@ -75,7 +77,13 @@ def path_for(image: str) -> str:
 
 
 def read(image: str) -> dict[str, Any] | None:
-    """The envelope beside image, or None if there is none."""
+    """The (first) envelope beside image, or None if there is none."""
+    envelopes = read_all(image)
+    return envelopes[0] if envelopes else None
+
+
+def read_all(image: str) -> list[dict[str, Any]]:
+    """Every envelope beside image ([] if there is none)."""
     try:
         # Beside a tenant's image it is the tenant's file: never a FIFO, device or endless one.
         fd = os.open(path_for(image), os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -85,31 +93,51 @@ def read(image: str) -> dict[str, Any] | None:
             raw = f.read(MAX_BYTES + 1)
         if len(raw) > MAX_BYTES:
             raise ValueError(f"larger than {MAX_BYTES} bytes")
-        envelope = json.loads(raw)
+        content = json.loads(raw)
     except FileNotFoundError:
-        return None
+        return []
     except (OSError, ValueError) as err:
         raise EnvelopeError(f"{path_for(image)}: unreadable signature file ({err})") from err
-    if not isinstance(envelope, dict) or envelope.get("payloadType") != PAYLOAD_TYPE:
+    envelopes = content if isinstance(content, list) else [content]
+    if not envelopes or not all(
+        isinstance(e, dict) and e.get("payloadType") == PAYLOAD_TYPE for e in envelopes
+    ):
         raise EnvelopeError(f"{path_for(image)}: not a pyhpc image signature")
-    return envelope
+    return envelopes
+
+
+def payload_of(envelope: dict[str, Any]) -> Payload | None:
+    """The payload an envelope carries, None if it is malformed (unverified: see verify)."""
+    try:
+        return Payload.from_bytes(base64.b64decode(envelope["payload"]))
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def add_signature(image: str, payload: Payload, signature: bytes) -> None:
-    """Write (or extend) the envelope beside image, atomically."""
+    """Add the signed payload to the envelopes beside image, atomically. It replaces an older
+    one of the same reference and key; those of other references of the same digest stay;
+    those of another digest go (they were of other bytes)."""
     from nomad_driver.util.files import write_atomic
 
-    body = payload.to_bytes()
-    envelope = read(image) or {"payloadType": PAYLOAD_TYPE, "signatures": []}
-    old_payload = envelope.get("payload")
-    entry = {
-        "keyid": keyid(payload.key, payload.key_version),
-        "sig": base64.b64encode(signature).decode(),
+    kept = []
+    for old in read_all(image):
+        other = payload_of(old)
+        if other is None or other.digest != payload.digest:
+            continue
+        if (other.reference, other.key) != (payload.reference, payload.key):
+            kept.append(old)
+    envelope = {
+        "payloadType": PAYLOAD_TYPE,
+        "payload": base64.b64encode(payload.to_bytes()).decode(),
+        "signatures": [
+            {
+                "keyid": keyid(payload.key, payload.key_version),
+                "sig": base64.b64encode(signature).decode(),
+            }
+        ],
     }
-    if old_payload is not None and base64.b64decode(old_payload) != body:
-        envelope["signatures"] = []  # a new payload: older signatures were of other bytes
-    envelope["payload"] = base64.b64encode(body).decode()
-    envelope["signatures"] = [s for s in envelope["signatures"] if s.get("keyid") != entry["keyid"]]
-    envelope["signatures"].append(entry)
-    write_atomic(path_for(image), json.dumps(envelope, indent=1))
+    envelopes = [*kept, envelope]
+    content = envelopes[0] if len(envelopes) == 1 else envelopes  # one: plain DSSE, as before
+    write_atomic(path_for(image), json.dumps(content, indent=1))
     os.chmod(path_for(image), 0o644)

@@ -119,18 +119,43 @@ class Verifier:
                 os.close(fd)
         image = opened.origin or opened.path  # a copy's envelope sits beside its original
         try:
-            env = envelope.read(image)
+            envelopes = envelope.read_all(image)
         except envelope.EnvelopeError as err:
             raise SignatureError(str(err)) from err
-        if env is None:
+        if not envelopes:
             raise SignatureError(f"image {reference} is not signed (no {envelope.path_for(image)})")
+
+        # The same bytes may be signed under several references: any of them, signed by a key
+        # this node trusts, vouches for the digest. The one named is tried first.
+        def named_first(env: dict[str, Any]) -> bool:
+            payload = envelope.payload_of(env)
+            return payload is None or payload.reference != reference
+
+        problems: list[str] = []
+        for env in sorted(envelopes, key=named_first):
+            verified = self._check(env, opened, image, reference, problems)
+            if verified is not None:
+                return verified
+        unique = list(dict.fromkeys(problems)) or ["no signatures"]
+        raise SignatureError(f"image {reference}: " + "; ".join(unique))
+
+    def _check(
+        self,
+        env: dict[str, Any],
+        opened: ImageFile,
+        image: str,
+        reference: str,
+        problems: list[str],
+    ) -> Verified | None:
+        """What one envelope proves about the image open at opened.fd; its failures are
+        appended to problems."""
         try:
             body = base64.b64decode(env["payload"])
             signatures = list(env["signatures"])
         except (KeyError, TypeError, ValueError) as err:
-            raise SignatureError(f"{envelope.path_for(image)}: malformed envelope ({err})") from err
+            problems.append(f"{envelope.path_for(image)}: malformed envelope ({err})")
+            return None
         signed = envelope.pae(envelope.PAYLOAD_TYPE, body)
-        problems = []
         for entry in signatures:
             parsed = envelope.parse_keyid(str(entry.get("keyid", "")))
             if parsed is None:
@@ -157,7 +182,11 @@ class Verifier:
                     "(forged, or made by another key)"
                 )
                 continue
-            payload = envelope.Payload.from_bytes(body)
+            try:
+                payload = envelope.Payload.from_bytes(body)
+            except envelope.EnvelopeError as err:
+                problems.append(str(err))
+                continue
             if payload.key != qualified or payload.key_version != version:
                 problems.append("the payload names another key than the one that signed it")
                 continue
@@ -175,7 +204,7 @@ class Verifier:
                     )
                 continue
             return Verified(digest, qualified, version, payload.signed_at, payload.reference)
-        raise SignatureError(f"image {reference}: " + "; ".join(problems or ["no signatures"]))
+        return None
 
 
 def sign(vault: Vault, image: str, reference: str, key: str) -> envelope.Payload:
@@ -205,4 +234,5 @@ def describe(verified: Verified) -> dict[str, Any]:
         "key": verified.key,
         "key_version": verified.version,
         "signed_at": verified.signed_at,
+        "signed_reference": verified.reference,
     }

@@ -83,8 +83,10 @@ def test_an_image_source_outside_the_allowlist_is_refused(cluster: Any) -> None:
 
 
 def test_a_missing_image_fails_the_task_with_the_registry_answer(cluster: Any) -> None:
-    refused(
+    alloc = refused(
         cluster,
         image_job("e2e-missing", f"docker://{REGISTRY}/e2e/does-not-exist:1"),
-        "manifest e2e/does-not-exist:1: HTTP 404",
+        f"importing docker://{REGISTRY}/e2e/does-not-exist:1: registry {REGISTRY}: "
+        "manifest e2e/does-not-exist:1: HTTP 404 (manifest unknown)",
     )
+    assert '"errors"' not in events_text(cluster, alloc)  # the answer, not its raw JSON body
