@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import signal
 import sys
 import time
 from typing import Any
-
-from nomad_driver.cli import pairs
 
 DEFAULT_CONFIG = "/etc/pyhpc/pyhpc.hcl"
 FORWARDED = (
@@ -92,7 +91,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         metavar="PATH[:DST]",
         help="pass a host device through (must be in the policy's allow_devices)",
     )
-    p.add_argument("--env", "-e", action="append", default=[], metavar="K=V")
+    p.add_argument(
+        "--env", "-e", action="append", default=[], metavar="K=V|K",
+        help="set K in the container; a bare K passes this shell's value (as docker run -e K), "
+        "e.g. --env SLURM_PROCID --env PMIX_RANK under srun",
+    )  # fmt: skip
+    p.add_argument(
+        "--env-file", action="append", default=[], metavar="FILE",
+        help="K=V lines (# comments, blank lines, bare K passed through), as docker --env-file",
+    )  # fmt: skip
     p.add_argument("--workdir", "-w", default="", metavar="DIR", help="default: the image's")
     p.add_argument("--hostname", default="", help="default: the image file's name")
     who = p.add_mutually_exclusive_group()
@@ -241,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
         return 125
     command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     try:
-        env = {"TERM": os.environ.get("TERM", "xterm"), **pairs(args.env, "--env")}
+        env = {"TERM": os.environ.get("TERM", "xterm"), **environment(args.env, args.env_file)}
     except ValueError as err:
         return _fail(str(err))
     config_path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
@@ -416,6 +423,34 @@ def _write_cache(name: str, text: str) -> None:
             pass
     finally:
         os.close(cache)
+
+
+def environment(given: list[str], files: list[str]) -> dict[str, str]:
+    """--env-file lines, then --env, as Docker takes them: K=V sets, a bare K passes this
+    process's value (and is left out where it has none). ValueError names what is wrong."""
+    items: list[tuple[str, str]] = []
+    for path in files:
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"--env-file {path}: {getattr(err, 'strerror', None) or err}") from err
+        items += [
+            (f"--env-file {path}:{n}", line.strip())
+            for n, line in enumerate(lines, 1)
+            if line.strip() and not line.lstrip().startswith("#")
+        ]
+    items += [("--env", item) for item in given]
+    env: dict[str, str] = {}
+    for where, item in items:
+        key, sep, value = item.partition("=")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ValueError(f"{where}: {item!r} is not NAME=VALUE or NAME")
+        if sep:
+            env[key] = value
+        elif key in os.environ:
+            env[key] = os.environ[key]
+    return env
 
 
 def supervise(spec: object, run_dir: str, image: Any = None) -> int:

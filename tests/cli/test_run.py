@@ -328,3 +328,31 @@ def test_a_caller_whose_cgroup_cannot_be_told_is_refused(monkeypatch: pytest.Mon
         monkeypatch.setattr(cgroups, "_own_cgroups", lambda: {})
     with pytest.raises(CgroupError, match="cannot tell the caller's own cgroup"):
         Cgroup("x", Limits(cgroup_parent=CALLER))
+
+
+def test_env_and_env_file_take_values_and_pass_names_through(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As Docker: K=V sets, a bare K passes the caller's value (srun's SLURM_* and PMIx
+    variables), files first, --env last; a malformed line is named with its file and line."""
+    from nomad_driver.cli.run import environment
+
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.delenv("NOT_SET_HERE", raising=False)
+    env_file = tmp_path / "job.env"
+    env_file.write_text("# the job's settings\nOMP_NUM_THREADS=4\n\nSLURM_PROCID\nMODE=file\n")
+    got = environment(["MODE=flag", "NOT_SET_HERE", "EMPTY="], [str(env_file)])
+    assert got == {"OMP_NUM_THREADS": "4", "SLURM_PROCID": "3", "MODE": "flag", "EMPTY": ""}
+    env_file.write_text("GOOD=1\nbad key=2\n")
+    with pytest.raises(ValueError, match=r"--env-file .*job.env:2: 'bad key=2'"):
+        environment([], [str(env_file)])
+    with pytest.raises(ValueError, match="--env-file .*missing.env: No such file"):
+        environment([], [str(tmp_path / "missing.env")])
+
+
+def test_a_passed_through_variable_reaches_the_command(busybox_image: Path) -> None:
+    done = pyhpc_run(
+        "--env", "SLURM_PROCID", str(busybox_image), "/bin/sh", "-c", "echo rank=$SLURM_PROCID",
+        env={"SLURM_PROCID": "7"},
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "rank=7", done.stderr
