@@ -87,7 +87,7 @@ def test_bad_options_are_refused_naming_them(tmp_path: Path, busybox_image: Path
         (["--cap-add", "SYS_ADMIN"], "cap_add: SYS_ADMIN not in the plugin's allow_caps"),
         (["--cap-add", "FLY"], "unknown capabilities ['FLY']"),
         (["--seccomp", "unconfined"], "allow_unconfined_seccomp is false"),
-        (["--env", "NOEQUALS"], "--env 'NOEQUALS': expected KEY=VALUE"),
+        (["--env", "BAD KEY=1"], "--env: 'BAD KEY=1' is not NAME=VALUE or NAME"),
     ):
         done = pyhpc_run(*args, str(busybox_image), "true")
         assert done.returncode == 125 and message in done.stderr, (args, done.stderr)
