@@ -221,11 +221,11 @@ class Cgroup:
     def _create(self, limits: Limits) -> None:
         if self.version == 2 and self.caller:
             # The caller's cgroup holds processes (the caller): v2 lets it hand no controller
-            # down. The container's cgroup then only groups (kill, freeze, accounting); the
-            # caller's own limits above it still bound it.
+            # down, and it is not ours (a Slurm step's, a systemd session's) to change. The
+            # container's cgroup then groups it (kill, freeze) with whatever limits the caller's
+            # cgroup already hands down; the caller's own limits above it bound it anyway.
             os.makedirs(self._path(""), exist_ok=True)
             try:
-                self._delegate(os.path.dirname(self._path("")))
                 self._apply(limits)
             except OSError:
                 pass

@@ -356,3 +356,25 @@ def test_tcp_buffers_count_against_the_memory_limit_on_v1() -> None:
         assert int(tcp.read_text()) == 64 << 20
     finally:
         group.remove()
+
+
+def test_v2_under_the_caller_changes_nothing_of_the_callers_cgroups(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`pyhpc run` on v2: the container's cgroup is made below the caller's (a Slurm step's, a
+    systemd session's) and no ancestor's subtree_control is written: not pyhpc's to change."""
+    monkeypatch.setattr(cgroups, "version", lambda: 2)
+    monkeypatch.setattr(cgroups, "ROOT", str(tmp_path))
+    monkeypatch.setattr(cgroups, "_own_cgroups", lambda: {"": "/user.slice/session-1.scope"})
+    caller = tmp_path / "user.slice" / "session-1.scope"
+    caller.mkdir(parents=True)
+    for d in (tmp_path, tmp_path / "user.slice", caller):
+        (d / "cgroup.subtree_control").write_text("")
+    (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory pids")
+    limits = Limits(pids_max=64, cgroup_parent=cgroups.CALLER)
+    group = Cgroup("run", limits)
+    assert group.paths() == [str(caller / f"{cgroups.PREFIX}run")]
+    group.create(limits)
+    assert (caller / f"{cgroups.PREFIX}run").is_dir()
+    for d in (tmp_path, tmp_path / "user.slice", caller):
+        assert (d / "cgroup.subtree_control").read_text() == "", d
