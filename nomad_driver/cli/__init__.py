@@ -22,6 +22,18 @@ def pairs(items: list[str], flag: str, shape: str = "KEY=VALUE") -> dict[str, st
     return found
 
 
+def add_var_flags(parser: Any) -> None:
+    """-var and -var-file, as `nomad job run` spells them; job_variables reads them."""
+    parser.add_argument(
+        "-var", "--var", action="append", default=[], metavar="NAME=VALUE",
+        help="an input variable, as `nomad job run -var` (NOMAD_VAR_NAME works too)",
+    )  # fmt: skip
+    parser.add_argument(
+        "-var-file", "--var-file", action="append", default=[], metavar="FILE",
+        help="a variables file, as `nomad job run -var-file` (repeat; later files win)",
+    )  # fmt: skip
+
+
 def job_variables(
     var: list[str], var_files: list[str], environ: Mapping[str, str] = os.environ
 ) -> dict[str, Any]:

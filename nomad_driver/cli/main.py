@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from nomad_driver import __version__
-from nomad_driver.cli import pairs
+from nomad_driver.cli import add_var_flags, pairs
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 
@@ -152,14 +152,7 @@ def parser(only: str = "") -> argparse.ArgumentParser:
         "every pyhpc task: each problem once, with its line. Exit 1 if any.",
     )
     val.add_argument("files", nargs="+", metavar="FILE")
-    val.add_argument(
-        "-var", "--var", action="append", default=[], metavar="NAME=VALUE",
-        help="an input variable, as `nomad job run -var` (NOMAD_VAR_NAME works too)",
-    )  # fmt: skip
-    val.add_argument(
-        "-var-file", "--var-file", action="append", default=[], metavar="FILE",
-        help="a variables file, as `nomad job run -var-file` (repeat; later files win)",
-    )  # fmt: skip
+    add_var_flags(val)
     sub.add_parser(
         "config-reference",
         help="print the option tables: the pyhpc plugin, its tasks, the pyhpc-gpu plugin",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nomad_driver.cli import job_variables, variables_file
+from nomad_driver.cli import add_var_flags, job_variables, variables_file
 from nomad_driver.federation import nomad
 
 
@@ -31,14 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     nomad.add_flags(sync, region=False)
     sync.add_argument("--dry-run", action="store_true", help="show the diffs, change nothing")
-    sync.add_argument(
-        "-var", "--var", action="append", default=[], metavar="NAME=VALUE",
-        help="an input variable, as `nomad job run -var` (NOMAD_VAR_NAME works too)",
-    )  # fmt: skip
-    sync.add_argument(
-        "-var-file", "--var-file", action="append", default=[], metavar="FILE",
-        help="a variables file, as `nomad job run -var-file`",
-    )  # fmt: skip
+    add_var_flags(sync)
 
 
 def run(args: argparse.Namespace) -> int:
