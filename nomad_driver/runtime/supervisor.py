@@ -205,8 +205,10 @@ class Supervisor:
         devices = [(d.host_path, d.read_only) for d in self.spec.devices]
         if self.cgroup is not None and self.spec.limits is not None:
             self.cgroup.create(self.spec.limits, devices, host_root=self.spec.userns is None)
-            # What was made, for whoever clears this run if its supervisor dies unannounced.
-            write_atomic(self.path(CGROUPS_FILE), json.dumps(self.cgroup.owned()))
+            if self.cgroup.caller:
+                # Nested in its caller's cgroup, where no sweep looks: what was made, for the
+                # next `pyhpc run` to clear if this one dies unannounced (client.clear_dead_runs).
+                write_atomic(self.path(CGROUPS_FILE), json.dumps(self.cgroup.owned()))
         try:
             scratch = self.path("mnt")
             os.makedirs(scratch, exist_ok=True)
