@@ -11,6 +11,8 @@ from typing import Any
 
 from test_foundation import IMAGE, json_str, running_alloc
 
+from tests.runtime.test_cgroup_tree import host_cgroups
+
 MIB = 1024 * 1024
 V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "freezer", "cpuset")
 
@@ -58,15 +60,6 @@ def host_pid_of(argument: str, timeout: float = 30) -> int:
                 return int(entry.name)
         time.sleep(0.3)
     raise AssertionError(f"no process with argument {argument!r}")
-
-
-def cgroups_of(pid: int) -> dict[str, str]:
-    found = {}
-    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-        _, names, path = line.split(":", 2)
-        for name in names.split(","):
-            found[name] = path
-    return found
 
 
 def allowed_cpus(pid: int) -> set[int]:
@@ -142,13 +135,13 @@ def test_tasks_live_in_nomads_cgroup_tree_and_reserved_cores_stay_reserved(
             (pinned_pid, f"/nomad/reserved/{pinned_alloc['ID']}-t"),
             (shared_pid, "/nomad/shared"),
         ):
-            placed = cgroups_of(pid)
+            placed = host_cgroups(pid)
             print(pid, placed)
             for c in V1_CONTROLLERS:
                 assert placed[c].startswith("/nomad/"), (c, placed)
             assert placed["cpuset"] == cpuset, placed
         # The control: the test process itself is not under Nomad's parent.
-        assert not cgroups_of(os.getpid())["cpuset"].startswith("/nomad/")
+        assert not host_cgroups(os.getpid())["cpuset"].startswith("/nomad/")
         reserved = allowed_cpus(pinned_pid)
         others = allowed_cpus(shared_pid)
         print("reserved", reserved, "shared", others)
