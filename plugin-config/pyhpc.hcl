@@ -30,6 +30,16 @@ plugin "pyhpc" {
     # image_zstd_level = 3
     # registry_ca_file = ""
 
+    # Registry logins for every task on this node: a credential helper
+    # (docker-credential-NAME on the agent's PATH) and/or a Docker config.json or containers
+    # auth.json read as root. A task may bring its own login (`auth { username, password }`)
+    # or name one of task_helpers. The driver never reads root's ~/.docker or auth.json.
+    # auth {
+    #   helper       = "ecr-login"
+    #   config       = "/etc/pyhpc/registry-auth.json"
+    #   task_helpers = []
+    # }
+
     # Host directories a jobspec may bind in with `mounts = ["/scratch/me:/data:ro"]`.
     # Empty: none. Same path rules as image_dirs.
     mount_dirs = []

@@ -143,7 +143,7 @@ def test_the_example_plugin_configs_name_every_option() -> None:
         missing = [
             name
             for name, _ in schema.options(cls)
-            if not re.search(rf"^\s*(# )?{name}\s*=", text, flags=re.M)
+            if not re.search(rf"^\s*(# )?{name}\s*(=|{{)", text, flags=re.M)
         ]
         assert not missing, f"plugin-config/{example} does not show {missing}"
 

@@ -82,6 +82,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     push = acts.add_parser("push", help="push a stored image to a registry as an ORAS artifact")
     push.add_argument("image", metavar="IMAGE", help=DIGEST_FORMS)
     push.add_argument("dest", metavar="oras://HOST/REPO:TAG")
+    for action in (imp, pull, push):
+        action.add_argument(
+            "--creds",
+            metavar="USER[:PASSWORD]",
+            help="the registry login (asked for on the terminal when PASSWORD is left out); "
+            "default: $PYHPC_REGISTRY_USER/$PYHPC_REGISTRY_PASSWORD, then the auth files",
+        )
+        action.add_argument(
+            "--authfile",
+            metavar="FILE",
+            help="a containers auth.json or Docker config.json to take logins from (default: "
+            "$REGISTRY_AUTH_FILE, $XDG_RUNTIME_DIR/containers/auth.json, "
+            "~/.config/containers/auth.json, then $DOCKER_CONFIG/config.json or "
+            "~/.docker/config.json)",
+        )
     sign = acts.add_parser(
         "sign",
         help="sign an image with a key held in Vault's transit engine",
@@ -232,14 +247,34 @@ def _signing(args: argparse.Namespace, store: Any, cfg: Settings) -> None:
         raise Refused(f"{args.image_command}: {' '.join(str(err).split())}") from err
 
 
-def _registry(cfg: Settings, text: str) -> dict[str, Any]:
+def _registry(cfg: Settings, args: argparse.Namespace, text: str) -> dict[str, Any]:
+    """The registry client for text, with the login the command line gives."""
     from nomad_driver.images import reference
+    from nomad_driver.images.credentials import Credentials, Keychain
     from nomad_driver.images.registry import Registry
 
-    if not cfg.registry_ca:
+    try:
+        ref = reference.parse(text)
+    except reference.ReferenceError as err:
+        raise Refused(str(err)) from err
+    if not ref.remote:
         return {}
-    ref = reference.parse(text)
-    return {"registry": Registry(ref.registry, ca_file=cfg.registry_ca)} if ref.remote else {}
+    login = None
+    if args.creds:
+        user, sep, password = args.creds.partition(":")
+        if not user:
+            raise Refused("--creds: expected USER[:PASSWORD]")
+        if not sep:
+            import getpass
+
+            if not sys.stdin.isatty():
+                raise Refused("--creds USER: give USER:PASSWORD (no terminal to ask on)")
+            password = getpass.getpass(f"password for {user} at {ref.registry}: ")
+        login = Credentials(user, password, "--creds")
+    if args.authfile and not os.path.isfile(args.authfile):
+        raise Refused(f"--authfile {args.authfile}: no such file")
+    keychain = Keychain(login=login, files=(args.authfile,) if args.authfile else None)
+    return {"registry": Registry(ref.registry, keychain, ca_file=cfg.registry_ca or None)}
 
 
 def _pull_timeout(text: str) -> float:
@@ -336,14 +371,14 @@ def _run(args: argparse.Namespace) -> int:
             _progress(),
             _meter(),
             pull_timeout=_pull_timeout(args.pull_timeout),
-            **_registry(cfg, args.ref),
+            **_registry(cfg, args, args.ref),
         )
         if getattr(args, "tag", None):
             store.tag(image.digest, args.tag)
         print(f"{image.digest}  {image.path}  {image.meta['size'] / 1e6:.1f} MB")
     elif args.image_command == "push":
         found = store.resolve(args.image)
-        print(publish.push(found, args.dest, _progress(), **_registry(cfg, args.dest)))
+        print(publish.push(found, args.dest, _progress(), **_registry(cfg, args, args.dest)))
     elif args.image_command in ("sign", "verify"):
         _signing(args, store, cfg)
     elif args.image_command == "ls":

@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from nomad_driver.images.credentials import check_helper_name
 from nomad_driver.runtime import ids
 from nomad_driver.runtime.security import CAP_NUMBER, DEFAULT_CAPS, PROFILE_NAME
 from nomad_driver.util.durations import duration
@@ -132,6 +133,37 @@ def _id_ranges(value: Any) -> str | None:
     return None
 
 
+def _helper(value: Any) -> str | None:
+    return check_helper_name(value) if value else None
+
+
+@dataclass(frozen=True)
+class PluginAuth:
+    """`auth { ... }` in the plugin's config: the node's registry logins."""
+
+    config: str = option(
+        "string",
+        default="",
+        doc="A Docker config.json or containers auth.json (`auths`, `credHelpers`, "
+        "`credsStore`) read as root for every pull. Default: none (root's own ~/.docker and "
+        "auth.json files are not read by the driver).",
+        check=_optional(_absolute),
+    )
+    helper: str = option(
+        "string",
+        default="",
+        doc='A credential helper asked for every registry: "ecr-login" runs '
+        "`docker-credential-ecr-login` from the agent's PATH.",
+        check=_helper,
+    )
+    task_helpers: tuple[str, ...] = option(
+        "list(string)",
+        default=(),
+        doc="Credential helpers a task's `auth { helper }` may name (none unless listed).",
+        check=lambda v: next((p for p in map(_helper, v) if p), None),
+    )
+
+
 @dataclass(frozen=True)
 class PluginConfig:
     """`plugin "pyhpc" { config { ... } }` in the Nomad agent configuration."""
@@ -207,6 +239,11 @@ class PluginConfig:
         default=3,
         doc="zstd level of the SquashFS images imports build: 1 is fastest, 19 smallest.",
         check=_whole(1, 22),
+    )
+    auth: PluginAuth | None = block(
+        PluginAuth,
+        doc='Registry logins for every task on the node: `auth { helper = "ecr-login" }` or '
+        '`auth { config = "/etc/pyhpc/registry-auth.json" }`.',
     )
     registry_ca_file: str = option(
         "string",
@@ -444,6 +481,27 @@ class MpiConfig:
 
 
 @dataclass(frozen=True)
+class TaskAuth:
+    """`auth { ... }` in a task's config: its own registry login."""
+
+    username: str = option("string", default="", doc="Registry user name.", check=_no_nul)
+    password: str = option(
+        "string",
+        default="",
+        doc="Its password or token; keep it out of the jobspec with a `template` that has "
+        '`env = true` and `password = "${REGISTRY_PASSWORD}"`.',
+        check=_no_nul,
+        secret=True,
+    )
+    helper: str = option(
+        "string",
+        default="",
+        doc="A credential helper instead (one of the plugin's auth.task_helpers).",
+        check=_helper,
+    )
+
+
+@dataclass(frozen=True)
 class TaskConfig:
     """`config { ... }` of a task with `driver = "pyhpc"`."""
 
@@ -460,6 +518,17 @@ class TaskConfig:
         doc="Program to run inside the image: an absolute path or a name looked up in PATH. "
         "Default: the image's Entrypoint and Cmd.",
         check=_no_nul,
+    )
+    auth: TaskAuth | None = block(
+        TaskAuth,
+        doc="The login for a private registry: "
+        '`auth { username = "me"  password = "${REGISTRY_PASSWORD}" }`, or `auth { helper }`.',
+    )
+    auth_soft_fail: bool = option(
+        "bool",
+        default=False,
+        doc="When the login fails (refused, or the helper breaks), pull without one instead of "
+        "failing the task.",
     )
     image_pull_timeout: str = option(
         "string",

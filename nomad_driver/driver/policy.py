@@ -11,12 +11,14 @@ import os
 import stat
 import threading
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from nomad_driver.driver.config import (
     MPI_LAUNCHERS,
     MpiConfig,
+    PluginAuth,
     PluginConfig,
+    TaskAuth,
     TaskConfig,
     parse_id_range,
 )
@@ -28,6 +30,9 @@ from nomad_driver.runtime.paths import parse_bind
 from nomad_driver.runtime.security import PolicyError
 from nomad_driver.runtime.spec import BindMount, ContainerSpec
 from nomad_driver.util.durations import parse_duration
+
+if TYPE_CHECKING:
+    from nomad_driver.images.credentials import Keychain
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -57,16 +62,46 @@ class ResolvedImage(NamedTuple):
     reference: str = ""  # what signature rules match: the normalised reference or real path
 
 
+def keychain(plugin: PluginConfig, auth: TaskAuth | None, soft_fail: bool = False) -> Keychain:
+    """Where a task's registry login comes from: its own auth block, then the node's (the
+    plugin's auth block). Never root's home directory or the agent's environment."""
+    from nomad_driver.images.credentials import Credentials, Keychain
+
+    node = plugin.auth or PluginAuth()
+    login, helper = None, node.helper
+    if auth is not None and auth.helper:
+        if auth.helper not in node.task_helpers:
+            raise PolicyError(
+                f"option 'auth': credential helper {auth.helper!r} is not one of the plugin's "
+                f"auth.task_helpers {list(node.task_helpers)}"
+            )
+        helper = auth.helper
+    if auth is not None and (auth.username or auth.password):
+        if not auth.username:
+            raise PolicyError("option 'auth': a password needs its username")
+        login = Credentials(auth.username, auth.password, "the task's auth block")
+    return Keychain(
+        login=login,
+        helper=helper,
+        files=(node.config,) if node.config else (),
+        environment=False,
+        soft_fail=soft_fail,
+    )
+
+
 def resolve_image(
     plugin: PluginConfig,
     text: str,
     progress: Callable[[str], None] | None = None,
     timeout: float | None = None,
     reader: tuple[int, int] = imagefile.ANYONE,
+    auth: TaskAuth | None = None,
+    auth_soft_fail: bool = False,
 ) -> ResolvedImage:
     """A task's `image`: a SquashFS file in image_dirs as it is (opened for reader, see
     open_image), or a reference allowed by image_sources, imported into the store on first
-    use (once per node, whoever asks)."""
+    use (once per node, whoever asks; a private one handed out again only to a login its
+    registry lets read it). auth: the task's own registry login."""
     if text.startswith("/"):
         opened = open_image(plugin, text, reader)
         return ResolvedImage(text, {}, opened, opened.origin or opened.path)
@@ -93,8 +128,12 @@ def resolve_image(
         level=int(plugin.image_zstd_level),
     )
     kw: dict[str, Any] = {}
-    if ref.remote and plugin.registry_ca_file:
-        kw["registry"] = Registry(ref.registry, ca_file=plugin.registry_ca_file)
+    if ref.remote:
+        kw["registry"] = Registry(
+            ref.registry,
+            keychain(plugin, auth, auth_soft_fail),
+            ca_file=plugin.registry_ca_file or None,
+        )
     if not ref.remote:
         # Read beneath the allowed directory, and only what every user may read.
         kw["local"] = LocalAccess(reference.entry_directory(entry), public_only=True)

@@ -401,6 +401,8 @@ class DriverService:
                 progress,
                 parse_duration(cfg.image_pull_timeout),
                 policy.image_reader(self.config, task.user),
+                cfg.auth,
+                cfg.auth_soft_fail,
             )
         except security.PolicyError as err:
             abort(context, grpc.StatusCode.PERMISSION_DENIED, f"{where}: {err}")

@@ -120,6 +120,8 @@ def _parse_remote(transport: str, rest: str, text: str) -> Reference:
         )
     if not tag and not digest:
         tag = "latest"
+    if host in ("docker.io", "index.docker.io") and "/" not in name:
+        name = f"library/{name}"  # Docker Hub's official images, as Docker names them
     return Reference(transport, registry=host, repository=name, tag=tag, digest=digest)
 
 

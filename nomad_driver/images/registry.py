@@ -8,8 +8,9 @@ mid-way is picked up where it stopped with an HTTP Range request, and a pull tim
 the retrying: no retry starts, and no wait is slept, past it. Failures come out as one line
 naming the registry and what failed, never a urllib3 dump or a raw error body.
 
-Credentials come from, in order: the arguments, PYHPC_REGISTRY_USER/PYHPC_REGISTRY_PASSWORD,
-and the Docker config file ($DOCKER_CONFIG/config.json or ~/.docker/config.json).
+Credentials are asked of a Keychain (credentials.py) only when the registry demands a login;
+bearer tokens are kept per registry, repository scope and login until they expire, and are
+never logged.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from urllib3.connectionpool import ConnectionPool
 from urllib3.response import BaseHTTPResponse
 from urllib3.util.retry import Retry
 
+from nomad_driver.images.credentials import CredentialError, Credentials, Keychain
+
 MANIFEST_TYPES = (
     "application/vnd.oci.image.index.v1+json",
     "application/vnd.oci.image.manifest.v1+json",
@@ -52,33 +55,6 @@ Progress = Callable[[int], None]
 
 class RegistryError(RuntimeError):
     """The registry refused, or answered something we cannot use; the message says what."""
-
-
-@dataclass(frozen=True)
-class Credentials:
-    username: str
-    password: str
-
-
-def credentials_for(host: str) -> Credentials | None:
-    user, password = (
-        os.environ.get("PYHPC_REGISTRY_USER"),
-        os.environ.get("PYHPC_REGISTRY_PASSWORD"),
-    )
-    if user and password is not None:
-        return Credentials(user, password)
-    config_dir = os.environ.get("DOCKER_CONFIG") or os.path.expanduser("~/.docker")
-    try:
-        with open(os.path.join(config_dir, "config.json"), encoding="utf-8") as f:
-            auths = json.load(f).get("auths", {})
-    except (OSError, ValueError):
-        return None
-    for key in (host, f"https://{host}", f"http://{host}"):
-        entry = auths.get(key)
-        if isinstance(entry, dict) and entry.get("auth"):
-            user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
-            return Credentials(user, password)
-    return None
 
 
 def _challenge(header: str) -> tuple[str, dict[str, str]]:
@@ -211,11 +187,27 @@ class _Retry(Retry):
         return fresh
 
 
+_TOKENS: dict[tuple[str, str, str], tuple[str, float]] = {}  # (host, scope, login) -> token, expiry
+_TOKENS_MAX = 512
+LOGIN_HINT = (
+    "give the task an auth block, or the node a credential helper or auth file (auth.json, "
+    "Docker's config.json); `pyhpc image import` takes --creds and --authfile"
+)
+# Where Docker Hub's API really is, for references that name docker.io.
+API_HOSTS = {"docker.io": "registry-1.docker.io", "index.docker.io": "registry-1.docker.io"}
+
+
+def _login_key(creds: Credentials | None) -> str:
+    if creds is None:
+        return ""
+    return hashlib.sha256(f"{creds.username}\0{creds.password}".encode()).hexdigest()
+
+
 class Registry:
     def __init__(
         self,
         host: str,
-        credentials: Credentials | None = None,
+        credentials: Credentials | Keychain | None = None,
         insecure: bool | None = None,
         ca_file: str | None = None,
         timeout: float = 60.0,
@@ -226,8 +218,15 @@ class Registry:
         self.host = host
         # Plain HTTP only for loopback registries (with no CA given) unless asked: like Docker.
         local = host.split(":")[0] in ("localhost", "127.0.0.1", "[::1]") and not ca_file
-        self.base = f"{'http' if (local if insecure is None else insecure) else 'https'}://{host}"
-        self.credentials = credentials if credentials is not None else credentials_for(host)
+        scheme = "http" if (local if insecure is None else insecure) else "https"
+        self.base = f"{scheme}://{API_HOSTS.get(host, host)}"
+        if isinstance(credentials, Credentials):
+            credentials = Keychain(login=credentials)
+        self.keychain = credentials if credentials is not None else Keychain()
+        # Whether this registry asked for a login and accepted one: an image pulled so is
+        # private, and the store asks the registry again before it hands it to someone else.
+        self.logged_in = False
+        self.logins: dict[str, bool] = {}  # scope -> whether its token or header has a login
         self.session = requests.Session()
         # Passed on every request: a session-wide setting loses to REQUESTS_CA_BUNDLE.
         self.verify: str | bool = ca_file or True
@@ -316,6 +315,8 @@ class Registry:
                 f"registry {self.host}: {what}: {describe(err)}{self._gave_up(started)}"
             ) from err
         if response.status_code == 401:
+            if not self.logins.get(scope):
+                raise RegistryError(f"registry {self.host}: {what} needs a login: {LOGIN_HINT}")
             raise RegistryError(f"registry {self.host}: authentication failed for {scope}")
         if check and response.status_code >= 400:
             history = getattr(getattr(response.raw, "retries", None), "history", ()) or ()
@@ -327,19 +328,44 @@ class Registry:
             )
         return cast(requests.Response, response)
 
+    def _login(self, scope: str) -> Credentials | None:
+        """The keychain's login for the repository of scope ("repository:team/app:pull")."""
+        repository = scope.split(":")[1] if scope.count(":") >= 2 else ""
+        try:
+            return self.keychain.lookup(self.host, repository)
+        except CredentialError as err:
+            raise RegistryError(f"registry {self.host}: {err}") from err
+
     def _authorize(self, response: requests.Response, scope: str) -> str:
+        """The Authorization header answering a 401's challenge; with the keychain's
+        soft_fail, a login the registry refuses is dropped and the pull goes on without one."""
+        creds = self._login(scope)
+        try:
+            header = self._answer(response, scope, creds)
+        except RegistryError:
+            if creds is None or not self.keychain.soft_fail:
+                raise
+            self.logins[scope] = False
+            return self._answer(response, scope, None)
+        self.logins[scope] = creds is not None
+        self.logged_in = self.logged_in or creds is not None
+        return header
+
+    def _answer(self, response: requests.Response, scope: str, creds: Credentials | None) -> str:
         scheme, params = _challenge(response.headers.get("WWW-Authenticate", ""))
-        creds = self.credentials
         if scheme == "basic":
             if creds is None:
-                raise RegistryError(
-                    f"registry {self.host} needs a login: set PYHPC_REGISTRY_USER and "
-                    "PYHPC_REGISTRY_PASSWORD, or log in with a Docker-compatible client"
-                )
+                raise RegistryError(f"registry {self.host} needs a login: {LOGIN_HINT}")
+            if self.keychain.soft_fail and not self._basic_works(creds):
+                raise RegistryError(f"registry {self.host}: authentication failed for {scope}")
             raw = base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
             return f"Basic {raw}"
         if scheme != "bearer" or "realm" not in params:
             raise RegistryError(f"registry {self.host}: unsupported authentication {scheme!r}")
+        key = (self.host, scope, _login_key(creds))
+        cached = _TOKENS.get(key)
+        if cached and cached[1] > time.monotonic():
+            return cached[0]
         query = {"service": params.get("service", ""), "scope": scope}
         auth = (creds.username, creds.password) if creds else None
         try:
@@ -353,14 +379,47 @@ class Registry:
         except requests.RequestException as err:
             raise RegistryError(f"registry {self.host}: token service: {describe(err)}") from err
         if token.status_code != 200:
+            why = "the login was refused" if token.status_code == 401 else "it refused"
             raise RegistryError(
-                f"registry {self.host}: token service refused {scope} (HTTP {token.status_code})"
+                f"registry {self.host}: token service: {why} for {scope} (HTTP {token.status_code})"
             )
         try:
             body = token.json()
-        except ValueError as err:
+            value = str(body.get("token") or body.get("access_token") or "")
+            lifetime = float(body.get("expires_in") or 60)
+        except (ValueError, AttributeError) as err:
             raise RegistryError(f"registry {self.host}: token service sent no JSON") from err
-        return f"Bearer {body.get('token') or body.get('access_token')}"
+        if not value:
+            raise RegistryError(f"registry {self.host}: token service sent no token")
+        if len(_TOKENS) >= _TOKENS_MAX:
+            _TOKENS.pop(next(iter(_TOKENS)))
+        # Used until shortly before it expires (a pull outlasting it asks again on its 401).
+        _TOKENS[key] = (f"Bearer {value}", time.monotonic() + max(0.0, lifetime - 10))
+        return _TOKENS[key][0]
+
+    def _basic_works(self, creds: Credentials) -> bool:
+        """Whether the registry takes a basic login (asked only to decide a soft failure)."""
+        try:
+            answer = self.session.get(
+                f"{self.base}/v2/",
+                auth=(creds.username, creds.password),
+                timeout=self._attempt_timeout(),
+                verify=self.verify,
+            )
+        except requests.RequestException:
+            return True  # not a refusal: let the real request report what happened
+        return answer.status_code != 401
+
+    def can_read(self, repository: str, reference: str) -> None:
+        """Raise RegistryError unless this client's login may read repository:reference
+        (a HEAD of the manifest: nothing is downloaded)."""
+        self._request(
+            "HEAD",
+            f"{self.base}/v2/{repository}/manifests/{reference}",
+            f"repository:{repository}:pull",
+            f"manifest {repository}:{reference}",
+            headers={"Accept": ", ".join(MANIFEST_TYPES)},
+        )
 
     # ---- pulling -----------------------------------------------------------------------------
 

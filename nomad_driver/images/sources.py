@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from nomad_driver.images.credentials import Keychain
 from nomad_driver.images.merge import Layer
 from nomad_driver.images.reference import Reference
 from nomad_driver.images.registry import INDEX_TYPES, Registry, RegistryError, select_platform
@@ -50,6 +51,7 @@ class Fetched:
     directory: str = ""  # dir: the source, as named
     tree: Callable[[IO[bytes]], object] | None = None  # dir: writes it as one tar stream
     signature: str = ""  # a DSSE envelope that came with the image (oras://)
+    private: bool = False  # the registry asked for a login, and took one
     provenance: dict[str, Any] = field(default_factory=dict)
 
 
@@ -445,10 +447,12 @@ def fetch(
     registry: Registry | None = None,
     local: LocalAccess | None = None,
     pull_timeout: float | None = None,
+    keychain: Keychain | None = None,
 ) -> Fetched:
     """Everything needed to build ref's SquashFS; downloads go into workdir. local: how a
     local source may be read (default: as given, for root importing by hand). pull_timeout:
-    how long a registry pull goes on retrying (default: the Registry's)."""
+    how long a registry pull goes on retrying (default: the Registry's). keychain: where a
+    registry's login comes from, when no registry client is given."""
     access = local or LocalAccess()
     try:
         if ref.transport in ("oci", "oci-archive"):
@@ -462,13 +466,34 @@ def fetch(
             if not os.path.isfile(ref.path):
                 raise SourceError(f"{ref}: no such file")
             return Fetched(squashfs=ref.path, provenance={"source": str(ref)})
-        client = registry or Registry(ref.registry)
+        client = registry or Registry(ref.registry, keychain)
         client.begin(pull_timeout)
-        return _from_registry(ref, workdir, client, progress)
+        fetched = _from_registry(ref, workdir, client, progress)
+        fetched.private = client.logged_in
+        return fetched
     except RegistryError as err:
         raise SourceError(str(err)) from err
     except (KeyError, TypeError, ValueError) as err:
         raise SourceError(f"{ref}: malformed image metadata ({err})") from err
+
+
+def check_access(
+    ref: Reference,
+    registry: Registry | None = None,
+    keychain: Keychain | None = None,
+    pull_timeout: float | None = None,
+    **_: Any,
+) -> None:
+    """SourceError unless the login at hand may read ref in its registry: asked before a
+    stored image that was pulled with a login is handed to anyone again."""
+    client = registry or Registry(ref.registry, keychain)
+    client.begin(pull_timeout)
+    try:
+        client.can_read(ref.repository, ref.digest or ref.tag)
+    except RegistryError as err:
+        raise SourceError(
+            f"{ref} is private, and its registry does not let this login read it ({err})"
+        ) from err
 
 
 XATTR_PREFIXES = ("user.", "trusted.", "security.")  # what SquashFS can store

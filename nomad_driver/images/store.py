@@ -163,10 +163,7 @@ class Store:
             digest = ref
         else:
             try:
-                with open(
-                    os.path.join(self.root, "refs", _key(_normal(ref)) + ".json"), encoding="utf-8"
-                ) as f:
-                    digest = json.load(f)["digest"]
+                digest = str(self._ref_record(ref)["digest"])
             except (OSError, ValueError, KeyError, TypeError):
                 return None
         path = self.image_path(digest)
@@ -176,6 +173,20 @@ class Store:
         except (OSError, ValueError):
             return None
         return StoredImage(digest, path, meta) if os.path.isfile(path) else None
+
+    def _ref_record(self, ref: str) -> dict[str, Any]:
+        with open(os.path.join(self.root, "refs", _key(_normal(ref)) + ".json"), "rb") as f:
+            record = json.load(f)
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+        return record
+
+    def private(self, ref: str) -> bool:
+        """Whether ref was pulled with a login (its registry keeps it from anonymous readers)."""
+        try:
+            return self._ref_record(ref).get("private") is True
+        except (OSError, ValueError):
+            return False
 
     def resolve(self, text: str) -> StoredImage:
         """The stored image a user names: a reference, a digest, or a unique prefix of one as
@@ -278,12 +289,27 @@ class Store:
         if not ref.remote or ref.digest:
             found = self._found(name, progress)
             if found is not None:
-                return found
+                return self._readable(ref, found, fetch_kw)
         with self._lock(name):
             found = self._found(name, progress)
             if found is not None:
-                return found
+                return self._readable(ref, found, fetch_kw)
             return self._import(ref, progress, meter, **fetch_kw)
+
+    def _readable(
+        self, ref: reference.Reference, found: StoredImage, fetch_kw: dict[str, Any]
+    ) -> StoredImage:
+        """found, if whoever asks may have it: an image pulled with a login is handed out
+        again only after its registry lets this caller's login read the reference (the store
+        is shared by every tenant of the node; a private image must not be one import away)."""
+        if self.private(str(ref)):
+            from nomad_driver.images import sources
+
+            try:
+                sources.check_access(ref, **fetch_kw)
+            except sources.SourceError as err:
+                raise StoreError(str(err)) from err
+        return found
 
     def _found(self, name: str, progress: Progress | None) -> StoredImage | None:
         """The stored image of a reference, intact, marked as just used; None to import."""
@@ -381,7 +407,7 @@ class Store:
                 if fetched.signature:
                     os.replace(fetched.signature, target + ".dsse.json")
                 meta = self._write_meta(digest, meta)
-                self._set_ref(str(ref), digest)
+                self._set_ref(str(ref), digest, fetched.private)
             return StoredImage(digest, target, meta)
         except OSError as err:
             if err.errno == errno.ENOSPC:
@@ -547,11 +573,11 @@ class Store:
                 f"({', '.join(d[:19] for d in kept)}) cannot be evicted"
             )
 
-    def _set_ref(self, ref: str, digest: str) -> None:
-        write_atomic(
-            os.path.join(self._dir("refs"), _key(ref) + ".json"),
-            json.dumps({"ref": ref, "digest": digest}),
-        )
+    def _set_ref(self, ref: str, digest: str, private: bool = False) -> None:
+        record: dict[str, Any] = {"ref": ref, "digest": digest}
+        if private:
+            record["private"] = True
+        write_atomic(os.path.join(self._dir("refs"), _key(ref) + ".json"), json.dumps(record))
 
     def tag(self, digest: str, ref: str) -> None:
         self._set_ref(str(reference.parse(ref)) if not ref.startswith("sha256:") else ref, digest)

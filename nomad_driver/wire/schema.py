@@ -49,11 +49,13 @@ def option(
     default: Any = dataclasses.MISSING,
     doc: str = "",
     check: Check | None = None,
+    secret: bool = False,
 ) -> Any:
-    """Declare a dataclass field as an HCL option. No default means the option is required."""
+    """Declare a dataclass field as an HCL option. No default means the option is required;
+    a secret one is left out of the dataclass's repr (so of every log line and message)."""
     required = default is dataclasses.MISSING
     spec = OptionSpec(hcl_type, required, None if required else default, doc, check)
-    return _field(spec)
+    return _field(spec, repr=not secret)
 
 
 def block(cls: type[Any], *, doc: str = "", check: Check | None = None) -> Any:
@@ -62,12 +64,10 @@ def block(cls: type[Any], *, doc: str = "", check: Check | None = None) -> Any:
     return _field(OptionSpec(str(object_type(cls)), False, None, doc, check, cls))
 
 
-def _field(spec: OptionSpec) -> Any:
-    required = spec.required
-    default = spec.default
-    if required:
-        return dataclasses.field(metadata={_META: spec})
-    return dataclasses.field(default=default, metadata={_META: spec})
+def _field(spec: OptionSpec, repr: bool = True) -> Any:  # noqa: A002 - dataclasses' name
+    if spec.required:
+        return dataclasses.field(metadata={_META: spec}, repr=repr)
+    return dataclasses.field(default=spec.default, metadata={_META: spec}, repr=repr)
 
 
 def options(cls: type[Any]) -> list[tuple[str, OptionSpec]]:

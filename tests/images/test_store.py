@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from nomad_driver.images import publish
-from nomad_driver.images.registry import Credentials, Registry
+from nomad_driver.images.credentials import Credentials
+from nomad_driver.images.registry import Registry
 from nomad_driver.images.store import Store, StoreError
 from tests.images.ocitools import layer_tar, sha, write_layout
 from tests.images.test_merge import BASE, TOP, UPPER
