@@ -92,6 +92,10 @@ CONSUL_BIN=$(bin_path consul)
 VAULT_BIN=$(bin_path vault)
 REGISTRY_BIN=/usr/bin/docker-registry   # Debian's docker-registry (the CNCF distribution)
 REGISTRY_ADDR_LOCAL="127.0.0.1:5000"
+# A registry that needs a login: the e2e tests start it (htpasswd) and write the logins the
+# test bed's credential helper (docker-credential-pyhpc-testbed, in $STATE/bin on the agent's
+# PATH) answers with into $STATE/registry-logins.json.
+PRIVATE_REGISTRY_LOCAL="127.0.0.1:5001"
 
 require_binaries() {
   local missing=() b
@@ -442,14 +446,42 @@ write_pyhpc_config() {
   # A shared scratch directory jobs may bind from (the tenant attack tests race in it).
   install -d -m 0755 "$STATE/scratch"
   sed -e 's|^    mount_dirs = \[\]$|    mount_dirs = ["'"$STATE"'/scratch"]|' \
-      -e 's|^    image_sources = \[\]$|    image_sources = ["docker://'"$r"'/", "oras://'"$r"'/"]|' \
+      -e 's|^    image_sources = \[\]$|    image_sources = ["docker://'"$r"'/", "oras://'"$r"'/", "docker://'"$PRIVATE_REGISTRY_LOCAL"'/"]\
+    auth {\
+      helper       = "pyhpc-testbed"\
+      task_helpers = ["pyhpc-testbed"]\
+    }|' \
       -e 's|^    signature_rules = \[\]$|    signature_rules = ["docker://'"$r"'/signed/=enforce", "docker://'"$r"'/warned/=warn"]|' \
       -e 's|^    signature_keys  = \[\]$|    signature_keys  = ["pyhpc-images"]|' \
       -e 's|^    vault_address   = ""$|    vault_address   = "'"$VAULT_ADDR_LOCAL"'"|' \
       -e 's|^    vault_token_file = ""$|    vault_token_file = "'"$STATE/vault-token"'"|' \
     "$PYHPC_HCL" >"$STATE/nomad/pyhpc.hcl"
   grep -q 'signed/=enforce' "$STATE/nomad/pyhpc.hcl" || die "could not add the signature rules"
+  grep -q 'helper       = "pyhpc-testbed"' "$STATE/nomad/pyhpc.hcl" || die "could not add auth"
+  write_credential_helper
   grep -q "mount_dirs = \[\"$STATE/scratch\"\]" "$STATE/nomad/pyhpc.hcl" || die "could not add mount_dirs"
+}
+
+# write_credential_helper: a Docker credential helper for the test bed: it answers `get`
+# with the login $STATE/registry-logins.json has for the server ({"HOST": ["USER", "PASS"]}),
+# and "credentials not found" otherwise (as Docker's own helpers do).
+write_credential_helper() {
+  mkdir -p "$STATE/bin"
+  cat >"$STATE/bin/docker-credential-pyhpc-testbed" <<EOF
+#!/usr/bin/python3
+import json, sys
+if sys.argv[1:] != ["get"]:
+    sys.exit("usage: docker-credential-pyhpc-testbed get")
+server = sys.stdin.read().strip()
+try:
+    with open("$STATE/registry-logins.json") as f:
+        user, secret = json.load(f)[server]
+except (OSError, ValueError, KeyError):
+    print("credentials not found in native keychain")
+    sys.exit(1)
+print(json.dumps({"ServerURL": server, "Username": user, "Secret": secret}))
+EOF
+  chmod 0755 "$STATE/bin/docker-credential-pyhpc-testbed"
 }
 
 # choose_nomad_configs: record which config files the region's agent loads (kept for
@@ -473,7 +505,7 @@ start_nomad() {   # for the region set by `agent`
   local off=0
   [[ -f "$LOGS/$A_NAME.log" ]] && off=$(stat -c %s "$LOGS/$A_NAME.log")
   log "$A_NAME: starting agent (region $A_REGION, server+client, data_dir $A_DATA, ${cfg[*]})"
-  start_daemon "$A_NAME" "$NOMAD_BIN" agent "${cfg[@]}"
+  PATH="$STATE/bin:$PATH" start_daemon "$A_NAME" "$NOMAD_BIN" agent "${cfg[@]}"
   wait_nomad_ready "$off"
 }
 
