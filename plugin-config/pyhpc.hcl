@@ -23,12 +23,16 @@ plugin "pyhpc" {
     # They are imported into store_dir on first use, once per node. Empty: files only.
     image_sources = []
     store_dir     = "/var/lib/pyhpc/store"
-    # Most megabytes the store may hold (0: no cap; an import past it asks for
-    # `pyhpc image prune`), the zstd level of imported images (1 fastest, 19 smallest), and
-    # the PEM file of your registries' CA (default: the system's trust store).
+    # Most megabytes the store may hold (0: no cap; an import past it first evicts the least
+    # recently used images no task uses), the zstd level of imported images (1 fastest,
+    # 19 smallest), and the PEM file of your registries' CA (default: the system's trust store).
     # store_max_mb     = 0
     # image_zstd_level = 3
     # registry_ca_file = ""
+    # Every image_gc_interval ("0": never), images no task has used for image_gc_min_age are
+    # deleted (never one in use or being imported); `pyhpc image ls` shows when each was used.
+    # image_gc_interval = "1h"
+    # image_gc_min_age  = "24h"
 
     # Registry logins for every task on this node: a credential helper
     # (docker-credential-NAME on the agent's PATH) and/or a Docker config.json or containers

@@ -234,6 +234,19 @@ class PluginConfig:
         "when that is not enough. 0: no cap.",
         check=_whole(0),
     )
+    image_gc_interval: str = option(
+        "string",
+        default="1h",
+        doc="How often the driver deletes stored images no task has used for image_gc_min_age "
+        '(never one in use or being imported); "0" turns the periodic GC off.',
+        check=duration("1h"),
+    )
+    image_gc_min_age: str = option(
+        "string",
+        default="24h",
+        doc="How long an image must have gone unused before the periodic GC deletes it.",
+        check=duration("24h"),
+    )
     image_zstd_level: int = option(
         "number",
         default=3,

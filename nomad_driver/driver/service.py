@@ -247,6 +247,8 @@ class DriverService:
         self.lock = threading.Lock()
         self.events = EventHub()
         self.mhz = cpu_mhz()
+        self.gc_due = 0.0  # monotonic time of the next image GC (0: at the first fingerprint)
+        self.gc_running = threading.Lock()
 
     # ---- BasePlugin -------------------------------------------------------------------------
 
@@ -316,6 +318,34 @@ class DriverService:
             attributes=attrs, health=state, health_description=description
         )
 
+    def _collect_images(self) -> None:
+        """Start the periodic image GC when it is due (in its own thread: deleting gigabytes
+        must not hold up the fingerprint stream); one at a time."""
+        interval = parse_duration(self.config.image_gc_interval) or 0.0
+        if interval <= 0 or time.monotonic() < self.gc_due or not self.gc_running.acquire(False):
+            return
+        self.gc_due = time.monotonic() + interval
+        plugin = self.config
+
+        def collect() -> None:
+            from nomad_driver.images.store import Store
+
+            try:
+                if not os.path.isdir(plugin.store_dir):
+                    return
+                min_age = parse_duration(plugin.image_gc_min_age) or 0.0
+                for digest in Store(plugin.store_dir).collect(min_age):
+                    log.info(
+                        "image GC deleted an unused image",
+                        extra={"kv": {"digest": digest, "unused_for": plugin.image_gc_min_age}},
+                    )
+            except OSError as err:
+                log.warning("image GC failed", extra={"kv": {"error": str(err)}})
+            finally:
+                self.gc_running.release()
+
+        threading.Thread(target=collect, name="image gc", daemon=True).start()
+
     def Fingerprint(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         done = threading.Event()
         context.add_callback(done.set)
@@ -323,6 +353,7 @@ class DriverService:
         while not done.is_set() and not self.stop.is_set():
             yield self._fingerprint()
             # Image mounts and cgroups whose tasks' supervisors were killed: found here.
+            self._collect_images()
             try:
                 SharedImages(images_dir(self.config.run_dir)).sweep()
                 cgroups.sweep(lambda: {os.path.basename(d) for d in client.supervisors()})

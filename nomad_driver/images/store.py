@@ -553,13 +553,9 @@ class Store:
         for victim in evictable:
             if used + adding <= self.max_bytes:
                 break
-            hold = victim.partition(":")[2] + ".hold"
-            with self._flock(hold, fcntl.LOCK_EX | fcntl.LOCK_NB) as free:
-                if not free or self.used(victim):
-                    kept.append(victim)
-                    continue  # held by an import or a start, or mounted meanwhile
-                self._drop_refs(victim)
-                self._delete(victim)
+            if not self._evict(victim):
+                kept.append(victim)
+                continue
             used -= sizes[victim]
             if progress:
                 progress(
@@ -602,9 +598,31 @@ class Store:
             )
         return self._delete(found.digest)
 
+    def _evict(self, digest: str, unused_since: float | None = None) -> bool:
+        """Delete an image with its references unless a task uses it, an import or a start
+        holds it, or (with unused_since) it was used after that time. Whether it went."""
+        with self._flock(digest.partition(":")[2] + ".hold", fcntl.LOCK_EX | fcntl.LOCK_NB) as free:
+            if not free or self.used(digest):
+                return False
+            if unused_since is not None and self.last_used(digest) > unused_since:
+                return False
+            self._drop_refs(digest)
+            self._delete(digest)
+            return True
+
+    def collect(self, min_age: float) -> list[str]:
+        """The periodic GC (image_gc_interval): delete every image no task has used for
+        min_age seconds, never one in use or held. Returns what was deleted."""
+        cutoff = time.time() - min_age
+        return [
+            image.digest
+            for image in sorted(self.images(), key=lambda i: self.last_used(i.digest))
+            if self.last_used(image.digest) <= cutoff and self._evict(image.digest, cutoff)
+        ]
+
     def prune(self, in_use: InUse | None = None, everything: bool = False) -> list[str]:
         """Delete images no reference names (all unused ones with everything=True), never one a
-        running task uses; clear abandoned temporary imports."""
+        running task uses or a start holds; clear abandoned temporary imports."""
         refs = self.references()
         deleted: list[str] = []
         for image in self.images():
@@ -612,8 +630,8 @@ class Store:
                 continue
             if not everything and image.digest in refs.values():
                 continue
-            self._drop_refs(image.digest)
-            deleted += self._delete(image.digest)
+            if self._evict(image.digest):
+                deleted.append(image.digest)
         tmp = os.path.join(self.root, "tmp")
         for name in os.listdir(tmp) if os.path.isdir(tmp) else []:
             path = os.path.join(tmp, name)

@@ -12,6 +12,8 @@ def parse_duration(text: Any) -> float | None:
     rest, total = str(text).strip(), 0.0
     if not rest:
         return None
+    if rest == "0":  # the one duration Go takes without a unit
+        return 0.0
     while rest:
         number = ""
         while rest and (rest[0].isdigit() or rest[0] == "."):

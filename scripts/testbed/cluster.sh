@@ -452,12 +452,14 @@ write_pyhpc_config() {
       task_helpers = ["pyhpc-testbed"]\
     }|' \
       -e 's|^    signature_rules = \[\]$|    signature_rules = ["docker://'"$r"'/signed/=enforce", "docker://'"$r"'/warned/=warn"]|' \
+      -e 's|^    # image_gc_interval = "1h"$|    image_gc_interval = "10s"|' \
       -e 's|^    signature_keys  = \[\]$|    signature_keys  = ["pyhpc-images"]|' \
       -e 's|^    vault_address   = ""$|    vault_address   = "'"$VAULT_ADDR_LOCAL"'"|' \
       -e 's|^    vault_token_file = ""$|    vault_token_file = "'"$STATE/vault-token"'"|' \
     "$PYHPC_HCL" >"$STATE/nomad/pyhpc.hcl"
   grep -q 'signed/=enforce' "$STATE/nomad/pyhpc.hcl" || die "could not add the signature rules"
   grep -q 'helper       = "pyhpc-testbed"' "$STATE/nomad/pyhpc.hcl" || die "could not add auth"
+  grep -q '^    image_gc_interval = "10s"' "$STATE/nomad/pyhpc.hcl" || die "could not set image_gc_interval"
   write_credential_helper
   grep -q "mount_dirs = \[\"$STATE/scratch\"\]" "$STATE/nomad/pyhpc.hcl" || die "could not add mount_dirs"
 }

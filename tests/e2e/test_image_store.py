@@ -177,3 +177,41 @@ def test_eviction_under_a_cap_spares_the_image_a_running_task_uses(
         for meta in Path(NODE_STORE, "meta").glob("*.json"):
             if meta.stat().st_mtime < time.time() - 10 * 365 * 86400:
                 os.utime(meta)  # no image left looking unused since long ago for other tests
+
+
+def test_the_periodic_gc_deletes_what_went_unused_for_min_age_never_a_running_tasks_image(
+    cluster: Any, pushed: tuple[str, Path], tmp_path: Path
+) -> None:
+    """The test bed runs the GC every 10 s (image_gc_interval, checked at each 30 s
+    fingerprint) with the default image_gc_min_age of 24 h."""
+    ref = f"docker://{REGISTRY}/{pushed[0]}:1"
+    job_id = cluster.run_job(
+        image_job("e2e-gc", ref, "echo running; while [ ! -e /alloc/go ]; do sleep 0.2; done")
+    )
+    node = Store(NODE_STORE)
+    try:
+        running_alloc(cluster, job_id, "running", timeout=180)
+        running = node.lookup(ref)
+        assert running is not None and node.used(running.digest)
+        stale_dir, recent_dir = tmp_path / "stale", tmp_path / "recent"
+        for path in (stale_dir, recent_dir):
+            path.mkdir()
+            (path / "noise").write_bytes(os.urandom(32 << 10))
+        stale, recent = node.ensure(f"dir:{stale_dir}"), node.ensure(f"dir:{recent_dir}")
+        two_days_ago = time.time() - 2 * 86400
+        for image in (running, stale):
+            meta = Path(NODE_STORE) / "meta" / f"{image.digest[7:]}.json"
+            os.utime(meta, (two_days_ago, two_days_ago))
+        deadline = time.monotonic() + 120
+        while stale.digest in {i.digest for i in node.images()} and time.monotonic() < deadline:
+            time.sleep(2)
+        present = {image.digest for image in node.images()}
+        assert stale.digest not in present, "the GC never deleted the stale image"
+        assert running.digest in present and recent.digest in present
+        assert node.lookup(f"dir:{stale_dir}") is None
+        node.remove(f"dir:{recent_dir}")
+    finally:
+        cluster.stop_job(job_id)
+        image = node.lookup(ref)
+        if image is not None:
+            os.utime(Path(NODE_STORE) / "meta" / f"{image.digest[7:]}.json")

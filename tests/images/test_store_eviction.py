@@ -185,3 +185,23 @@ def test_every_digest_form_ls_prints_finds_the_image(tmp_path: Path) -> None:
     assert store.resolve(name).digest == named.digest
     assert store.remove(named.digest[:19]) == [named.digest]  # a short digest removes it too
     assert named.digest not in present(store) and name not in store.references()
+
+
+def test_periodic_gc_deletes_images_unused_for_min_age_never_one_in_use_or_held(
+    tmp_path: Path,
+) -> None:
+    run_dir = tmp_path / "run"
+    shared = SharedImages(str(run_dir / "images"))
+    store = Store(str(tmp_path / "store"), in_use=lambda d: bool(shared.users(d)))
+    old, used, held, fresh = (store.ensure(rootfs(tmp_path, n)) for n in ("o", "u", "h", "f"))
+    for image in (old, used, held):  # three untouched for two days; fresh used just now
+        when = os.path.getmtime(Path(store.root) / "meta" / f"{image.digest[7:]}.json") - 2 * 86400
+        os.utime(Path(store.root) / "meta" / f"{image.digest[7:]}.json", (when, when))
+    mark_used_like_the_driver(run_dir, used.digest)  # a running task uses it
+    with store.hold(held.digest):  # a start is opening it
+        assert store.collect(86400) == [old.digest]
+    assert present(store) == {used.digest, held.digest, fresh.digest}
+    assert old.digest not in store.references().values()
+    assert store.collect(86400) == [held.digest]  # released, it goes on the next round
+    assert store.collect(0) == [fresh.digest]  # min_age 0: everything not in use
+    assert present(store) == {used.digest}
