@@ -585,6 +585,14 @@ class TaskConfig:
         "mount_dirs.",
         check=_binds,
     )
+    datasets: tuple[str, ...] = option(
+        "list(string)",
+        default=(),
+        doc='SquashFS datasets mounted read-only, "SOURCE:/PATH": SOURCE is what `image` takes '
+        "(a file in image_dirs, or a reference from image_sources), checked, signed and shared "
+        'per digest as images are, e.g. "/var/lib/pyhpc/images/genome.sqsh:/data".',
+        check=_no_nul,
+    )
     devices: tuple[str, ...] = option(
         "list(string)",
         default=(),

@@ -97,13 +97,14 @@ def resolve_image(
     reader: tuple[int, int] = imagefile.ANYONE,
     auth: TaskAuth | None = None,
     auth_soft_fail: bool = False,
+    option: str = "image",
 ) -> ResolvedImage:
     """A task's `image`: a SquashFS file in image_dirs as it is (opened for reader, see
     open_image), or a reference allowed by image_sources, imported into the store on first
     use (once per node, whoever asks; a private one handed out again only to a login its
     registry lets read it). auth: the task's own registry login."""
     if text.startswith("/"):
-        opened = open_image(plugin, text, reader)
+        opened = open_image(plugin, text, reader, option)
         return ResolvedImage(text, {}, opened, opened.origin or opened.path)
     from nomad_driver.images import reference
     from nomad_driver.images.registry import Registry
@@ -113,13 +114,13 @@ def resolve_image(
     try:
         ref = reference.parse(text)
     except reference.ReferenceError as err:
-        raise PolicyError(f"option 'image': {err}") from err
+        raise PolicyError(f"option '{option}': {err}") from err
     name = str(ref)
     # Compared as parsed references on whole components, never as text ("dir:/a/../etc").
     entry = reference.allowed_by(ref, plugin.image_sources)
     if entry is None:
         raise PolicyError(
-            f"option 'image' = {text!r} is not from the plugin's image_sources "
+            f"option '{option}' = {text!r} is not from the plugin's image_sources "
             f"{list(plugin.image_sources)}"
         )
     store = Store(
@@ -159,6 +160,50 @@ def resolve_image(
         raise outcome[0]
     opened = open_stored(plugin, outcome[0].path)
     return ResolvedImage(opened.path, outcome[0].config, opened, name)
+
+
+class Dataset(NamedTuple):
+    """A SquashFS dataset a task mounts read-only at path: an image in all but use."""
+
+    image: ResolvedImage
+    path: str
+
+
+def parse_dataset(text: str) -> tuple[str, str]:
+    """ "SOURCE:/path" -> (SOURCE, /path); SOURCE is what `image` takes (its own colons stay)."""
+    source, sep, path = text.rpartition(":")
+    if not sep or not source or not path.startswith("/") or ".." in path.split("/"):
+        raise PolicyError(
+            f"option 'datasets': {text!r} must be SOURCE:/PATH (an image file or reference, "
+            "then an absolute path inside the container with no '..')"
+        )
+    return source, os.path.normpath(path)
+
+
+def resolve_datasets(
+    plugin: PluginConfig,
+    cfg: TaskConfig,
+    progress: Callable[[str], None] | None = None,
+    timeout: float | None = None,
+    reader: tuple[int, int] = imagefile.ANYONE,
+) -> list[Dataset]:
+    """A task's datasets, each resolved as its image is (image_dirs or image_sources, the
+    same ownership and reader checks, imported into the store on first use). On failure,
+    the ones already opened are closed."""
+    found: list[Dataset] = []
+    try:
+        for entry in cfg.datasets:
+            source, path = parse_dataset(entry)
+            resolved = resolve_image(
+                plugin, source, progress, timeout, reader, cfg.auth, cfg.auth_soft_fail, "datasets"
+            )
+            found.append(Dataset(resolved, path))
+    except BaseException:
+        for dataset in found:
+            if dataset.image.file is not None:
+                dataset.image.file.close()
+        raise
+    return found
 
 
 def command_line(cfg: TaskConfig, image: dict[str, Any]) -> list[str]:
@@ -279,7 +324,10 @@ def image_env(image: dict[str, Any]) -> dict[str, str]:
 
 
 def open_image(
-    plugin: PluginConfig, image: str, reader: tuple[int, int] = imagefile.ANYONE
+    plugin: PluginConfig,
+    image: str,
+    reader: tuple[int, int] = imagefile.ANYONE,
+    option: str = "image",
 ) -> ImageFile:
     """The image file a task named, opened once beneath image_dirs with no symlink on the way,
     each step checked for the reader (the task's host uid and gid, ANYONE until known) before
@@ -290,19 +338,19 @@ def open_image(
     top = _allowed_dir(normal, plugin.image_dirs)
     if top is None or top == normal:
         raise PolicyError(
-            f"option 'image' = {image!r} is outside the plugin's image_dirs "
+            f"option '{option}' = {image!r} is outside the plugin's image_dirs "
             f"{list(plugin.image_dirs)}"
         )
     try:
         opened = imagefile.open_image(normal, top, reader)
     except imagefile.ImageError as err:
-        raise PolicyError(f"option 'image': {err}") from err
+        raise PolicyError(f"option '{option}': {err}") from err
     if opened.trusted:
         return opened
     try:
         if plugin.untrusted_images != "copy":
             raise PolicyError(
-                f"option 'image' = {image!r} can be changed by uid {opened.st.st_uid} (mode "
+                f"option '{option}' = {image!r} can be changed by uid {opened.st.st_uid} (mode "
                 f"{opened.st.st_mode & 0o7777:o}); this node runs only images owned by root and "
                 'writable by no one else (the plugin\'s untrusted_images = "refuse")'
             )

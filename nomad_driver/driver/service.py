@@ -425,16 +425,19 @@ class DriverService:
         def progress(message: str) -> None:
             self.events.emit_for(task.id, task.alloc_id, task.name, f"Image: {message}")
 
+        reader = policy.image_reader(self.config, task.user)
+        timeout = parse_duration(cfg.image_pull_timeout)
+        datasets: list[policy.Dataset] = []
         try:
             image = policy.resolve_image(
-                self.config,
-                cfg.image,
-                progress,
-                parse_duration(cfg.image_pull_timeout),
-                policy.image_reader(self.config, task.user),
-                cfg.auth,
-                cfg.auth_soft_fail,
+                self.config, cfg.image, progress, timeout, reader, cfg.auth, cfg.auth_soft_fail
             )
+            try:
+                datasets = policy.resolve_datasets(self.config, cfg, progress, timeout, reader)
+            except BaseException:
+                if image.file is not None:
+                    image.file.close()
+                raise
         except security.PolicyError as err:
             abort(context, grpc.StatusCode.PERMISSION_DENIED, f"{where}: {err}")
         except FileNotFoundError as err:
@@ -448,10 +451,11 @@ class DriverService:
         except (StoreError, ValueError) as err:
             abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"{where}: {err}")
         try:
-            started, adopted = self._start(task, cfg, image, where, progress, context)
+            started, adopted = self._start(task, cfg, image, datasets, where, progress, context)
         finally:
-            if image.file is not None:
-                image.file.close()
+            for opened in (image, *(d.image for d in datasets)):
+                if opened.file is not None:
+                    opened.file.close()
         state = DriverState(
             started.run_dir, started.supervisor_pid, started.init_pid, started.started_at
         )
@@ -476,19 +480,22 @@ class DriverService:
         task: Any,
         cfg: config.TaskConfig,
         image: policy.ResolvedImage,
+        datasets: list[policy.Dataset],
         where: str,
         progress: Any,
         context: grpc.ServicerContext,
     ) -> tuple[client.Started, client.Started | None]:
-        """The start proper, from the opened image on: its signature (on the descriptor that
-        will be mounted), the container spec, and the supervisor."""
-        try:
-            checked = policy.check_signature(self.config, self._verifier, image)
-        except policy.SignatureRefused as err:
-            abort(context, grpc.StatusCode.PERMISSION_DENIED, f"{where}: {err}")
-        if checked:
-            warned = checked.startswith("WARNING")
-            progress(checked if warned else f"{checked}; pyhpc {__version__}")
+        """The start proper, from the opened image on: its signature and its datasets' (on
+        the descriptors that will be mounted), the container spec, and the supervisor."""
+        for checking in (image, *(d.image for d in datasets)):
+            what = "" if checking is image else f"dataset {checking.reference}: "
+            try:
+                checked = policy.check_signature(self.config, self._verifier, checking)
+            except policy.SignatureRefused as err:
+                abort(context, grpc.StatusCode.PERMISSION_DENIED, f"{where}: {what}{err}")
+            if checked:
+                warned = checked.startswith("WARNING")
+                progress(what + (checked if warned else f"{checked}; pyhpc {__version__}"))
         with self.lock:
             if task.id in self.tasks:
                 abort(
@@ -508,7 +515,12 @@ class DriverService:
             if adopted is None:
                 client.discard(run_dir, spec.images_dir)
         try:
-            started = adopted or client.start(spec, run_dir, image=image.file)
+            started = adopted or client.start(
+                spec,
+                run_dir,
+                image=image.file,
+                datasets=[(d.image.file, d.path) for d in datasets if d.image.file is not None],
+            )
         except (client.StartError, OSError) as err:
             client.remove(run_dir)
             # Recoverable errors let Nomad apply the job's restart policy; a bad image or

@@ -17,13 +17,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from nomad_driver.runtime.container import ContainerError
 from nomad_driver.runtime.imagefile import ImageError, ImageFile, open_image
 from nomad_driver.runtime.imagemount import SharedImages
-from nomad_driver.runtime.spec import ContainerSpec, ExitStatus
+from nomad_driver.runtime.spec import BindMount, ContainerSpec, ExitStatus
 from nomad_driver.runtime.supervisor import EXIT_FILE, SOCKET_FILE, SPEC_FILE, STARTED_FILE
 
 PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
@@ -83,14 +84,23 @@ def acquire_image(spec: ContainerSpec, owner: str, image: ImageFile | None) -> C
 
 
 def start(
-    spec: ContainerSpec, run_dir: str, timeout: float = 60.0, image: ImageFile | None = None
+    spec: ContainerSpec,
+    run_dir: str,
+    timeout: float = 60.0,
+    image: ImageFile | None = None,
+    datasets: Sequence[tuple[ImageFile, str]] = (),
 ) -> Started:
-    """Launch a supervisor for spec and return once the task's command is running."""
+    """Launch a supervisor for spec and return once the task's command is running.
+    datasets: (opened SquashFS, container path) pairs, mounted as images are (once per digest,
+    shared) and bound read-only into the container."""
     os.makedirs(run_dir, mode=0o700, exist_ok=False)
     images, owner = SharedImages(spec.images_dir), os.path.basename(run_dir)
     try:
         spec = acquire_image(spec.with_seccomp_bpf(), owner, image)
+        binds = [BindMount(images.acquire(f, owner), path, True) for f, path in datasets]
+        spec = spec._replace(mounts=(*spec.mounts, *binds))
     except (ContainerError, ImageError, FileNotFoundError) as err:
+        images.release(owner)
         raise StartError(str(err)) from err
     try:
         return _start_supervisor(spec, run_dir, timeout)

@@ -99,12 +99,13 @@ class SharedImages:
             ) from err
         return root
 
-    def hold(self, root: str, owner: str, pid: int) -> None:
-        """Hand owner's reference on the mount at root over to process pid."""
-        refs = os.path.join(os.path.dirname(root), "refs")
+    def hold(self, owner: str, pid: int) -> None:
+        """Hand every reference owner has (its image, its datasets) over to process pid."""
+        identity = process_identity(pid)
         with self._locked():
-            if os.path.isdir(refs):
-                _write_ref(refs, owner, process_identity(pid))
+            for base in self._bases():
+                if os.path.exists(os.path.join(base, "refs", owner)):
+                    _write_ref(os.path.join(base, "refs"), owner, identity)
 
     def release(self, owner: str) -> None:
         with self._locked():

@@ -212,8 +212,9 @@ class Supervisor:
         try:
             scratch = self.path("mnt")
             os.makedirs(scratch, exist_ok=True)
-            # The image's mount stays while this process lives, whatever happens to the plugin.
-            self.images.hold(self.spec.image_root, self.owner, os.getpid())
+            # The image's and datasets' mounts stay while this process lives, whatever happens
+            # to the plugin.
+            self.images.hold(self.owner, os.getpid())
             userns = self.user_namespace()
             disk = self.disk_layer()
             _unshare_pid()  # our next child is PID 1 of a new PID namespace

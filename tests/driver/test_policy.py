@@ -269,3 +269,21 @@ def test_a_dir_source_cannot_climb_out_of_image_sources_to_a_secret(tmp_path: Pa
     for sqsh in store.rglob("*.sqsh"):
         cat = subprocess.run(["unsquashfs", "-cat", str(sqsh), "etc/motd"], capture_output=True)
         assert b"secret-hash" not in cat.stdout
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("/var/lib/pyhpc/images/genome.sqsh:/data", ("/var/lib/pyhpc/images/genome.sqsh", "/data")),
+        ("docker://reg:5000/ds/genome:1:/data/", ("docker://reg:5000/ds/genome:1", "/data")),
+        ("oci:/srv/layout:v2:/ref", ("oci:/srv/layout:v2", "/ref")),
+    ],
+)
+def test_a_dataset_is_source_then_container_path(text: str, expected: tuple[str, str]) -> None:
+    assert policy.parse_dataset(text) == expected
+
+
+@pytest.mark.parametrize("text", ["/a.sqsh", "/a.sqsh:data", ":/data", "/a.sqsh:/x/../etc"])
+def test_a_malformed_dataset_is_named_in_one_line(text: str) -> None:
+    with pytest.raises(policy.PolicyError, match=r"option 'datasets': .* must be SOURCE:/PATH"):
+        policy.parse_dataset(text)

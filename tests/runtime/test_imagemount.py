@@ -86,3 +86,56 @@ def test_a_file_that_is_not_squashfs_leaves_nothing_behind(tmp_path: Path) -> No
     assert mounts_under(images) == []
     assert [p.name for p in images.iterdir() if not p.name.startswith(".")] == []
     assert loop_devices_of(bogus) == []
+
+
+def test_a_dataset_is_one_shared_read_only_mount_kept_by_the_supervisors(
+    tmp_path: Path, busybox_image: Path
+) -> None:
+    """Two tasks mount one dataset at /data: one mount for both, read-only inside, held by
+    each supervisor (not the process that started it) and gone after the last task."""
+    import subprocess
+
+    from nomad_driver.runtime.imagefile import open_image
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "genome.txt").write_text("ACGT\n")
+    dataset = tmp_path / "genome.sqsh"
+    subprocess.run(
+        ["mksquashfs", str(tree), str(dataset), "-quiet", "-all-root", "-noappend"], check=True
+    )
+    images = tmp_path / "images"
+    script = "cat /data/genome.txt; touch /data/x 2>/dev/null && echo WRITABLE; sleep 60"
+    started = []
+    for name in ("run-a", "run-b"):
+        (tmp_path / name).mkdir()
+        spec = make_spec(tmp_path / name, busybox_image, "/bin/sh", "-c", script)
+        opened = open_image(str(dataset))
+        try:
+            started.append(
+                client.start(
+                    spec._replace(images_dir=str(images)),
+                    str(tmp_path / name / f"task-{name}"),
+                    datasets=[(opened, "/data")],
+                )
+            )
+        finally:
+            opened.close()
+    try:
+        assert len(mounts_under(images)) == 2  # the image's and the dataset's, one each
+        assert len(loop_devices_of(dataset)) == 1
+        digest = next(p.name for p in images.iterdir() if (p / "root" / "genome.txt").exists())
+        assert SharedImages(str(images)).users(f"sha256:{digest}") == ["task-run-a", "task-run-b"]
+        for name in ("run-a", "run-b"):
+            out = tmp_path / name / "out"
+            assert eventually(lambda out=out: out.read_text() != "")
+            assert out.read_text() == "ACGT\n"  # and never WRITABLE
+        for one in started:
+            held = (images / digest / "refs" / os.path.basename(one.run_dir)).read_text()
+            assert held.split()[0] == str(one.supervisor_pid)
+    finally:
+        for one in started:
+            client.send_signal(one.run_dir, signal.SIGKILL)
+            client.wait(one.run_dir)
+    assert mounts_under(images) == []
+    assert eventually(lambda: loop_devices_of(dataset) == [])
