@@ -79,6 +79,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="bind a host directory (must be in the policy's mount_dirs)",
     )
     p.add_argument(
+        "--dataset",
+        action="append",
+        default=[],
+        metavar="SOURCE:/PATH",
+        help="mount a SquashFS dataset read-only at PATH (SOURCE as IMAGE is given, under the "
+        "same policy)",
+    )
+    p.add_argument(
         "--gpus",
         metavar="all|N|UUID,...",
         help="NVIDIA GPUs for the container (their device nodes, the host driver's libraries "
@@ -272,6 +280,7 @@ def run(args: argparse.Namespace) -> int:
                 "writable": args.writable,
                 "network": args.network,
                 "mounts": args.mount,
+                "datasets": args.dataset,
                 "devices": args.device,
                 "cap_add": args.cap_add,
                 "cap_drop": args.cap_drop,
@@ -279,12 +288,13 @@ def run(args: argparse.Namespace) -> int:
             },
             "command line",
         )
-        image = policy.resolve_image(
-            plugin,
-            task.image,
-            lambda message: print(f"pyhpc run: {message}", file=sys.stderr),
-            reader=(who.uid, who.gid) if not who.root else (0, 0),
-        )
+
+        def progress(message: str) -> None:
+            print(f"pyhpc run: {message}", file=sys.stderr)
+
+        reader = (who.uid, who.gid) if not who.root else (0, 0)
+        image = policy.resolve_image(plugin, task.image, progress, reader=reader)
+        datasets = policy.resolve_datasets(plugin, task, progress, reader=reader)
         if not command and not (image.config.get("Entrypoint") or image.config.get("Cmd")):
             task = dataclasses.replace(task, command="/bin/sh")  # a shell, as enroot start
         tail = task.image.rstrip("/").rsplit("/", 1)[-1]
@@ -309,8 +319,13 @@ def run(args: argparse.Namespace) -> int:
             limits=Limits(cgroup_parent=CALLER),
             upper_dir=layer,
         )
-        checked = policy.check_signature(plugin, lambda: policy.verifier(plugin), image)
-        if checked:
+        made: list[Any] = []  # the verifier, made on first use and shared by every check
+
+        def verifier() -> Any:
+            made[:] = made or [policy.verifier(plugin)]
+            return made[0]
+
+        for checked in policy.check_signatures(plugin, verifier, image, datasets):
             print(f"pyhpc run: {checked}", file=sys.stderr)
         spec = policy.container_spec(plugin, task, image, ctx)
     except (schema.ConfigError, security.PolicyError, StoreError, ValueError) as err:
@@ -318,10 +333,13 @@ def run(args: argparse.Namespace) -> int:
     except OSError as err:
         return _fail(f"{err.filename}: {err.strerror}" if err.filename else str(err))
     try:
-        return supervise(spec, run_dir, image.file)
+        return supervise(
+            spec, run_dir, image.file, [(d.image.file, d.path) for d in datasets if d.image.file]
+        )
     finally:
-        if image.file is not None:
-            image.file.close()
+        for opened in (image, *(d.image for d in datasets)):
+            if opened.file is not None:
+                opened.file.close()
 
 
 POLICY_CACHE = "/run/pyhpc/.policy-cache"
@@ -453,7 +471,7 @@ def environment(given: list[str], files: list[str]) -> dict[str, str]:
     return env
 
 
-def supervise(spec: object, run_dir: str, image: Any = None) -> int:
+def supervise(spec: object, run_dir: str, image: Any = None, datasets: Any = ()) -> int:
     import shutil
 
     # Loaded here, before the fork, so the container's init finds them already in memory.
@@ -489,7 +507,7 @@ def supervise(spec: object, run_dir: str, image: Any = None) -> int:
         signal.signal(s, forward)
     try:
         try:
-            spec = acquire_image(spec, owner, image)
+            spec = acquire_image(spec, owner, image, datasets)
             supervisor = Supervisor(run_dir, spec)
             supervisor.start()
         except (OSError, ContainerError, ImageError, RuntimeError) as err:

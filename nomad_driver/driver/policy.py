@@ -521,6 +521,26 @@ def check_signature(plugin: PluginConfig, verifier: Callable[[], Any], image: Re
     )
 
 
+def check_signatures(
+    plugin: PluginConfig,
+    verifier: Callable[[], Any],
+    image: ResolvedImage,
+    datasets: list[Dataset] | tuple[Dataset, ...] = (),
+) -> list[str]:
+    """check_signature for the image and each dataset; what to tell the user, each message
+    naming the dataset it is about. SignatureRefused names it too."""
+    said = []
+    for checking in (image, *(d.image for d in datasets)):
+        what = "" if checking is image else f"dataset {checking.reference}: "
+        try:
+            checked = check_signature(plugin, verifier, checking)
+        except SignatureRefused as err:
+            raise SignatureRefused(f"{what}{err}") from err
+        if checked:
+            said.append(what + checked)
+    return said
+
+
 def verifier(plugin: PluginConfig) -> Any:
     """The signature checker the plugin config describes (keys cached under run_dir)."""
     from nomad_driver.signing.vault import Auth, Vault

@@ -487,15 +487,12 @@ class DriverService:
     ) -> tuple[client.Started, client.Started | None]:
         """The start proper, from the opened image on: its signature and its datasets' (on
         the descriptors that will be mounted), the container spec, and the supervisor."""
-        for checking in (image, *(d.image for d in datasets)):
-            what = "" if checking is image else f"dataset {checking.reference}: "
-            try:
-                checked = policy.check_signature(self.config, self._verifier, checking)
-            except policy.SignatureRefused as err:
-                abort(context, grpc.StatusCode.PERMISSION_DENIED, f"{where}: {what}{err}")
-            if checked:
-                warned = checked.startswith("WARNING")
-                progress(what + (checked if warned else f"{checked}; pyhpc {__version__}"))
+        try:
+            said = policy.check_signatures(self.config, self._verifier, image, datasets)
+        except policy.SignatureRefused as err:
+            abort(context, grpc.StatusCode.PERMISSION_DENIED, f"{where}: {err}")
+        for checked in said:
+            progress(checked if "WARNING" in checked else f"{checked}; pyhpc {__version__}")
         with self.lock:
             if task.id in self.tasks:
                 abort(

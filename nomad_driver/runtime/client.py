@@ -69,18 +69,27 @@ def helper_env() -> dict[str, str]:
     return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": HELPER_PATH}
 
 
-def acquire_image(spec: ContainerSpec, owner: str, image: ImageFile | None) -> ContainerSpec:
+def acquire_image(
+    spec: ContainerSpec,
+    owner: str,
+    image: ImageFile | None,
+    datasets: Sequence[tuple[ImageFile, str]] = (),
+) -> ContainerSpec:
     """spec with its image mounted (shared per digest) and referenced by owner. image: the
     file as the policy opened and checked it; None opens spec.image, a path the caller
-    trusts (tests, benchmarks), the same way. Either way the mount comes from the descriptor."""
+    trusts (tests, benchmarks), the same way. Either way the mount comes from the descriptor.
+    datasets: (opened SquashFS, container path) pairs, mounted the same way and bound
+    read-only into the container."""
+    images = SharedImages(spec.images_dir)
     opened = image or open_image(spec.image)
     try:
-        root = SharedImages(spec.images_dir).acquire(opened, owner)
+        root = images.acquire(opened, owner)
+        binds = [BindMount(images.acquire(f, owner), path, True) for f, path in datasets]
     finally:
         if image is None:
             opened.close()
     access = opened.access if image is not None else spec.image_access
-    return spec._replace(image_root=root, image_access=access)
+    return spec._replace(image_root=root, image_access=access, mounts=(*spec.mounts, *binds))
 
 
 def start(
@@ -96,9 +105,7 @@ def start(
     os.makedirs(run_dir, mode=0o700, exist_ok=False)
     images, owner = SharedImages(spec.images_dir), os.path.basename(run_dir)
     try:
-        spec = acquire_image(spec.with_seccomp_bpf(), owner, image)
-        binds = [BindMount(images.acquire(f, owner), path, True) for f, path in datasets]
-        spec = spec._replace(mounts=(*spec.mounts, *binds))
+        spec = acquire_image(spec.with_seccomp_bpf(), owner, image, datasets)
     except (ContainerError, ImageError, FileNotFoundError) as err:
         images.release(owner)
         raise StartError(str(err)) from err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -356,3 +357,30 @@ def test_a_passed_through_variable_reaches_the_command(busybox_image: Path) -> N
         env={"SLURM_PROCID": "7"},
     )  # fmt: skip
     assert done.returncode == 0 and done.stdout.strip() == "rank=7", done.stderr
+
+
+def test_a_dataset_mounts_read_only_and_one_outside_image_dirs_is_refused(
+    tmp_path: Path, busybox_image: Path
+) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "facts.txt").write_text("dataset-facts\n")
+    dataset = busybox_image.parent / f"test-dataset-{os.getpid()}.sqsh"
+    subprocess.run(
+        ["mksquashfs", str(tree), str(dataset), "-quiet", "-all-root", "-noappend"], check=True
+    )
+    dataset.chmod(0o644)
+    try:
+        script = "cat /data/facts.txt; touch /data/x 2>/dev/null && echo WRITABLE; true"
+        done = pyhpc_run(f"--dataset={dataset}:/data", str(busybox_image), "--", "sh", "-c", script)
+        assert (done.returncode, done.stdout) == (0, "dataset-facts\n"), done.stderr
+        outside = tmp_path / "elsewhere.sqsh"
+        shutil.copyfile(dataset, outside)
+        done = pyhpc_run(f"--dataset={outside}:/data", str(busybox_image), "--", "true")
+        assert done.returncode != 0
+        assert done.stderr.strip().splitlines() == [
+            f"pyhpc run: option 'datasets' = '{outside}' is outside the plugin's image_dirs "
+            "['/var/lib/pyhpc/images']"
+        ]
+    finally:
+        dataset.unlink()
