@@ -79,11 +79,13 @@ plugin "pyhpc" {
 
     # Image signatures (keys in Vault's transit engine; see `pyhpc vault setup` and
     # `pyhpc image sign`). "enforce": an unsigned, changed or wrongly signed image does not
-    # start; "warn": it starts with a warning event; "off". signature_rules set a mode per
-    # source prefix ("PREFIX=MODE"), the longest match winning.
+    # start; "warn": it starts with a warning event; "off"; "cosign": a docker:// image must
+    # carry a cosign signature by one of cosign_keys (PEM files or "hashivault://NAME").
+    # signature_rules set a mode per source prefix ("PREFIX=MODE"), the longest match winning.
     signature_mode  = "off"
     signature_rules = []
     signature_keys  = []
+    # cosign_keys   = []
     vault_address   = ""
     vault_auth      = "token"
     vault_token_file = ""

@@ -50,7 +50,7 @@ def _whole(low: int, high: int | None = None) -> Check:
     )
 
 
-MODES = ("enforce", "warn", "off")
+MODES = ("enforce", "warn", "off", "cosign")
 
 
 def _absolute_dir_name(value: Any) -> str | None:
@@ -318,7 +318,8 @@ class PluginConfig:
         "string",
         default="off",
         doc='Image signature policy: "enforce" (unsigned, changed or wrongly signed images do not '
-        'start), "warn" (they start, with a warning event) or "off".',
+        'start), "warn" (they start, with a warning event), "off", or "cosign" (docker:// images '
+        "must carry a cosign signature by one of cosign_keys).",
         check=_one_of(*MODES),
     )
     signature_rules: tuple[str, ...] = option(
@@ -341,6 +342,21 @@ class PluginConfig:
         doc="Vault transit keys whose signatures this node trusts (every version at or above the "
         "key's min_decryption_version).",
         check=_no_nul,
+    )
+    cosign_keys: tuple[str, ...] = option(
+        "list(string)",
+        default=(),
+        doc='Keys whose cosign signatures images under a "cosign" rule must carry: PEM public '
+        'key files (root\'s, as `cosign generate-key-pair` writes them) or "hashivault://NAME" '
+        "(a transit key in the node's Vault, as cosign names it).",
+        check=lambda v: next(
+            (
+                f"{k!r} must be an absolute PEM path or hashivault://NAME"
+                for k in v
+                if not (k.startswith("/") or (k.startswith("hashivault://") and k[13:]))
+            ),
+            None,
+        ),
     )
     signature_key_ttl: str = option(
         "string",

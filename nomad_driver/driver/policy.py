@@ -60,6 +60,10 @@ class ResolvedImage(NamedTuple):
     # The file, opened once and checked (open_image); the caller closes it after the start.
     file: ImageFile | None = None
     reference: str = ""  # what signature rules match: the normalised reference or real path
+    # A registry image: the manifest digests it was imported from (what the tag named, then
+    # the platform's), as the store recorded them, and the client that reaches its registry.
+    digests: tuple[str, ...] = ()
+    registry: Any = None
 
 
 def keychain(plugin: PluginConfig, auth: TaskAuth | None, soft_fail: bool = False) -> Keychain:
@@ -159,7 +163,16 @@ def resolve_image(
     if isinstance(outcome[0], Exception):
         raise outcome[0]
     opened = open_stored(plugin, outcome[0].path)
-    return ResolvedImage(opened.path, outcome[0].config, opened, name)
+    meta = outcome[0].meta
+    digests = (meta.get("provenance", {}).get("resolved_digest", ""), meta.get("manifest_digest"))
+    return ResolvedImage(
+        opened.path,
+        outcome[0].config,
+        opened,
+        name,
+        tuple(str(d) for d in digests if d) if ref.transport == "docker" else (),
+        kw.get("registry"),
+    )
 
 
 class Dataset(NamedTuple):
@@ -507,6 +520,8 @@ def check_signature(plugin: PluginConfig, verifier: Callable[[], Any], image: Re
     mode = mode_for(image.reference, plugin.signature_mode, plugin.signature_rules)
     if mode == "off" or image.file is None:
         return ""
+    if mode == "cosign":
+        return _check_cosign(verifier, image)
     try:
         verified = verifier().verify(image.file, image.reference)
     except SignatureError as err:
@@ -519,6 +534,23 @@ def check_signature(plugin: PluginConfig, verifier: Callable[[], Any], image: Re
         f"{verified.digest} verified: signed with {verified.key} v{verified.version} at "
         f"{verified.signed_at}"
     )
+
+
+def _check_cosign(verifier: Callable[[], Any], image: ResolvedImage) -> str:
+    from nomad_driver.images import reference
+    from nomad_driver.signing.cosign import CosignError
+
+    if not image.digests or image.registry is None:
+        raise SignatureRefused(
+            f'{image.reference} must carry a cosign signature (signature rule "cosign"), '
+            "and only docker:// images can"
+        )
+    ref = reference.parse(image.reference)
+    try:
+        verified = verifier().verify_cosign(image.registry, ref.repository, image.digests)
+    except CosignError as err:
+        raise SignatureRefused(f"cosign signature check failed: {err}") from err
+    return f"cosign signature of {verified.manifest_digest} verified with {verified.key}"
 
 
 def check_signatures(
@@ -566,4 +598,5 @@ def verifier(plugin: PluginConfig) -> Any:
         tuple(plugin.signature_keys),
         cache_dir(plugin.run_dir),
         ttl=parse_duration(plugin.signature_key_ttl) or 300.0,
+        cosign_keys=tuple(plugin.cosign_keys),
     )

@@ -492,6 +492,23 @@ class Registry:
             )
         return size
 
+    def blob_bytes(self, repository: str, digest: str, limit: int = 16 << 20) -> bytes:
+        """A small blob (a config, a signature payload) in memory, its digest verified;
+        RegistryError past limit bytes."""
+        data = b""
+        with BlobStream(self, repository, digest) as stream:
+            while len(data) <= limit and (chunk := stream.read(min(CHUNK, limit + 1 - len(data)))):
+                data += chunk
+        if len(data) > limit:
+            raise RegistryError(f"registry {self.host}: blob {digest} is over {limit} bytes")
+        got = "sha256:" + hashlib.sha256(data).hexdigest()
+        if got != digest:
+            raise RegistryError(
+                f"registry {self.host}: blob {digest} arrived as {got} ({len(data)} bytes): "
+                "truncated or corrupted download"
+            )
+        return data
+
     # ---- pushing -----------------------------------------------------------------------------
 
     def has_blob(self, repository: str, digest: str) -> bool:

@@ -340,6 +340,7 @@ def _from_registry(
 ) -> Fetched:
     where = str(ref)
     body, media, digest = registry.manifest(ref.repository, ref.digest or ref.tag)
+    resolved = digest  # what the reference names: cosign signs this one
     manifest = _json(body, f"{where}: manifest")
     if media in INDEX_TYPES or "manifests" in manifest:
         digest = select_platform(manifest, where)
@@ -350,7 +351,7 @@ def _from_registry(
     _container_image(ref, manifest)
 
     def read(name: str) -> bytes:
-        return registry_blob_bytes(registry, ref.repository, "sha256:" + name[-64:], workdir)
+        return registry.blob_bytes(ref.repository, "sha256:" + name[-64:])
 
     # Layers stream straight from the registry into the merge, which checks their digests:
     # nothing but the finished image touches the disk.
@@ -362,6 +363,7 @@ def _from_registry(
         lambda n: registry.open_blob(ref.repository, "sha256:" + n[-64:]),
     )
     image.provenance["registry_digest"] = digest
+    image.provenance["resolved_digest"] = resolved
     return image
 
 
@@ -416,7 +418,7 @@ def _oras(
     if progress:
         progress(f"downloaded {layers[0]['digest'][:19]}")
     config = _json(
-        registry_blob_bytes(registry, ref.repository, manifest["config"]["digest"], workdir),
+        registry.blob_bytes(ref.repository, manifest["config"]["digest"]),
         f"{ref}: config",
     )
     signature = ""
@@ -431,13 +433,6 @@ def _oras(
         signature=signature,
         provenance={"source": str(ref), "manifest": manifest, **config.get("provenance", {})},
     )
-
-
-def registry_blob_bytes(registry: Registry, repository: str, digest: str, workdir: str) -> bytes:
-    path = os.path.join(workdir, digest.replace(":", "-"))
-    registry.blob(repository, digest, path)
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def fetch(

@@ -64,7 +64,9 @@ class Verifier:
     keys: tuple[str, ...]  # trusted transit key names
     cache_dir: str  # root-only: public keys and image digests
     ttl: float = 300.0
+    cosign_keys: tuple[str, ...] = ()  # PEM paths and hashivault://NAME
     _memory: dict[str, tuple[float, list[PublicKey], int]] = field(default_factory=dict)
+    _cosigned: dict[tuple[str, ...], tuple[float, Any]] = field(default_factory=dict)
 
     def _cached_path(self, key: str) -> str:
         return os.path.join(self.cache_dir, "keys", f"{self.vault.transit}-{key}.json")
@@ -205,6 +207,39 @@ class Verifier:
                 continue
             return Verified(digest, qualified, version, payload.signed_at, payload.reference)
         return None
+
+    def verify_cosign(self, registry: Any, repository: str, digests: tuple[str, ...]) -> Any:
+        """A cosign signature of digests by one of cosign_keys (cosign.verify), believed for
+        ttl seconds: a start does not ask the registry again each time."""
+        from nomad_driver.signing import cosign
+
+        key = (registry.host, repository, *digests)
+        hit = self._cosigned.get(key)
+        if hit and time.time() - hit[0] < self.ttl:
+            return hit[1]
+        checks: list[tuple[str, cosign.Check]] = []
+        unusable: list[str] = []  # keys that could not be loaded: the others still count
+        for name in self.cosign_keys:
+            try:
+                if name.startswith(cosign.VAULT_SCHEME):
+                    versions, minimum = self.public_keys(name[len(cosign.VAULT_SCHEME) :])
+                    checks += [(name, k.verify) for k in versions if k.version >= minimum]
+                else:
+                    checks.append((name, cosign.pem_check(name)))
+            except (SignatureError, cosign.CosignError) as err:
+                unusable.append(str(err))
+        if not checks:
+            raise cosign.CosignError(
+                "; ".join(unusable) or "no cosign_keys are configured on this node"
+            )
+        try:
+            verified = cosign.verify(registry, repository, digests, checks)
+        except cosign.CosignError as err:
+            raise cosign.CosignError("; ".join([str(err), *unusable])) from err
+        if len(self._cosigned) > 1024:
+            self._cosigned.clear()
+        self._cosigned[key] = (time.time(), verified)
+        return verified
 
 
 def sign(vault: Vault, image: str, reference: str, key: str) -> envelope.Payload:

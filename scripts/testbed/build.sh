@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Build the test-bed binaries (Nomad, Consul, Vault) from their Go modules.
+# Build the test-bed binaries (Nomad, Consul, Vault, cosign) from their Go modules.
 #
-#   scripts/testbed/build.sh [nomad|consul|vault|all]      (default: all)
+#   scripts/testbed/build.sh [nomad|consul|vault|cosign|all]      (default: all)
 #
 # Nothing is downloaded from release sites: each product is built with `go build`
 # from a small wrapper module (scripts/testbed/<product>/go.mod + go.sum, with a
@@ -14,42 +14,51 @@
 # go.mod/go.sum, the Go version or this script's recipe (RECIPE_REV) changed. Each
 # directory also holds build-info.txt (Go version, wall time) and recipe (the digest).
 #
-# Only MPL-2.0 releases may be used: before compiling, the LICENSE of the product
-# module and of its own sub-modules in the module cache is checked, and the build
-# stops unless it is the Mozilla Public License 2.0.
+# Each product has one accepted licence: the HashiCorp products only as MPL-2.0
+# releases (a BUSL release is refused), cosign (sigstore) as Apache-2.0. Before
+# compiling, the LICENSE of the product module and of its own sub-modules in the module
+# cache is checked, and the build stops unless it is that product's licence.
 #
 # Environment: PYHPC_TESTBED_CACHE (binary cache), and Go's own (GOMODCACHE, GOCACHE,
 # GOPROXY...). A build needs the Go module proxy only while modules are missing from
 # the module cache.
 #
-# Needs: Go >= 1.24 (tool directive; tested with 1.26) and, for Nomad, a C compiler.
+# Needs: Go >= 1.24 (tool directive; tested with 1.26; cosign's wrapper says go 1.25.0,
+# so cosign needs Go >= 1.25) and, for Nomad, a C compiler.
 # Cost on 2 cores, empty module and build caches (measured with Go 1.26.8):
 #   nomad ~2.5 min, consul ~4 min, vault ~8 min; ~1.2 GB of module zips in all.
+#   cosign ~2.5 min (141 s compile+link, 11 s for its 275 module zips, 273 MB).
 
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
 cache_root="${PYHPC_TESTBED_CACHE:-$HOME/.cache/pyhpc/testbed}"
 
-# Product table: main module (= main package), binary name, CGO_ENABLED.
+# Product table: main module, main package (when it is not the module's root),
+# binary name, CGO_ENABLED, accepted licence.
 #  - Nomad is built with cgo like upstream's Linux release (the exec driver's
 #    nsenter is a cgo package); raw_exec and external plugins would not need it.
-#  - Consul and Vault release builds are pure Go.
+#  - Consul and Vault release builds are pure Go; so is cosign's release build
+#    (CGO_ENABLED=0, i.e. without upstream's optional pivkey/pkcs11key tags).
 declare -A MODULE=(
   [nomad]=github.com/hashicorp/nomad
   [consul]=github.com/hashicorp/consul
   [vault]=github.com/hashicorp/vault
+  [cosign]=github.com/sigstore/cosign/v2
 )
-declare -A BINARY=([nomad]=nomad [consul]=consul [vault]=vault)
-declare -A CGO=([nomad]=1 [consul]=0 [vault]=0)
+declare -A MAIN=([cosign]=github.com/sigstore/cosign/v2/cmd/cosign)
+declare -A BINARY=([nomad]=nomad [consul]=consul [vault]=vault [cosign]=cosign)
+declare -A CGO=([nomad]=1 [consul]=0 [vault]=0 [cosign]=0)
+declare -A LICENSE=([nomad]=MPL-2.0 [consul]=MPL-2.0 [vault]=MPL-2.0 [cosign]=Apache-2.0)
 # The product's own sub-modules (pinned by replace in the wrapper): their LICENSE is
 # checked too.
 declare -A SUBMODULES=(
   [nomad]="github.com/hashicorp/nomad/api"
   [consul]="github.com/hashicorp/consul/api github.com/hashicorp/consul/sdk github.com/hashicorp/consul/proto-public"
   [vault]="github.com/hashicorp/vault/api github.com/hashicorp/vault/sdk"
+  [cosign]=""
 )
-ORDER=(nomad consul vault)
+ORDER=(nomad consul vault cosign)
 # Bump when patch_sources or the build flags change: a cached binary is reused only if
 # it was built from the same wrapper go.mod/go.sum and the same recipe revision.
 RECIPE_REV=1
@@ -90,28 +99,38 @@ check_toolchain() {
 }
 
 # check_license PRODUCT: the product module and its sub-modules (all already in the
-# module cache after `go mod download`) must be MPL-2.0.
+# module cache after `go mod download`) must carry the product's licence (LICENSE[...]).
 check_license() {
-  local p="$1" mod dir lic
+  local p="$1" want="${LICENSE[$1]}" mod dir lic pat name n
+  case "$want" in
+    # Upstream's header reads "Mozilla Public License, version 2.0".
+    MPL-2.0) pat='Mozilla Public License,? *(version|v\.?) *2\.0'; name='the Mozilla Public License 2.0'; n=1 ;;
+    # The Apache text starts "Apache License" / "Version 2.0, January 2004" (two lines).
+    Apache-2.0) pat='^ *Version 2\.0, January 2004'; name='the Apache License 2.0'; n=2 ;;
+    *) die "$p: unknown licence '$want' in the product table" ;;
+  esac
   for mod in "${MODULE[$p]}" ${SUBMODULES[$p]}; do
     # -m resolves replaces: this is the directory that will really be compiled.
     dir=$(cd "$here/$p" && go list -m -f '{{with .Replace}}{{.Dir}}{{else}}{{.Dir}}{{end}}' "$mod") \
       || die "$p: cannot locate $mod in the module cache"
     lic="$dir/LICENSE"
     [[ -n "$dir" && -f "$lic" ]] || die "$p: $mod has no LICENSE file (${dir:-not downloaded}); refusing to build"
-    # Upstream's header reads "Mozilla Public License, version 2.0"; BUSL releases
-    # say "Business Source License".
+    # HashiCorp's BUSL releases say "Business Source License": refused whatever the
+    # product. The Apache text must also open with its title.
     if grep -qi 'Business Source License' "$lic" \
-       || ! grep -qiE 'Mozilla Public License,? *(version|v\.?) *2\.0' "$lic"; then
-      die "$p: $mod is not licensed under the Mozilla Public License 2.0 (see $lic);" \
-          "only MPL-2.0 releases may be used for the test bed"
+       || ! grep -qiE "$pat" "$lic" \
+       || { [[ "$want" == Apache-2.0 ]] && ! head -n 5 "$lic" | grep -q 'Apache License'; }; then
+      die "$p: $mod is not licensed under $name (see $lic);" \
+          "only $want releases of $p may be used for the test bed"
     fi
-    log "$p: license OK: $mod ($(basename "$dir")): $(grep -im1 'Mozilla Public License' "$lic" | tr -s ' ')"
+    log "$p: license OK ($want): $mod ($(basename "$dir")):" \
+        "$(grep -m"$n" -iE "^ *Apache License|$pat" "$lic" | tr -s ' \n' ' ' | sed 's/^ //; s/ $//')"
   done
 }
 
 # patch_sources PRODUCT DIR: prepare source patches in DIR and write the extra
-# `go build` flags that use them, one a line, to DIR/build-flags (empty if none).
+# `go build` flags that use them (or that the product's release build sets), one a
+# line, to DIR/build-flags (empty if none).
 # A patched dependency is a copy of the module from the module cache, edited with
 # exact-match edits at build time, and swapped in through a temporary copy of the
 # wrapper's go.mod/go.sum (-modfile) that replaces the module with that directory.
@@ -146,7 +165,19 @@ patch_sources() {
       log "vault: patched copy of $(basename "$src") (CreateOperation/ExistenceCheck panic disabled)"
       printf '%s\n' "-modfile=$dir/go.mod" >"$dir/build-flags"
       ;;
+    cosign)
+      # No patch. Upstream's Makefile stamps the version with -X; built from the
+      # wrapper (main module version "(devel)") `cosign version` would say "devel".
+      printf '%s\n' "-ldflags=-X sigs.k8s.io/release-utils/version.gitVersion=v$(version_of cosign)" \
+        >"$dir/build-flags"
+      ;;
   esac
+}
+
+# version_line BINARY -> the first line of `BINARY version` that has a version number
+# (cosign's output opens with an ASCII-art banner; it reads "GitVersion:    v2.6.5").
+version_line() {
+  "$1" version 2>/dev/null | grep -m1 -E '[0-9]+\.[0-9]+\.[0-9]+' || true
 }
 
 # recipe_of PRODUCT -> a digest of everything that decides what gets built (the
@@ -160,6 +191,7 @@ recipe_of() {
 build_one() {
   local p="$1"
   local mod="${MODULE[$p]}" bin="${BINARY[$p]}" cgo="${CGO[$p]}"
+  local pkg="${MAIN[$p]:-${MODULE[$p]}}"
   local ver dest_dir dest
   ver=$(version_of "$p")
   dest_dir="$cache_root/$p-$ver"
@@ -181,7 +213,7 @@ build_one() {
 
   local t_start t_dl t_build
   t_start=$(date +%s)
-  log "$p $ver: building $mod (CGO_ENABLED=$cgo) into $dest"
+  log "$p $ver: building $pkg (CGO_ENABLED=$cgo) into $dest"
 
   # 1. Modules. `go mod download` fetches everything the wrapper's go.mod lists and
   #    verifies it against the committed go.sum.
@@ -203,8 +235,8 @@ build_one() {
   patch_sources "$p" "$work"
   local -a flags=(-trimpath)
   mapfile -t -O 1 flags <"$work/build-flags"
-  log "$p: go build ${flags[*]} $mod (the long part; $(nproc) CPUs)"
-  (cd "$here/$p" && CGO_ENABLED="$cgo" go build "${flags[@]}" -o "$tmp" "$mod") \
+  log "$p: go build ${flags[*]} $pkg (the long part; $(nproc) CPUs)"
+  (cd "$here/$p" && CGO_ENABLED="$cgo" go build "${flags[@]}" -o "$tmp" "$pkg") \
     || die "$p: go build failed"
   t_build=$(date +%s)
   "$tmp" version >/dev/null 2>&1 || die "$p: the new binary does not run '$bin version'"
@@ -214,7 +246,7 @@ build_one() {
   trap - EXIT
 
   local total=$((t_build - t_start))
-  log "$p: $("$dest" version | head -n1)"
+  log "$p: $(version_line "$dest")"
   log "$p: built in ${total} s (modules $((t_dl - t_start)) s, compile+link $((t_build - t_dl)) s)"
   # Keep a record next to the binary (which Go, how long).
   printf 'product=%s version=%s go=%s cgo=%s built=%s wall_s=%s download_s=%s compile_s=%s\n' \
@@ -227,7 +259,7 @@ main() {
   local -a todo
   case "$what" in
     all) todo=("${ORDER[@]}") ;;
-    nomad|consul|vault) todo=("$what") ;;
+    nomad|consul|vault|cosign) todo=("$what") ;;
     -h|--help|help) usage ;;
     *) usage ;;
   esac

@@ -451,13 +451,15 @@ write_pyhpc_config() {
       helper       = "pyhpc-testbed"\
       task_helpers = ["pyhpc-testbed"]\
     }|' \
-      -e 's|^    signature_rules = \[\]$|    signature_rules = ["docker://'"$r"'/signed/=enforce", "docker://'"$r"'/warned/=warn"]|' \
+      -e 's|^    signature_rules = \[\]$|    signature_rules = ["docker://'"$r"'/signed/=enforce", "docker://'"$r"'/warned/=warn", "docker://'"$r"'/cosigned/=cosign"]|' \
+      -e 's|^    # cosign_keys   = \[\]$|    cosign_keys   = ["'"$STATE"'/cosign/cosign.pub", "hashivault://pyhpc-cosign"]|' \
       -e 's|^    # image_gc_interval = "1h"$|    image_gc_interval = "10s"|' \
       -e 's|^    signature_keys  = \[\]$|    signature_keys  = ["pyhpc-images"]|' \
       -e 's|^    vault_address   = ""$|    vault_address   = "'"$VAULT_ADDR_LOCAL"'"|' \
       -e 's|^    vault_token_file = ""$|    vault_token_file = "'"$STATE/vault-token"'"|' \
     "$PYHPC_HCL" >"$STATE/nomad/pyhpc.hcl"
   grep -q 'signed/=enforce' "$STATE/nomad/pyhpc.hcl" || die "could not add the signature rules"
+  grep -q '^    cosign_keys   = \["' "$STATE/nomad/pyhpc.hcl" || die "could not add cosign_keys"
   grep -q 'helper       = "pyhpc-testbed"' "$STATE/nomad/pyhpc.hcl" || die "could not add auth"
   grep -q '^    image_gc_interval = "10s"' "$STATE/nomad/pyhpc.hcl" || die "could not set image_gc_interval"
   write_credential_helper
