@@ -106,6 +106,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     sign.add_argument("image", metavar="IMAGE", help=f"{DIGEST_FORMS}, or a SquashFS path")
     sign.add_argument("--key", required=True, help="transit key name")
+    sign.add_argument(
+        "--cosign-bundle",
+        metavar="FILE",
+        help="also write a cosign bundle of the SquashFS file's signature, for `cosign "
+        "verify-blob --key PEM --bundle FILE --insecure-ignore-tlog IMAGE.sqsh` (an "
+        "ecdsa-p256 transit key; its PEM is in `vault read transit/keys/KEY`)",
+    )
     sign.add_argument("--transit", help="transit mount (default: the policy's, transit)")
     verify = acts.add_parser(
         "verify",
@@ -238,6 +245,8 @@ def _signing(args: argparse.Namespace, store: Any, cfg: Settings) -> None:
                 f"signed {payload.digest} as {name} with {payload.key} v{payload.key_version}: "
                 f"{path}.dsse.json"
             )
+            if args.cosign_bundle:
+                print(f"cosign bundle: {_cosign_bundle(vault, path, args.key, args.cosign_bundle)}")
             return
         if not cfg.keys:
             raise Refused("name a trusted key with --key (the policy's signature_keys is empty)")
@@ -245,6 +254,25 @@ def _signing(args: argparse.Namespace, store: Any, cfg: Settings) -> None:
         print(json.dumps(describe(verified)))
     except (SignatureError, VaultError) as err:
         raise Refused(f"{args.image_command}: {' '.join(str(err).split())}") from err
+
+
+def _cosign_bundle(vault: Any, path: str, key: str, output: str) -> str:
+    """Sign the file's SHA-256 with an ECDSA transit key; write the cosign blob bundle."""
+    from nomad_driver.signing.cosign import blob_bundle
+    from nomad_driver.util.digest import file_digest
+    from nomad_driver.util.files import write_atomic
+
+    keys, _ = vault.public_keys(key)
+    if any(k.algorithm != "ecdsa-p256" for k in keys):
+        raise Refused(
+            f"--cosign-bundle: transit key {key} is {keys[0].algorithm}; cosign verifies blob "
+            "signatures of ecdsa-p256 keys made this way (pyhpc vault setup --algorithm ecdsa-p256)"
+        )
+    digest = bytes.fromhex(file_digest(path).partition(":")[2])
+    signature, _ = vault.sign_digest(key, digest)
+    write_atomic(output, blob_bundle(signature))
+    os.chmod(output, 0o644)  # a signature: meant to be handed round
+    return output
 
 
 def _registry(cfg: Settings, args: argparse.Namespace, text: str) -> dict[str, Any]:

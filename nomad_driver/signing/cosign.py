@@ -153,3 +153,9 @@ def verify(
             problems.append(f"{where}: signed, but by none of the trusted keys")
     trusted = ", ".join(name for name, _ in keys) or "none"
     raise CosignError("; ".join(dict.fromkeys(problems)) + f" (trusted cosign keys: {trusted})")
+
+
+def blob_bundle(signature: bytes) -> str:
+    """A key-based bundle `cosign verify-blob --key PEM --bundle FILE --insecure-ignore-tlog`
+    accepts for the blob the signature is over (no certificate, no transparency log entry)."""
+    return json.dumps({"base64Signature": base64.b64encode(signature).decode()})

@@ -167,6 +167,22 @@ class Vault:
         _, version, sig = text.split(":", 2)
         return base64.b64decode(sig), int(version.lstrip("v"))
 
+    def sign_digest(self, key: str, digest: bytes) -> tuple[bytes, int]:
+        """(signature, key version) of a SHA-256 digest by an ECDSA transit key: the signature
+        of the data it is the digest of (Vault's prehashed signing; ed25519 cannot)."""
+        transit = self.client().secrets.transit
+        reply = self._call(
+            f"signing with {self.transit}/{key}",
+            transit.sign_data,
+            key,
+            hash_input=base64.b64encode(digest).decode(),
+            hash_algorithm="sha2-256",
+            prehashed=True,
+            mount_point=self.transit,
+        )
+        _, version, sig = reply["data"]["signature"].split(":", 2)
+        return base64.b64decode(sig), int(version.lstrip("v"))
+
     def public_keys(self, key: str) -> tuple[list[PublicKey], int]:
         """Every version's public key, and the lowest version still accepted."""
         transit = self.client().secrets.transit

@@ -132,3 +132,45 @@ def test_a_vault_transit_key_signs_as_hashivault_and_the_verifier_trusts_it(
         both = ("/nonexistent/cosign.pub", "hashivault://release")
         mixed = Verifier(vault, (), str(tmp_path / "c2"), cosign_keys=both)
         assert mixed.verify_cosign(Registry(reg.host), "vaulted", (digest,)).key == both[1]
+
+
+def test_pyhpc_writes_a_blob_bundle_that_cosign_verify_blob_accepts(tmp_path: Path) -> None:
+    import sys
+
+    with dev_vault() as (address, _):
+        vault = Vault(address=address, auth=Auth(token=TOKEN))
+        vault.setup("bundles", algorithm="ecdsa-p256")
+        vault.setup("edwards")
+        image = tmp_path / "image.sqsh"
+        image.write_bytes(os.urandom(1 << 20))
+        env = {**os.environ, "VAULT_ADDR": address, "VAULT_TOKEN": TOKEN}
+        cli = [sys.executable, "-m", "nomad_driver.cli.main", "image", "--store", str(tmp_path)]
+        bundle = tmp_path / "image.bundle"
+        done = subprocess.run(
+            [*cli, "sign", str(image), "--key", "bundles", "--cosign-bundle", str(bundle)],
+            capture_output=True, text=True, env=env, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        pem = tmp_path / "bundles.pub"
+        pem.write_text(vault.public_keys("bundles")[0][0].material)
+
+        def verify_blob(blob: Path) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [cosign_binary(), "verify-blob", "--key", str(pem), "--bundle", str(bundle),
+                 "--insecure-ignore-tlog=true", str(blob)],
+                capture_output=True, text=True, timeout=60,
+                env={**os.environ, "SIGSTORE_REKOR_PUBLIC_KEY": str(pem),
+                     "TUF_ROOT": str(tmp_path)},
+            )  # fmt: skip
+
+        checked = verify_blob(image)
+        assert checked.returncode == 0 and "Verified OK" in checked.stderr, checked.stderr
+        changed = tmp_path / "changed.sqsh"
+        changed.write_bytes(image.read_bytes()[:-1] + b"\0")
+        assert verify_blob(changed).returncode != 0  # the control: other bytes do not verify
+        refused = subprocess.run(
+            [*cli, "sign", str(image), "--key", "edwards", "--cosign-bundle", str(bundle)],
+            capture_output=True, text=True, env=env, timeout=60,
+        )  # fmt: skip
+        assert refused.returncode == 1
+        assert "transit key edwards is ed25519" in refused.stderr.strip().splitlines()[-1]
