@@ -62,6 +62,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="writable layer over the image (default tmpfs; disk: in --layer-dir)",
     )
     p.add_argument("--layer-dir", metavar="DIR", help="where --writable disk keeps its layer")
+    p.add_argument(
+        "--save",
+        metavar="FILE.sqsh",
+        help="when the command ends, save the container (the image and what the command "
+        "changed) as a new SquashFS image, written as you (a new file, never replaced)",
+    )
     p.add_argument("--network", choices=("host", "none"), default="host")
     p.add_argument(
         "--seccomp",
@@ -270,6 +276,14 @@ def run(args: argparse.Namespace) -> int:
                 "--root: the system policy has user_namespace = false, so the container's "
                 f"root would be the host's; a sudo caller (uid {who.uid}) may not use it"
             )
+        save_to = ""
+        if args.save:
+            save_to = os.path.abspath(args.save)
+            if args.writable == "none":
+                return _fail("--save: --writable none leaves nothing to save")
+            if os.path.lexists(save_to):
+                return _fail(f"--save {args.save}: the file exists; name a new one")
+            args.writable = "disk"  # the layer outlives the container, to be saved
         task = schema.load(
             config.TaskConfig,
             {
@@ -332,9 +346,32 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(err))
     except OSError as err:
         return _fail(f"{err.filename}: {err.strerror}" if err.filename else str(err))
+
+    def save() -> None:
+        from nomad_driver.images import save as saving
+        from nomad_driver.runtime.container import DISK_SUFFIX
+
+        assert image.file is not None and isinstance(spec.upper_dir, str)
+        disk = spec.disk_max_mb > 0
+        built = saving.save(
+            image.file.fd,
+            image.file.path,
+            spec.upper_dir + DISK_SUFFIX if disk else spec.upper_dir,
+            disk,
+            saving.id_mapper(*(spec.userns or (None, 0))),
+            run_dir,
+            int(plugin.image_zstd_level),
+        )
+        saving.deliver(built, save_to, who.uid, who.gid)
+        print(f"pyhpc run: saved the container as {save_to}", file=sys.stderr)
+
     try:
         return supervise(
-            spec, run_dir, image.file, [(d.image.file, d.path) for d in datasets if d.image.file]
+            spec,
+            run_dir,
+            image.file,
+            [(d.image.file, d.path) for d in datasets if d.image.file],
+            save if save_to else None,
         )
     finally:
         for opened in (image, *(d.image for d in datasets)):
@@ -471,7 +508,9 @@ def environment(given: list[str], files: list[str]) -> dict[str, str]:
     return env
 
 
-def supervise(spec: object, run_dir: str, image: Any = None, datasets: Any = ()) -> int:
+def supervise(
+    spec: object, run_dir: str, image: Any = None, datasets: Any = (), save: Any = None
+) -> int:
     import shutil
 
     # Loaded here, before the fork, so the container's init finds them already in memory.
@@ -517,6 +556,13 @@ def supervise(spec: object, run_dir: str, image: Any = None, datasets: Any = ())
         for signum in held:
             forward(signum, None)
         result = supervisor.finish()
+        if save is not None and not result.err:
+            from nomad_driver.images.save import SaveError
+
+            try:
+                save()  # before the layer goes with run_dir
+            except SaveError as err:
+                return _fail(str(err))
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     if result.err:

@@ -455,7 +455,7 @@ def fetch(
         if ref.transport == "docker-archive":
             return _from_docker_archive(ref, access)
         if ref.transport == "dir":
-            tree = _Tree(ref, _open_local(ref, access, directory=True), access)
+            tree = DirTree(ref, _open_local(ref, access, directory=True), access)
             return Fetched(directory=ref.path, tree=tree, provenance={"source": str(ref)})
         if ref.transport == "file":
             if not os.path.isfile(ref.path):
@@ -494,7 +494,18 @@ def check_access(
 XATTR_PREFIXES = ("user.", "trusted.", "security.")  # what SquashFS can store
 
 
-class _Tree:
+def _xattrs(fd: int) -> list[str]:
+    """The extended attributes' names; none where the filesystem has none (a SquashFS built
+    without them answers EOPNOTSUPP)."""
+    try:
+        return os.listxattr(fd)
+    except OSError as err:
+        if err.errno in (errno.EOPNOTSUPP, errno.ENOTSUP):
+            return []
+        raise
+
+
+class DirTree:
     """A dir: source written as one tar stream, walked by descriptor: each entry is looked at
     without following it (fstatat), directories and files are opened beneath their parent's
     descriptor with no symlink allowed and their type checked again on the open descriptor,
@@ -502,8 +513,15 @@ class _Tree:
     refused as in layers, sockets left out. An entry swapped while it is read fails the
     import; it never makes root read what it now points at."""
 
-    def __init__(self, ref: Reference, fd: int, access: LocalAccess) -> None:
+    def __init__(
+        self,
+        ref: Reference,
+        fd: int,
+        access: LocalAccess,
+        ids: Callable[[int], int] | None = None,
+    ) -> None:
         self.ref, self.fd, self.access = ref, fd, access
+        self.ids = ids or (lambda i: i)  # host id -> the id recorded
         self.links: dict[tuple[int, int], str] = {}
         self.count = 0
         weakref.finalize(self, os.close, fd)
@@ -520,12 +538,16 @@ class _Tree:
     def _info(self, path: str, kind: bytes, st: os.stat_result, fd: int = -1) -> tarfile.TarInfo:
         info = tarfile.TarInfo(path)
         info.type = kind
-        info.mode, info.uid, info.gid = st.st_mode & 0o7777, st.st_uid, st.st_gid
+        info.mode, info.uid, info.gid = (
+            st.st_mode & 0o7777,
+            self.ids(st.st_uid),
+            self.ids(st.st_gid),
+        )
         info.mtime, info.uname, info.gname = int(st.st_mtime), "", ""
         if fd >= 0:
             info.pax_headers = {
                 "SCHILY.xattr." + name: os.getxattr(fd, name).decode("utf-8", "surrogateescape")
-                for name in os.listxattr(fd)
+                for name in _xattrs(fd)
                 if name.startswith(XATTR_PREFIXES)
             }
         self.count += 1

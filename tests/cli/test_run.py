@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -384,3 +385,49 @@ def test_a_dataset_mounts_read_only_and_one_outside_image_dirs_is_refused(
         ]
     finally:
         dataset.unlink()
+
+
+def test_save_turns_what_the_command_changed_into_an_image_written_as_the_caller(
+    tmp_path: Path, busybox_image: Path
+) -> None:
+    saved = tmp_path / "saved.sqsh"
+    script = (
+        "echo made-here > /made.txt; rm /bin/true; mkdir -p /opt/d; chown 5:6 /opt/d; "
+        "ln -s /made.txt /opt/link"
+    )
+    done = pyhpc_run("--save", str(saved), str(busybox_image), "--", "sh", "-c", script)
+    assert done.returncode == 0, done.stderr
+    assert f"saved the container as {saved}" in done.stderr
+    assert saved.stat().st_uid == 0 and saved.stat().st_mode & 0o777 == 0o644
+    listing = subprocess.run(
+        ["unsquashfs", "-lln", str(saved)], capture_output=True, text=True, check=True
+    ).stdout
+    lines = {line.split()[-1] if "->" not in line else line.split()[-3]: line
+             for line in listing.splitlines() if "squashfs-root" in line}  # fmt: skip
+    assert "squashfs-root/made.txt" in lines and "squashfs-root/bin/true" not in lines
+    assert "squashfs-root/bin/sh" in lines  # the image is all there under the change
+    assert lines["squashfs-root/opt/d"].split()[1] == "5/6"  # the container's ids, not host's
+    assert lines["squashfs-root/made.txt"].split()[1] == "0/0"
+    assert "-> /made.txt" in lines["squashfs-root/opt/link"]
+    # Saved again over it: refused before anything runs; a sudo caller writes as itself.
+    again = pyhpc_run("--save", str(saved), str(busybox_image), "--", "true")
+    assert again.returncode != 0 and "the file exists" in again.stderr
+    public = Path(tempfile.mkdtemp(prefix="pyhpc-save-"))  # /tmp: searchable by uid 1000
+    try:
+        public.chmod(0o755)
+        mine = public / "mine"
+        mine.mkdir()
+        os.chown(mine, 1000, 100)
+        as_user = {"SUDO_UID": "1000", "SUDO_GID": "100"}
+        out = mine / "u.sqsh"
+        done = pyhpc_run("--save", str(out), str(busybox_image), "--", "true", env=as_user)
+        assert done.returncode == 0, done.stderr
+        assert (out.stat().st_uid, out.stat().st_gid) == (1000, 100)
+        # A directory the caller may not write, and a symlink it planted: root writes neither.
+        (mine / "planted.sqsh").symlink_to(public / "root-only")
+        for dest in (public / "x.sqsh", mine / "planted.sqsh"):
+            done = pyhpc_run("--save", str(dest), str(busybox_image), "--", "true", env=as_user)
+            assert done.returncode != 0, dest
+        assert not (public / "x.sqsh").exists() and not (public / "root-only").exists()
+    finally:
+        shutil.rmtree(public)
