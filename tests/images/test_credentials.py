@@ -292,3 +292,16 @@ def test_tokens_are_asked_once_per_scope_and_login(
     Store(str(tmp_path / "b")).ensure(ref, registry=Registry(reg.host, login))
     asked = reg.tokens.asked[before:]
     assert asked == [("cache-test", "repository:team/app:pull")]
+
+
+def test_docker_hub_names_map_to_its_registry_and_library() -> None:
+    from nomad_driver.images import reference
+
+    ref = reference.parse("docker://docker.io/busybox:1.36")
+    assert (ref.registry, ref.repository, str(ref)) == (
+        "docker.io", "library/busybox", "docker://docker.io/library/busybox:1.36"
+    )  # fmt: skip
+    assert reference.parse("docker://docker.io/team/app").repository == "team/app"
+    assert Registry("docker.io").base == "https://registry-1.docker.io"
+    assert Registry("index.docker.io").base == "https://registry-1.docker.io"
+    assert credentials.server_keys("docker.io")[0] == "https://index.docker.io/v1/"
