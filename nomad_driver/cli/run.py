@@ -176,6 +176,9 @@ class Caller:
         return self.uid == 0
 
 
+ROOT = Caller(0, 0, frozenset({0}))
+
+
 def image_argument(text: str) -> str:
     """IMAGE as the policy sees it: a reference (a transport before any '/': docker://, oci:)
     as written, anything else as an absolute path. Decided by its form alone: asking the
@@ -190,7 +193,7 @@ def caller() -> Caller:
     if uid == 0 and sudo_uid.isdigit():
         uid = int(sudo_uid)
     if uid == 0:
-        return Caller(0, 0, frozenset({0}))
+        return ROOT
     gid = int(sudo_gid) if sudo_gid.isdigit() else uid
     groups = {gid}
     try:
@@ -262,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
         return 125
     command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     try:
-        env = {"TERM": os.environ.get("TERM", "xterm"), **environment(args.env, args.env_file)}
+        env = {"TERM": os.environ.get("TERM", "xterm"), **environment(args.env, args.env_file, who)}
     except ValueError as err:
         return _fail(str(err))
     config_path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
@@ -350,6 +353,7 @@ def run(args: argparse.Namespace) -> int:
     def save() -> None:
         from nomad_driver.images import save as saving
         from nomad_driver.runtime.container import DISK_SUFFIX
+        from nomad_driver.util.asuser import write_new_as
 
         assert image.file is not None and isinstance(spec.upper_dir, str)
         disk = spec.disk_max_mb > 0
@@ -362,7 +366,15 @@ def run(args: argparse.Namespace) -> int:
             run_dir,
             int(plugin.image_zstd_level),
         )
-        saving.deliver(built, save_to, who.uid, who.gid)
+        fd = os.open(built, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            write_new_as(save_to, fd, who.uid, who.gid, who.groups)
+        except OSError as err:
+            raise saving.SaveError(
+                f"cannot write the saved image: {save_to}: {err.strerror}"
+            ) from err
+        finally:
+            os.close(fd)
         print(f"pyhpc run: saved the container as {save_to}", file=sys.stderr)
 
     try:
@@ -480,14 +492,17 @@ def _write_cache(name: str, text: str) -> None:
         os.close(cache)
 
 
-def environment(given: list[str], files: list[str]) -> dict[str, str]:
+def environment(given: list[str], files: list[str], who: Caller = ROOT) -> dict[str, str]:
     """--env-file lines, then --env, as Docker takes them: K=V sets, a bare K passes this
-    process's value (and is left out where it has none). ValueError names what is wrong."""
+    process's value (and is left out where it has none). The files are read as the caller
+    (root reads nothing for a sudo caller that the caller could not). ValueError names what
+    is wrong."""
+    from nomad_driver.util.asuser import read_as
+
     items: list[tuple[str, str]] = []
     for path in files:
         try:
-            with open(path, encoding="utf-8") as f:
-                lines = f.read().splitlines()
+            lines = read_as(path, who.uid, who.gid, who.groups).decode().splitlines()
         except (OSError, UnicodeDecodeError) as err:
             raise ValueError(f"--env-file {path}: {getattr(err, 'strerror', None) or err}") from err
         items += [

@@ -64,6 +64,7 @@ class ResolvedImage(NamedTuple):
     # the platform's), as the store recorded them, and the client that reaches its registry.
     digests: tuple[str, ...] = ()
     registry: Any = None
+    stored: dict[str, Any] | None = None  # an image of the store: its metadata there
 
 
 def keychain(plugin: PluginConfig, auth: TaskAuth | None, soft_fail: bool = False) -> Keychain:
@@ -172,6 +173,7 @@ def resolve_image(
         name,
         tuple(str(d) for d in digests if d) if ref.transport == "docker" else (),
         kw.get("registry"),
+        meta,
     )
 
 
@@ -511,17 +513,28 @@ class SignatureRefused(PolicyError):
     """signature_mode "enforce" refused the image."""
 
 
-def check_signature(plugin: PluginConfig, verifier: Callable[[], Any], image: ResolvedImage) -> str:
+def check_signature(
+    plugin: PluginConfig,
+    verifier: Callable[[], Any],
+    image: ResolvedImage,
+    record: dict[str, Any] | None = None,
+) -> str:
     """The image's signature, checked as signature_mode and signature_rules ask, on the very
     descriptor that will be mounted. Returns what to tell the user ("" when the mode is off);
-    raises SignatureRefused under "enforce". verifier: gives the Verifier, made on first use."""
+    raises SignatureRefused under "enforce". verifier: gives the Verifier, made on first use.
+    record: filled with what was checked (mode, key, version, when), for provenance."""
+    import time
+
     from nomad_driver.signing.verify import SignatureError, mode_for
 
     mode = mode_for(image.reference, plugin.signature_mode, plugin.signature_rules)
+    out = record if record is not None else {}
+    out.update(mode=mode, image=image.reference)
     if mode == "off" or image.file is None:
         return ""
+    out["checked_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     if mode == "cosign":
-        return _check_cosign(verifier, image)
+        return _check_cosign(verifier, image, out)
     try:
         verified = verifier().verify(image.file, image.reference)
     except SignatureError as err:
@@ -529,14 +542,21 @@ def check_signature(plugin: PluginConfig, verifier: Callable[[], Any], image: Re
             raise SignatureRefused(
                 f"signature check failed (signature_mode enforce): {err}"
             ) from err
+        out["failed"] = str(err)
         return f"WARNING: signature check failed, starting anyway (warn): {err}"
+    out.update(
+        key=verified.key,
+        version=verified.version,
+        signed_at=verified.signed_at,
+        signed_reference=verified.reference,
+    )
     return (
         f"{verified.digest} verified: signed with {verified.key} v{verified.version} at "
         f"{verified.signed_at}"
     )
 
 
-def _check_cosign(verifier: Callable[[], Any], image: ResolvedImage) -> str:
+def _check_cosign(verifier: Callable[[], Any], image: ResolvedImage, out: dict[str, Any]) -> str:
     from nomad_driver.images import reference
     from nomad_driver.signing.cosign import CosignError
 
@@ -550,6 +570,7 @@ def _check_cosign(verifier: Callable[[], Any], image: ResolvedImage) -> str:
         verified = verifier().verify_cosign(image.registry, ref.repository, image.digests)
     except CosignError as err:
         raise SignatureRefused(f"cosign signature check failed: {err}") from err
+    out.update(key=verified.key, manifest_digest=verified.manifest_digest)
     return f"cosign signature of {verified.manifest_digest} verified with {verified.key}"
 
 
@@ -558,16 +579,21 @@ def check_signatures(
     verifier: Callable[[], Any],
     image: ResolvedImage,
     datasets: list[Dataset] | tuple[Dataset, ...] = (),
+    records: list[dict[str, Any]] | None = None,
 ) -> list[str]:
     """check_signature for the image and each dataset; what to tell the user, each message
-    naming the dataset it is about. SignatureRefused names it too."""
+    naming the dataset it is about. SignatureRefused names it too. records: one per image
+    checked, the image's first (for provenance)."""
     said = []
     for checking in (image, *(d.image for d in datasets)):
         what = "" if checking is image else f"dataset {checking.reference}: "
+        record: dict[str, Any] = {}
         try:
-            checked = check_signature(plugin, verifier, checking)
+            checked = check_signature(plugin, verifier, checking, record)
         except SignatureRefused as err:
             raise SignatureRefused(f"{what}{err}") from err
+        if records is not None:
+            records.append(record)
         if checked:
             said.append(what + checked)
     return said

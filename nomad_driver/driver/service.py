@@ -8,6 +8,7 @@ UNAVAILABLE is never used for an application error.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import logging
 import os
@@ -27,7 +28,7 @@ from grpc_status import rpc_status
 
 from nomad_driver import __version__
 from nomad_driver.device import nvml
-from nomad_driver.driver import config, execio, policy
+from nomad_driver.driver import config, execio, policy, provenance
 from nomad_driver.driver.handle import TaskHandle, Usage
 from nomad_driver.driver.state import DriverState, StateError
 from nomad_driver.goplugin import hclog
@@ -487,8 +488,9 @@ class DriverService:
     ) -> tuple[client.Started, client.Started | None]:
         """The start proper, from the opened image on: its signature and its datasets' (on
         the descriptors that will be mounted), the container spec, and the supervisor."""
+        signatures: list[dict[str, Any]] = []
         try:
-            said = policy.check_signatures(self.config, self._verifier, image, datasets)
+            said = policy.check_signatures(self.config, self._verifier, image, datasets, signatures)
         except policy.SignatureRefused as err:
             abort(context, grpc.StatusCode.PERMISSION_DENIED, f"{where}: {err}")
         for checked in said:
@@ -529,7 +531,57 @@ class DriverService:
                 f"{where}: {err}",
                 recoverable=True if retry else None,
             )
+        if adopted is None:
+            self._provenance(task, cfg, spec, image, datasets, signatures, run_dir, progress)
         return started, adopted
+
+    def _provenance(
+        self,
+        task: Any,
+        cfg: config.TaskConfig,
+        spec: ContainerSpec,
+        image: policy.ResolvedImage,
+        datasets: list[policy.Dataset],
+        signatures: list[dict[str, Any]],
+        run_dir: str,
+        progress: Any,
+    ) -> None:
+        """Keep the start's provenance record with the task and publish it into alloc/logs;
+        a record that cannot be written is reported, never a reason to stop the task."""
+        env = dict(task.env)
+        where = {
+            "node": task.node_name,
+            "node_id": task.node_id,
+            "region": env.get("NOMAD_REGION", ""),
+            "datacenter": env.get("NOMAD_DC", ""),
+            "namespace": env.get("NOMAD_NAMESPACE", ""),
+            "job": env.get("NOMAD_JOB_ID", task.job_name),
+            "group": env.get("NOMAD_GROUP_NAME", task.task_group_name),
+            "task": task.name,
+            "alloc_id": task.alloc_id,
+            "alloc_dir": task.alloc_dir,
+        }
+        options = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "auth"}
+        try:
+            data = provenance.record(
+                spec, image, datasets, signatures, where, options, self._nomad_binary()
+            )
+            provenance.keep(run_dir, data)
+            path = provenance.publish(task.alloc_dir, task.name, data)
+            progress(
+                f"{provenance.summary(data)}; record in {os.path.relpath(path, task.alloc_dir)}"
+            )
+        except OSError as err:
+            progress(f"WARNING: no provenance record: {err}")
+
+    def _nomad_binary(self) -> str:
+        """The Nomad agent that runs this plugin (its parent), for its version."""
+        if not self.serving_agent:
+            return ""
+        try:
+            return os.readlink(f"/proc/{os.getppid()}/exe")
+        except OSError:
+            return ""
 
     def RecoverTask(self, request: Any, context: grpc.ServicerContext) -> Any:
         task = request.handle.config
@@ -561,12 +613,21 @@ class DriverService:
         return driver_pb2.RecoverTaskResponse()
 
     def _exited(self, handle: TaskHandle) -> None:
-        """Say in the task's events what Nomad 1.6's own messages leave out."""
+        """Say in the task's events what Nomad 1.6's own messages leave out; complete the
+        provenance record with how the task ended."""
         result = handle.result
         if result is not None and result.oom_killed:
             self.events.emit(handle, "OOM killed: the task used more memory than it was given")
         elif result is not None and result.err:
             self.events.emit(handle, result.err)
+        data = provenance.kept(handle.run_dir)
+        if data is not None and "ended_at" not in data:
+            data = provenance.finish(data, result)
+            try:
+                provenance.keep(handle.run_dir, data)
+                provenance.publish(str(data["where"]["alloc_dir"]), handle.name, data)
+            except (OSError, KeyError, TypeError) as err:
+                log.warning("provenance record not completed", extra={"kv": {"error": str(err)}})
 
     def WaitTask(self, request: Any, context: grpc.ServicerContext) -> Any:
         handle = self._handle(request.task_id, context)

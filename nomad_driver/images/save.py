@@ -21,6 +21,7 @@ from nomad_driver.images.reference import Reference
 from nomad_driver.images.sources import DirTree, LocalAccess, SourceError
 from nomad_driver.runtime import linux
 from nomad_driver.runtime.container import attach_loop, fd_path, mount_image
+from nomad_driver.util.asuser import children_in_own_pid_namespace
 
 
 class SaveError(RuntimeError):
@@ -32,16 +33,6 @@ def id_mapper(first: int | None, count: int) -> Callable[[int], int]:
     if first is None:
         return lambda i: i
     return lambda i: i - first if first <= i < first + count else i
-
-
-def _children_in_own_pid_namespace() -> None:
-    """A supervisor unshared a PID namespace for its container, whose end leaves it unable to
-    fork (ENOMEM): children go in our own again."""
-    fd = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        linux.setns(fd, linux.CLONE_NEWPID)
-    finally:
-        os.close(fd)
 
 
 def save(
@@ -57,7 +48,7 @@ def save(
     the caller owns and trusts); returns its path. layer: the task's layer directory (with
     upper/), or with disk_file its ext4 file."""
     out = os.path.join(work, "saved.sqsh")
-    _children_in_own_pid_namespace()
+    children_in_own_pid_namespace()
     errors_r, errors_w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: its mounts go with it
@@ -125,43 +116,3 @@ def _build(
         squashfs.from_tar(tree, out, level)
     except (squashfs.BuildError, SourceError) as err:
         raise SaveError(str(err)) from err
-
-
-def deliver(built: str, dest: str, uid: int, gid: int) -> None:
-    """Copy built to dest as the caller (uid, gid) would create it: a new file, never through
-    a symlink, never over an existing one, in a directory the caller may write. Root's own
-    privileges never touch dest."""
-    src = os.open(built, os.O_RDONLY | os.O_CLOEXEC)
-    _children_in_own_pid_namespace()
-    errors_r, errors_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(errors_r)
-        code = 0
-        try:
-            if uid != 0:
-                os.setgroups([])
-                os.setresgid(gid, gid, gid)
-                os.setresuid(uid, uid, uid)
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            out = os.open(dest, flags, 0o644)
-            try:
-                while os.sendfile(out, src, None, 1 << 24):
-                    pass
-                os.fsync(out)
-            except BaseException:
-                os.unlink(dest)
-                raise
-            finally:
-                os.close(out)
-        except OSError as err:
-            os.write(errors_w, f"{dest}: {err.strerror}".encode())
-            code = 1
-        os._exit(code)
-    os.close(errors_w)
-    os.close(src)
-    with os.fdopen(errors_r, "rb") as errors:
-        said = errors.read().decode(errors="replace")
-    _, status = os.waitpid(pid, 0)
-    if status != 0:
-        raise SaveError(f"cannot write the saved image: {said or 'the writer died'}")

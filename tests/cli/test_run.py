@@ -431,3 +431,35 @@ def test_save_turns_what_the_command_changed_into_an_image_written_as_the_caller
         assert not (public / "x.sqsh").exists() and not (public / "root-only").exists()
     finally:
         shutil.rmtree(public)
+
+
+def test_a_sudo_caller_cannot_read_root_only_files_through_env_file(busybox_image: Path) -> None:
+    """The attack: --env-file names a file only root may read; its lines would come back in
+    the refusal (a malformed line is quoted) or in the container's environment. The file is
+    read as the caller, so the kernel says no. The control: a file the caller may read."""
+    secret_dir = Path(tempfile.mkdtemp(prefix="pyhpc-envfile-"))
+    try:
+        secret_dir.chmod(0o755)
+        shadow_like = secret_dir / "root-only.env"
+        shadow_like.write_text("root:$6$hash-of-root:19000:0:99999\nDB_PASSWORD=hunter2-root\n")
+        shadow_like.chmod(0o600)
+        as_user = {"SUDO_UID": "1000", "SUDO_GID": "100"}
+        done = pyhpc_run(f"--env-file={shadow_like}", str(busybox_image), "--", "env",
+                         env=as_user)  # fmt: skip
+        assert done.returncode != 0
+        assert "hash-of-root" not in done.stderr + done.stdout
+        assert "hunter2" not in done.stderr + done.stdout
+        assert f"--env-file {shadow_like}: Permission denied" in done.stderr
+        fifo = secret_dir / "fifo.env"
+        os.mkfifo(fifo)
+        fifo.chmod(0o666)
+        done = pyhpc_run(f"--env-file={fifo}", str(busybox_image), "--", "true", env=as_user)
+        assert done.returncode != 0 and "not a regular file" in done.stderr  # and no hang
+        readable = secret_dir / "mine.env"
+        readable.write_text("MODE=user\n")
+        readable.chmod(0o644)
+        done = pyhpc_run(f"--env-file={readable}", str(busybox_image), "--", "sh", "-c",
+                         "echo $MODE", env=as_user)  # fmt: skip
+        assert (done.returncode, done.stdout) == (0, "user\n"), done.stderr
+    finally:
+        shutil.rmtree(secret_dir)
