@@ -126,7 +126,7 @@ def parser(only: str = "") -> argparse.ArgumentParser:
     if only == "run":
         run.add_parser(sub)
         return p
-    from nomad_driver.cli import dispatch, image, sync
+    from nomad_driver.cli import dispatch, image, provenance, sync
 
     inst = sub.add_parser(
         "install-plugin", help="install the driver (or the GPU device plugin) into a plugin_dir"
@@ -161,6 +161,7 @@ def parser(only: str = "") -> argparse.ArgumentParser:
     image.add_parser(sub)
     dispatch.add_parser(sub)
     sync.add_parser(sub)
+    provenance.add_parser(sub)
     vault = sub.add_parser("vault", help="set up Vault for image signing")
     vault_sub = vault.add_subparsers(dest="vault_command", required=True, metavar="ACTION")
     setup = vault_sub.add_parser(
@@ -201,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         return sync.run(args)
     if args.command == "vault":
         return vault_setup(args)
+    if args.command == "provenance":
+        from nomad_driver.cli import provenance
+
+        return provenance.run(args)
     return config_reference()
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import re
 import signal
@@ -44,6 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument(
         "image",
         metavar="IMAGE",
+        nargs="?",
         help="SquashFS file, or a reference (docker://, oras://, oci:, ...) allowed by the "
         "policy's image_sources, imported into the store on first use",
     )
@@ -62,6 +64,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="writable layer over the image (default tmpfs; disk: in --layer-dir)",
     )
     p.add_argument("--layer-dir", metavar="DIR", help="where --writable disk keeps its layer")
+    p.add_argument(
+        "--provenance",
+        metavar="FILE",
+        help="when the command ends, write its provenance record (image digest and sources, "
+        "signatures, node, command, environment, mounts, result) to FILE, as you",
+    )
+    p.add_argument(
+        "--replay",
+        metavar="FILE",
+        help="run again what a provenance record (a task's, or --provenance's) ran: the same "
+        "image digest, command, environment, datasets and options; refused when the image or "
+        "a dataset is no longer the same bytes, or a signature no longer verifies",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with --replay: run even if the image or a dataset changed, with a warning",
+    )
     p.add_argument(
         "--save",
         metavar="FILE.sqsh",
@@ -263,6 +283,14 @@ def run(args: argparse.Namespace) -> int:
         for line in refused:
             _fail(line)
         return 125
+    replayed: dict[str, Any] | None = None
+    if args.replay:
+        try:
+            replayed = replay(args, who)
+        except ValueError as err:
+            return _fail(f"--replay {args.replay}: {err}")
+    elif not args.image:
+        return _fail("give IMAGE (a SquashFS file or a reference), or --replay FILE")
     command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     try:
         env = {"TERM": os.environ.get("TERM", "xterm"), **environment(args.env, args.env_file, who)}
@@ -342,9 +370,30 @@ def run(args: argparse.Namespace) -> int:
             made[:] = made or [policy.verifier(plugin)]
             return made[0]
 
-        for checked in policy.check_signatures(plugin, verifier, image, datasets):
+        if replayed is not None:
+            from nomad_driver.runtime.imagemount import images_dir
+
+            for problem in changed_since(replayed, image, datasets, images_dir(plugin.run_dir)):
+                if not args.force:
+                    return _fail(f"--replay {args.replay}: {problem}; --force runs it anyway")
+                print(f"pyhpc run: WARNING: {problem} (--force)", file=sys.stderr)
+        signatures: list[dict[str, Any]] = []
+        for checked in policy.check_signatures(plugin, verifier, image, datasets, signatures):
             print(f"pyhpc run: {checked}", file=sys.stderr)
         spec = policy.container_spec(plugin, task, image, ctx)
+        record: dict[str, Any] = {}
+        if args.provenance:
+            from nomad_driver.driver import provenance
+
+            where = {"node": os.uname().nodename, "caller_uid": who.uid}
+            where.update({k: v for k, v in os.environ.items() if k in SLURM_WHERE})
+            options = {
+                "mounts": args.mount, "datasets": args.dataset, "writable": args.writable,
+                "network": args.network, "hostname": args.hostname, "work_dir": args.workdir,
+                "cap_add": args.cap_add, "cap_drop": args.cap_drop, "seccomp": args.seccomp,
+                "gpus": args.gpus, "replay_of": args.replay or "",
+            }  # fmt: skip
+            record = provenance.record(spec, image, datasets, signatures, where, options)
     except (schema.ConfigError, security.PolicyError, StoreError, ValueError) as err:
         return _fail(str(err))
     except OSError as err:
@@ -377,18 +426,107 @@ def run(args: argparse.Namespace) -> int:
             os.close(fd)
         print(f"pyhpc run: saved the container as {save_to}", file=sys.stderr)
 
+    def finished(result: Any) -> None:
+        """After the command: the saved image, then the provenance record (as the caller)."""
+        if save_to and not result.err:
+            save()
+        if args.provenance:
+            from nomad_driver.driver import provenance
+            from nomad_driver.util.asuser import write_new_as
+
+            data = json.dumps(provenance.finish(record, result), indent=1, sort_keys=True)
+            fd = os.memfd_create("provenance", os.MFD_CLOEXEC)
+            try:
+                os.write(fd, data.encode() + b"\n")
+                write_new_as(os.path.abspath(args.provenance), fd, who.uid, who.gid, who.groups)
+            except OSError as err:
+                raise RuntimeError(f"--provenance {args.provenance}: {err.strerror}") from err
+            finally:
+                os.close(fd)
+
     try:
         return supervise(
             spec,
             run_dir,
             image.file,
             [(d.image.file, d.path) for d in datasets if d.image.file],
-            save if save_to else None,
+            finished if (save_to or args.provenance) else None,
         )
     finally:
         for opened in (image, *(d.image for d in datasets)):
             if opened.file is not None:
                 opened.file.close()
+
+
+SLURM_WHERE = ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_PROCID", "SLURM_CLUSTER_NAME")
+
+
+def replay(args: argparse.Namespace, who: Caller) -> dict[str, Any]:
+    """Fill args from the provenance record --replay names (read as the caller); returns the
+    record. ValueError says what cannot be replayed."""
+    from nomad_driver.driver import provenance
+    from nomad_driver.util.asuser import read_as
+
+    if args.image or args.argv:
+        raise ValueError("runs what the record ran: give no IMAGE or COMMAND with it")
+    try:
+        data = json.loads(read_as(args.replay, who.uid, who.gid, who.groups))
+    except OSError as err:
+        raise ValueError(str(err.strerror)) from err
+    if not isinstance(data, dict) or data.get("format") != provenance.FORMAT:
+        raise ValueError(f"not a pyhpc provenance record ({provenance.FORMAT})")
+    image, options = data.get("image") or {}, data.get("options") or {}
+    text = str(image.get("reference") or "")
+    if text.startswith("docker://") and image.get("registry_digest"):
+        from nomad_driver.images import reference
+
+        ref = reference.parse(text)  # the very manifest it was imported from
+        text = f"docker://{ref.registry}/{ref.repository}@{image['registry_digest']}"
+    args.image = text
+    args.argv = ["--", *[str(a) for a in data.get("command") or []]]
+    missing = [k for k, v in (data.get("env") or {}).items() if v == provenance.REDACTED]
+    missing = [k for k in missing if k not in os.environ]
+    if missing:
+        raise ValueError(f"its secrets were not recorded: set {', '.join(missing)} to replay it")
+    recorded = [
+        f"{k}={v}" if v != provenance.REDACTED else k for k, v in (data.get("env") or {}).items()
+    ]
+    args.env = [*recorded, *args.env]  # given on this command line: wins
+    args.mount = [str(m) for m in options.get("mounts") or []]  # the task's own binds
+    args.dataset = list(options.get("datasets") or [])
+    for name in ("writable", "network", "hostname", "gpus"):
+        if options.get(name):
+            setattr(args, name, options[name])
+    args.workdir = str(data.get("work_dir") or "")
+    args.cap_add = list(options.get("cap_add") or [])
+    args.cap_drop = list(options.get("cap_drop") or [])
+    args.seccomp = str(options.get("seccomp") or args.seccomp)
+    return data
+
+
+def changed_since(
+    data: dict[str, Any], image: Any, datasets: Any, images_dir_path: str
+) -> list[str]:
+    """What is no longer the bytes the record ran: the image, the datasets (by path)."""
+    from nomad_driver.util.digest import fd_digest
+
+    cache = os.path.join(images_dir_path, ".digests")
+    then = {"": (data.get("image") or {}).get("digest", "")}
+    then.update(
+        {
+            m["path"]: m["dataset"].get("digest", "")
+            for m in data.get("mounts") or []
+            if isinstance(m, dict) and "dataset" in m
+        }
+    )
+    now = {"": fd_digest(image.file.fd, cache)}
+    now.update({d.path: fd_digest(d.image.file.fd, cache) for d in datasets})
+    return [
+        f"{'the image' if path == '' else 'the dataset at ' + path} changed: recorded "
+        f"{then.get(path) or 'none'}, now {digest}"
+        for path, digest in now.items()
+        if then.get(path) != digest
+    ]
 
 
 POLICY_CACHE = "/run/pyhpc/.policy-cache"
@@ -524,8 +662,10 @@ def environment(given: list[str], files: list[str], who: Caller = ROOT) -> dict[
 
 
 def supervise(
-    spec: object, run_dir: str, image: Any = None, datasets: Any = (), save: Any = None
+    spec: object, run_dir: str, image: Any = None, datasets: Any = (), finished: Any = None
 ) -> int:
+    """Run the container to its end in this process; finished(result), if given, runs after
+    the command and before the run directory (and its layer) goes."""
     import shutil
 
     # Loaded here, before the fork, so the container's init finds them already in memory.
@@ -571,12 +711,12 @@ def supervise(
         for signum in held:
             forward(signum, None)
         result = supervisor.finish()
-        if save is not None and not result.err:
+        if finished is not None:
             from nomad_driver.images.save import SaveError
 
             try:
-                save()  # before the layer goes with run_dir
-            except SaveError as err:
+                finished(result)
+            except (SaveError, RuntimeError) as err:
                 return _fail(str(err))
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -463,3 +463,45 @@ def test_a_sudo_caller_cannot_read_root_only_files_through_env_file(busybox_imag
         assert (done.returncode, done.stdout) == (0, "user\n"), done.stderr
     finally:
         shutil.rmtree(secret_dir)
+
+
+def test_provenance_records_the_run_and_replay_reruns_it_until_the_image_changes(
+    tmp_path: Path, busybox_image: Path
+) -> None:
+    image = busybox_image.parent / f"test-replay-{os.getpid()}.sqsh"
+    shutil.copyfile(busybox_image, image)
+    image.chmod(0o644)
+    record = tmp_path / "run.provenance.json"
+    script = "echo $GREETING $API_TOKEN; md5sum /bin/busybox | cut -c1-8"
+    try:
+        first = pyhpc_run(
+            "--provenance", str(record), "--env", "GREETING=hello", "--env", "API_TOKEN=s3cr3t",
+            str(image), "--", "sh", "-c", script,
+        )  # fmt: skip
+        assert first.returncode == 0, first.stderr
+        data = json.loads(record.read_text())
+        assert data["format"] == "pyhpc.provenance/v1"
+        assert data["image"]["reference"] == str(image)
+        assert data["image"]["digest"].startswith("sha256:")
+        assert data["command"] == ["sh", "-c", script]
+        assert data["env"]["GREETING"] == "hello" and data["env"]["API_TOKEN"] == "<redacted>"
+        assert "s3cr3t" not in record.read_text()
+        assert data["exit"]["code"] == 0 and data["ended_at"] >= data["started_at"]
+        for field in ("pyhpc", "kernel", "cpu_model", "gpu"):
+            assert field in data["host"], field
+        # A redacted secret must come from the caller again; then the same output.
+        refused = pyhpc_run("--replay", str(record))
+        assert refused.returncode != 0 and "set API_TOKEN to replay it" in refused.stderr
+        again = pyhpc_run("--replay", str(record), env={"API_TOKEN": "s3cr3t"})
+        assert (again.returncode, again.stdout) == (0, first.stdout), again.stderr
+        # The image changes under the same path: refused, unless forced.
+        changed = pyhpc_run("--save", str(tmp_path / "changed.sqsh"), str(image), "--", "true")
+        assert changed.returncode == 0, changed.stderr
+        shutil.copyfile(tmp_path / "changed.sqsh", image)
+        again = pyhpc_run("--replay", str(record), env={"API_TOKEN": "s3cr3t"})
+        assert again.returncode != 0
+        assert "the image changed: recorded sha256:" in again.stderr
+        forced = pyhpc_run("--replay", str(record), "--force", env={"API_TOKEN": "s3cr3t"})
+        assert forced.returncode == 0 and "WARNING: the image changed" in forced.stderr
+    finally:
+        image.unlink(missing_ok=True)
