@@ -36,9 +36,8 @@ def describe(data: dict[str, Any]) -> str:
     lines = [
         f"image      {image.get('digest', '?')}  {image.get('reference', '')}",
     ]
-    for source in image.get("sources") or []:
-        if source != image.get("reference"):
-            lines.append(f"           also {source}")
+    if image.get("source") and image["source"] != image.get("reference"):
+        lines.append(f"           imported from {image['source']}")
     if image.get("manifest_digest"):
         lines.append(f"manifest   {image['manifest_digest']}  config {image.get('config_digest')}")
     for s in data.get("signatures") or []:

@@ -83,8 +83,14 @@ def host(nomad_binary: str = "") -> dict[str, Any]:
     return facts
 
 
+def secret(name: str) -> bool:
+    """Whether a variable's name says it holds a secret (a *_DIR, *_PATH or *_FILE names
+    where one is kept, such as NOMAD_SECRETS_DIR: not a secret itself)."""
+    return bool(SECRET_NAME.search(name)) and not name.endswith(("_DIR", "_PATH", "_FILE"))
+
+
 def redact(env: dict[str, str]) -> dict[str, str]:
-    return {k: REDACTED if SECRET_NAME.search(k) else v for k, v in sorted(env.items())}
+    return {k: REDACTED if secret(k) else v for k, v in sorted(env.items())}
 
 
 def _image(image: ResolvedImage, cache: str) -> dict[str, Any]:
@@ -95,8 +101,10 @@ def _image(image: ResolvedImage, cache: str) -> dict[str, Any]:
         "path": image.path,
     }
     if meta:
+        # This reference's own import only: the store's other names of the same bytes are
+        # other tenants' (and may be private).
         out.update(
-            sources=meta.get("sources") or [meta.get("source")],
+            source=meta.get("source", ""),
             manifest_digest=meta.get("manifest_digest", ""),
             config_digest=meta.get("config_digest", ""),
             registry_digest=(meta.get("provenance") or {}).get("resolved_digest", ""),

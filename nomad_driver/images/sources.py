@@ -431,7 +431,9 @@ def _oras(
         manifest_digest=digest,
         squashfs=path,
         signature=signature,
-        provenance={"source": str(ref), "manifest": manifest, **config.get("provenance", {})},
+        # What the pusher says of the image's history: kept apart, never taken for what this
+        # import itself saw (a forged "resolved_digest" must not vouch for anything).
+        provenance={"source": str(ref), "manifest": manifest, "artifact": config.get("provenance")},
     )
 
 

@@ -76,6 +76,11 @@ def _runtime_config(ref: reference.Reference, fetched: sources.Fetched) -> dict[
     return value
 
 
+# What one import of one reference saw: kept with the reference, since the same SquashFS
+# bytes may come from several images (other configs, other manifests, other owners).
+REF_FIELDS = ("source", "manifest_digest", "config_digest", "layers", "image_config", "provenance")
+
+
 def _key(ref: str) -> str:
     return base64.urlsafe_b64encode(hashlib.sha256(ref.encode()).digest()).decode().rstrip("=")
 
@@ -157,14 +162,22 @@ class Store:
 
     # ---- lookups -----------------------------------------------------------------------------
 
-    def lookup(self, ref: str) -> StoredImage | None:
-        """The stored image for a reference (or a full digest), if it is complete."""
+    def lookup(self, ref: str, strict: bool = False) -> StoredImage | None:
+        """The stored image for a reference (or a full digest), if it is complete. For a
+        reference, what its own import saw (config, manifest and config digests, provenance)
+        comes from its own record: the same bytes imported from elsewhere (another tenant's
+        image with these layers and another config) change nothing of it. strict: a record
+        from before references kept their own (legacy) counts as absent, to be imported again."""
+        record: dict[str, Any] = {}
         if ref.startswith("sha256:"):
             digest = ref
         else:
             try:
-                digest = str(self._ref_record(ref)["digest"])
+                record = self._ref_record(ref)
+                digest = str(record["digest"])
             except (OSError, ValueError, KeyError, TypeError):
+                return None
+            if strict and "image_config" not in record:
                 return None
         path = self.image_path(digest)
         try:
@@ -172,6 +185,7 @@ class Store:
                 meta = json.load(f)
         except (OSError, ValueError):
             return None
+        meta = {**meta, **{k: record[k] for k in REF_FIELDS if k in record}}
         return StoredImage(digest, path, meta) if os.path.isfile(path) else None
 
     def _ref_record(self, ref: str) -> dict[str, Any]:
@@ -313,11 +327,11 @@ class Store:
 
     def _found(self, name: str, progress: Progress | None) -> StoredImage | None:
         """The stored image of a reference, intact, marked as just used; None to import."""
-        image = self.lookup(name)
+        image = self.lookup(name, strict=True)
         if image is None:
             return None
         with self.hold(image.digest):
-            found = self._intact(self.lookup(name), progress)  # again: evicted meanwhile?
+            found = self._intact(self.lookup(name, strict=True), progress)  # evicted meanwhile?
             if found is not None:
                 self._used_now(found.digest)
             return found
@@ -406,8 +420,9 @@ class Store:
                 self._place(built, digest, progress)
                 if fetched.signature:
                     os.replace(fetched.signature, target + ".dsse.json")
-                meta = self._write_meta(digest, meta)
-                self._set_ref(str(ref), digest, fetched.private)
+                own = {k: meta[k] for k in REF_FIELDS}
+                meta = {**self._write_meta(digest, meta), **own}
+                self._set_ref(str(ref), digest, fetched.private, own)
             return StoredImage(digest, target, meta)
         except OSError as err:
             if err.errno == errno.ENOSPC:
@@ -569,14 +584,20 @@ class Store:
                 f"({', '.join(d[:19] for d in kept)}) cannot be evicted"
             )
 
-    def _set_ref(self, ref: str, digest: str, private: bool = False) -> None:
-        record: dict[str, Any] = {"ref": ref, "digest": digest}
+    def _set_ref(
+        self, ref: str, digest: str, private: bool = False, own: dict[str, Any] | None = None
+    ) -> None:
+        record: dict[str, Any] = {"ref": ref, "digest": digest, **(own or {})}
         if private:
             record["private"] = True
         write_atomic(os.path.join(self._dir("refs"), _key(ref) + ".json"), json.dumps(record))
 
     def tag(self, digest: str, ref: str) -> None:
-        self._set_ref(str(reference.parse(ref)) if not ref.startswith("sha256:") else ref, digest)
+        """Name digest also ref (root, by hand): the name takes the image as it is now."""
+        image = self.lookup(digest)
+        own = {k: image.meta[k] for k in REF_FIELDS if image and k in image.meta}
+        name = str(reference.parse(ref)) if not ref.startswith("sha256:") else ref
+        self._set_ref(name, digest, own={**own, "image_config": own.get("image_config", {})})
 
     # ---- removal -----------------------------------------------------------------------------
 

@@ -52,10 +52,19 @@ def mode_for(image: str, default: str, rules: tuple[str, ...]) -> str:
             top = os.path.normpath(prefix).rstrip("/")
             matches = image == top or image.startswith(top + "/")
         else:
-            matches = image.startswith(prefix)
+            # A registry repository is the same repository whichever transport reaches it:
+            # a rule for docker://reg/prod/ covers oras://reg/prod/ too (else it fails open).
+            matches = _registry_path(image).startswith(_registry_path(prefix))
         if matches and len(prefix) > best:
             best, mode = len(prefix), value
     return mode
+
+
+def _registry_path(text: str) -> str:
+    for transport in ("docker://", "oras://"):
+        if text.startswith(transport):
+            return "registry://" + text[len(transport) :]
+    return text
 
 
 @dataclass

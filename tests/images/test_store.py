@@ -325,3 +325,55 @@ def test_a_damaged_stored_image_is_found_removed_and_imported_again(
     )
     assert any("no longer matches its digest (damaged on disk)" in s for s in said), said
     assert list((tmp_path / "store" / "tmp").iterdir()) == []
+
+
+def test_another_image_of_the_same_layers_never_changes_what_a_reference_runs(
+    tmp_path: Path,
+) -> None:
+    """The attack (found by the red team): same layers, another config: the same SquashFS
+    digest, so a store that kept one config per digest ran the attacker's Entrypoint, Env
+    and User in the victim's task. Each reference keeps what its own import saw."""
+    layers = [layer_tar(BASE)]
+    victim = write_layout(tmp_path / "victim", layers, {**CONFIG, "Cmd": ["victim"]}, tag="1")
+    evil = {**CONFIG, "Entrypoint": ["/bin/evil"], "Env": ["DB_PASSWORD=attacker-set"]}
+    attacker = write_layout(tmp_path / "attacker", layers, evil, tag="1")
+    store = Store(str(tmp_path / "store"))
+    first = store.ensure(f"oci:{victim}:1")
+    second = store.ensure(f"oci:{attacker}:1")
+    assert first.digest == second.digest  # the same bytes
+    again = store.ensure(f"oci:{victim}:1")
+    assert again.config["Entrypoint"] == ["/usr/bin/tool"] and again.config["Cmd"] == ["victim"]
+    assert "DB_PASSWORD=attacker-set" not in again.config.get("Env", [])
+    assert again.meta["manifest_digest"] == first.meta["manifest_digest"]
+    assert again.meta["manifest_digest"] != second.meta["manifest_digest"]
+    assert store.ensure(f"oci:{attacker}:1").config["Entrypoint"] == ["/bin/evil"]  # control
+    # A reference recorded before references kept their own is imported again, not trusted.
+    key = next((tmp_path / "store" / "refs").glob("*.json"))
+    legacy = json.loads(key.read_text())
+    key.write_text(json.dumps({"ref": legacy["ref"], "digest": legacy["digest"]}))
+    assert store.lookup(legacy["ref"], strict=True) is None
+    assert store.ensure(legacy["ref"]).config["Entrypoint"] in (["/usr/bin/tool"], ["/bin/evil"])
+
+
+def test_an_oras_artifacts_own_claims_are_kept_apart_from_what_the_import_saw(
+    tmp_path: Path, layout: Path
+) -> None:
+    """An artifact's config is the pusher's word: its "provenance" must not become the
+    digests this node checks signatures against (a forged resolved_digest vouched for
+    unsigned bytes under a cosign rule)."""
+    with run_registry(tmp_path / "registry") as reg:
+        skopeo_copy = ["skopeo", "copy", "--quiet", "--dest-tls-verify=false"]
+        subprocess.run(
+            [*skopeo_copy, f"oci:{layout}:1.0", f"docker://{reg.host}/team/app:1"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        store = Store(str(tmp_path / "store"))
+        pulled = store.ensure(f"docker://{reg.host}/team/app:1")
+        resolved = pulled.meta["provenance"]["resolved_digest"]
+        assert resolved.startswith("sha256:")
+        publish.push(pulled, f"oras://{reg.host}/team/app-sqsh:1")
+        other = Store(str(tmp_path / "other")).ensure(f"oras://{reg.host}/team/app-sqsh:1")
+        claims = other.meta["provenance"]["artifact"]
+        assert claims["manifest_digest"] == pulled.meta["manifest_digest"]  # kept, apart
+        assert "resolved_digest" not in other.meta["provenance"]
+        assert "manifest_digest" not in other.meta["provenance"]

@@ -255,3 +255,14 @@ def test_approle_and_jwt_logins_can_verify(vault: Vault, tmp_path: Path) -> None
     # The verifier policy reads public keys only: signing is refused.
     with pytest.raises(VaultError, match="permission denied"):
         jwt.sign("images", b"data")
+
+
+def test_a_registry_rule_covers_every_transport_to_that_repository() -> None:
+    """The attack (red team): the same repository pushed as oras:// escaped a docker:// rule
+    (rules compared transport text), so unsigned bytes ran under "enforce" and "cosign"."""
+    rules = ("docker://reg:5000/signed/=enforce", "oras://reg:5000/cosigned/=cosign")
+    assert mode_for("oras://reg:5000/signed/evil:1", "off", rules) == "enforce"
+    assert mode_for("docker://reg:5000/cosigned/app:1", "off", rules) == "cosign"
+    assert mode_for("docker://reg:5000/signed/app:1", "off", rules) == "enforce"
+    assert mode_for("oras://reg:5000/other/app:1", "off", rules) == "off"  # the control
+    assert mode_for("oci:/srv/signed/app", "off", rules) == "off"
