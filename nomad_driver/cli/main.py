@@ -40,8 +40,9 @@ def install_plugin(plugin_dir: str, name: str, gpu: bool = False) -> int:
     return 0
 
 
-def validate(paths: list[str], var: list[str], var_files: list[str]) -> int:
-    """Check every pyhpc task of each jobspec, with Nomad's parser when `nomad` is on PATH."""
+def validate(paths: list[str], var: list[str], var_files: list[str], strict: bool = False) -> int:
+    """Check every pyhpc task of each jobspec, with Nomad's parser when `nomad` is on PATH;
+    strict: an image named by a tag (which may move) is a problem too."""
     from nomad_driver.cli import job_variables
     from nomad_driver.driver import jobspec, nomad_parser
 
@@ -76,10 +77,10 @@ def validate(paths: list[str], var: list[str], var_files: list[str]) -> int:
             print(f'{path}: no task uses driver "pyhpc"')
         for r in report.tasks:
             task = f"job {r.job!r} group {r.group!r} task {r.task!r}"
-            for problem in r.problems:
+            for problem in [*r.problems, *(r.warnings if strict else ())]:
                 print(f"{path}:{problem.line}: {task}: {problem.message}", file=sys.stderr)
                 failed = True
-            if not r.problems:
+            if not r.problems and not (strict and r.warnings):
                 print(f"{path}:{r.line}: {task}: ok")
     return 1 if failed else 0
 
@@ -152,6 +153,12 @@ def parser(only: str = "") -> argparse.ArgumentParser:
         "every pyhpc task: each problem once, with its line. Exit 1 if any.",
     )
     val.add_argument("files", nargs="+", metavar="FILE")
+    val.add_argument(
+        "--strict",
+        action="store_true",
+        help="also fail on registry images and datasets named by tag instead of digest "
+        "(a re-run may get other bytes)",
+    )
     add_var_flags(val)
     sub.add_parser(
         "config-reference",
@@ -183,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         name = args.name or ("pyhpc-gpu" if args.gpu else "pyhpc")
         return install_plugin(args.plugin_dir, name, args.gpu)
     if args.command == "jobspec":
-        return validate(args.files, args.var, args.var_file)
+        return validate(args.files, args.var, args.var_file, args.strict)
     if args.command == "run":
         from nomad_driver.cli import run
 

@@ -45,6 +45,7 @@ class TaskReport:
     task: str
     line: int
     problems: tuple[Problem, ...]
+    warnings: tuple[Problem, ...] = ()  # what --strict refuses: images that may change
 
 
 @dataclass(frozen=True)
@@ -391,11 +392,38 @@ def _hcl_tasks(text: str, document: Node, scope: dict[str, dict[str, Any]]) -> I
             values = _values(body.body, scope)
         found = written.form_problems()
         found += _config_problems(config.TaskConfig, values, written.lines(text))
-        yield _report(written.job, written.group, written.task, written.node.line, found)
+        yield _report(written.job, written.group, written.task, written.node.line, found, values)
 
 
-def _report(job: str, group: str, task: str, line: int, found: list[Problem]) -> TaskReport:
-    return TaskReport(job, group, task, line, tuple(sorted(set(found))))
+def _report(
+    job: str, group: str, task: str, line: int, found: list[Problem], values: Any = None
+) -> TaskReport:
+    return TaskReport(
+        job, group, task, line, tuple(sorted(set(found))), tuple(mutable_images(values, line))
+    )
+
+
+def mutable_images(values: Any, line: int) -> list[Problem]:
+    """A registry image or dataset named by tag: a re-run may get other bytes (pin it by
+    digest, as @sha256:..., for a result others can reproduce)."""
+    if not isinstance(values, Mapping):
+        return []
+    named = [("image", values.get("image"))]
+    datasets = values.get("datasets")
+    if isinstance(datasets, (list, tuple)):
+        named += [("datasets", str(d).rpartition(":")[0]) for d in datasets]
+    return [
+        Problem(
+            line,
+            0,
+            f"option {option!r} = {text!r} names a tag, which may move: pin it by digest "
+            "(...@sha256:HEX) for a result others can reproduce",
+        )
+        for option, text in named
+        if isinstance(text, str)
+        and text.startswith(("docker://", "oras://"))
+        and "@sha256:" not in text
+    ]
 
 
 def _without_repeats(text: str, document: Node | None, scope: Mapping[str, Any]) -> str:
@@ -434,7 +462,7 @@ def _nomad_tasks(text: str, job: Mapping[str, Any], document: Node | None) -> It
                 start = sum(len(s) for s in text.splitlines(keepends=True)[: max(line - 1, 0)])
                 found, lines = [], Lines(text, line, None, start)
             found += _config_problems(config.TaskConfig, values, lines)
-            yield _report(*names, line, found)
+            yield _report(*names, line, found, values)
 
 
 def _as_written(document: Node, job: str, group: str, task: str) -> _Written | None:
@@ -497,5 +525,6 @@ def _check_json(text: str) -> Report:
             values = values if isinstance(values, dict) else {}
             job_name = str(job.get("Name") or job.get("ID"))
             names = (job_name, str(group.get("Name")), str(task.get("Name")))
-            tasks.append(_report(*names, line, _config_problems(config.TaskConfig, values, lines)))
+            found = _config_problems(config.TaskConfig, values, lines)
+            tasks.append(_report(*names, line, found, values))
     return Report("json", tuple(tasks))

@@ -407,3 +407,29 @@ def test_nomads_refusal_is_one_line_with_its_position() -> None:
         0,
         'Unset variable "u"; A used variable must be set.',
     )
+
+
+def test_strict_refuses_images_and_datasets_named_by_a_tag_that_may_move(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    pinned = "docker://reg.example:5000/hpc/app@sha256:" + "a" * 64
+    spec = tmp_path / "j.nomad"
+    spec.write_text(
+        'job "j" {\n  group "g" {\n    task "t" {\n      driver = "pyhpc"\n      config {\n'
+        '        image    = "docker://reg.example:5000/hpc/app:2024"\n'
+        '        datasets = ["oras://reg.example:5000/data/ref:latest:/db", '
+        '"/var/lib/pyhpc/images/d.sqsh:/d"]\n'
+        "      }\n    }\n"
+        f'    task "p" {{\n      driver = "pyhpc"\n      config {{\n        image = "{pinned}"\n'
+        "      }\n    }\n  }\n}\n"
+    )
+    relaxed = validate(spec, env=env)
+    assert relaxed.returncode == 0, relaxed.stderr  # the control: tags are valid
+    strict = validate("--strict", spec, env=env)
+    assert strict.returncode == 1
+    lines = strict.stderr.strip().splitlines()
+    assert len(lines) == 2 and all(
+        "task 't'" in line and "pin it by digest" in line for line in lines
+    )
+    assert "option 'image'" in lines[0] + lines[1] and "option 'datasets'" in lines[0] + lines[1]
+    assert f"{spec}:10: job 'j' group 'g' task 'p': ok" in strict.stdout
