@@ -48,6 +48,20 @@ plugin "pyhpc" {
     # Empty: none. Same path rules as image_dirs.
     mount_dirs = []
 
+    # What every task gets from the site: binds (inside mount_dirs, as a task's `mounts`),
+    # variables, and variables passed through from the environment the container starts from
+    # (names, or prefixes ending in "*"; under Slurm, ["SLURM_*", "PMIX_*", "PMI_*"]).
+    # default_mounts  = []
+    # default_env     = []
+    # env_passthrough = []
+
+    # What every task gets from the site: binds (inside mount_dirs, as a task's `mounts`),
+    # variables, and variables passed through from the environment the container starts from
+    # (names, or prefixes ending in "*"; under Slurm, ["SLURM_*", "PMIX_*", "PMI_*"]).
+    # default_mounts  = []
+    # default_env     = []
+    # env_passthrough = []
+
     # Host devices (or directories of them) a jobspec may pass through with `devices`,
     # e.g. ["/dev/infiniband"]. Devices reserved by Nomad device plugins need no entry.
     allow_devices = []

@@ -204,6 +204,38 @@ class PluginConfig:
         'e.g. ["/scratch", "/projects"]; symlinks resolved, whole path components compared.',
         check=_absolute,
     )
+    default_mounts: tuple[str, ...] = option(
+        "list(string)",
+        default=(),
+        doc='Binds every task gets, "SRC[:DST[:ro|rw]]" as a task\'s `mounts` (and inside '
+        'mount_dirs like them), e.g. ["/opt/site/bin:/opt/site/bin:ro"].',
+        check=_binds,
+    )
+    default_env: tuple[str, ...] = option(
+        "list(string)",
+        default=(),
+        doc='Environment every task gets, "NAME=VALUE" (a task\'s own env wins), e.g. '
+        '["OMP_PROC_BIND=close", "UCX_TLS=rc,sm"].',
+        check=lambda v: next(
+            (f"{e!r} must be NAME=VALUE" for e in v if not re.fullmatch(r"[A-Za-z_]\w*=.*", e)),
+            None,
+        ),
+    )
+    env_passthrough: tuple[str, ...] = option(
+        "list(string)",
+        default=(),
+        doc="Variables passed from the environment the container is started from (the agent's; "
+        "`pyhpc run`'s caller's) into every task: names, or prefixes ending in \"*\", e.g. "
+        '["SLURM_*", "PMIX_*", "PMI_*"] for `srun ... pyhpc run`.',
+        check=lambda v: next(
+            (
+                f"{e!r} must be a NAME or PREFIX*"
+                for e in v
+                if not re.fullmatch(r"[A-Za-z_]\w*\*?", e)
+            ),
+            None,
+        ),
+    )
     allow_devices: tuple[str, ...] = option(
         "list(string)",
         default=(),

@@ -10,7 +10,7 @@ import errno
 import os
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from nomad_driver.driver.config import (
@@ -453,6 +453,18 @@ def _allowed_dir(normal: str, allowed: tuple[str, ...]) -> str | None:
     return None
 
 
+def site_env(plugin: PluginConfig, outside: Mapping[str, str]) -> dict[str, str]:
+    """The site's variables for every task: env_passthrough from outside (the environment
+    the container is started from), then default_env."""
+    wanted = plugin.env_passthrough
+    passed = {
+        name: value
+        for name, value in outside.items()
+        if any(name == w or (w.endswith("*") and name.startswith(w[:-1])) for w in wanted)
+    }
+    return {**passed, **dict(e.partition("=")[::2] for e in plugin.default_env)}
+
+
 def container_spec(
     plugin: PluginConfig, cfg: TaskConfig, image: str | ResolvedImage, ctx: TaskContext
 ) -> ContainerSpec:
@@ -462,6 +474,7 @@ def container_spec(
     argv = command_line(cfg, resolved.config)
     mounts = [
         *ctx.mounts,
+        *allowed_binds(plugin.default_mounts, plugin.mount_dirs, "default_mounts", "mount_dirs"),
         *allowed_binds(cfg.mounts, plugin.mount_dirs, "mounts", "mount_dirs"),
         *mpi_mounts(cfg.mpi),
     ]
@@ -478,6 +491,7 @@ def container_spec(
         env={
             "PATH": DEFAULT_PATH,
             **image_env(resolved.config),
+            **site_env(plugin, os.environ),
             **mpi_env(cfg.mpi, plugin.mpi_nomad_address),
             **ctx.env,
         },

@@ -454,6 +454,7 @@ write_pyhpc_config() {
       -e 's|^    signature_rules = \[\]$|    signature_rules = ["docker://'"$r"'/signed/=enforce", "docker://'"$r"'/warned/=warn", "docker://'"$r"'/cosigned/=cosign"]|' \
       -e 's|^    # cosign_keys   = \[\]$|    cosign_keys   = ["'"$STATE"'/cosign/cosign.pub", "hashivault://pyhpc-cosign"]|' \
       -e 's|^    # image_gc_interval = "1h"$|    image_gc_interval = "10s"|' \
+      -e 's|^    # default_env     = \[\]$|    default_env     = ["PYHPC_SITE=testbed"]|' \
       -e 's|^    signature_keys  = \[\]$|    signature_keys  = ["pyhpc-images"]|' \
       -e 's|^    vault_address   = ""$|    vault_address   = "'"$VAULT_ADDR_LOCAL"'"|' \
       -e 's|^    vault_token_file = ""$|    vault_token_file = "'"$STATE/vault-token"'"|' \
@@ -462,6 +463,7 @@ write_pyhpc_config() {
   grep -q '^    cosign_keys   = \["' "$STATE/nomad/pyhpc.hcl" || die "could not add cosign_keys"
   grep -q 'helper       = "pyhpc-testbed"' "$STATE/nomad/pyhpc.hcl" || die "could not add auth"
   grep -q '^    image_gc_interval = "10s"' "$STATE/nomad/pyhpc.hcl" || die "could not set image_gc_interval"
+  grep -q '^    default_env     = \["PYHPC_SITE' "$STATE/nomad/pyhpc.hcl" || die "could not set default_env"
   write_credential_helper
   grep -q "mount_dirs = \[\"$STATE/scratch\"\]" "$STATE/nomad/pyhpc.hcl" || die "could not add mount_dirs"
 }

@@ -287,3 +287,38 @@ def test_a_dataset_is_source_then_container_path(text: str, expected: tuple[str,
 def test_a_malformed_dataset_is_named_in_one_line(text: str) -> None:
     with pytest.raises(policy.PolicyError, match=r"option 'datasets': .* must be SOURCE:/PATH"):
         policy.parse_dataset(text)
+
+
+def test_site_defaults_reach_every_task_under_the_task_allowlists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = tmp_path / "img.sqsh"
+    image.write_bytes(b"x")
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("PMIX_RANK", "3")
+    monkeypatch.setenv("HOME_SECRET", "not-passed")
+    cfg = plugin(
+        mount_dirs=[str(tmp_path)],
+        default_mounts=[f"{site}:/opt/site:ro"],
+        default_env=["OMP_PROC_BIND=close", "MODE=site"],
+        env_passthrough=["SLURM_*", "PMIX_RANK"],
+    )
+    task = schema.load(config.TaskConfig, {"image": str(image), "command": "true"}, "t")
+    ctx = policy.TaskContext("t1", "host", {"MODE": "task"}, "", "/dev/null", "/dev/null")
+    spec = policy.container_spec(cfg, task, str(image), ctx)
+    assert {k: spec.env.get(k) for k in ("SLURM_JOB_ID", "SLURM_PROCID", "PMIX_RANK")} == {
+        "SLURM_JOB_ID": "42", "SLURM_PROCID": "3", "PMIX_RANK": "3"
+    }  # fmt: skip
+    assert spec.env["OMP_PROC_BIND"] == "close" and spec.env["MODE"] == "task"  # the task wins
+    assert "HOME_SECRET" not in spec.env
+    assert any(m.task_path == "/opt/site" and m.read_only for m in spec.mounts)
+    outside = plugin(mount_dirs=[str(site)], default_mounts=["/etc:/host-etc"])
+    with pytest.raises(PolicyError, match="default_mounts: '/etc' is outside the plugin's mount_dirs"):
+        policy.container_spec(outside, task, str(image), ctx)
+    with pytest.raises(schema.ConfigError, match="'OMP' must be NAME=VALUE"):
+        plugin(default_env=["OMP"])
+    with pytest.raises(schema.ConfigError, match="'SLURM_\\*X' must be a NAME or PREFIX"):
+        plugin(env_passthrough=["SLURM_*X"])

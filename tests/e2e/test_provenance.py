@@ -49,6 +49,7 @@ def test_a_tasks_provenance_is_complete_and_replays_until_its_image_changes(
         assert data["image"]["digest"].startswith("sha256:")
         assert data["command"] == ["/bin/sh", "-c", SCRIPT]
         assert data["env"]["GREETING"] == "hello-provenance"
+        assert data["env"]["PYHPC_SITE"] == "testbed"  # the test bed's default_env
         [mounted] = [m for m in data["mounts"] if m["path"] == "/data"]
         assert mounted["dataset"]["digest"].startswith("sha256:") and mounted["read_only"]
         where = data["where"]
