@@ -54,6 +54,10 @@ plugin "pyhpc" {
     # default_mounts  = []
     # default_env     = []
     # env_passthrough = []
+    # Hooks: the admin's executables, run at every start, that answer with binds, devices and
+    # variables to add (see contrib/hooks/ and docs/admin.md).
+    # hooks_dir    = ""
+    # hook_timeout = "30s"
 
     # What every task gets from the site: binds (inside mount_dirs, as a task's `mounts`),
     # variables, and variables passed through from the environment the container starts from
@@ -61,6 +65,10 @@ plugin "pyhpc" {
     # default_mounts  = []
     # default_env     = []
     # env_passthrough = []
+    # Hooks: the admin's executables, run at every start, that answer with binds, devices and
+    # variables to add (see contrib/hooks/ and docs/admin.md).
+    # hooks_dir    = ""
+    # hook_timeout = "30s"
 
     # Host devices (or directories of them) a jobspec may pass through with `devices`,
     # e.g. ["/dev/infiniband"]. Devices reserved by Nomad device plugins need no entry.

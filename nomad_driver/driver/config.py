@@ -236,6 +236,20 @@ class PluginConfig:
             None,
         ),
     )
+    hooks_dir: str = option(
+        "string",
+        default="",
+        doc="The site's hooks: executables run at every container start that add binds, "
+        "devices and variables (see docs/admin.md); root's, writable by root alone. "
+        "Empty: none.",
+        check=_optional(_absolute),
+    )
+    hook_timeout: str = option(
+        "string",
+        default="30s",
+        doc="How long a hook may take before the start fails.",
+        check=duration("30s"),
+    )
     allow_devices: tuple[str, ...] = option(
         "list(string)",
         default=(),

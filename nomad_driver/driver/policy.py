@@ -482,7 +482,7 @@ def container_spec(
         *ctx.devices,
         *allowed_binds(cfg.devices, plugin.allow_devices, "devices", "allow_devices"),
     ]
-    return ContainerSpec(
+    spec = ContainerSpec(
         task_id=ctx.task_id,
         hostname=(cfg.hostname or ctx.hostname)[:63],
         image=resolved.path,
@@ -520,6 +520,14 @@ def container_spec(
         userns=parse_id_range(plugin.root_id_range) if plugin.user_namespace else None,
         allowed_uids=ids.parse_ranges(plugin.allowed_uids),
         allowed_gids=ids.parse_ranges(plugin.allowed_gids),
+    )
+    if not plugin.hooks_dir:
+        return spec
+    from nomad_driver.driver import hooks
+
+    timeout = parse_duration(plugin.hook_timeout) or 30.0
+    return hooks.apply(
+        spec, hooks.find(plugin.hooks_dir), resolved.reference or resolved.path, timeout
     )
 
 

@@ -455,6 +455,7 @@ write_pyhpc_config() {
       -e 's|^    # cosign_keys   = \[\]$|    cosign_keys   = ["'"$STATE"'/cosign/cosign.pub", "hashivault://pyhpc-cosign"]|' \
       -e 's|^    # image_gc_interval = "1h"$|    image_gc_interval = "10s"|' \
       -e 's|^    # default_env     = \[\]$|    default_env     = ["PYHPC_SITE=testbed"]|' \
+      -e 's|^    # hooks_dir    = ""$|    hooks_dir    = "'"$STATE"'/hooks"|' \
       -e 's|^    signature_keys  = \[\]$|    signature_keys  = ["pyhpc-images"]|' \
       -e 's|^    vault_address   = ""$|    vault_address   = "'"$VAULT_ADDR_LOCAL"'"|' \
       -e 's|^    vault_token_file = ""$|    vault_token_file = "'"$STATE/vault-token"'"|' \
@@ -464,8 +465,28 @@ write_pyhpc_config() {
   grep -q 'helper       = "pyhpc-testbed"' "$STATE/nomad/pyhpc.hcl" || die "could not add auth"
   grep -q '^    image_gc_interval = "10s"' "$STATE/nomad/pyhpc.hcl" || die "could not set image_gc_interval"
   grep -q '^    default_env     = \["PYHPC_SITE' "$STATE/nomad/pyhpc.hcl" || die "could not set default_env"
+  grep -q '^    hooks_dir    = "/' "$STATE/nomad/pyhpc.hcl" || die "could not set hooks_dir"
+  write_test_hooks
   write_credential_helper
   grep -q "mount_dirs = \[\"$STATE/scratch\"\]" "$STATE/nomad/pyhpc.hcl" || die "could not add mount_dirs"
+}
+
+# write_test_hooks: the test bed's site hook, which a task steers with PYHPC_TEST_HOOK in its
+# env: "mount" binds $STATE/hooked at /hooked, "fail" fails the start; otherwise it says nothing.
+write_test_hooks() {
+  install -d -m 0755 "$STATE/hooks" "$STATE/hooked"
+  printf 'bound by the test bed hook\n' >"$STATE/hooked/marker.txt"
+  cat >"$STATE/hooks/10-testbed" <<EOF
+#!/usr/bin/python3
+import json, sys
+wanted = json.load(sys.stdin)["env"].get("PYHPC_TEST_HOOK", "")
+if wanted == "mount":
+    print("mount $STATE/hooked:/hooked:ro")
+elif wanted == "fail":
+    sys.stderr.write("the test bed's hook refuses this task\n")
+    sys.exit(3)
+EOF
+  chmod 0755 "$STATE/hooks/10-testbed"
 }
 
 # write_credential_helper: a Docker credential helper for the test bed: it answers `get`
