@@ -47,6 +47,13 @@ def describe(data: dict[str, Any]) -> str:
     lines.append(f"command    {json.dumps(data.get('command'))}  in {data.get('work_dir')}")
     env = data.get("env") or {}
     lines.append(f"env        {', '.join(f'{k}={v}' for k, v in env.items())}")
+    if data.get("env_withheld"):
+        lines.append(f"           and, values not recorded: {', '.join(data['env_withheld'])}")
+    options = data.get("options") or {}
+    shown = ("writable", "network", "cap_add", "cap_drop", "seccomp", "mounts", "datasets", "gpus")
+    lines.append(
+        "options    " + ", ".join(f"{k}={json.dumps(options[k])}" for k in shown if options.get(k))
+    )
     for m in data.get("mounts") or []:
         if "dataset" in m:
             d = m["dataset"]
@@ -111,8 +118,33 @@ def records(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
             params={"path": f"alloc/logs/{task}.provenance.json"},
             raw=True,
         )
+        check_against_events(text, (alloc.get("TaskStates") or {}).get(task) or {}, task)
         out.append((f"{alloc['ID'][:8]} {task}", json.loads(text)))
     return out
+
+
+def check_against_events(text: str, state: dict[str, Any], task: str) -> None:
+    """The copy in alloc/logs lives where the task can write: it counts only if its digest is
+    the one the driver put in the task's events (which the task cannot write)."""
+    from nomad_driver.driver.provenance import RECORD_EVENT, digest_of
+
+    said = [
+        str(e.get("DisplayMessage") or "")
+        for e in state.get("Events") or []
+        if RECORD_EVENT in str(e.get("DisplayMessage") or "")
+    ]
+    if not said:
+        raise ValueError(
+            f"task {task}: the driver's events name no provenance record digest: cannot tell "
+            "the record from one the task wrote"
+        )
+    wanted = "sha256:" + said[-1].split(RECORD_EVENT, 1)[1].split()[0].rstrip(".,;")
+    if digest_of(text.encode()) != wanted:
+        raise ValueError(
+            f"task {task}: alloc/logs/{task}.provenance.json is not the record the driver "
+            f"wrote (its events say {wanted[:19]}..., the file is {digest_of(text.encode())[:19]}"
+            "...): it was changed"
+        )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -312,7 +312,15 @@ def run(args: argparse.Namespace) -> int:
             save_to = os.path.abspath(args.save)
             if args.writable == "none":
                 return _fail("--save: --writable none leaves nothing to save")
-            if os.path.lexists(save_to):
+            from nomad_driver.util.asuser import run_as
+
+            try:  # asked as the caller: root tells no one what exists where they cannot look
+                there = run_as(
+                    who.uid, who.gid, who.groups, lambda: b"%d" % os.path.lexists(save_to)
+                )
+            except OSError as err:
+                return _fail(f"--save {args.save}: {err.strerror}")
+            if there == b"1":
                 return _fail(f"--save {args.save}: the file exists; name a new one")
             args.writable = "disk"  # the layer outlives the container, to be saved
         task = schema.load(
@@ -393,7 +401,13 @@ def run(args: argparse.Namespace) -> int:
                 "cap_add": args.cap_add, "cap_drop": args.cap_drop, "seccomp": args.seccomp,
                 "gpus": args.gpus, "replay_of": args.replay or "",
             }  # fmt: skip
-            record = provenance.record(spec, image, datasets, signatures, where, options)
+            # What the command line or the image or the site set is the caller's to see; the
+            # caller's own environment passed through by name only.
+            given = {e.partition("=")[0] for e in args.env if "=" in e}
+            seen = {*policy.image_env(image.config), *policy.site_env(plugin, {}), *given}
+            record = provenance.record(
+                spec, image, datasets, signatures, where, options, seen.__contains__
+            )
     except (schema.ConfigError, security.PolicyError, StoreError, ValueError) as err:
         return _fail(str(err))
     except OSError as err:
@@ -484,14 +498,16 @@ def replay(args: argparse.Namespace, who: Caller) -> dict[str, Any]:
         text = f"docker://{ref.registry}/{ref.repository}@{image['registry_digest']}"
     args.image = text
     args.argv = ["--", *[str(a) for a in data.get("command") or []]]
-    missing = [k for k, v in (data.get("env") or {}).items() if v == provenance.REDACTED]
-    missing = [k for k in missing if k not in os.environ]
+    withheld = [str(k) for k in data.get("env_withheld") or []]
+    given = {e.partition("=")[0] for e in args.env}
+    missing = [k for k in withheld if k not in os.environ and k not in given]
     if missing:
-        raise ValueError(f"its secrets were not recorded: set {', '.join(missing)} to replay it")
-    recorded = [
-        f"{k}={v}" if v != provenance.REDACTED else k for k, v in (data.get("env") or {}).items()
-    ]
-    args.env = [*recorded, *args.env]  # given on this command line: wins
+        raise ValueError(
+            f"it names variables whose values were not recorded: set {', '.join(missing)} "
+            "(or give them with --env) to replay it"
+        )
+    recorded = [f"{k}={v}" for k, v in (data.get("env") or {}).items()]
+    args.env = [*recorded, *withheld, *args.env]  # given on this command line: wins
     args.mount = [str(m) for m in options.get("mounts") or []]  # the task's own binds
     args.dataset = list(options.get("datasets") or [])
     for name in ("writable", "network", "hostname", "gpus"):

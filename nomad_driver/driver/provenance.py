@@ -23,6 +23,7 @@ import platform
 import re
 import subprocess
 import time
+from collections.abc import Callable
 from typing import Any
 
 from nomad_driver import __version__
@@ -33,8 +34,9 @@ from nomad_driver.util.digest import fd_digest
 from nomad_driver.util.files import write_atomic
 
 FORMAT = "pyhpc.provenance/v1"
+# Never a secret: NOMAD_SECRETS_DIR names where Nomad keeps them (/secrets).
+PLAIN = frozenset({"PATH", "TERM", "HOME", "HOSTNAME", "LANG", "TZ", "NOMAD_SECRETS_DIR"})
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|KEY|CREDENTIAL|AUTH|PRIVATE", re.IGNORECASE)
-REDACTED = "<redacted>"
 RECORD_FILE = "provenance.json"  # in the task's run directory
 
 
@@ -83,14 +85,17 @@ def host(nomad_binary: str = "") -> dict[str, Any]:
     return facts
 
 
-def secret(name: str) -> bool:
-    """Whether a variable's name says it holds a secret (a *_DIR, *_PATH or *_FILE names
-    where one is kept, such as NOMAD_SECRETS_DIR: not a secret itself)."""
-    return bool(SECRET_NAME.search(name)) and not name.endswith(("_DIR", "_PATH", "_FILE"))
-
-
-def redact(env: dict[str, str]) -> dict[str, str]:
-    return {k: REDACTED if secret(k) else v for k, v in sorted(env.items())}
+def environment(env: dict[str, str], visible: Callable[[str], bool]) -> dict[str, Any]:
+    """The environment as the record keeps it: the value of a variable that is already
+    visible to whoever may read the record (the image's, the site's, what the command line
+    said) unless its name says it is a secret; every other variable by name only (a template
+    may have put a Vault secret there, under any name)."""
+    shown = {
+        k: v
+        for k, v in sorted(env.items())
+        if k in PLAIN or (visible(k) and not SECRET_NAME.search(k))
+    }
+    return {"env": shown, "env_withheld": sorted(set(env) - set(shown))}
 
 
 def _image(image: ResolvedImage, cache: str) -> dict[str, Any]:
@@ -120,9 +125,11 @@ def record(
     signatures: list[dict[str, Any]],
     where: dict[str, Any],
     options: dict[str, Any],
+    visible: Callable[[str], bool],
     nomad_binary: str = "",
 ) -> dict[str, Any]:
-    """The record of a start; `finish` adds how it ended."""
+    """The record of a start; `finish` adds how it ended. visible: which variables' values
+    anyone reading the record could see anyway (see `environment`)."""
     cache = os.path.join(spec.images_dir, ".digests")
     data = {d.path: _image(d.image, cache) for d in datasets}
     return {
@@ -133,7 +140,7 @@ def record(
         "work_dir": spec.work_dir,
         "user": spec.user,
         "hostname": spec.hostname,
-        "env": redact(spec.env),
+        **environment(spec.env, visible),
         "mounts": [
             {"source": m.host_path, "path": m.task_path, "read_only": m.read_only}
             if m.task_path not in data
@@ -179,10 +186,22 @@ def kept(run_dir: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+def encode(data: dict[str, Any]) -> bytes:
+    return json.dumps(data, indent=1, sort_keys=True).encode() + b"\n"
+
+
+def digest_of(text: bytes) -> str:
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(text).hexdigest()
+
+
 def publish(alloc_dir: str, task: str, data: dict[str, Any]) -> str:
     """Write data as alloc/logs/<task>.provenance.json beneath alloc_dir (Nomad's, trusted) in a
     directory the task can write: created anew with no link followed, renamed into place.
-    Returns the path; OSError if the task left something in the way (a directory)."""
+    Returns the digest of what was written (the task could rewrite the copy: the digest, in
+    the task's events, is what `pyhpc provenance` checks it against); OSError if the task
+    left something in the way (a directory)."""
     name = f"{task}.provenance.json"
     top = os.open(alloc_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -194,7 +213,7 @@ def publish(alloc_dir: str, task: str, data: dict[str, Any]) -> str:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = linux.openat2(logs, tmp, flags, linux.STRICT, 0o644)
         try:
-            os.write(fd, json.dumps(data, indent=1, sort_keys=True).encode() + b"\n")
+            os.write(fd, encode(data))
             os.fchmod(fd, 0o644)
         finally:
             os.close(fd)
@@ -205,12 +224,19 @@ def publish(alloc_dir: str, task: str, data: dict[str, Any]) -> str:
             raise
     finally:
         os.close(logs)
-    return os.path.join(alloc_dir, "alloc", "logs", name)
+    return digest_of(encode(data))
 
 
-def summary(data: dict[str, Any]) -> str:
-    """One line for the task's events."""
+RECORD_EVENT = "record sha256:"
+
+
+def summary(data: dict[str, Any], digest: str) -> str:
+    """One line for the task's events, naming the digest of the published record."""
     image = data.get("image", {})
     signed = next((s for s in data.get("signatures", []) if s.get("key")), None)
     how = f", signed with {signed['key']}" if signed else ""
-    return f"Provenance: {image.get('digest', '')[:19]} from {image.get('reference')}{how}"
+    return (
+        f"Provenance: {image.get('digest', '')[:19]} from {image.get('reference')}{how}; "
+        f"alloc/logs/{data.get('where', {}).get('task', '')}.provenance.json, "
+        f"{RECORD_EVENT}{digest.partition(':')[2]}"
+    )

@@ -562,14 +562,21 @@ class DriverService:
             "alloc_dir": task.alloc_dir,
         }
         options = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "auth"}
+        # Values anyone who may read the record sees anyway: the image's, the site's and
+        # Nomad's own (its token aside); a jobspec's or template's variables by name only.
+        seen = {*policy.image_env(image.config), *policy.site_env(self.config, os.environ)}
+
+        def visible(name: str) -> bool:
+            return name in seen or (name.startswith("NOMAD_") and name != "NOMAD_TOKEN")
+
         try:
             data = provenance.record(
-                spec, image, datasets, signatures, where, options, self._nomad_binary()
+                spec, image, datasets, signatures, where, options, visible, self._nomad_binary()
             )
             provenance.keep(run_dir, data)
-            path = provenance.publish(task.alloc_dir, task.name, data)
-            progress(
-                f"{provenance.summary(data)}; record in {os.path.relpath(path, task.alloc_dir)}"
+            digest = provenance.publish(task.alloc_dir, task.name, data)
+            self.events.emit_for(
+                task.id, task.alloc_id, task.name, provenance.summary(data, digest)
             )
         except OSError as err:
             progress(f"WARNING: no provenance record: {err}")
@@ -625,7 +632,10 @@ class DriverService:
             data = provenance.finish(data, result)
             try:
                 provenance.keep(handle.run_dir, data)
-                provenance.publish(str(data["where"]["alloc_dir"]), handle.name, data)
+                digest = provenance.publish(str(data["where"]["alloc_dir"]), handle.name, data)
+                self.events.emit(
+                    handle, f"Provenance completed: {provenance.RECORD_EVENT}{digest[7:]}"
+                )
             except (OSError, KeyError, TypeError) as err:
                 log.warning("provenance record not completed", extra={"kv": {"error": str(err)}})
 

@@ -98,6 +98,7 @@ def _local_path(path: str, where: str) -> str:
 
 def _parse_remote(transport: str, rest: str, text: str) -> Reference:
     host, sep, name = rest.partition("/")
+    host = host.lower()  # DNS names know no case: one spelling for the store and every rule
     if not sep or not _HOST.match(host):
         raise ReferenceError(
             f"image {text!r}: name the registry host explicitly, as in "

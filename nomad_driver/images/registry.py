@@ -71,7 +71,8 @@ def describe(err: BaseException) -> str:
         if any(e is seen for seen in chain):
             continue
         chain.append(e)
-        todo += [x for x in (e.__cause__, e.__context__, getattr(e, "reason", None)) if x]
+        linked = (e.__cause__, e.__context__, getattr(e, "reason", None))  # reason: maybe text
+        todo += [x for x in linked if isinstance(x, BaseException)]
         todo += [a for a in e.args if isinstance(a, BaseException)]
 
     def first(*kinds: type[BaseException]) -> BaseException | None:

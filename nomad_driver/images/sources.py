@@ -474,6 +474,30 @@ def fetch(
         raise SourceError(f"{ref}: malformed image metadata ({err})") from err
 
 
+def local_identity(ref: Reference, local: LocalAccess | None = None) -> str:
+    """Who and what a local source is now (its root's device, inode, owner and change times),
+    opened as an import opens it: a store hit for a local reference is believed only while
+    this is what the import saw (another tenant may have put another tree at the path)."""
+    access = local or LocalAccess()
+    directory = ref.transport in ("dir", "oci")
+    try:
+        fd = _open_local(ref, access, directory=directory)
+    except SourceError:
+        return ""
+    try:
+        st = os.fstat(fd)
+        parts = [st.st_dev, st.st_ino, st.st_uid, st.st_gid, st.st_mode, st.st_ctime_ns]
+        if ref.transport == "oci":  # a new tag changes index.json, not the directory
+            try:
+                index = os.stat("index.json", dir_fd=fd, follow_symlinks=False)
+                parts += [index.st_ino, index.st_ctime_ns]
+            except OSError:
+                pass
+        return ":".join(map(str, parts))
+    finally:
+        os.close(fd)
+
+
 def check_access(
     ref: Reference,
     registry: Registry | None = None,

@@ -78,7 +78,15 @@ def _runtime_config(ref: reference.Reference, fetched: sources.Fetched) -> dict[
 
 # What one import of one reference saw: kept with the reference, since the same SquashFS
 # bytes may come from several images (other configs, other manifests, other owners).
-REF_FIELDS = ("source", "manifest_digest", "config_digest", "layers", "image_config", "provenance")
+REF_FIELDS = (
+    "source",
+    "manifest_digest",
+    "config_digest",
+    "layers",
+    "image_config",
+    "provenance",
+    "source_identity",
+)
 
 
 def _key(ref: str) -> str:
@@ -302,28 +310,32 @@ class Store:
         # Pinned references never change: no lock. A tag may be being pulled again: wait.
         if not ref.remote or ref.digest:
             found = self._found(name, progress)
-            if found is not None:
-                return self._readable(ref, found, fetch_kw)
+            if found is not None and self._reusable(ref, found, fetch_kw):
+                return found
         with self._lock(name):
             found = self._found(name, progress)
-            if found is not None:
-                return self._readable(ref, found, fetch_kw)
+            if found is not None and self._reusable(ref, found, fetch_kw):
+                return found
             return self._import(ref, progress, meter, **fetch_kw)
 
-    def _readable(
+    def _reusable(
         self, ref: reference.Reference, found: StoredImage, fetch_kw: dict[str, Any]
-    ) -> StoredImage:
-        """found, if whoever asks may have it: an image pulled with a login is handed out
-        again only after its registry lets this caller's login read the reference (the store
-        is shared by every tenant of the node; a private image must not be one import away)."""
-        if self.private(str(ref)):
-            from nomad_driver.images import sources
+    ) -> bool:
+        """Whether found may be handed to whoever asks. The store is shared by every tenant
+        of the node: a local reference's stored import stands only while the source is the
+        one imported (False: import again); an image pulled with a login is handed out again
+        only after its registry lets this caller's login read it (StoreError if not)."""
+        from nomad_driver.images import sources
 
+        if not ref.remote:
+            now = sources.local_identity(ref, fetch_kw.get("local"))
+            return bool(now) and found.meta.get("source_identity") == now
+        if self.private(str(ref)):
             try:
                 sources.check_access(ref, **fetch_kw)
             except sources.SourceError as err:
                 raise StoreError(str(err)) from err
-        return found
+        return True
 
     def _found(self, name: str, progress: Progress | None) -> StoredImage | None:
         """The stored image of a reference, intact, marked as just used; None to import."""
@@ -382,6 +394,9 @@ class Store:
         from nomad_driver.images.registry import RegistryError
 
         work = tempfile.mkdtemp(prefix=f"import-{os.getpid()}-", dir=self._dir("tmp"))
+        # Read before the import: a source swapped meanwhile differs next time, and is
+        # imported again then.
+        identity = "" if ref.remote else sources.local_identity(ref, fetch_kw.get("local"))
         try:
             fetched = sources.fetch(ref, work, progress, **fetch_kw)
             built = os.path.join(work, "image.sqsh")
@@ -420,7 +435,9 @@ class Store:
                 self._place(built, digest, progress)
                 if fetched.signature:
                     os.replace(fetched.signature, target + ".dsse.json")
-                own = {k: meta[k] for k in REF_FIELDS}
+                own = {k: meta[k] for k in REF_FIELDS if k in meta}
+                if identity:
+                    own["source_identity"] = identity
                 meta = {**self._write_meta(digest, meta), **own}
                 self._set_ref(str(ref), digest, fetched.private, own)
             return StoredImage(digest, target, meta)

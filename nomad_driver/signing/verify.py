@@ -61,9 +61,11 @@ def mode_for(image: str, default: str, rules: tuple[str, ...]) -> str:
 
 
 def _registry_path(text: str) -> str:
+    """A registry reference (or rule prefix) with one transport and a lower-case host."""
     for transport in ("docker://", "oras://"):
         if text.startswith(transport):
-            return "registry://" + text[len(transport) :]
+            host, sep, rest = text[len(transport) :].partition("/")
+            return f"registry://{host.lower()}{sep}{rest}"
     return text
 
 

@@ -316,7 +316,9 @@ def test_site_defaults_reach_every_task_under_the_task_allowlists(
     assert "HOME_SECRET" not in spec.env
     assert any(m.task_path == "/opt/site" and m.read_only for m in spec.mounts)
     outside = plugin(mount_dirs=[str(site)], default_mounts=["/etc:/host-etc"])
-    with pytest.raises(PolicyError, match="default_mounts: '/etc' is outside the plugin's mount_dirs"):
+    with pytest.raises(
+        PolicyError, match="default_mounts: '/etc' is outside the plugin's mount_dirs"
+    ):
         policy.container_spec(outside, task, str(image), ctx)
     with pytest.raises(schema.ConfigError, match="'OMP' must be NAME=VALUE"):
         plugin(default_env=["OMP"])

@@ -48,8 +48,10 @@ def test_a_tasks_provenance_is_complete_and_replays_until_its_image_changes(
         assert data["image"]["reference"] == str(image)
         assert data["image"]["digest"].startswith("sha256:")
         assert data["command"] == ["/bin/sh", "-c", SCRIPT]
-        assert data["env"]["GREETING"] == "hello-provenance"
+        # A jobspec's (or a template's) variable by name only; the site's and Nomad's shown.
+        assert "GREETING" in data["env_withheld"] and "hello-provenance" not in shown.stdout
         assert data["env"]["PYHPC_SITE"] == "testbed"  # the test bed's default_env
+        assert data["env"]["NOMAD_ALLOC_ID"] == alloc["ID"]
         [mounted] = [m for m in data["mounts"] if m["path"] == "/data"]
         assert mounted["dataset"]["digest"].startswith("sha256:") and mounted["read_only"]
         where = data["where"]
@@ -68,20 +70,34 @@ def test_a_tasks_provenance_is_complete_and_replays_until_its_image_changes(
             env=cluster.env, timeout=60,
         )  # fmt: skip
         assert f"image      {data['image']['digest']}" in human.stdout, human.stderr
+        # The attack (red team): the task (or anyone who can write alloc/logs) rewrites the
+        # copy there; the digest in the driver's events, which the task cannot write, tells.
+        copy = Path(data["where"]["alloc_dir"]) / "alloc" / "logs" / "t.provenance.json"
+        forged = json.loads(copy.read_text())
+        forged["image"]["digest"] = "sha256:" + "f" * 64
+        copy.write_text(json.dumps(forged, indent=1, sort_keys=True) + "\n")
+        caught = subprocess.run(
+            [*PYHPC, "provenance", alloc["ID"]], capture_output=True, text=True,
+            env=cluster.env, timeout=60,
+        )  # fmt: skip
+        assert caught.returncode == 1 and "is not the record the driver wrote" in caught.stderr
+        assert "ffffffff" not in caught.stdout
         cluster.stop_job(job_id)
 
         record = tmp_path / "task.provenance.json"
         record.write_text(shown.stdout)
         replayed = subprocess.run(
-            [*PYHPC, "run", "--replay", str(record)], capture_output=True, text=True, timeout=120
-        )
+            [*PYHPC, "run", "--replay", str(record), "--env", "GREETING=hello-provenance"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
         assert (replayed.returncode, replayed.stdout) == (0, out), replayed.stderr
         with open(image, "r+b") as f:  # other bytes under the same path
             f.seek(os.path.getsize(image) - 1)
             f.write(b"\x01")
         refused = subprocess.run(
-            [*PYHPC, "run", "--replay", str(record)], capture_output=True, text=True, timeout=120
-        )
+            [*PYHPC, "run", "--replay", str(record), "--env", "GREETING=x"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
         assert refused.returncode != 0 and "the image changed: recorded" in refused.stderr
     finally:
         image.unlink(missing_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tarfile
 import threading
@@ -15,7 +16,7 @@ import pytest
 from nomad_driver.images import publish
 from nomad_driver.images.credentials import Credentials
 from nomad_driver.images.registry import Registry
-from nomad_driver.images.store import Store, StoreError
+from nomad_driver.images.store import Store, StoredImage, StoreError
 from tests.images.ocitools import layer_tar, sha, write_layout
 from tests.images.test_merge import BASE, TOP, UPPER
 from tests.registry import run_registry
@@ -377,3 +378,41 @@ def test_an_oras_artifacts_own_claims_are_kept_apart_from_what_the_import_saw(
         assert claims["manifest_digest"] == pulled.meta["manifest_digest"]  # kept, apart
         assert "resolved_digest" not in other.meta["provenance"]
         assert "manifest_digest" not in other.meta["provenance"]
+
+
+def test_a_local_reference_is_imported_again_when_another_tree_takes_its_path(
+    tmp_path: Path,
+) -> None:
+    """The attack (red team): tenant B makes dir:/shared/app and runs it, deletes it; tenant
+    A makes its own at the same path: the store served A the first import, B's bytes (for
+    oci:, B's Entrypoint, Env and User). The control: an unchanged source is not imported
+    again."""
+    from nomad_driver.images.sources import LocalAccess
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(tmp_path, 0o755)
+    os.chmod(shared, 0o1777)
+    access = LocalAccess(str(shared), public_only=True)
+    store = Store(str(tmp_path / "store"))
+    ref = f"dir:{shared}/app"
+
+    def tree(who: str, uid: int) -> None:
+        root = shared / "app"
+        root.mkdir(mode=0o755)
+        (root / "WHO").write_text(who)
+        (root / "WHO").chmod(0o644)
+        os.lchown(root / "WHO", uid, 100)
+        os.chown(root, uid, 100)
+
+    def who(image: StoredImage) -> str:
+        out = subprocess.run(["unsquashfs", "-cat", image.path, "WHO"], capture_output=True)
+        return out.stdout.decode()
+
+    tree("tenant B", 1001)
+    first = store.ensure(ref, local=access)
+    assert who(first) == "tenant B"
+    assert store.ensure(ref, local=access).digest == first.digest  # the control: a store hit
+    shutil.rmtree(shared / "app")
+    tree("tenant A", 1000)
+    assert who(store.ensure(ref, local=access)) == "tenant A"

@@ -266,3 +266,13 @@ def test_a_registry_rule_covers_every_transport_to_that_repository() -> None:
     assert mode_for("docker://reg:5000/signed/app:1", "off", rules) == "enforce"
     assert mode_for("oras://reg:5000/other/app:1", "off", rules) == "off"  # the control
     assert mode_for("oci:/srv/signed/app", "off", rules) == "off"
+    # Nor does the host's case (red team: REGISTRY.example ran unsigned under enforce).
+    assert mode_for("docker://REG:5000/signed/evil:1", "off", rules) == "enforce"
+    assert mode_for("docker://reg:5000/signed/x:1", "off", ("docker://Reg:5000/=enforce",)) == (
+        "enforce"
+    )
+    from nomad_driver.images import reference
+
+    assert str(reference.parse("docker://Registry.Example.ORG:5000/team/app:1")) == (
+        "docker://registry.example.org:5000/team/app:1"
+    )
