@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install everything pyhpc's demo and tests need on a fresh Debian machine (run as root):
 # Debian packages, a virtualenv with the package and its test tools in .venv, and the test
-# bed (Nomad, Consul, Vault built from their Go modules into ~/.cache/pyhpc/testbed).
+# bed (Nomad, Consul, Vault and cosign built from their Go modules into ~/.cache/pyhpc/testbed).
 # Safe to re-run: each step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
