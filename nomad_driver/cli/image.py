@@ -269,7 +269,7 @@ def _cosign_bundle(vault: Any, path: str, key: str, output: str) -> str:
             "signatures of ecdsa-p256 keys made this way (pyhpc vault setup --algorithm ecdsa-p256)"
         )
     digest = bytes.fromhex(file_digest(path).partition(":")[2])
-    signature, _ = vault.sign_digest(key, digest)
+    signature, _ = vault.sign(key, digest, prehashed=True)
     write_atomic(output, blob_bundle(signature))
     os.chmod(output, 0o644)  # a signature: meant to be handed round
     return output

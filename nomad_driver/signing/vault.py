@@ -152,8 +152,9 @@ class Vault:
         except requests.RequestException as err:
             raise VaultError(f"Vault is unreachable ({what}): {err}") from err
 
-    def sign(self, key: str, data: bytes) -> tuple[bytes, int]:
-        """(signature, key version) of data by transit key `key`."""
+    def sign(self, key: str, data: bytes, prehashed: bool = False) -> tuple[bytes, int]:
+        """(signature, key version) of data by transit key `key`. prehashed: data is the
+        SHA-256 digest of what is signed (Vault's prehashed signing: ECDSA keys only)."""
         transit = self.client().secrets.transit
         reply = self._call(
             f"signing with {self.transit}/{key}",
@@ -162,25 +163,10 @@ class Vault:
             hash_input=base64.b64encode(data).decode(),
             hash_algorithm="sha2-256",
             mount_point=self.transit,
+            **({"prehashed": True} if prehashed else {}),
         )
         text = reply["data"]["signature"]  # "vault:v3:BASE64"
         _, version, sig = text.split(":", 2)
-        return base64.b64decode(sig), int(version.lstrip("v"))
-
-    def sign_digest(self, key: str, digest: bytes) -> tuple[bytes, int]:
-        """(signature, key version) of a SHA-256 digest by an ECDSA transit key: the signature
-        of the data it is the digest of (Vault's prehashed signing; ed25519 cannot)."""
-        transit = self.client().secrets.transit
-        reply = self._call(
-            f"signing with {self.transit}/{key}",
-            transit.sign_data,
-            key,
-            hash_input=base64.b64encode(digest).decode(),
-            hash_algorithm="sha2-256",
-            prehashed=True,
-            mount_point=self.transit,
-        )
-        _, version, sig = reply["data"]["signature"].split(":", 2)
         return base64.b64decode(sig), int(version.lstrip("v"))
 
     def public_keys(self, key: str) -> tuple[list[PublicKey], int]:
