@@ -33,6 +33,9 @@ plugin "pyhpc" {
     # deleted (never one in use or being imported); `pyhpc image ls` shows when each was used.
     # image_gc_interval = "1h"
     # image_gc_min_age  = "24h"
+    # An image's mount stays this long after its last task ended, so the next task of it
+    # neither mounts it again nor reads its files cold ("0": unmount at once).
+    # image_mount_linger = "2m"
 
     # Registry logins for every task on this node: a credential helper
     # (docker-credential-NAME on the agent's PATH) and/or a Docker config.json or containers

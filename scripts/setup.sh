@@ -29,7 +29,7 @@ if ! .venv/bin/python -c "import nomad_driver, grpc_tools, hypothesis, pytest" 2
    || [[ pyproject.toml -nt .venv/.installed ]]; then
   say "installing pyhpc and its test tools into .venv"
   .venv/bin/pip install -q --upgrade pip >/dev/null
-  .venv/bin/pip install -q -e '.[dev]'
+  .venv/bin/pip install -q -e '.[dev]' --config-settings editable_mode=compat
   touch .venv/.installed
 fi
 # Byte-compiled once: each task's supervisor and `pyhpc run` start from .pyc files, even where

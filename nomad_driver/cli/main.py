@@ -5,26 +5,25 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from nomad_driver import __version__
 from nomad_driver.cli import add_var_flags, pairs
 
-PACKAGE_PARENT = Path(__file__).resolve().parents[2]
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 
 
 def install_plugin(plugin_dir: str, name: str, gpu: bool = False) -> int:
     """Write an executable launcher that Nomad runs from its plugin_dir: the task driver, or
     with gpu the NVIDIA device plugin."""
-    directory = Path(plugin_dir)
-    if not directory.is_dir():
+    directory = plugin_dir
+    if not os.path.isdir(directory):
         print(f"pyhpc: --plugin-dir {plugin_dir}: no such directory", file=sys.stderr)
         return 2
     launcher = (
         f"#!{sys.executable}\n"
         "# Installed by `pyhpc install-plugin`: Nomad runs this file as the pyhpc task driver.\n"
         "import sys\n"
-        f"sys.path.insert(0, {str(PACKAGE_PARENT)!r})\n"
+        f"sys.path.insert(0, {PACKAGE_PARENT!r})\n"
         f"from nomad_driver.{'device' if gpu else 'driver'}.main import main\n"
         "sys.exit(main())\n"
     )
@@ -34,8 +33,8 @@ def install_plugin(plugin_dir: str, name: str, gpu: bool = False) -> int:
     with os.fdopen(fd, "w") as f:
         f.write(launcher)
     os.chmod(tmp, 0o755)
-    os.replace(tmp, directory / name)
-    print(f"installed {directory / name}")
+    os.replace(tmp, os.path.join(directory, name))
+    print(f"installed {os.path.join(directory, name)}")
     print(f'add to the agent configuration:  plugin "{name}" {{ config {{ }} }}')
     return 0
 
@@ -64,7 +63,8 @@ def validate(paths: list[str], var: list[str], var_files: list[str], strict: boo
     failed = False
     for path in paths:
         try:
-            report = jobspec.check(Path(path).read_text(encoding="utf-8"), variables, nomad)
+            with open(path, encoding="utf-8") as f:
+                report = jobspec.check(f.read(), variables, nomad)
         except (OSError, ValueError) as err:
             print(f"{path}: {getattr(err, 'strerror', None) or err}", file=sys.stderr)
             failed = True

@@ -270,7 +270,7 @@ def _default_user(args: argparse.Namespace, who: Caller) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from nomad_driver.driver import config, policy
-    from nomad_driver.images.store import StoreError
+    from nomad_driver.images.errors import StoreError
     from nomad_driver.runtime import security
     from nomad_driver.runtime.cgroups import CALLER, Limits
     from nomad_driver.wire import schema
@@ -545,28 +545,7 @@ def changed_since(
     ]
 
 
-POLICY_CACHE = "/run/pyhpc/.policy-cache"
-
-
-def _cache_dir(create: bool) -> int:
-    """The policy cache directory, opened without following a symlink and trusted only if
-    root owns it and nobody else may write to it: whoever could write an entry there would
-    choose the policy. -1 if it is absent or not to be trusted."""
-    if create:
-        try:
-            os.makedirs(os.path.dirname(POLICY_CACHE), mode=0o755, exist_ok=True)
-            os.mkdir(POLICY_CACHE, 0o700)
-        except OSError:
-            pass
-    try:
-        fd = os.open(POLICY_CACHE, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return -1
-    st = os.fstat(fd)
-    if st.st_uid != 0 or st.st_mode & 0o022:
-        os.close(fd)
-        return -1
-    return fd
+POLICY_CACHE = "/run/pyhpc/.policy-cache"  # util.rootcache.DIR; tests move it
 
 
 def load_policy(path: str) -> Any:
@@ -580,30 +559,24 @@ def load_policy(path: str) -> Any:
     import json
 
     from nomad_driver.driver import agentconfig, config
+    from nomad_driver.util import rootcache
     from nomad_driver.wire import schema
 
     files, key = _policy_files(path)
-    cache = _cache_dir(create=False)
     try:
-        if cache >= 0:
-            fd = os.open(key, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cache)
-            with os.fdopen(fd, encoding="utf-8") as f:
-                st = os.fstat(f.fileno())
-                if st.st_uid == 0 and not st.st_mode & 0o022:
-                    cached = json.load(f)
-                    if cached.get("path") == os.path.realpath(path):
-                        return schema.load(config.PluginConfig, cached["options"], path)
-    except (OSError, ValueError, KeyError, AttributeError, schema.ConfigError):
+        cached = json.loads(rootcache.read(key, POLICY_CACHE) or b"{}")
+        if cached.get("path") == os.path.realpath(path):
+            return schema.load(config.PluginConfig, cached["options"], path)
+    except (ValueError, KeyError, AttributeError, schema.ConfigError):
         pass
-    finally:
-        if cache >= 0:
-            os.close(cache)
     plugin = agentconfig.plugin_config(files, path)
     options = {
         name: list(value) if isinstance(value, tuple) else value
         for name, value in plugin.__dict__.items()
     }
-    _write_cache(key, json.dumps({"path": os.path.realpath(path), "options": options}))
+    rootcache.write(
+        key, json.dumps({"path": os.path.realpath(path), "options": options}).encode(), POLICY_CACHE
+    )
     return plugin
 
 
@@ -622,28 +595,6 @@ def _policy_files(path: str) -> tuple[list[str], str]:
         return files, first.replace(":", "-")
     keys = [first] + [f"{os.path.basename(f)} {unchanged_key(os.stat(f))}" for f in files]
     return files, "dir-" + hashlib.sha256("\n".join(keys).encode()).hexdigest()
-
-
-def _write_cache(name: str, text: str) -> None:
-    """Atomically, by descriptor, into the trusted cache directory; a cache, nothing more."""
-    cache = _cache_dir(create=True)
-    if cache < 0:
-        return
-    tmp = f".{name}.{os.getpid()}"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=cache)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, name, src_dir_fd=cache, dst_dir_fd=cache)
-    except OSError:
-        try:
-            os.unlink(tmp, dir_fd=cache)
-        except OSError:
-            pass
-    finally:
-        os.close(cache)
 
 
 def environment(given: list[str], files: list[str], who: Caller = ROOT) -> dict[str, str]:

@@ -8,7 +8,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from nomad_driver.images.credentials import check_helper_name
 from nomad_driver.runtime import ids
 from nomad_driver.runtime.security import CAP_NUMBER, DEFAULT_CAPS, PROFILE_NAME
 from nomad_driver.util.durations import duration
@@ -134,6 +133,8 @@ def _id_ranges(value: Any) -> str | None:
 
 
 def _helper(value: Any) -> str | None:
+    from nomad_driver.images.credentials import check_helper_name  # subprocess: not per start
+
     return check_helper_name(value) if value else None
 
 
@@ -292,6 +293,15 @@ class PluginConfig:
         default="24h",
         doc="How long an image must have gone unused before the periodic GC deletes it.",
         check=duration("24h"),
+    )
+    image_mount_linger: str = option(
+        "string",
+        default="2m",
+        doc="How long an image's mount stays after the last task using it ended, so the next "
+        "task of that image starts without mounting it again and finds its files in the page "
+        'cache; the periodic sweep (or the next task\'s end) unmounts it after that. "0" '
+        "unmounts at once.",
+        check=duration("2m"),
     )
     image_zstd_level: int = option(
         "number",

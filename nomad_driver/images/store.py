@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from nomad_driver.images import reference, squashfs
+from nomad_driver.images.errors import StoreError as StoreError  # its home before errors
 from nomad_driver.util.digest import file_digest, remember
 from nomad_driver.util.files import write_atomic
 
@@ -42,10 +43,6 @@ if TYPE_CHECKING:  # loaded by _import only: a start from a stored image needs n
 Progress = Callable[[str], None]
 InUse = Callable[[str], bool]
 LOOP_BACKING = "/sys/block/loop*/loop/backing_file"
-
-
-class StoreError(RuntimeError):
-    """An import or store operation failed; nothing half-written was left behind."""
 
 
 class StoreAccessError(StoreError):

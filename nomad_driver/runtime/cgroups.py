@@ -306,10 +306,10 @@ class Cgroup:
                 limits.cpuset_cpus or _read(os.path.join(parent, "cpuset.cpus")),
             )
 
-    def join(self) -> None:
-        """Move the calling process (and so all it starts) into the cgroup(s)."""
+    def join(self, pid: int = 0) -> None:
+        """Move process pid (0: the calling one), and so all it starts, into the cgroup(s)."""
         for path in self.paths():
-            _write(os.path.join(path, "cgroup.procs"), "0")
+            _write(os.path.join(path, "cgroup.procs"), str(pid))
 
     def freezer(self) -> tuple[str, str, str] | None:
         """(control file, state file, the state line meaning frozen), or None without one."""

@@ -6,20 +6,17 @@ so a plugin process that did not start the supervisor can still drive it.
 
 from __future__ import annotations
 
-import importlib.util
+import functools
 import json
 import os
 import select
 import shutil
 import signal
 import socket
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from nomad_driver.runtime.container import ContainerError
 from nomad_driver.runtime.imagefile import ImageError, ImageFile, open_image
@@ -27,23 +24,29 @@ from nomad_driver.runtime.imagemount import SharedImages
 from nomad_driver.runtime.spec import BindMount, ContainerSpec, ExitStatus
 from nomad_driver.runtime.supervisor import EXIT_FILE, SOCKET_FILE, SPEC_FILE, STARTED_FILE
 
-PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 
 
-def _helper_path() -> str:
+@functools.cache
+def helper_path() -> str:
     """Our helpers run with `python -S` (no site: 5 MB less per task), so they get the few
-    directories they import from explicitly: this package's and pyseccomp's."""
+    directories they import from explicitly: this package's and pyseccomp's. Worked out on
+    first use: `pyhpc run` starts no helper."""
+    import importlib.util
+
     paths = [PACKAGE_PARENT]
     spec = importlib.util.find_spec("pyseccomp")
     if spec is not None and spec.origin:
-        origin = Path(spec.origin).resolve()
+        origin = os.path.realpath(spec.origin)
         # A package's origin is its __init__.py; a plain module's is the file itself.
-        paths.append(str(origin.parents[1] if spec.submodule_search_locations else origin.parent))
+        up = 2 if spec.submodule_search_locations else 1
+        for _ in range(up):
+            origin = os.path.dirname(origin)
+        paths.append(origin)
     return ":".join(dict.fromkeys(paths))
 
 
-HELPER_PATH = _helper_path()
-# -S: no site module; -E is not used because PYTHONPATH carries HELPER_PATH.
+# -S: no site module; -E is not used because PYTHONPATH carries helper_path().
 PYTHON = [sys.executable, "-S"]
 
 
@@ -66,7 +69,7 @@ class Started:
 
 def helper_env() -> dict[str, str]:
     """Environment of our helper processes (supervisor, exec): nothing of the plugin's own."""
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": HELPER_PATH}
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": helper_path()}
 
 
 def acquire_image(
@@ -117,6 +120,9 @@ def start(
 
 
 def _start_supervisor(spec: ContainerSpec, run_dir: str, timeout: float) -> Started:
+    import subprocess
+    import threading
+
     with open(os.path.join(run_dir, SPEC_FILE), "w", encoding="utf-8") as f:
         f.write(spec.to_json())
     ready_r, ready_w = os.pipe()

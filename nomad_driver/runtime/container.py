@@ -30,9 +30,8 @@ class ContainerError(Exception):
 
 
 def enter_namespaces(spec: ContainerSpec) -> None:
-    # A cgroup namespace rooted at the task's cgroup (joined before this): the task sees "/"
-    # in /proc/self/cgroup, not the host's layout.
-    flags = linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC | linux.CLONE_NEWCGROUP
+    # The cgroup namespace comes later (supervisor.run_init), once the task's cgroup is joined.
+    flags = linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC
     if spec.netns_path:
         # The namespace Nomad made for the task group (bridge mode, Consul service mesh).
         fd = os.open(spec.netns_path, os.O_RDONLY | os.O_CLOEXEC)

@@ -7,13 +7,17 @@ themselves, checked against the live processes, so they survive a plugin restart
 killed user's reference is found stale by the next `sweep`.
 
 Unmounting is lazy (MNT_DETACH) and the loop device clears itself: a container that still uses
-the image keeps its view, and the kernel frees the device after the last user is gone.
+the image keeps its view, and the kernel frees the device after the last user is gone. A release
+may ask for the mount to linger: kept that many seconds after its last user went (the refs
+directory's mtime says when), so the next task of that digest neither mounts again nor reads its
+files cold; a later release or sweep past that time unmounts it.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -107,24 +111,27 @@ class SharedImages:
                 if os.path.exists(os.path.join(base, "refs", owner)):
                     _write_ref(os.path.join(base, "refs"), owner, identity)
 
-    def release(self, owner: str) -> None:
+    def release(self, owner: str, linger: float = 0.0) -> None:
+        """Drop owner's references; a mount left unused lingers for linger seconds. Mounts
+        whose linger has run out go too."""
         with self._locked():
             for base in self._bases():
                 try:
                     os.unlink(os.path.join(base, "refs", owner))
                 except FileNotFoundError:
-                    continue
-                self._unmount_if_unused(base)
+                    if not linger:
+                        continue
+                self._unmount_if_unused(base, linger)
 
-    def sweep(self) -> list[str]:
-        """Drop references of processes that are gone; unmount what nobody uses. Returns the
-        digests unmounted."""
+    def sweep(self, linger: float = 0.0) -> list[str]:
+        """Drop references of processes that are gone; unmount what nobody has used for linger
+        seconds. Returns the digests unmounted."""
         if not os.path.isdir(self.directory):
             return []
         gone = []
         with self._locked():
             for base in self._bases():
-                if self._unmount_if_unused(base):
+                if self._unmount_if_unused(base, linger):
                     gone.append("sha256:" + os.path.basename(base))
         return gone
 
@@ -139,7 +146,7 @@ class SharedImages:
             if not name.startswith(".")
         ]
 
-    def _unmount_if_unused(self, base: str) -> bool:
+    def _unmount_if_unused(self, base: str, linger: float = 0.0) -> bool:
         refs = os.path.join(base, "refs")
         live = 0
         for owner in os.listdir(refs) if os.path.isdir(refs) else ():
@@ -156,6 +163,11 @@ class SharedImages:
                 os.unlink(path)
         if live:
             return False
+        try:  # the last reference's removal set the directory's mtime
+            if linger and time.time() - os.stat(refs).st_mtime < linger:
+                return False
+        except FileNotFoundError:
+            pass
         root = os.path.join(base, "root")
         if os.path.ismount(root):
             linux.umount(root, linux.MNT_DETACH)

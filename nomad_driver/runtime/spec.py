@@ -54,6 +54,7 @@ class ContainerSpec(NamedTuple):
     # task's image there, filled in by client.start.
     images_dir: str = "/run/pyhpc/images"
     image_root: str = ""
+    image_linger: float = 0.0  # seconds the image's mount stays after its last task (0: none)
     # (first host id, count) that container ids 0.. map to when the task runs as root: a user
     # namespace with root remapping. A non-root task gets its own ids mapped to themselves.
     # None: no user namespace (container root is host root, with capabilities bounded).

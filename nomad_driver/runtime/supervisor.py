@@ -32,6 +32,7 @@ SPEC_FILE = "spec.json"
 EXIT_FILE = "exit.json"
 SOCKET_FILE = "control.sock"
 CGROUPS_FILE = "cgroups.json"  # the cgroup directories this run made
+NOT_JOINED = "the supervisor could not move the init into the task's cgroup"
 STARTED_FILE = "started.json"  # written once the command runs: who to adopt after a crash
 # Signals the init passes on to the task; SIGKILL and SIGSTOP cannot be caught, SIGCHLD is ours.
 FORWARDED = [
@@ -52,10 +53,12 @@ def run_init(
     ready_w: int,
     status_w: int,
     stdio: tuple[int, int, int],
-    cgroup: Cgroup | None,
+    joined_r: int = -1,
     disk: int = -1,
 ) -> None:
-    """PID 1 of the container: build the root, start the command, forward signals, reap."""
+    """PID 1 of the container: build the root, start the command, forward signals, reap.
+    joined_r: where the supervisor says "1" once this process is in the task's cgroup (it
+    moves it there while the root is built: a cgroup-v1 move waits out an RCU grace period)."""
     # Loaded here, in the init only (the long-lived supervisor stays small), and before
     # pivot_root: from inside the container the package is out of sight (restrict() needs
     # security then).
@@ -74,8 +77,6 @@ def run_init(
     for s in FORWARDED:
         signal.signal(s, forward)
     try:
-        if cgroup is not None:
-            cgroup.join()  # before anything runs, so every process of the task is counted
         container.build(spec, scratch, spec.image_root, userns, disk)
         uid, gid = container.resolve_user(spec.user)
         ids.check_user(spec, uid, gid)  # again: a disk layer's /etc/passwd may differ
@@ -85,6 +86,11 @@ def run_init(
             raise container.ContainerError(
                 f"work_dir {spec.work_dir!r} is not a directory in the image"
             )
+        # In the task's cgroup before the task exists, so every process of it is counted;
+        # then a cgroup namespace rooted there: the task sees "/" in /proc/self/cgroup.
+        if joined_r >= 0 and os.read(joined_r, 1) != b"1":
+            raise container.ContainerError(NOT_JOINED)
+        linux.unshare(linux.CLONE_NEWCGROUP)
     except (OSError, container.ContainerError) as error:
         _write_line(ready_w, {"error": str(error)})
         os._exit(127)
@@ -202,6 +208,7 @@ class Supervisor:
         stdin = _open_stdio(self.spec.stdin_path or os.devnull, os.O_RDONLY)
         ready_r, ready_w = os.pipe()
         self.status_r, status_w = os.pipe()
+        joined_r, joined_w = os.pipe() if self.cgroup is not None else (-1, -1)
         devices = [(d.host_path, d.read_only) for d in self.spec.devices]
         if self.cgroup is not None and self.spec.limits is not None:
             self.cgroup.create(self.spec.limits, devices, host_root=self.spec.userns is None)
@@ -224,14 +231,25 @@ class Supervisor:
         pid = os.fork()
         if pid == 0:
             self.listener.close()
-            os.close(ready_r)
-            os.close(self.status_r)
+            for fd in (ready_r, self.status_r, joined_w):
+                if fd >= 0:
+                    os.close(fd)
             stdio = (stdin, out, err)
-            run_init(self.spec, scratch, userns, ready_w, status_w, stdio, self.cgroup, disk)
+            run_init(self.spec, scratch, userns, ready_w, status_w, stdio, joined_r, disk)
             os._exit(0)
         self.init_pid = pid
-        for fd in (ready_w, status_w, stdin, out, err):
-            os.close(fd)
+        for fd in (ready_w, status_w, stdin, out, err, joined_r):
+            if fd >= 0:
+                os.close(fd)
+        not_joined = ""
+        if self.cgroup is not None:
+            try:  # while the init builds the root; it waits for this before the task starts
+                self.cgroup.join(pid)
+                os.write(joined_w, b"1")
+            except OSError as error:  # the init says why it stopped, or that it was not moved
+                not_joined = f"cannot move the task into its cgroup: {error.strerror or error}"
+            finally:
+                os.close(joined_w)
         if userns is not None:
             os.close(userns[0])
         if disk >= 0:
@@ -242,7 +260,7 @@ class Supervisor:
         if "error" in message:
             os.waitpid(pid, 0)
             self._abandon()
-            raise RuntimeError(message["error"])
+            raise RuntimeError(not_joined if message["error"] == NOT_JOINED else message["error"])
         self.started_at = time.time()
 
     def disk_layer(self) -> int:
@@ -348,7 +366,7 @@ class Supervisor:
             if self.cgroup.oom_kills() > 0:
                 result = result._replace(oom_killed=True)
             self.cgroup.remove()
-        self.images.release(self.owner)
+        self.images.release(self.owner, self.spec.image_linger)
         write_atomic(self.path(EXIT_FILE), result.to_json())
         for conn in self.waiters:
             try:

@@ -454,6 +454,7 @@ write_pyhpc_config() {
       -e 's|^    signature_rules = \[\]$|    signature_rules = ["docker://'"$r"'/signed/=enforce", "docker://'"$r"'/warned/=warn", "docker://'"$r"'/cosigned/=cosign"]|' \
       -e 's|^    # cosign_keys   = \[\]$|    cosign_keys   = ["'"$STATE"'/cosign/cosign.pub", "hashivault://pyhpc-cosign"]|' \
       -e 's|^    # image_gc_interval = "1h"$|    image_gc_interval = "10s"|' \
+      -e 's|^    # image_mount_linger = "2m"$|    image_mount_linger = "0"|' \
       -e 's|^    # default_env     = \[\]$|    default_env     = ["PYHPC_SITE=testbed"]|' \
       -e 's|^    # hooks_dir    = ""$|    hooks_dir    = "'"$STATE"'/hooks"|' \
       -e 's|^    signature_keys  = \[\]$|    signature_keys  = ["pyhpc-images"]|' \
@@ -464,6 +465,8 @@ write_pyhpc_config() {
   grep -q '^    cosign_keys   = \["' "$STATE/nomad/pyhpc.hcl" || die "could not add cosign_keys"
   grep -q 'helper       = "pyhpc-testbed"' "$STATE/nomad/pyhpc.hcl" || die "could not add auth"
   grep -q '^    image_gc_interval = "10s"' "$STATE/nomad/pyhpc.hcl" || die "could not set image_gc_interval"
+  # Every mount gone when its last task ends: the leak checks count mounts node-wide.
+  grep -q '^    image_mount_linger = "0"' "$STATE/nomad/pyhpc.hcl" || die "could not set image_mount_linger"
   grep -q '^    default_env     = \["PYHPC_SITE' "$STATE/nomad/pyhpc.hcl" || die "could not set default_env"
   grep -q '^    hooks_dir    = "/' "$STATE/nomad/pyhpc.hcl" || die "could not set hooks_dir"
   write_test_hooks

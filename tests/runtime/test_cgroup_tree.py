@@ -120,6 +120,27 @@ def test_task_is_in_every_controller_under_its_parent_and_sees_only_its_namespac
     assert os.path.isdir(shared)  # Nomad's, not ours to remove
 
 
+@pytest.mark.skipif(cgroups.version() == 2, reason="v1: a cpuset with no cores refuses a task")
+def test_a_task_its_cgroup_refuses_does_not_start_and_leaves_nothing(
+    tmp_path: Path, busybox_image: Path, nomad_like_parent: tuple[str, str]
+) -> None:
+    """The init is moved into the task's cgroups while it builds the root, and waits for that
+    before the task exists: a move the kernel refuses (a cpuset emptied of cores) stops the
+    start with the reason, and takes its cgroups and image mount with it. The control, the
+    same cpuset with a core, starts (the test above)."""
+    parent, shared = nomad_like_parent
+    Path(shared, "cpuset.cpus").write_text("\n")  # no cores: attaching fails with ENOSPC
+    limits = Limits(memory_bytes=64 << 20, cgroup_parent=parent, cpuset_cgroup=shared)
+    spec = make_spec(tmp_path, busybox_image, "/bin/true")._replace(limits=limits)
+    try:
+        with pytest.raises(client.StartError, match="cannot move the task into its cgroup: No "):
+            client.start(spec, str(tmp_path / "run"))
+        assert (tmp_path / "out").read_text() == ""  # the command never ran
+        assert not any(os.path.exists(p) for p in Cgroup("run", limits).owned())
+    finally:
+        Path(shared, "cpuset.cpus").write_text("0")
+
+
 def test_a_task_without_nomad_stays_under_pyhpcs_own_parent(
     tmp_path: Path, busybox_image: Path
 ) -> None:

@@ -139,3 +139,31 @@ def test_a_dataset_is_one_shared_read_only_mount_kept_by_the_supervisors(
             client.wait(one.run_dir)
     assert mounts_under(images) == []
     assert eventually(lambda: loop_devices_of(dataset) == [])
+
+
+def test_a_lingering_mount_serves_the_next_task_and_goes_once_its_time_is_up(
+    tmp_path: Path, busybox_image: Path
+) -> None:
+    """image_mount_linger: the mount stays after its last task (the next one of that digest
+    reuses it, on the same loop device), and a sweep past the linger unmounts it. The control:
+    a sweep within the linger keeps it."""
+    images = tmp_path / "images"
+    spec = make_spec(tmp_path, busybox_image, "/bin/true")._replace(
+        images_dir=str(images), image_linger=60.0
+    )
+    first = client.start(spec, str(tmp_path / "run-a"))
+    assert client.wait(first.run_dir).exit_code == 0
+    assert len(mounts_under(images)) == 1  # no task uses it, and it stays
+    device = loop_devices_of(busybox_image)
+    assert len(device) == 1
+    second = client.start(spec, str(tmp_path / "run-b"))
+    assert client.wait(second.run_dir).exit_code == 0
+    assert loop_devices_of(busybox_image) == device  # the same mount served the second
+    shared = SharedImages(str(images))
+    assert shared.sweep(linger=60.0) == [] and len(mounts_under(images)) == 1
+    (refs,) = images.glob("*/refs")
+    past = time.time() - 61
+    os.utime(refs, (past, past))  # as if the last task ended 61 s ago
+    assert len(shared.sweep(linger=60.0)) == 1
+    assert mounts_under(images) == []
+    assert eventually(lambda: loop_devices_of(busybox_image) == [])

@@ -1,0 +1,8 @@
+"""The images layer's errors, apart from the store itself: a start from a file names them
+without loading the store."""
+
+from __future__ import annotations
+
+
+class StoreError(RuntimeError):
+    """An import or store operation failed; nothing half-written was left behind."""
