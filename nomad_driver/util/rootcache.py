@@ -30,9 +30,9 @@ def _open_dir(directory: str, create: bool) -> int:
     return fd
 
 
-def read(name: str, directory: str = DIR, limit: int = 1 << 20) -> bytes | None:
-    """The entry name, or None."""
-    cache = _open_dir(directory, create=False)
+def read(name: str, directory: str = "", limit: int = 1 << 20) -> bytes | None:
+    """The entry name (in directory, default DIR), or None."""
+    cache = _open_dir(directory or DIR, create=False)
     if cache < 0:
         return None
     try:
@@ -52,9 +52,9 @@ def read(name: str, directory: str = DIR, limit: int = 1 << 20) -> bytes | None:
         os.close(fd)
 
 
-def write(name: str, data: bytes, directory: str = DIR) -> None:
-    """Store data as name, whole or not at all."""
-    cache = _open_dir(directory, create=True)
+def write(name: str, data: bytes, directory: str = "") -> None:
+    """Store data as name (in directory, default DIR), whole or not at all."""
+    cache = _open_dir(directory or DIR, create=True)
     if cache < 0:
         return
     tmp = f".{name}.{os.getpid()}"

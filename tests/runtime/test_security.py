@@ -483,3 +483,35 @@ def test_personality_rules_refuse_exactly_what_is_not_allowed() -> None:
     samples |= {random.getrandbits(32) for _ in range(20000)}
     wrong = [hex(x) for x in samples if refused(x) == (x in security.PERSONALITY_ALLOWED)]
     assert not wrong
+
+
+def test_compiled_filters_come_from_the_cache_only_when_root_alone_wrote_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cached filter would be what every task runs under: an entry another user owns, or
+    one others may write, or a symlink, is compiled afresh. The control: root's own entry is
+    what compile_seccomp returns (so the cache is read at all)."""
+    from nomad_driver.util import rootcache
+
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(rootcache, "DIR", str(cache))
+    monkeypatch.setattr(security, "_COMPILED", {})
+    profile = security.default_profile()
+    real = security.compile_seccomp(profile)
+    (entry,) = cache.glob("seccomp-*")
+    assert entry.read_bytes() == real and entry.stat().st_mode & 0o777 == 0o600
+    forged = b"\x06\x00\x00\x00\x00\x00\xff\x7f"  # one instruction: allow everything
+    for name, setup in {
+        "root's own (the control)": lambda: None,
+        "another owner": lambda: os.chown(entry, 1000, 1000),
+        "group-writable": lambda: os.chmod(entry, 0o620),
+        "a symlink": lambda: (entry.unlink(), (tmp_path / "f").write_bytes(forged),
+                              entry.symlink_to(tmp_path / "f")),
+    }.items():  # fmt: skip
+        entry.unlink(missing_ok=True)
+        entry.write_bytes(forged)
+        entry.chmod(0o600)
+        setup()
+        monkeypatch.setattr(security, "_COMPILED", {})
+        got = security.compile_seccomp(profile)
+        assert got == (forged if name.startswith("root's") else real), name
