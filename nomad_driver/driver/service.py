@@ -40,6 +40,7 @@ from nomad_driver.runtime.container import ContainerError
 from nomad_driver.runtime.imagemount import SharedImages, images_dir
 from nomad_driver.runtime.spec import BindMount, ContainerSpec, ExitStatus
 from nomad_driver.runtime.stats import cpu_mhz
+from nomad_driver.util import heap
 from nomad_driver.util.durations import parse_duration
 from nomad_driver.wire import schema
 
@@ -361,6 +362,7 @@ class DriverService:
                 cgroups.sweep(lambda: {os.path.basename(d) for d in client.supervisors()})
             except OSError as err:
                 log.warning("sweep failed", extra={"kv": {"error": str(err)}})
+            heap.trim()  # what a burst of tasks' calls left free in the C heap goes back
             done.wait(period)
 
     def TaskEvents(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:

@@ -14,12 +14,12 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from nomad_driver.goplugin.workers import ElasticExecutor
 from nomad_driver.proto import goplugin_pb2, goplugin_pb2_grpc
 
 log = logging.getLogger("pyhpc.goplugin")
@@ -154,7 +154,7 @@ def serve(
     sock_dir = tempfile.mkdtemp(prefix=f"{SOCKET_DIR_PREFIX}{os.getpid()}-")
     sock_path = os.path.join(sock_dir, "plugin.sock")
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="rpc"),
+        ElasticExecutor(MAX_WORKERS, name="rpc"),
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE),
