@@ -28,6 +28,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.jobs import allocs, batch_job, purge, register  # noqa: E402
+from nomad_driver.runtime import client  # noqa: E402
 
 NOMAD = os.environ.get("NOMAD_ADDR", "http://127.0.0.1:4646")
 IMAGE = "/var/lib/pyhpc/images/busybox.sqsh"
@@ -105,6 +106,13 @@ def pss_mb(pid: int) -> float:
     return 0.0
 
 
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def pgrep(pattern: str) -> list[int]:
     out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
@@ -128,11 +136,15 @@ def memory() -> dict[str, float]:
     deadline = time.time() + 60
     sups: list[int] = []
     while time.time() < deadline and not sups:
-        sups = pgrep("nomad_driver.runtime.supervisor")
+        sups = list(client.supervisors().values())
         time.sleep(0.2)
     time.sleep(1)
-    sup = min(sups)  # the supervisor is the parent, so the older pid; the init is its child
-    inits = [p for p in sups if p != sup]
+    sup = sups[0]
+    inits = [  # the container's init is the supervisor's child
+        int(p.name)
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit() and _parent(int(p.name)) == sup
+    ]
     result["supervisor_rss"] = rss_mb(sup)
     result["supervisor_pss"] = pss_mb(sup)
     result["init_rss"] = rss_mb(inits[0]) if inits else 0.0

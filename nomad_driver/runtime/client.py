@@ -119,10 +119,69 @@ def start(
         raise
 
 
-def _start_supervisor(spec: ContainerSpec, run_dir: str, timeout: float) -> Started:
-    import subprocess
-    import threading
+class _ForkServer:
+    """This process's forkserver (see forkserver.py), started on first use and again if it
+    died; one request at a time."""
 
+    def __init__(self) -> None:
+        import threading
+
+        self.lock = threading.Lock()
+        self.sock: socket.socket | None = None
+
+    def spawn(self, run_dir: str, ready: int, log: int) -> int:
+        """A supervisor for run_dir, handed ready and log; its pid."""
+        with self.lock:
+            for attempt in range(2):
+                if self.sock is None:
+                    self.sock = self._start()
+                try:
+                    socket.send_fds(self.sock, [os.fsencode(run_dir)], [ready, log])
+                    reply = b""
+                    while not reply.endswith(b"\n"):
+                        chunk = self.sock.recv(256)
+                        if not chunk:
+                            raise ConnectionResetError("the forkserver ended")
+                        reply += chunk
+                except OSError:
+                    self.sock.close()
+                    self.sock = None
+                    if attempt:
+                        raise
+                    continue
+                word, _, rest = reply.decode().strip().partition(" ")
+                if word != "pid":
+                    raise OSError(f"the forkserver could not fork a supervisor: {rest}")
+                return int(rest)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _start() -> socket.socket:
+        import subprocess
+        import threading
+
+        ours, theirs = socket.socketpair()
+        try:
+            proc = subprocess.Popen(
+                [*PYTHON, "-m", "nomad_driver.runtime.forkserver", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                # Its own session: neither the agent's Ctrl-C nor the plugin's death reaches
+                # it or the supervisors it forks.
+                start_new_session=True,
+                env=helper_env(),
+            )
+        finally:
+            theirs.close()
+        threading.Thread(target=proc.wait, name="forkserver-reaper", daemon=True).start()
+        return ours
+
+
+_FORK_SERVER = _ForkServer()
+
+
+def _start_supervisor(spec: ContainerSpec, run_dir: str, timeout: float) -> Started:
     with open(os.path.join(run_dir, SPEC_FILE), "w", encoding="utf-8") as f:
         f.write(spec.to_json())
     ready_r, ready_w = os.pipe()
@@ -130,27 +189,22 @@ def _start_supervisor(spec: ContainerSpec, run_dir: str, timeout: float) -> Star
         os.path.join(run_dir, "supervisor.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
     )
     try:
-        proc = subprocess.Popen(
-            [*PYTHON, "-m", "nomad_driver.runtime.supervisor", run_dir, str(ready_w)],
-            pass_fds=(ready_w,),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            # Its own session: neither the agent's Ctrl-C nor the plugin's death reaches it.
-            start_new_session=True,
-            env=helper_env(),
-        )
+        pid = _FORK_SERVER.spawn(run_dir, ready_w, log)
+    except OSError as err:
+        os.close(ready_r)
+        raise StartError(f"cannot start the task supervisor: {err}", recoverable=True) from err
     finally:
         os.close(ready_w)
         os.close(log)
-    # Reap it while this plugin lives; after a plugin restart init does.
-    threading.Thread(target=proc.wait, name=f"reap-{proc.pid}", daemon=True).start()
     try:
         line = _read_line(ready_r, timeout)
     finally:
         os.close(ready_r)
     if not line:
-        proc.kill()
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         raise StartError(
             f"the task supervisor did not report within {timeout:.0f}s; "
             f"see {run_dir}/supervisor.log",
@@ -159,7 +213,7 @@ def _start_supervisor(spec: ContainerSpec, run_dir: str, timeout: float) -> Star
     message = json.loads(line)
     if "error" in message:
         raise StartError(str(message["error"]))
-    return Started(run_dir, proc.pid, int(message["init_pid"]), float(message["started_at"]))
+    return Started(run_dir, pid, int(message["init_pid"]), float(message["started_at"]))
 
 
 def read_spec(run_dir: str) -> ContainerSpec:
@@ -194,6 +248,7 @@ def supervisors() -> dict[str, int]:
     """Every running task supervisor on this node: run directory -> pid. (A container init is a
     fork of its supervisor with the same command line, in the task's PID namespace.)"""
     marker = b"nomad_driver.runtime.supervisor\0"
+    forked = b"nomad_driver.runtime.forkserver\0"  # its supervisors work in their run dirs
     by_dir: dict[str, dict[int, int]] = {}
     own_pid_ns = os.readlink("/proc/self/ns/pid")
     for entry in os.listdir("/proc"):
@@ -201,7 +256,7 @@ def supervisors() -> dict[str, int]:
             try:
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
                     cmdline = f.read()
-                if marker not in cmdline:
+                if marker not in cmdline and forked not in cmdline:
                     continue
                 # A task can name itself anything: only host root in the host's PID namespace
                 # is a supervisor (a task runs remapped, or in its own PID namespace).
@@ -214,7 +269,15 @@ def supervisors() -> dict[str, int]:
                     ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
             except (OSError, ValueError, IndexError):
                 continue
-            run_dir = cmdline.split(marker, 1)[1].split(b"\0")[0].decode(errors="replace")
+            if marker in cmdline:
+                run_dir = cmdline.split(marker, 1)[1].split(b"\0")[0].decode(errors="replace")
+            else:
+                try:
+                    run_dir = os.readlink(f"/proc/{entry}/cwd").removesuffix(" (deleted)")
+                except OSError:
+                    continue
+                if run_dir == "/" or not run_dir.startswith("/"):
+                    continue  # the forkserver itself
             by_dir.setdefault(run_dir, {})[int(entry)] = ppid
     return {
         run_dir: min(p for p, parent in pids.items() if parent not in pids)

@@ -49,9 +49,11 @@ def plugin_pids(state_dir: Path) -> list[int]:
 
 
 def supervisors() -> list[int]:
-    return sorted(
-        pid for pid, cmd in _cmdlines().items() if "nomad_driver.runtime.supervisor " in cmd
-    )
+    """Every task supervisor on the node: exec'd ones by their command line, forkserver ones
+    by their working directory (client.supervisors knows both)."""
+    from nomad_driver.runtime import client
+
+    return sorted(client.supervisors().values())
 
 
 def _held_store_locks() -> list[str]:

@@ -62,27 +62,32 @@ def test_sweep_removes_cgroups_of_dead_tasks_only(tmp_path: Path) -> None:
         dead.remove()
 
 
+@pytest.mark.parametrize(
+    "marker, script",
+    [
+        ("nomad_driver.runtime.supervisor", "sleep 600; exit 0"),
+        # A forkserver's supervisor is known by its working directory: the tenant's is /tmp.
+        ("nomad_driver.runtime.forkserver", "cd /tmp && sleep 600; exit 0"),
+    ],
+)
 def test_a_task_naming_itself_a_supervisor_is_not_taken_for_one(
-    tmp_path: Path, busybox_image: Path
+    tmp_path: Path, busybox_image: Path, marker: str, script: str
 ) -> None:
     """A task's command line is the tenant's: `sh -c ... nomad_driver.runtime.supervisor DIR`
-    must not make the node believe DIR's task alive (the sweep would keep its cgroup, adopt
-    would wait for it)."""
-    spec = make_spec(
-        tmp_path, busybox_image, "/bin/sh", "-c", "sleep 600; exit 0",
-        "nomad_driver.runtime.supervisor", "/fake/run",
-    )  # fmt: skip
+    (or the forkserver's name, working in a directory of its choice) must not make the node
+    believe a task alive there (the sweep would keep its cgroup, adopt would wait for it)."""
+    spec = make_spec(tmp_path, busybox_image, "/bin/sh", "-c", script, marker, "/fake/run")
     started = client.start(spec, str(tmp_path / "run"))
     try:
         time.sleep(0.3)
         named = [  # the attack is in place: a process carries the marker and the directory
             p for p in Path("/proc").iterdir()
-            if p.name.isdigit() and b"supervisor\0/fake/run" in _cmdline(p)
+            if p.name.isdigit() and marker.encode() + b"\0/fake/run" in _cmdline(p)
         ]  # fmt: skip
         assert named
         found = client.supervisors()
         assert found.get(started.run_dir) == started.supervisor_pid  # the control
-        assert "/fake/run" not in found, found
+        assert "/fake/run" not in found and "/tmp" not in found, found
     finally:
         client.send_signal(started.run_dir, 9)
         client.wait(started.run_dir)
@@ -93,3 +98,38 @@ def _cmdline(proc: Path) -> bytes:
         return (proc / "cmdline").read_bytes()
     except OSError:
         return b""
+
+
+def test_supervisors_outlive_their_forkserver_and_a_new_one_starts_the_next_task(
+    tmp_path: Path, busybox_image: Path
+) -> None:
+    """Supervisors are forked from a warm forkserver: killing it (as a plugin's death ends it)
+    leaves the running task alone, still found and waited for; the next start makes a new one."""
+    running = client.start(
+        make_spec(tmp_path, busybox_image, "/bin/sh", "-c", "sleep 2; exit 7"),
+        str(tmp_path / "run-a"),
+    )
+    server = client._FORK_SERVER
+    assert server.sock is not None
+    forkservers = [
+        int(p.name)
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit() and b"nomad_driver.runtime.forkserver\0" in _cmdline(p)
+        and _parent(int(p.name)) == os.getpid()
+    ]  # fmt: skip
+    assert len(forkservers) == 1, forkservers
+    assert _parent(running.supervisor_pid) == forkservers[0]  # forked by it, the control
+    os.kill(forkservers[0], 9)
+    time.sleep(0.2)
+    assert client.supervisors().get(running.run_dir) == running.supervisor_pid
+    assert client.wait(running.run_dir).exit_code == 7
+    second = client.start(make_spec(tmp_path, busybox_image, "/bin/true"), str(tmp_path / "run-b"))
+    assert client.wait(second.run_dir).exit_code == 0
+    assert _parent(second.supervisor_pid) not in (0, forkservers[0])
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
