@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,52 +34,61 @@ sys.path.insert(0, str(REPO))
 DEMO_IMAGE = Path("/var/lib/pyhpc/images/busybox.sqsh")
 IMAGE = Path("/var/lib/pyhpc/images/guard-busybox.sqsh")  # the demo image with ch-run's dirs
 LIMITS = {
-    "pyhpc run / ch-run": 4.0,
+    "pyhpc run / ch-run": 4.5,  # 4.48 before the entry work of issue 20 (now 2.8-3.7)
     "pyhpc run / unshare + chroot": 60.0,
-    "driver start / unshare + chroot": 15.0,
-    "plugin RSS after a burst of 200 calls / before": 1.20,
+    "driver start / ch-run": 1.5,  # 2.0 before the forkserver
+    "driver start / unshare + chroot": 25.0,
+    "plugin RSS after a burst of 200 calls / before": 1.20,  # 1.23 with a pool that keeps
 }
 
 
-def timed(argv: list[str], runs: int) -> float:
-    subprocess.run(argv, check=True, capture_output=True)  # warm, and fail loudly
-    samples = []
-    for _ in range(runs):
+def command(argv: list[str]) -> Callable[[], None]:
+    subprocess.run(argv, check=True, capture_output=True)  # fail loudly, before timing
+    return lambda: subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+
+
+class DriverStart:
+    """client.start to the task's exec, as the plugin starts a task: user namespace, cgroup,
+    the default capabilities and seccomp profile, through the forkserver."""
+
+    def __init__(self, work: Path) -> None:
+        from nomad_driver.runtime import client, security
+        from nomad_driver.runtime.cgroups import Limits
+        from nomad_driver.runtime.spec import ContainerSpec
+
+        self.client, self.work, self.n = client, work, 0
+        self.spec = ContainerSpec(
+            task_id="guard", hostname="guard", image=str(IMAGE), command="/bin/true",
+            args=(), env={"PATH": "/bin"}, work_dir="/", user="",
+            stdout_path=os.devnull, stderr_path=os.devnull, mounts=(),
+            capabilities=tuple(sorted(security.DEFAULT_CAPS)),
+            seccomp=security.default_profile(), images_dir=str(work / "images"),
+            userns=(100000, 65536), limits=Limits(pids_max=1024),
+        )  # fmt: skip
+        self.took = 0.0
+        self()  # the forkserver, warm
+
+    def __call__(self) -> None:
+        self.n += 1
         start = time.perf_counter()
-        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+        started = self.client.start(self.spec, str(self.work / f"run-{self.n}"))
+        self.took = time.perf_counter() - start
+        if self.client.wait(started.run_dir).exit_code != 0:
+            raise RuntimeError("the driver's /bin/true failed")
+        self.client.remove(started.run_dir)
 
 
-def driver_start(runs: int) -> float:
-    """client.start to the task's exec, as the plugin starts a task (user namespace, cgroup,
-    default capabilities and seccomp), median over runs after one to warm the forkserver."""
-    from nomad_driver.runtime import client, security
-    from nomad_driver.runtime.cgroups import Limits
-    from nomad_driver.runtime.spec import ContainerSpec
-
-    work = Path(tempfile.mkdtemp(prefix="pyhpc-guard-"))
-    samples = []
-    try:
-        for i in range(runs + 1):
-            spec = ContainerSpec(
-                task_id=f"guard/{i}", hostname="guard", image=str(IMAGE), command="/bin/true",
-                args=(), env={"PATH": "/bin"}, work_dir="/", user="",
-                stdout_path=os.devnull, stderr_path=os.devnull, mounts=(),
-                capabilities=tuple(sorted(security.DEFAULT_CAPS)),
-                seccomp=security.default_profile(), images_dir=str(work / "images"),
-                userns=(100000, 65536), limits=Limits(pids_max=1024),
-            )  # fmt: skip
+def interleaved(subjects: dict[str, Callable[[], None]], runs: int) -> dict[str, float]:
+    """Median seconds of each, run in turn, runs rounds: whatever else loads the machine
+    loads every subject alike, so their ratios hold still where their times do not."""
+    samples: dict[str, list[float]] = {name: [] for name in subjects}
+    for _ in range(runs):
+        for name, run in subjects.items():
             start = time.perf_counter()
-            started = client.start(spec, str(work / f"run-{i}"))
+            run()
             took = time.perf_counter() - start
-            client.wait(started.run_dir)
-            client.remove(started.run_dir)
-            if i:
-                samples.append(took)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return statistics.median(samples)
+            samples[name].append(getattr(run, "took", took))  # the driver: start only
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def plugin_burst(calls: int = 200) -> tuple[float, float, float]:
@@ -147,7 +157,7 @@ def plugin_burst(calls: int = 200) -> tuple[float, float, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "guard.md"))
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -155,10 +165,16 @@ def main() -> int:
     if not DEMO_IMAGE.exists():
         sys.exit(f"guard: {DEMO_IMAGE} is missing; run scripts/make-demo-image.sh")
     began = time.monotonic()
+    # Byte-compiled, as an installed package is (a checkout run with PYTHONDONTWRITEBYTECODE
+    # would otherwise compile the changed modules on every start it measures).
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "nomad_driver")],
+                   check=True, capture_output=True)  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="pyhpc-guard-"))
     os.chmod(work, 0o755)
     rootfs = work / "rootfs"
-    subprocess.run(["unsquashfs", "-q", "-d", str(rootfs), str(DEMO_IMAGE)], check=True)
+    subprocess.run(
+        ["unsquashfs", "-q", "-d", str(rootfs), str(DEMO_IMAGE)], check=True, capture_output=True
+    )
     os.chmod(rootfs, 0o755)
     for d in ("dev", "proc", "sys", "tmp", "home", "mnt", "run", "var/tmp"):
         (rootfs / d).mkdir(parents=True, exist_ok=True)  # what ch-run expects in an image
@@ -172,18 +188,26 @@ def main() -> int:
     measured: dict[str, tuple[float, float]] = {}  # measure -> (pyhpc, anchor)
     notes: list[str] = []
     try:
-        anchor = timed(
-            ["unshare", "-mpiu", "--fork", "chroot", str(rootfs), "/bin/true"], args.runs
-        )
-        run = timed([sys.executable, "-m", "nomad_driver.cli.main", "run", str(IMAGE), "/bin/true"],
-                    args.runs)  # fmt: skip
-        measured["pyhpc run / unshare + chroot"] = (run, anchor)
+        subjects: dict[str, Callable[[], None]] = {
+            "unshare + chroot": command(
+                ["unshare", "-mpiu", "--fork", "chroot", str(rootfs), "/bin/true"]
+            ),
+            "pyhpc run": command(
+                [sys.executable, "-m", "nomad_driver.cli.main", "run", str(IMAGE), "/bin/true"]
+            ),
+            "driver start": DriverStart(work),
+        }
         if shutil.which("ch-run"):
-            ch = timed(["env", "USER=root", "ch-run", str(IMAGE), "--", "/bin/true"], args.runs)
-            measured["pyhpc run / ch-run"] = (run, ch)
+            subjects["ch-run"] = command(
+                ["env", "USER=root", "ch-run", str(IMAGE), "--", "/bin/true"]
+            )
         else:
             notes.append("ch-run is not installed (apt install charliecloud-runtime): not compared")
-        measured["driver start / unshare + chroot"] = (driver_start(args.runs), anchor)
+        median = interleaved(subjects, args.runs)
+        for subject in ("pyhpc run", "driver start"):
+            for anchor in ("ch-run", "unshare + chroot"):
+                if f"{subject} / {anchor}" in LIMITS and anchor in median:
+                    measured[f"{subject} / {anchor}"] = (median[subject], median[anchor])
     finally:
         shutil.rmtree(work, ignore_errors=True)
         IMAGE.unlink(missing_ok=True)

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 say() { printf '[setup %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 
 packages=(squashfs-tools squashfs-tools-ng busybox-static util-linux iproute2 gcc libc6-dev file procps
-          docker-registry umoci skopeo apache2-utils openssl debootstrap curl)
+          docker-registry umoci skopeo apache2-utils openssl debootstrap curl charliecloud-runtime)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
