@@ -44,7 +44,11 @@ LIMITS = {
 
 def command(argv: list[str]) -> Callable[[], None]:
     subprocess.run(argv, check=True, capture_output=True)  # fail loudly, before timing
-    return lambda: subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+
+    def run() -> None:
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+
+    return run
 
 
 class DriverStart:
