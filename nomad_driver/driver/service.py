@@ -357,8 +357,7 @@ class DriverService:
             # Image mounts and cgroups whose tasks' supervisors were killed: found here.
             self._collect_images()
             try:
-                linger = parse_duration(self.config.image_mount_linger) or 0.0
-                SharedImages(images_dir(self.config.run_dir)).sweep(linger)
+                SharedImages(images_dir(self.config.run_dir)).sweep()
                 cgroups.sweep(lambda: {os.path.basename(d) for d in client.supervisors()})
             except OSError as err:
                 log.warning("sweep failed", extra={"kv": {"error": str(err)}})

@@ -8,9 +8,9 @@ killed user's reference is found stale by the next `sweep`.
 
 Unmounting is lazy (MNT_DETACH) and the loop device clears itself: a container that still uses
 the image keeps its view, and the kernel frees the device after the last user is gone. A release
-may ask for the mount to linger: kept that many seconds after its last user went (the refs
-directory's mtime says when), so the next task of that digest neither mounts again nor reads its
-files cold; a later release or sweep past that time unmounts it.
+may ask for the mount to linger: kept that many seconds after its last user went (until the time
+in DIR/<hex>/linger, the latest any release asked for), so the next task of that digest neither
+mounts again nor reads its files cold; a later release or sweep past that time unmounts it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import fcntl
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from nomad_driver.runtime import linux
@@ -26,6 +26,15 @@ from nomad_driver.runtime.imagefile import ImageFile
 
 LOCK_FILE = ".lock"
 DIGEST_CACHE = ".digests"
+LINGER_FILE = "linger"  # in DIR/<hex>: until when (epoch seconds) the unused mount stays
+
+
+def _linger_until(base: str) -> float:
+    try:
+        with open(os.path.join(base, LINGER_FILE), encoding="ascii") as f:
+            return float(f.read())
+    except (OSError, ValueError):
+        return 0.0
 
 
 def images_dir(run_dir: str) -> str:
@@ -112,7 +121,7 @@ class SharedImages:
                     _write_ref(os.path.join(base, "refs"), owner, identity)
 
     def release(self, owner: str, linger: float = 0.0) -> None:
-        """Drop owner's references; a mount left unused lingers for linger seconds. Mounts
+        """Drop owner's references; a mount left unused stays linger seconds more. Mounts
         whose linger has run out go too."""
         with self._locked():
             for base in self._bases():
@@ -121,19 +130,36 @@ class SharedImages:
                 except FileNotFoundError:
                     if not linger:
                         continue
-                self._unmount_if_unused(base, linger)
+                else:
+                    if linger:
+                        until = max(_linger_until(base), time.time() + linger)
+                        with open(os.path.join(base, LINGER_FILE), "w", encoding="ascii") as f:
+                            f.write(f"{until:.3f}")
+                self._unmount_if_unused(base)
 
-    def sweep(self, linger: float = 0.0) -> list[str]:
-        """Drop references of processes that are gone; unmount what nobody has used for linger
-        seconds. Returns the digests unmounted."""
+    def sweep(self, lingering: bool = True) -> list[str]:
+        """Drop references of processes that are gone; unmount what nobody uses (a lingering
+        mount once its time is up, or with lingering=False at once). Returns the digests
+        unmounted."""
+        return self._sweep(lambda base: self._unmount_if_unused(base, lingering))
+
+    def drop_lingering(self) -> list[str]:
+        """Unmount, now, the mounts that only linger: no reference at all, live or stale (a
+        node quiesced for a count of what it holds)."""
+
+        def unreferenced(base: str) -> bool:
+            refs = os.path.join(base, "refs")
+            if os.path.isdir(refs) and os.listdir(refs):
+                return False
+            return self._unmount_if_unused(base, lingering=False)
+
+        return self._sweep(unreferenced)
+
+    def _sweep(self, unmounted: Callable[[str], bool]) -> list[str]:
         if not os.path.isdir(self.directory):
             return []
-        gone = []
         with self._locked():
-            for base in self._bases():
-                if self._unmount_if_unused(base, linger):
-                    gone.append("sha256:" + os.path.basename(base))
-        return gone
+            return ["sha256:" + os.path.basename(b) for b in self._bases() if unmounted(b)]
 
     def users(self, digest: str) -> list[str]:
         refs = os.path.join(self.directory, digest.partition(":")[2], "refs")
@@ -146,7 +172,7 @@ class SharedImages:
             if not name.startswith(".")
         ]
 
-    def _unmount_if_unused(self, base: str, linger: float = 0.0) -> bool:
+    def _unmount_if_unused(self, base: str, lingering: bool = True) -> bool:
         refs = os.path.join(base, "refs")
         live = 0
         for owner in os.listdir(refs) if os.path.isdir(refs) else ():
@@ -163,14 +189,15 @@ class SharedImages:
                 os.unlink(path)
         if live:
             return False
-        try:  # the last reference's removal set the directory's mtime
-            if linger and time.time() - os.stat(refs).st_mtime < linger:
-                return False
-        except FileNotFoundError:
-            pass
+        if lingering and time.time() < _linger_until(base):
+            return False
         root = os.path.join(base, "root")
         if os.path.ismount(root):
             linux.umount(root, linux.MNT_DETACH)
+        try:
+            os.unlink(os.path.join(base, LINGER_FILE))
+        except FileNotFoundError:
+            pass
         for path in (refs, root, base):
             try:
                 os.rmdir(path)

@@ -108,6 +108,12 @@ def _fifos_under(top: Path) -> list[str]:
 
 
 def snapshot(state_dir: Path) -> dict[str, Any]:
+    # A `pyhpc run` earlier on this node may have left an image mount lingering (its
+    # image_mount_linger): a cache, dropped before the count, not a leak. Mounts with any
+    # reference, live or stale, stay and are counted.
+    from nomad_driver.runtime.imagemount import SharedImages
+
+    SharedImages(str(RUN_DIR / "images")).drop_lingering()
     mounts = [
         line.split()[4]
         for line in Path("/proc/self/mountinfo").read_text().splitlines()

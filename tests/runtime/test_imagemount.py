@@ -160,10 +160,15 @@ def test_a_lingering_mount_serves_the_next_task_and_goes_once_its_time_is_up(
     assert client.wait(second.run_dir).exit_code == 0
     assert loop_devices_of(busybox_image) == device  # the same mount served the second
     shared = SharedImages(str(images))
-    assert shared.sweep(linger=60.0) == [] and len(mounts_under(images)) == 1
-    (refs,) = images.glob("*/refs")
-    past = time.time() - 61
-    os.utime(refs, (past, past))  # as if the last task ended 61 s ago
-    assert len(shared.sweep(linger=60.0)) == 1
+    assert shared.sweep() == [] and len(mounts_under(images)) == 1
+    (until,) = images.glob("*/linger")
+    assert 55 < float(until.read_text()) - time.time() <= 60
+    until.write_text(f"{time.time() - 1:.3f}")  # as if the last task ended 61 s ago
+    assert len(shared.sweep()) == 1
     assert mounts_under(images) == []
     assert eventually(lambda: loop_devices_of(busybox_image) == [])
+    # A node quiesced for a count drops a lingering mount at once, and only an unused one.
+    third = client.start(spec, str(tmp_path / "run-c"))
+    assert client.wait(third.run_dir).exit_code == 0
+    assert len(mounts_under(images)) == 1
+    assert len(shared.drop_lingering()) == 1 and mounts_under(images) == []
