@@ -202,9 +202,13 @@ def main() -> int:
             "driver start": DriverStart(work),
         }
         if shutil.which("ch-run"):
-            subjects["ch-run"] = command(
-                ["env", "USER=root", "ch-run", str(IMAGE), "--", "/bin/true"]
-            )
+            try:
+                subjects["ch-run"] = command(
+                    ["env", "USER=root", "ch-run", str(IMAGE), "--", "/bin/true"]
+                )
+            except subprocess.CalledProcessError as err:
+                why = (err.stderr or b"").decode(errors="replace").strip()[-200:]
+                notes.append(f"ch-run could not run here, not compared: {why}")
         else:
             notes.append("ch-run is not installed (apt install charliecloud-runtime): not compared")
         median = interleaved(subjects, args.runs)
