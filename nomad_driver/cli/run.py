@@ -645,6 +645,10 @@ def supervise(
     from nomad_driver.runtime.supervisor import Supervisor
 
     assert isinstance(spec, ContainerSpec)
+    if spec.limits is not None:
+        from nomad_driver.runtime import cgroups
+
+        cgroups.prewarm()  # the wait the attach below would start, started now
     # What earlier runs killed outright left behind (their supervisor was this process).
     clear_dead_runs(os.path.dirname(run_dir), spec.images_dir)
     os.makedirs(run_dir, mode=0o700)

@@ -418,6 +418,7 @@ class DriverService:
         return policy.container_spec(self.config, cfg, image, ctx)
 
     def StartTask(self, request: Any, context: grpc.ServicerContext) -> Any:
+        cgroups.prewarm()  # the task's attach then need not wait out a grace period of its own
         task = request.task
         where = f'task "{task.name}" config'
         try:

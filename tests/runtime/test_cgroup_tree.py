@@ -229,7 +229,10 @@ def test_usage_counts_the_cgroups_cpu_and_memory() -> None:
         "x=$(head -c 67108864 /dev/zero | tr '\\0' a); end=$(($(date +%s)+1)); "
         "while [ $(date +%s) -lt $end ]; do :; done; sleep 5"
     )
-    proc = in_cgroup(group, script)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], preexec_fn=group.join, stdout=subprocess.PIPE,
+        cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
     try:
         time.sleep(2.0)
         usage = group.usage()
@@ -399,3 +402,30 @@ def test_v2_under_the_caller_changes_nothing_of_the_callers_cgroups(
     assert (caller / f"{cgroups.PREFIX}run").is_dir()
     for d in (tmp_path, tmp_path / "user.slice", caller):
         assert (d / "cgroup.subtree_control").read_text() == "", d
+
+
+def test_prewarm_leaves_the_caller_where_it_was() -> None:
+    """cgroups.prewarm moves the caller into the cgroup it is in (to start the kernel's wait
+    early): a process in a cgroup of its own is still there, and only there, afterwards."""
+    group = Cgroup(f"prewarm-{uuid.uuid4().hex[:6]}", Limits(pids_max=64))
+    group.create(Limits(pids_max=64), host_root=True)
+    script = (
+        "import os, sys, threading, time\n"
+        "from nomad_driver.runtime import cgroups\n"
+        "before = open('/proc/self/cgroup').read()\n"
+        "cgroups.prewarm()\n"
+        "for t in threading.enumerate():\n"
+        "    if t.name == 'cgroup-prewarm': t.join(5)\n"
+        "sys.stdout.write(str(before == open('/proc/self/cgroup').read()) + ' ' + before)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], preexec_fn=group.join, stdout=subprocess.PIPE,
+        cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=30)
+        same, _, before = out.decode().partition(" ")
+        assert group.name in before  # the control: not where a wrong move would take it
+        assert same == "True" and proc.returncode == 0
+    finally:
+        group.remove()
