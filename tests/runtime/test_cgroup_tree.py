@@ -229,10 +229,7 @@ def test_usage_counts_the_cgroups_cpu_and_memory() -> None:
         "x=$(head -c 67108864 /dev/zero | tr '\\0' a); end=$(($(date +%s)+1)); "
         "while [ $(date +%s) -lt $end ]; do :; done; sleep 5"
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script], preexec_fn=group.join, stdout=subprocess.PIPE,
-        cwd=Path(__file__).resolve().parents[2],
-    )  # fmt: skip
+    proc = in_cgroup(group, script)
     try:
         time.sleep(2.0)
         usage = group.usage()
