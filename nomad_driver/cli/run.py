@@ -352,7 +352,9 @@ def run(args: argparse.Namespace) -> int:
             task = dataclasses.replace(task, command="/bin/sh")  # a shell, as enroot start
         tail = task.image.rstrip("/").rsplit("/", 1)[-1]
         name = args.hostname or tail.split(".")[0].split(":")[0] or "pyhpc"
-        run_dir = os.path.join(plugin.run_dir, "tasks", f"run-{os.getpid()}-{time.time_ns()}")
+        # Apart from the driver's tasks/: clear_dead_runs takes a run-<pid>-... it finds there
+        # for a dead `pyhpc run`, and a Nomad task may be named run-99999 (red team).
+        run_dir = os.path.join(plugin.run_dir, RUNS_DIR, f"run-{os.getpid()}-{time.time_ns()}")
         layer = args.layer_dir or os.path.join(run_dir, "layer")
         gpu_mounts, gpu_devices = (), ()
         if args.gpus:
@@ -472,6 +474,7 @@ def run(args: argparse.Namespace) -> int:
                 opened.file.close()
 
 
+RUNS_DIR = "runs"  # under the policy's run_dir: `pyhpc run`'s run directories, only those
 SLURM_WHERE = ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_PROCID", "SLURM_CLUSTER_NAME")
 
 

@@ -93,6 +93,11 @@ def prewarm() -> None:
     effort: any failure only means the attach waits as before."""
     import threading
 
+    try:  # in a cgroup namespace /proc/self/cgroup is relative to it: not a path to write
+        if os.readlink("/proc/self/ns/cgroup") != os.readlink("/proc/1/ns/cgroup"):
+            return
+    except OSError:
+        return
     own = _own_cgroups()
     ver = version()
     where = own.get("") if ver == 2 else own.get("pids", own.get("memory"))

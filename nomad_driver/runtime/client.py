@@ -260,10 +260,9 @@ def supervisors() -> dict[str, int]:
                     continue
                 # A task can name itself anything: only host root in the host's PID namespace
                 # is a supervisor (a task runs remapped, or in its own PID namespace).
-                if (
-                    os.stat(f"/proc/{entry}").st_uid != 0
-                    or os.readlink(f"/proc/{entry}/ns/pid") != own_pid_ns
-                ):
+                # Every uid root, not only the effective one: a setuid-root program a tenant
+                # started (su at its password prompt) keeps the arguments the tenant gave it.
+                if not _all_root(entry) or os.readlink(f"/proc/{entry}/ns/pid") != own_pid_ns:
                     continue
                 with open(f"/proc/{entry}/stat", "rb") as f:
                     ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
@@ -284,6 +283,15 @@ def supervisors() -> dict[str, int]:
         for run_dir, pids in by_dir.items()
         if any(parent not in pids for parent in pids.values())
     }
+
+
+def _all_root(pid: str) -> bool:
+    """Real, effective, saved and filesystem uid all 0 (/proc/PID/status)."""
+    with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+        for line in f:
+            if line.startswith("Uid:"):
+                return line.split()[1:] == ["0", "0", "0", "0"]
+    return False
 
 
 def discard(run_dir: str, images_dir: str) -> None:

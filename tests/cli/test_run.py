@@ -295,7 +295,7 @@ def test_a_run_killed_outright_is_cleared_by_the_next(busybox_image: Path) -> No
         [*PYHPC, str(busybox_image), "/bin/sleep", "1"],
         env=AS_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    tasks = Path("/run/pyhpc/tasks")  # the default run_dir's; the test policy keeps it
+    tasks = Path("/run/pyhpc/runs")  # the default run_dir's; the test policy keeps it
     deadline = time.monotonic() + 20
     run_dir = None
     while run_dir is None:
@@ -310,8 +310,16 @@ def test_a_run_killed_outright_is_cleared_by_the_next(busybox_image: Path) -> No
     assert made and run_dir.exists()
     time.sleep(2)  # the container's sleep ends; its cgroups are empty, still there
     assert all(Path(p).is_dir() for p in made)  # the control: the kill left them
-    assert pyhpc_run(str(busybox_image), "/bin/true").returncode == 0
-    assert not run_dir.exists()
+    # A Nomad task named run-99999 has a run directory that looks like a dead run's (red
+    # team): the driver's live tasks/ is never cleared by `pyhpc run`.
+    nomad_task = Path("/run/pyhpc/tasks/run-99999-1a20adf0167e723c")
+    nomad_task.mkdir(parents=True, exist_ok=True)
+    try:
+        assert pyhpc_run(str(busybox_image), "/bin/true").returncode == 0
+        assert nomad_task.is_dir()
+    finally:
+        nomad_task.rmdir()
+    assert not run_dir.exists()  # the control: the dead run's own directory was cleared
     assert not any(Path(p).exists() for p in made)
 
 

@@ -133,3 +133,37 @@ def _parent(pid: int) -> int:
         return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def test_a_setuid_root_program_a_tenant_runs_is_not_taken_for_a_supervisor(
+    tmp_path: Path,
+) -> None:
+    """A tenant can give a setuid-root program (su at its password prompt) any arguments: it
+    runs with effective uid 0 in the host's PID namespace (red team). Only a process whose
+    every uid is root counts. The control: the same program started by root is taken for one,
+    so the check is what tells them apart."""
+    import shutil
+    import subprocess
+
+    if shutil.which("gcc") is None:
+        pytest.skip("needs gcc")
+    tmp_path.chmod(0o755)
+    source = tmp_path / "wait.c"
+    source.write_text("#include <unistd.h>\nint main(void) { sleep(30); return 0; }\n")
+    program = tmp_path / "wait"
+    subprocess.run(["gcc", "-o", str(program), str(source)], check=True)
+    program.chmod(0o4755)  # setuid root
+    argv = [str(program), "nomad_driver.runtime.supervisor", "/fake/setuid-run"]
+    tenant = subprocess.Popen(["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", *argv])
+    root = subprocess.Popen([*argv[:2], "/fake/root-run"])
+    try:
+        time.sleep(0.3)
+        status = Path(f"/proc/{tenant.pid}/status").read_text()
+        assert "\nUid:\t1000\t0\t0\t0" in status, status  # the attack: effective uid 0
+        found = client.supervisors()
+        assert found.get("/fake/root-run") == root.pid  # the control
+        assert "/fake/setuid-run" not in found, found
+    finally:
+        for proc in (tenant, root):
+            proc.kill()
+            proc.wait()
