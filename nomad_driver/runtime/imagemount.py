@@ -27,6 +27,13 @@ from nomad_driver.runtime.imagefile import ImageFile
 LOCK_FILE = ".lock"
 DIGEST_CACHE = ".digests"
 LINGER_FILE = "linger"  # in DIR/<hex>: until when (epoch seconds) the unused mount stays
+MAX_LINGERING = 8  # unused mounts kept at most, whatever their linger
+
+
+def _unreferenced(base: str) -> bool:
+    """No reference file at all, live or stale: the mount only lingers."""
+    refs = os.path.join(base, "refs")
+    return not (os.path.isdir(refs) and os.listdir(refs))
 
 
 def _linger_until(base: str) -> float:
@@ -136,6 +143,16 @@ class SharedImages:
                         with open(os.path.join(base, LINGER_FILE), "w", encoding="ascii") as f:
                             f.write(f"{until:.3f}")
                 self._unmount_if_unused(base)
+            if linger:
+                self._bound_lingering()
+
+    def _bound_lingering(self) -> None:
+        """At most MAX_LINGERING unused mounts stay (a loop device each): the ones to expire
+        soonest go first. A tenant who can make many digests cannot hold the node's loop
+        devices for the linger (red team)."""
+        unused = sorted(filter(_unreferenced, self._bases()), key=_linger_until)
+        for base in unused[: max(0, len(unused) - MAX_LINGERING)]:
+            self._unmount_if_unused(base, lingering=False)
 
     def sweep(self, lingering: bool = True) -> list[str]:
         """Drop references of processes that are gone; unmount what nobody uses (a lingering
@@ -147,13 +164,9 @@ class SharedImages:
         """Unmount, now, the mounts that only linger: no reference at all, live or stale (a
         node quiesced for a count of what it holds)."""
 
-        def unreferenced(base: str) -> bool:
-            refs = os.path.join(base, "refs")
-            if os.path.isdir(refs) and os.listdir(refs):
-                return False
-            return self._unmount_if_unused(base, lingering=False)
-
-        return self._sweep(unreferenced)
+        return self._sweep(
+            lambda base: _unreferenced(base) and self._unmount_if_unused(base, lingering=False)
+        )
 
     def _sweep(self, unmounted: Callable[[str], bool]) -> list[str]:
         if not os.path.isdir(self.directory):

@@ -172,3 +172,38 @@ def test_a_lingering_mount_serves_the_next_task_and_goes_once_its_time_is_up(
     assert client.wait(third.run_dir).exit_code == 0
     assert len(mounts_under(images)) == 1
     assert len(shared.drop_lingering()) == 1 and mounts_under(images) == []
+
+
+def test_lingering_mounts_are_bounded_the_soonest_to_expire_going_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tenant who can make many digests must not hold a loop device per digest for the whole
+    linger (red team): past MAX_LINGERING unused mounts, the ones to expire soonest go. The
+    control: at the bound, all stay."""
+    import subprocess
+
+    from nomad_driver.runtime import imagemount
+    from nomad_driver.runtime.imagefile import open_image
+
+    monkeypatch.setattr(imagemount, "MAX_LINGERING", 2)
+    images = tmp_path / "images"
+    shared = SharedImages(str(images))
+    digests = []
+    for i in range(4):
+        tree = tmp_path / f"tree-{i}"
+        tree.mkdir()
+        (tree / "marker").write_text(str(i))
+        image = tmp_path / f"image-{i}.sqsh"
+        subprocess.run(["mksquashfs", str(tree), str(image), "-quiet", "-noappend"], check=True)
+        opened = open_image(str(image))
+        try:
+            shared.acquire(opened, f"owner-{i}")
+        finally:
+            opened.close()
+        shared.release(f"owner-{i}", linger=60.0 + i)  # the later, the longer it lingers
+        digests.append(sorted(p.name for p in images.iterdir() if not p.name.startswith(".")))
+        assert len(mounts_under(images)) == min(i + 1, 2), i  # at the bound: all stay
+    kept = {p.name for p in images.iterdir() if not p.name.startswith(".")}
+    assert len(kept) == 2 and not kept & set(digests[1])  # images 2 and 3 remain, 0 and 1 went
+    shared.drop_lingering()
+    assert mounts_under(images) == []
