@@ -102,6 +102,11 @@ def assert_nothing_leaked(cluster: Any, before: dict[str, Any]) -> None:
 
 @pytest.fixture
 def baseline(cluster: Any) -> dict[str, Any]:
+    # An earlier test's task may still be ending (CI saw a dispatched `solver` end mid-test and
+    # count as a difference): its end is awaited, up to a minute, before the count.
+    deadline = time.monotonic() + 60
+    while leaks.supervisors() and time.monotonic() < deadline:
+        time.sleep(0.5)
     return leaks.settle(cluster.state_dir, leaks.snapshot(cluster.state_dir), timeout=10)
 
 
