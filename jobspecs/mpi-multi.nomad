@@ -73,6 +73,12 @@ locals {
   catalog = var.service_provider == "consul" ? "service" : "nomadService"
 }
 
+variable "nomad_tls" {
+  type        = string
+  default     = ""
+  description = "On a cluster whose agents verify HTTPS clients (tls.verify_https_client): the Nomad Variable (keys ca, cert, key: PEM) holding the client certificate the launcher's remote shell presents, e.g. nomad/jobs/mpi-multi, which this job's workload identity may read. Empty: none."
+}
+
 variable "node_pool" {
   type    = string
   default = "mpi"
@@ -179,9 +185,23 @@ job "mpi-multi" {
         env = true
       }
 
-      # MPICH's launcher gives its proxies this address to call back to.
+      # MPICH's launcher gives its proxies this address to call back to. With mutual TLS, the
+      # remote shell's Nomad CLI presents the certificate the templates below put in secrets/
+      # (the plugin's mpi_nomad_address is then https://).
       env {
         PYHPC_MPI_ADDRESS = "${attr.unique.network.ip-address}"
+        NOMAD_CACERT      = var.nomad_tls == "" ? "" : "${NOMAD_SECRETS_DIR}/nomad-ca.pem"
+        NOMAD_CLIENT_CERT = var.nomad_tls == "" ? "" : "${NOMAD_SECRETS_DIR}/nomad-cert.pem"
+        NOMAD_CLIENT_KEY  = var.nomad_tls == "" ? "" : "${NOMAD_SECRETS_DIR}/nomad-key.pem"
+      }
+
+      dynamic "template" {
+        for_each = var.nomad_tls == "" ? [] : ["ca", "cert", "key"]
+        content {
+          destination = "secrets/nomad-${template.value}.pem"
+          change_mode = "noop"
+          data        = "{{ with nomadVar \"${var.nomad_tls}\" }}{{ .${template.value} }}{{ end }}"
+        }
       }
 
       # One "ADDRESS ALLOC_ID" line per registered worker: the start barrier counts them.

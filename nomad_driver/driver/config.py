@@ -492,7 +492,10 @@ class PluginConfig:
         doc='The Nomad agent\'s HTTP API as an MPI launcher (mpi mode "launcher") reaches it '
         "from its node, to start the MPI daemons in the workers' containers through the exec "
         "API. With ACLs, the launcher uses the job's own credentials: its workload identity "
-        "(`identity { env = true }`) and an ACL policy linked to the task.",
+        "(`identity { env = true }`) and an ACL policy linked to the task. With TLS, an "
+        "https:// address; the launcher then needs NOMAD_CACERT (and, where agents verify "
+        "HTTPS clients, NOMAD_CLIENT_CERT and NOMAD_CLIENT_KEY) in its environment: "
+        "jobspecs/mpi-multi.nomad's `nomad_tls` variable renders them from a Nomad Variable.",
         check=_url("http://127.0.0.1:4646"),
     )
 

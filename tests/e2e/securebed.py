@@ -5,7 +5,8 @@ Consul with TLS (clients verified too) and ACLs (default deny), Nomad holding it
 token; Vault behind TLS holding the image-signing key. Every agent is the test bed's own build;
 the Nomad clients load the test bed's pyhpc plugin with a plugin config that reaches Vault over
 TLS. Ports: Nomad 4846-4848 and 4946-4948, Consul 8700-8702 and 8743 (https), Vault a free
-one."""
+one. On request (mpi_nodes_up), a pool of MPI nodes in region "secure", each in a network
+namespace of its own with a Consul client agent of its own (https 8751+, serf 8761+)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -25,6 +27,8 @@ from tests.vaultbed import dev_vault
 
 REGIONS = {"secure": 4846, "secure2": 4946}  # http; rpc and serf the next two
 CONSUL_HTTPS = 8743
+MPI_NET, MPI_SWITCH = "10.98.0", "pyhpc-smpi-sw"  # the MPI nodes' network, as mpi-nodes.sh's
+NSBRIDGE = Path(__file__).resolve().parents[2] / "scripts" / "testbed" / "nsbridge.py"
 NAMESPACE = "hpc"
 SIGNED_DIR = Path("/var/lib/pyhpc/images/secured")
 SIGNING_KEY = "pyhpc-secured"
@@ -47,6 +51,9 @@ class SecureBed:
         self.logs: list[Any] = []
         self.vault_address = ""
         self._vault: Any = None
+        self.nomad_consul_token = ""
+        self.mpi_procs: list[subprocess.Popen[bytes]] = []
+        self.mpi_netns: list[str] = []
 
     # -- what a user of the bed needs -------------------------------------------------------
 
@@ -121,10 +128,10 @@ class SecureBed:
         self._make_certs()
         self._start_vault()
         self._start_consul()
-        nomad_token = self._consul_token_for_nomad()
-        self._start_nomad("secure", nomad_token, replication="")
+        self.nomad_consul_token = self._consul_token_for_nomad()
+        self._start_nomad("secure", self.nomad_consul_token, replication="")
         self._bootstrap()
-        self._start_nomad("secure2", nomad_token, replication=self.management)
+        self._start_nomad("secure2", self.nomad_consul_token, replication=self.management)
         self._wait_federated()
         self.nomad("namespace", "apply", "-description", "pyhpc tests", NAMESPACE)
         for region in REGIONS:
@@ -139,21 +146,22 @@ class SecureBed:
         for region in REGIONS:
             self._run(nomad, "tls", "cert", "create", "-server", "-region", region, cwd=c)
         self._run(nomad, "tls", "cert", "create", "-cli", "-region", "secure", cwd=c)
+        self._run(nomad, "tls", "cert", "create", "-client", "-region", "secure", cwd=c)
         self._run(consul, "tls", "ca", "create", cwd=c)
         self._run(consul, "tls", "cert", "create", "-server", "-dc", "dc1", cwd=c)
         self._run(consul, "tls", "cert", "create", "-client", "-dc", "dc1", cwd=c)
 
-    def _daemon(self, name: str, argv: list[str]) -> None:
+    def _daemon(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.root / f"{name}.log", "w")  # noqa: SIM115 - open while it runs
         self.logs.append(log)
-        self.procs.append(
-            subprocess.Popen(
-                argv,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "CHECKPOINT_DISABLE": "1"},
-            )
+        proc = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "CHECKPOINT_DISABLE": "1"},
         )
+        self.procs.append(proc)
+        return proc
 
     def _start_vault(self) -> None:
         self._vault_cm = dev_vault(str(self.certs / "vault"))
@@ -214,7 +222,7 @@ acl {{
         return str(made["SecretID"])
 
     def _start_nomad(self, region: str, consul_token: str, replication: str) -> None:
-        c, port, data = self.certs, REGIONS[region], self.root / region
+        port, data = REGIONS[region], self.root / region
         data.mkdir()
         join = (
             ""
@@ -258,38 +266,56 @@ acl {{
   enabled = true
   {replicate}
 }}
-tls {{
-  http                   = true
-  rpc                    = true
-  ca_file                = "{c / "nomad-agent-ca.pem"}"
-  cert_file              = "{c / f"{region}-server-nomad.pem"}"
-  key_file               = "{c / f"{region}-server-nomad-key.pem"}"
-  verify_server_hostname = true
-  verify_https_client    = true
-}}
-consul {{
-  address   = "127.0.0.1:{CONSUL_HTTPS}"
-  ssl       = true
-  ca_file   = "{c / "consul-agent-ca.pem"}"
-  cert_file = "{c / "dc1-client-consul-0.pem"}"
-  key_file  = "{c / "dc1-client-consul-0-key.pem"}"
-  token     = "{consul_token}"
-  client_auto_join = false
-  server_auto_join = false
-}}
-plugin "pyhpc" {{
-  config {{
-    vault_address    = "{self.vault_address}"
-    vault_ca_file    = "{c / "vault" / "vault-ca.pem"}"
-    vault_token_file = "{self.root / "vault-token"}"
-    signature_keys   = ["{SIGNING_KEY}"]
-    signature_rules  = ["{SIGNED_DIR}/=enforce"]
-  }}
-}}
+{self._tls_block(f"{region}-server-nomad")}
+{self._consul_block(CONSUL_HTTPS, consul_token)}
+{self._plugin()}
 """)
         self._daemon(
             f"nomad-{region}", [str(self.bins["nomad"]), "agent", f"-config={data / 'agent.hcl'}"]
         )
+
+    def _plugin(self, **extra: str) -> str:
+        """The pyhpc plugin block every secured client loads: Vault over TLS for signatures."""
+        c = self.certs
+        options = {
+            "vault_address": self.vault_address,
+            "vault_ca_file": str(c / "vault" / "vault-ca.pem"),
+            "vault_token_file": str(self.root / "vault-token"),
+            **extra,
+        }
+        lines = "".join(f'    {k} = "{v}"\n' for k, v in options.items())
+        return f"""plugin "pyhpc" {{
+  config {{
+{lines}    signature_keys  = ["{SIGNING_KEY}"]
+    signature_rules = ["{SIGNED_DIR}/=enforce"]
+  }}
+}}"""
+
+    def _consul_block(self, port: int, token: str) -> str:
+        """A Nomad agent's consul block: HTTPS with a client certificate, and its token."""
+        c = self.certs
+        return f"""consul {{
+  address   = "127.0.0.1:{port}"
+  ssl       = true
+  ca_file   = "{c / "consul-agent-ca.pem"}"
+  cert_file = "{c / "dc1-client-consul-0.pem"}"
+  key_file  = "{c / "dc1-client-consul-0-key.pem"}"
+  token     = "{token}"
+  client_auto_join = false
+  server_auto_join = false
+}}"""
+
+    def _tls_block(self, cert: str) -> str:
+        c = self.certs
+        return f"""tls {{
+  http                   = true
+  rpc                    = true
+  ca_file                = "{c / "nomad-agent-ca.pem"}"
+  cert_file              = "{c / f"{cert}.pem"}"
+  key_file               = "{c / f"{cert}-key.pem"}"
+  verify_server_hostname = true
+  verify_https_client    = true
+}}"""
 
     def _bootstrap(self) -> None:
         def bootstrap() -> bool:
@@ -349,16 +375,183 @@ plugin "pyhpc" {{
             for p in self.root.glob("*.log")
         )
 
+    # -- a pool of MPI nodes in region "secure" ---------------------------------------------
+
+    def mpi_nodes_up(self, count: int = 2) -> None:
+        """COUNT more clients of region "secure", node pool "mpi", each in a network namespace
+        of its own (address MPI_NET.I on a bridge, as scripts/testbed/mpi-nodes.sh makes them
+        for the plain bed), each with a Consul client agent of its own (TLS, ACLs: a Nomad
+        client removes from its agent the Nomad services it did not register). The server's
+        RPC port and the node's Consul HTTPS port reach the namespace through nsbridge.py.
+        Their plugin reaches the node's agent over HTTPS for the MPI launchers' remote shell."""
+        run = self._run_quiet
+        run("ip", "netns", "add", MPI_SWITCH)
+        run("ip", "-n", MPI_SWITCH, "link", "add", "br0", "type", "bridge")
+        run("ip", "-n", MPI_SWITCH, "link", "set", "br0", "up")
+        for i in range(1, count + 1):
+            ns, veth = f"pyhpc-smpi-{i}", f"smpi{i}"
+            self.mpi_netns.append(ns)
+            run("ip", "netns", "add", ns)
+            run("ip", "-n", ns, "link", "set", "lo", "up")
+            run("ip", "link", "add", veth, "netns", ns, "type", "veth",
+                "peer", "name", f"{veth}-sw", "netns", MPI_SWITCH)  # fmt: skip
+            run("ip", "-n", MPI_SWITCH, "link", "set", f"{veth}-sw", "master", "br0", "up")
+            run("ip", "-n", ns, "addr", "add", f"{MPI_NET}.{i}/24", "dev", veth)
+            run("ip", "-n", ns, "link", "set", veth, "up")
+            self._start_consul_client(i)
+            self.mpi_procs.append(
+                self._daemon(
+                    f"bridge-mpi-{i}",
+                    [sys.executable, str(NSBRIDGE), f"{REGIONS['secure'] + 1},8501:{8750 + i}", ns],
+                )
+            )
+            self._start_mpi_node(i, ns, veth)
+        self._until(lambda: len(self.mpi_node_names()) >= count, f"{count} secured MPI nodes")
+
+    def mpi_node_names(self) -> list[str]:
+        out = self.nomad("node", "status", "-filter", 'NodePool == "mpi"', "-json", check=False)
+        nodes = json.loads(out) if out.strip().startswith("[") else []
+        return sorted(
+            n["Name"]
+            for n in nodes
+            if n.get("Status") == "ready"
+            and (n.get("Drivers") or {}).get("pyhpc", {}).get("Healthy")
+        )
+
+    def _run_quiet(self, *argv: str) -> None:
+        subprocess.run(list(argv), check=True, capture_output=True, timeout=60)
+
+    def _start_consul_client(self, i: int) -> None:
+        c, data = self.certs, self.root / f"consul-mpi-{i}"
+        data.mkdir()
+        (data / "agent.hcl").write_text(f"""
+datacenter     = "dc1"
+node_name      = "secure-mpi-{i}"
+data_dir       = "{data}"
+bind_addr      = "127.0.0.1"
+client_addr    = "127.0.0.1"
+advertise_addr = "127.0.0.1"
+retry_join     = ["127.0.0.1:8701"]
+ports {{
+  http     = -1
+  https    = {8750 + i}
+  grpc     = -1
+  grpc_tls = -1
+  dns      = -1
+  serf_lan = {8760 + i}
+}}
+tls {{
+  defaults {{
+    ca_file         = "{c / "consul-agent-ca.pem"}"
+    cert_file       = "{c / "dc1-client-consul-0.pem"}"
+    key_file        = "{c / "dc1-client-consul-0-key.pem"}"
+    verify_incoming = true
+    verify_outgoing = true
+  }}
+  internal_rpc {{
+    verify_server_hostname = true
+  }}
+}}
+acl {{
+  enabled        = true
+  default_policy = "deny"
+  tokens {{
+    agent = "{self.consul_management}"
+  }}
+}}
+""")
+        self.mpi_procs.append(
+            self._daemon(
+                f"consul-mpi-{i}",
+                [str(self.bins["consul"]), "agent", f"-config-file={data / 'agent.hcl'}"],
+            )
+        )
+
+    def _start_mpi_node(self, i: int, ns: str, veth: str) -> None:
+        data = self.root / f"mpi-{i}"
+        data.mkdir()
+        v2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
+        cgroup = f"nomad-smpi-{i}.slice" if v2 else f"/nomad-smpi-{i}"
+        plugin = self._plugin(
+            run_dir=f"/run/pyhpc-smpi-{i}", mpi_nomad_address="https://127.0.0.1:4646"
+        )
+        (data / "agent.hcl").write_text(f"""
+name       = "secure-mpi-{i}"
+region     = "secure"
+datacenter = "secure-dc"
+data_dir   = "{data / "data"}"
+plugin_dir = "{self.plugins}"
+bind_addr  = "127.0.0.1"
+disable_update_check = true
+advertise {{
+  http = "{MPI_NET}.{i}"
+  rpc  = "{MPI_NET}.{i}"
+  serf = "{MPI_NET}.{i}"
+}}
+client {{
+  enabled           = true
+  servers           = ["127.0.0.1:{REGIONS["secure"] + 1}"]
+  node_pool         = "mpi"
+  network_interface = "{veth}"
+  cgroup_parent     = "{cgroup}"
+  options {{
+    "fingerprint.denylist" = "env_aws,env_gce,env_azure,env_digitalocean"
+  }}
+}}
+acl {{
+  enabled = true
+}}
+{self._tls_block("secure-client-nomad")}
+{self._consul_block(8501, self.nomad_consul_token)}
+{plugin}
+""")
+        self.mpi_procs.append(
+            self._daemon(
+                f"nomad-mpi-{i}",
+                [
+                    "nsenter",
+                    f"--net=/run/netns/{ns}",
+                    str(self.bins["nomad"]),
+                    "agent",
+                    f"-config={data / 'agent.hcl'}",
+                ],
+            )  # fmt: skip
+        )
+
+    def mpi_nodes_down(self) -> None:
+        """Stop the MPI nodes' agents (their jobs stopped first: tasks outlive agents), their
+        bridges and Consul agents, then remove the namespaces and purge the nodes."""
+        ids = self.nomad("node", "status", "-filter", 'NodePool == "mpi"', "-t",
+                         "{{range .}}{{.ID}} {{end}}", check=False).split()  # fmt: skip
+        for proc in reversed(self.mpi_procs):
+            self._stop(proc)
+            self.procs.remove(proc)
+        self.mpi_procs.clear()
+        # The nodes' supervisors and tasks, should a job have been left running.
+        subprocess.run(["pkill", "-f", f"{self.root}/mpi-"], check=False)
+        for ns in [*self.mpi_netns, MPI_SWITCH]:
+            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+        self.mpi_netns.clear()
+        for i in range(1, 17):
+            shutil.rmtree(f"/run/pyhpc-smpi-{i}", ignore_errors=True)
+        for node in ids:
+            self.nomad("node", "purge", node, check=False)
+
+    def _stop(self, proc: subprocess.Popen[bytes]) -> None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
     # -- tear-down --------------------------------------------------------------------------
 
     def down(self) -> None:
+        if self.mpi_procs:
+            self.mpi_nodes_down()
         for proc in reversed(self.procs):
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            self._stop(proc)
         for log in self.logs:
             log.close()
         if self.vault_address:

@@ -1,6 +1,8 @@
 """pyhpc on a secured federation (tests/e2e/securebed.py): dispatch and job sync with mutual
 TLS, ACL tokens and a namespace across two regions; a task's service registered in Consul
-over TLS with ACLs; a signed image verified by the plugin with Vault over TLS."""
+over TLS with ACLs; a signed image verified by the plugin with Vault over TLS; an MPI job
+across two secured nodes meeting through Consul over TLS, its remote shell presenting a client
+certificate."""
 
 from __future__ import annotations
 
@@ -17,6 +19,9 @@ from typing import Any
 import pytest
 from securebed import NAMESPACE, REGIONS, SIGNED_DIR, SIGNING_KEY, SecureBed
 from test_foundation import IMAGE, json_str
+from test_mpi import mpi_image  # noqa: F401 - the fixture that builds the MPI image
+from test_mpi_multi import SPEC as MPI_SPEC
+from test_mpi_multi import ranks
 
 BOTH = [a for r in REGIONS for a in ("--region", r)]
 
@@ -217,3 +222,108 @@ def test_a_signed_image_is_verified_with_vault_over_tls(secured: SecureBed) -> N
     assert refused["ClientStatus"] == "failed", refused
     status = secured.nomad("alloc", "status", "-namespace", NAMESPACE, refused["ID"])
     assert "signature" in status, status
+
+
+MPI_LAUNCHER = f"""
+namespace "{NAMESPACE}" {{
+  capabilities = ["read-job", "alloc-exec", "alloc-lifecycle"]
+}}
+"""
+
+
+@pytest.fixture(scope="module")
+def mpi_pool(secured: SecureBed, mpi_image: str) -> Iterator[SecureBed]:  # noqa: F811
+    secured.mpi_nodes_up(2)
+    try:
+        yield secured
+    finally:
+        for name in ("secured-mpi", "secured-mpi-nocert"):
+            secured.nomad("job", "stop", "-namespace", NAMESPACE, "-purge", name, check=False)
+        secured.mpi_nodes_down()
+
+
+def submit_mpi(bed: SecureBed, name: str, *variables: str) -> None:
+    """mpi-multi as job NAME in the namespace, with Consul as its rendezvous."""
+    spec = bed.root / f"{name}.nomad"
+    head = f'job "{name}" {{\n  namespace = "{NAMESPACE}"'
+    spec.write_text(MPI_SPEC.read_text().replace('job "mpi-multi" {', head))
+    args = [a for v in ("service_provider=consul", *variables) for a in ("-var", v)]
+    bed.nomad("job", "run", "-detach", *args, str(spec))
+
+
+def mpi_allocs(bed: SecureBed, name: str) -> list[dict[str, Any]]:
+    return list(json.loads(bed.nomad("job", "allocs", "-namespace", NAMESPACE, "-json", name)))
+
+
+def launcher_end(bed: SecureBed, name: str) -> tuple[dict[str, Any], str, str]:
+    """The launcher's allocation, stdout and stderr, once it ended."""
+    deadline = time.monotonic() + 180
+    while True:
+        ended = [
+            a
+            for a in mpi_allocs(bed, name)
+            if a["TaskGroup"] == "launcher" and a["ClientStatus"] in ("complete", "failed")
+        ]
+        if ended:
+            break
+        assert time.monotonic() < deadline, f"{name}: {mpi_allocs(bed, name)}\n{bed.log_tails()}"
+        time.sleep(1)
+    time.sleep(1)  # the last lines reach the log after the task's end
+
+    def log(kind: str) -> str:
+        # Through the server: the node's own address is inside its network namespace.
+        query = f"task=launcher&type={kind}&plain=true&origin=start&offset=0&namespace={NAMESPACE}"
+        path = f"/v1/client/fs/logs/{ended[0]['ID']}?{query}"
+        return bed.nomad("operator", "api", path, check=False)
+
+    return ended[0], log("stdout"), log("stderr")
+
+
+def test_mpi_across_two_secured_nodes_meets_through_consul_over_tls(mpi_pool: SecureBed) -> None:
+    bed, c = mpi_pool, mpi_pool.certs
+    assert bed.mpi_node_names() == ["secure-mpi-1", "secure-mpi-2"]
+    # Without a client certificate, the launcher's remote shell cannot reach Nomad's exec API
+    # on agents that verify HTTPS clients: it says so before mpirun starts.
+    submit_mpi(bed, "secured-mpi-nocert")
+    stub, out, err = launcher_end(bed, "secured-mpi-nocert")
+    assert stub["ClientStatus"] == "failed", out + err
+    assert "cannot reach worker allocation" in err and "https://127.0.0.1:4646" in err, err
+    assert "x509: certificate signed by unknown authority" in err, err
+    assert "needs NOMAD_CACERT" in err and "-var nomad_tls=" in err, err
+    assert "hello from" not in out, out + err
+    # The certificate as a site hands it out: a Nomad Variable that only this job's workload
+    # identity (and operators) may read; the rights for the exec: a policy linked to the task.
+    name = "secured-mpi"
+    bed.nomad(
+        "var", "put", "-namespace", NAMESPACE, f"nomad/jobs/{name}",
+        f"ca=@{c / 'nomad-agent-ca.pem'}", f"cert=@{c / 'secure-cli-nomad.pem'}",
+        f"key=@{c / 'secure-cli-nomad-key.pem'}",
+    )  # fmt: skip
+    policy = bed.root / "mpi-launcher.hcl"
+    policy.write_text(MPI_LAUNCHER)
+    bed.nomad("acl", "policy", "apply", "-namespace", NAMESPACE, "-job", name,
+              "-group", "launcher", "-task", "launcher", "mpi-launcher", str(policy))  # fmt: skip
+    submit_mpi(bed, name, f"nomad_tls=nomad/jobs/{name}")
+    # The workers meet the launcher in Consul's catalog (read here over TLS, with a token).
+    deadline = time.monotonic() + 90
+    while True:
+        found = {
+            e["ServiceAddress"]: e["ServiceTags"]
+            for e in bed.consul("GET", f"/v1/catalog/service/{name}-workers")
+        }
+        if len(found) == 2:
+            break
+        assert time.monotonic() < deadline, (found, mpi_allocs(bed, name), bed.log_tails())
+        time.sleep(0.2)
+    assert sorted(found) == ["10.98.0.1", "10.98.0.2"], found
+    workers = {a["ID"] for a in mpi_allocs(bed, name) if a["TaskGroup"] == "worker"}
+    assert {t for tags in found.values() for t in tags} == workers, found
+    stub, out, err = launcher_end(bed, name)
+    assert stub["ClientStatus"] == "complete", out + err
+    assert "pyhpc-mpi: 2 workers ready" in err, err
+    seen = ranks(out, "hello from")
+    assert sorted(seen) == [0, 1, 2, 3], out
+    assert sorted(seen.values()) == ["secure-mpi-1"] * 2 + ["secure-mpi-2"] * 2, out
+    # Nomad's own catalog was not used.
+    listed = bed.nomad("service", "list", "-namespace", NAMESPACE, "-json")
+    assert f"{name}-workers" not in listed, listed
