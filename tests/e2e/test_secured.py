@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from test_mpi import mpi_image  # noqa: F401 - the fixture that builds the MPI i
 from test_mpi_multi import SPEC as MPI_SPEC
 from test_mpi_multi import ranks
 
+REPO = Path(__file__).resolve().parents[2]
 BOTH = [a for r in REGIONS for a in ("--region", r)]
 
 
@@ -327,3 +329,58 @@ def test_mpi_across_two_secured_nodes_meets_through_consul_over_tls(mpi_pool: Se
     # Nomad's own catalog was not used.
     listed = bed.nomad("service", "list", "-namespace", NAMESPACE, "-json")
     assert f"{name}-workers" not in listed, listed
+
+
+def guide_commands(section: str) -> list[list[str]]:
+    """The commands of the first console block under SECTION of the user guide, as written
+    (comments dropped)."""
+    text = (REPO / "docs" / "user.md").read_text()
+    block = text.split(f"\n## {section}\n", 1)[1].split("```console\n", 1)[1].split("```", 1)[0]
+    commands: list[list[str]] = []
+    for line in block.splitlines():
+        if line.startswith("$ "):
+            commands.append(shlex.split(line[2:], comments=True))
+    return commands
+
+
+def dispatched(bed: SecureBed) -> int:
+    """hpc's dispatched instances in every region."""
+    return sum(
+        len(json.loads(bed.nomad("operator", "api", f"/v1/jobs?prefix=hpc/dispatch-&region={r}")))
+        for r in REGIONS
+    )
+
+
+def test_the_federation_guide_runs_as_written_on_the_secured_bed(secured: SecureBed) -> None:
+    """docs/user.md's federation commands, in an operator's shell holding the secured bed's
+    NOMAD_* (certificates and a token), with its second region named secure2, not east."""
+    commands = guide_commands("Federation: dispatch and job sync")
+    assert [c[:2] for c in commands] == [["nomad", "job"]] + [["pyhpc", "dispatch"]] * 5, commands
+    env = secured.tls_env(secured.management)
+    before_retry = -1
+    try:
+        for argv in commands:
+            if argv is commands[-1]:
+                before_retry = dispatched(secured)
+            argv = ["secure2" if a == "east" else a for a in argv]
+            program = (
+                [str(secured.bins["nomad"])]
+                if argv[0] == "nomad"
+                else [sys.executable, "-m", "nomad_driver.cli.main"]
+            )
+            done = subprocess.run(
+                program + argv[1:], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+            )
+            said = done.stdout + done.stderr
+            assert done.returncode == 0, f"{' '.join(argv)}: {said}"
+            if "--output" in argv:
+                assert "size=1000000 sum=500000500000" in done.stdout, said
+            if "--count" in argv:
+                count = argv[argv.index("--count") + 1]
+                assert f"{count} of {count} completed successfully" in done.stdout, said
+        # The retry with the same idempotency token found every instance and dispatched none.
+        assert commands[-1] == commands[-2] and "--idempotency-token" in commands[-1]
+        assert dispatched(secured) == before_retry > 0
+    finally:
+        for region in REGIONS:
+            secured.nomad("job", "stop", "-region", region, "-purge", "hpc", check=False)
