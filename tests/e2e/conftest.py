@@ -31,6 +31,8 @@ from urllib.parse import quote
 import pytest
 import requests
 
+from nomad_driver.federation.nomad import Nomad
+
 REPO = Path(__file__).resolve().parents[2]
 # The plugin runs on the interpreter the tests run on (scripts/test.sh sets it too): the
 # system python3 lacks the package's dependencies.
@@ -123,6 +125,7 @@ class Cluster:
         self._jobdir = Path(tempfile.mkdtemp(prefix="pyhpc-e2e-jobs-"))
         self._http = requests.Session()
         self._http.trust_env = False  # never route loopback calls through an HTTP(S)_PROXY
+        self._nomad = Nomad(NOMAD_ADDR)
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -138,10 +141,9 @@ class Cluster:
         )
 
     def api(self, path: str, **params: Any) -> Any:
-        """GET NOMAD_ADDR/v1/<path> and return the decoded JSON."""
-        r = self._http.get(f"{NOMAD_ADDR}/v1/{path.lstrip('/')}", params=params, timeout=10)
-        r.raise_for_status()
-        return r.json()
+        """GET NOMAD_ADDR/v1/<path> and return the decoded JSON, through pyhpc's own Nomad
+        client (a refusal raises its NomadError, naming the call)."""
+        return self._nomad.call("GET", f"/v1/{path.lstrip('/')}", params=params)
 
     def close(self) -> None:
         """Drop the temporary jobspec files."""

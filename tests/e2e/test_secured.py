@@ -24,6 +24,8 @@ from test_mpi import mpi_image  # noqa: F401 - the fixture that builds the MPI i
 from test_mpi_multi import SPEC as MPI_SPEC
 from test_mpi_multi import ranks
 
+from nomad_driver.federation.nomad import Nomad, Settings
+
 REPO = Path(__file__).resolve().parents[2]
 BOTH = [a for r in REGIONS for a in ("--region", r)]
 
@@ -344,10 +346,11 @@ def guide_commands(section: str) -> list[list[str]]:
 
 
 def dispatched(bed: SecureBed) -> int:
-    """hpc's dispatched instances in every region."""
+    """hpc's dispatched instances in every region, asked through pyhpc's own Nomad client with
+    the operator's NOMAD_* (mutual TLS, token)."""
+    nomad = Nomad(Settings.from_env(bed.tls_env(bed.management)))
     return sum(
-        len(json.loads(bed.nomad("operator", "api", f"/v1/jobs?prefix=hpc/dispatch-&region={r}")))
-        for r in REGIONS
+        len(nomad.call("GET", "/v1/jobs", r, params={"prefix": "hpc/dispatch-"})) for r in REGIONS
     )
 
 
