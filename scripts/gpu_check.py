@@ -308,14 +308,12 @@ def cdi_check(
 def run(image: str, gpus: str, *command: str) -> subprocess.CompletedProcess[str]:
     """`pyhpc run` (as root) under a policy that allows images from the image's directory."""
     where = Path(image).parent
-    policy = Path("/run") / f"pyhpc-check-{abs(hash(str(where)))}.hcl"
-    if not policy.exists():
-        policy.write_text(
-            f'plugin "pyhpc" {{\n  config {{\n    image_dirs = ["{where}"]\n  }}\n}}\n'
-        )
-    gpu = ["--gpus", gpus] if gpus else []
-    args = [*PYHPC, "run", "--config", str(policy), *gpu, image, "--", *command]
-    return subprocess.run(args, capture_output=True, text=True, timeout=120)
+    with tempfile.NamedTemporaryFile("w", prefix="pyhpc-check-", suffix=".hcl", dir="/run") as f:
+        f.write(f'plugin "pyhpc" {{\n  config {{\n    image_dirs = ["{where}"]\n  }}\n}}\n')
+        f.flush()
+        gpu = ["--gpus", gpus] if gpus else []
+        args = [*PYHPC, "run", "--config", f.name, *gpu, image, "--", *command]
+        return subprocess.run(args, capture_output=True, text=True, timeout=120)
 
 
 def cuda_image(work: Path, prebuilt: str | None) -> Path:

@@ -514,3 +514,62 @@ def test_provenance_records_the_run_and_replay_reruns_it_until_the_image_changes
         assert forced.returncode == 0 and "WARNING: the image changed" in forced.stderr
     finally:
         image.unlink(missing_ok=True)
+
+
+def own_cgroups() -> list[Path]:
+    """This process's cgroup directory in every hierarchy (v1 and v2)."""
+    found = []
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        names = [c.removeprefix("name=") for c in controllers.split(",") if c]
+        base = Path("/sys/fs/cgroup", names[0] if names else "")
+        if controllers == "" and not (base / "cgroup.controllers").exists():
+            continue
+        found.append(base / path.lstrip("/"))
+    return [p for p in found if p.is_dir()]
+
+
+def leftovers(run_dir: Path, image: Path) -> list[str]:
+    """What a `pyhpc run` leaves behind when it is gone: run dirs, mounts under run_dir, loop
+    devices of the image, cgroups in the caller's own."""
+    left = [str(p) for p in (run_dir / "runs").glob("*")]
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        left += [m for line in f if (m := line.split()[4]).startswith(f"{run_dir}/")]
+    loops = subprocess.run(["losetup", "-j", str(image)], capture_output=True, text=True)
+    left += loops.stdout.splitlines()
+    left += [str(p) for cg in own_cgroups() for p in cg.glob("pyhpc-*")]
+    return left
+
+
+def test_a_signal_at_any_point_of_a_start_leaves_nothing_behind(
+    tmp_path: Path, busybox_image: Path
+) -> None:
+    """SIGTERM or SIGINT at 50 random moments from the interpreter's start to the command's
+    end: each run ends, with the command's or the signal's status, and nothing of any run is
+    left (run dir, mount, loop device, cgroup). The control: the same runs unsignalled."""
+    import random
+
+    run_dir = Path(f"/run/pyhpc-signals-{os.getpid()}")
+    config = policy(tmp_path, f'    run_dir = "{run_dir}"\n    image_mount_linger = "0"')
+    argv = [*PYHPC, "--config", str(config), str(busybox_image), "sh", "-c", "sleep 0.05"]
+    try:
+        control = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=AS_ROOT)
+        assert control.returncode == 0, control.stderr
+        assert leftovers(run_dir, busybox_image) == []
+        rng = random.Random(20261203)
+        statuses = []
+        for _ in range(50):
+            signum = rng.choice([signal.SIGTERM, signal.SIGINT])
+            proc = subprocess.Popen(
+                argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=AS_ROOT
+            )
+            time.sleep(rng.uniform(0, 0.3))
+            proc.send_signal(signum)
+            _, err = proc.communicate(timeout=30)
+            statuses.append(proc.returncode)
+            assert proc.returncode in (0, 128 + signum, -signum), (proc.returncode, err)
+            assert leftovers(run_dir, busybox_image) == [], (signum, proc.returncode, err)
+        # The signals did land at different points: some before the command, some after.
+        assert len(set(statuses)) >= 2, statuses
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)

@@ -281,6 +281,7 @@ acl {{
             "vault_address": self.vault_address,
             "vault_ca_file": str(c / "vault" / "vault-ca.pem"),
             "vault_token_file": str(self.root / "vault-token"),
+            "image_mount_linger": "0",  # as the test bed's: no mount outlives its last task
             **extra,
         }
         lines = "".join(f'    {k} = "{v}"\n' for k, v in options.items())
@@ -533,6 +534,7 @@ acl {{
             subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
         self.mpi_netns.clear()
         for i in range(1, 17):
+            unmount_under(Path(f"/run/pyhpc-smpi-{i}"))
             shutil.rmtree(f"/run/pyhpc-smpi-{i}", ignore_errors=True)
         for node in ids:
             self.nomad("node", "purge", node, check=False)
@@ -557,9 +559,14 @@ acl {{
         if self.vault_address:
             self._vault_cm.__exit__(None, None, None)
         # The clients' alloc dirs keep their secrets tmpfs and bind mounts after they stop.
-        for line in reversed(Path("/proc/self/mounts").read_text().splitlines()):
-            target = line.split()[1]
-            if target.startswith(str(self.root) + "/"):
-                subprocess.run(["umount", "-l", target], check=False)
+        unmount_under(self.root)
         shutil.rmtree(self.root, ignore_errors=True)
         shutil.rmtree(SIGNED_DIR, ignore_errors=True)
+
+
+def unmount_under(root: Path) -> None:
+    """Lazily unmount every mount below ROOT, the deepest first."""
+    for line in reversed(Path("/proc/self/mounts").read_text().splitlines()):
+        target = line.split()[1]
+        if target.startswith(f"{root}/"):
+            subprocess.run(["umount", "-l", target], check=False)
