@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from nomad_driver import __version__
@@ -185,16 +186,24 @@ def parser(only: str = "") -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else argv
-    args = parser("run" if given[:1] == ["run"] else "").parse_args(argv)
+    if given[:1] == ["run"]:
+        from nomad_driver.cli import signals
+
+        signals.stop_on_signals()
+        try:
+            from nomad_driver.cli import run
+
+            return run.run(parser("run").parse_args(argv))
+        except signals.Interrupted as stop:
+            name = signal.Signals(stop.signum).name
+            print(f"pyhpc run: stopped by {name} before the container started", file=sys.stderr)
+            return 128 + stop.signum
+    args = parser("").parse_args(argv)
     if args.command == "install-plugin":
         name = args.name or ("pyhpc-gpu" if args.gpu else "pyhpc")
         return install_plugin(args.plugin_dir, name, args.gpu)
     if args.command == "jobspec":
         return validate(args.files, args.var, args.var_file, args.strict)
-    if args.command == "run":
-        from nomad_driver.cli import run
-
-        return run.run(args)
     if args.command == "image":
         from nomad_driver.cli import image
 

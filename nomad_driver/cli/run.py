@@ -21,15 +21,9 @@ import sys
 import time
 from typing import Any
 
+from nomad_driver.cli.signals import FORWARDED
+
 DEFAULT_CONFIG = "/etc/pyhpc/pyhpc.hcl"
-FORWARDED = (
-    signal.SIGINT,
-    signal.SIGTERM,
-    signal.SIGHUP,
-    signal.SIGQUIT,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -648,17 +642,8 @@ def supervise(
     from nomad_driver.runtime.supervisor import Supervisor
 
     assert isinstance(spec, ContainerSpec)
-    if spec.limits is not None:
-        from nomad_driver.runtime import cgroups
-
-        cgroups.prewarm()  # the wait the attach below would start, started now
-    # What earlier runs killed outright left behind (their supervisor was this process).
-    clear_dead_runs(os.path.dirname(run_dir), spec.images_dir)
-    os.makedirs(run_dir, mode=0o700)
-    images = SharedImages(spec.images_dir)
-    owner = os.path.basename(run_dir)
-    # Forwarding is in place before the command starts: it may run (and print) before
-    # start() returns, and a signal sent then is held and delivered once the init exists.
+    # From here signals are held, not raised, until the init exists, then forwarded: a command
+    # may run (and print) before start() returns, and nothing made on the way is left half-made.
     init: list[int] = []
     held: list[int] = []
 
@@ -673,8 +658,17 @@ def supervise(
 
     for s in FORWARDED:
         signal.signal(s, forward)
+    if spec.limits is not None:
+        from nomad_driver.runtime import cgroups
+
+        cgroups.prewarm()  # the wait the attach below would start, started now
+    # What earlier runs killed outright left behind (their supervisor was this process).
+    clear_dead_runs(os.path.dirname(run_dir), spec.images_dir)
+    images = SharedImages(spec.images_dir)
+    owner = os.path.basename(run_dir)
     try:
         try:
+            os.makedirs(run_dir, mode=0o700)
             spec = acquire_image(spec, owner, image, datasets)
             supervisor = Supervisor(run_dir, spec)
             supervisor.start()

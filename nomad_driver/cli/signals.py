@@ -1,0 +1,35 @@
+"""The signals `pyhpc run` acts on, and how it stops on one before its container starts.
+Small on purpose: `pyhpc run` installs this before importing anything else of its own."""
+
+from __future__ import annotations
+
+import signal
+
+FORWARDED = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+
+
+class Interrupted(BaseException):
+    """A signal that came before the container's start began: the run stops where it is
+    (what it holds is let go on the way out, as for KeyboardInterrupt)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def stop_on_signals() -> None:
+    """From pyhpc run's first step until supervise() takes over (holding signals until the
+    container's init exists, then forwarding them): a signal ends the run cleanly."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise Interrupted(signum)
+
+    for s in FORWARDED:
+        signal.signal(s, stop)
