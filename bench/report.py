@@ -113,63 +113,101 @@ def bars(
     plt.close(fig)
 
 
+Ratios = list[tuple[str, str, str, str]]  # (benchmark, pyhpc, anchor, ratio)
+
+
+def _foundation(found: dict[str, Any], ratios: Ratios, plots: list[str]) -> None:
+    """Nomad start latency and throughput against exec and raw_exec."""
+    rows = found["rows"]
+    bars(
+        RESULTS / "start_latency.png",
+        "Nomad: job registered -> task started (p50)",
+        "s",
+        [(f"{d} driver", r["p50"]) for d, r in rows.items()],
+        log=True,
+    )
+    plots.append("start_latency.png")
+    for anchor in ("exec", "raw_exec"):
+        ratios.append(
+            (
+                f"Nomad start latency p50 vs `{anchor}` driver",
+                f"{rows['pyhpc']['p50']:.3f} s",
+                f"{rows[anchor]['p50']:.3f} s",
+                f"{rows['pyhpc']['p50'] / rows[anchor]['p50']:.2f}x",
+            )
+        )
+    ratios.append(
+        (
+            "Nomad batch throughput vs `raw_exec`",
+            f"{rows['pyhpc']['tput']:.1f}/s",
+            f"{rows['raw_exec']['tput']:.1f}/s",
+            f"{rows['pyhpc']['tput'] / rows['raw_exec']['tput']:.2f}x",
+        )
+    )
+
+
+def _entry(entry: dict[str, Any], ratios: Ratios, plots: list[str]) -> None:
+    """Container entry against ch-run and podman."""
+    measured = [(n, m * 1e3) for n, m, _, _ in entry["rows"] if m]
+    bars(
+        RESULTS / "entry_latency.png",
+        "Container entry, /bin/true (median)",
+        "ms",
+        measured,
+        log=True,
+    )
+    plots.append("entry_latency.png")
+    by = {n.split(" (squashfuse)")[0]: m for n, m in measured}
+    for anchor in ("ch-run, SquashFS", "podman run (runc)"):
+        if anchor in by and "pyhpc run" in by:
+            ratios.append(
+                (
+                    f"`pyhpc run` entry vs {anchor}",
+                    f"{by['pyhpc run']:.1f} ms",
+                    f"{by[anchor]:.1f} ms",
+                    f"{by['pyhpc run'] / by[anchor]:.2f}x",
+                )
+            )
+
+
+def _mpi(ratios: Ratios) -> None:
+    """MPI on one node and across two, against the host."""
+    mpi = load("mpi")
+    for impl, r in (mpi["results"] if mpi else {}).items():
+        ratios.append(mpi_bandwidth(impl, "one node", r))
+        ratios.append(
+            (
+                f"MPI ping-pong latency, {impl}, one node, vs the host",
+                f"{r['pyhpc_lat']:.2f} us",
+                f"{r['host_lat']:.2f} us",
+                f"{r['pyhpc_lat'] / r['host_lat']:.2f}x",
+            )
+        )
+    nodes = load("mpi_nodes")
+    if nodes:
+        for impl, r in nodes["pingpong"].items():
+            ratios.append(mpi_bandwidth(impl, "two nodes", r))
+        for workers, times in nodes["start_s"].items():
+            ratios.append(
+                (
+                    f"MPI `nomad job run` to all ranks started, {workers} workers",
+                    f"{statistics.median(times):.2f} s",
+                    "-",
+                    "-",
+                )
+            )
+
+
 def report() -> str:
     """report.md and the plots, from whatever results exist; returns the markdown."""
     ratios: list[tuple[str, str, str, str]] = []  # (benchmark, pyhpc, anchor, ratio)
     plots: list[str] = []
-
     found = load("foundation")
     if found:
-        rows = found["rows"]
-        bars(
-            RESULTS / "start_latency.png",
-            "Nomad: job registered -> task started (p50)",
-            "s",
-            [(f"{d} driver", r["p50"]) for d, r in rows.items()],
-            log=True,
-        )
-        plots.append("start_latency.png")
-        for anchor in ("exec", "raw_exec"):
-            ratios.append(
-                (
-                    f"Nomad start latency p50 vs `{anchor}` driver",
-                    f"{rows['pyhpc']['p50']:.3f} s",
-                    f"{rows[anchor]['p50']:.3f} s",
-                    f"{rows['pyhpc']['p50'] / rows[anchor]['p50']:.2f}x",
-                )
-            )
-        ratios.append(
-            (
-                "Nomad batch throughput vs `raw_exec`",
-                f"{rows['pyhpc']['tput']:.1f}/s",
-                f"{rows['raw_exec']['tput']:.1f}/s",
-                f"{rows['pyhpc']['tput'] / rows['raw_exec']['tput']:.2f}x",
-            )
-        )
-
+        _foundation(found, ratios, plots)
     entry = load("runtime")
     if entry:
-        measured = [(n, m * 1e3) for n, m, _, _ in entry["rows"] if m]
-        bars(
-            RESULTS / "entry_latency.png",
-            "Container entry, /bin/true (median)",
-            "ms",
-            measured,
-            log=True,
-        )
-        plots.append("entry_latency.png")
-        by = {n.split(" (squashfuse)")[0]: m for n, m in measured}
-        for anchor in ("ch-run, SquashFS", "podman run (runc)"):
-            if anchor in by and "pyhpc run" in by:
-                ratios.append(
-                    (
-                        f"`pyhpc run` entry vs {anchor}",
-                        f"{by['pyhpc run']:.1f} ms",
-                        f"{by[anchor]:.1f} ms",
-                        f"{by['pyhpc run'] / by[anchor]:.2f}x",
-                    )
-                )
-
+        _entry(entry, ratios, plots)
     images = load("images")
     if images:
         timed = [(r[0], r[1]) for r in images["rows"] if r[1]]
@@ -221,32 +259,7 @@ def report() -> str:
             )
         )
 
-    mpi = load("mpi")
-    if mpi:
-        for impl, r in mpi["results"].items():
-            ratios.append(mpi_bandwidth(impl, "one node", r))
-            ratios.append(
-                (
-                    f"MPI ping-pong latency, {impl}, one node, vs the host",
-                    f"{r['pyhpc_lat']:.2f} us",
-                    f"{r['host_lat']:.2f} us",
-                    f"{r['pyhpc_lat'] / r['host_lat']:.2f}x",
-                )
-            )
-
-    nodes = load("mpi_nodes")
-    if nodes:
-        for impl, r in nodes["pingpong"].items():
-            ratios.append(mpi_bandwidth(impl, "two nodes", r))
-        for workers, times in nodes["start_s"].items():
-            ratios.append(
-                (
-                    f"MPI `nomad job run` to all ranks started, {workers} workers",
-                    f"{statistics.median(times):.2f} s",
-                    "-",
-                    "-",
-                )
-            )
+    _mpi(ratios)
 
     gpu = load("gpu")
     if gpu:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -262,11 +263,14 @@ def _default_user(args: argparse.Namespace, who: Caller) -> str:
     return ""
 
 
+class _Refused(Exception):
+    """What `pyhpc run` refuses, in one line (exit 125)."""
+
+
 def run(args: argparse.Namespace) -> int:
-    from nomad_driver.driver import config, policy
+    from nomad_driver.driver import policy
     from nomad_driver.images.errors import StoreError
     from nomad_driver.runtime import security
-    from nomad_driver.runtime.cgroups import CALLER, Limits
     from nomad_driver.wire import schema
 
     if os.geteuid() != 0:
@@ -277,183 +281,46 @@ def run(args: argparse.Namespace) -> int:
         for line in refused:
             _fail(line)
         return 125
-    replayed: dict[str, Any] | None = None
-    if args.replay:
-        try:
-            replayed = replay(args, who)
-        except ValueError as err:
-            return _fail(f"--replay {args.replay}: {err}")
-    elif not args.image:
-        return _fail("give IMAGE (a SquashFS file or a reference), or --replay FILE")
-    command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     try:
-        env = {"TERM": os.environ.get("TERM", "xterm"), **environment(args.env, args.env_file, who)}
-    except ValueError as err:
-        return _fail(str(err))
-    config_path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
-    try:
-        if config_path:
-            plugin = load_policy(config_path)
-        else:
-            plugin = schema.load(config.PluginConfig, {}, "built-in defaults")
-        if args.root and not who.root and not plugin.user_namespace:
-            return _fail(
-                "--root: the system policy has user_namespace = false, so the container's "
-                f"root would be the host's; a sudo caller (uid {who.uid}) may not use it"
-            )
-        save_to = ""
-        if args.save:
-            save_to = os.path.abspath(args.save)
-            if args.writable == "none":
-                return _fail("--save: --writable none leaves nothing to save")
-            from nomad_driver.util.asuser import run_as
-
-            try:  # asked as the caller: root tells no one what exists where they cannot look
-                there = run_as(
-                    who.uid, who.gid, who.groups, lambda: b"%d" % os.path.lexists(save_to)
-                )
-            except OSError as err:
-                return _fail(f"--save {args.save}: {err.strerror}")
-            if there == b"1":
-                return _fail(f"--save {args.save}: the file exists; name a new one")
-            args.writable = "disk"  # the layer outlives the container, to be saved
-        task = schema.load(
-            config.TaskConfig,
-            {
-                "image": image_argument(args.image),
-                "command": command[0] if command else "",
-                "args": command[1:],
-                "work_dir": args.workdir or "",
-                "writable": args.writable,
-                "network": args.network,
-                "mounts": args.mount,
-                "datasets": args.dataset,
-                "devices": args.device,
-                "cap_add": args.cap_add,
-                "cap_drop": args.cap_drop,
-                "seccomp": args.seccomp,
-            },
-            "command line",
-        )
-
-        def progress(message: str) -> None:
-            print(f"pyhpc run: {message}", file=sys.stderr)
-
+        replayed, command, env = _request(args, who)
+        plugin = _policy(args, who)
+        save_to = _save_target(args, who)
+        task = _task(args, command)
         reader = (who.uid, who.gid) if not who.root else (0, 0)
-        image = policy.resolve_image(plugin, task.image, progress, reader=reader)
-        datasets = policy.resolve_datasets(plugin, task, progress, reader=reader)
+        image = policy.resolve_image(plugin, task.image, _progress, reader=reader)
+        datasets = policy.resolve_datasets(plugin, task, _progress, reader=reader)
         if not command and not (image.config.get("Entrypoint") or image.config.get("Cmd")):
             task = dataclasses.replace(task, command="/bin/sh")  # a shell, as enroot start
-        tail = task.image.rstrip("/").rsplit("/", 1)[-1]
-        name = args.hostname or tail.split(".")[0].split(":")[0] or "pyhpc"
         # Apart from the driver's tasks/: clear_dead_runs takes a run-<pid>-... it finds there
         # for a dead `pyhpc run`, and a Nomad task may be named run-99999 (red team).
         run_dir = os.path.join(plugin.run_dir, RUNS_DIR, f"run-{os.getpid()}-{time.time_ns()}")
-        layer = args.layer_dir or os.path.join(run_dir, "layer")
-        gpu_mounts, gpu_devices = (), ()
-        if args.gpus:
-            gpu_env, gpu_mounts, gpu_devices = _gpus(args.gpus)
-            env = {**gpu_env, **env}
-        ctx = policy.TaskContext(
-            task_id=f"pyhpc-run/{os.getpid()}",
-            hostname=name,
-            env=env,
-            mounts=gpu_mounts,
-            devices=gpu_devices,
-            user=_default_user(args, who),
-            stdin_path="/proc/self/fd/0",
-            stdout_path="/proc/self/fd/1",
-            stderr_path="/proc/self/fd/2",
-            # Under the caller's own cgroup: a Slurm job's (or a session's) limits bound it.
-            limits=Limits(cgroup_parent=CALLER),
-            upper_dir=layer,
-        )
-        made: list[Any] = []  # the verifier, made on first use and shared by every check
-
-        def verifier() -> Any:
-            made[:] = made or [policy.verifier(plugin)]
-            return made[0]
-
+        ctx = _context(args, who, task, env, args.layer_dir or os.path.join(run_dir, "layer"))
+        # The verifier, made on first use and shared by every check.
+        verifier = functools.cache(functools.partial(policy.verifier, plugin))
         if replayed is not None:
-            from nomad_driver.runtime.imagemount import images_dir
-
-            for problem in changed_since(replayed, image, datasets, images_dir(plugin.run_dir)):
-                if not args.force:
-                    return _fail(f"--replay {args.replay}: {problem}; --force runs it anyway")
-                print(f"pyhpc run: WARNING: {problem} (--force)", file=sys.stderr)
+            _check_replay(args, replayed, plugin, image, datasets)
         signatures: list[dict[str, Any]] = []
         for checked in policy.check_signatures(plugin, verifier, image, datasets, signatures):
             print(f"pyhpc run: {checked}", file=sys.stderr)
         spec = policy.container_spec(plugin, task, image, ctx)
         record: dict[str, Any] = {}
         if args.provenance:
-            from nomad_driver.driver import provenance
-
-            where = {"node": os.uname().nodename, "caller_uid": who.uid}
-            where.update({k: v for k, v in os.environ.items() if k in SLURM_WHERE})
-            options = {
-                "mounts": args.mount, "datasets": args.dataset, "writable": args.writable,
-                "network": args.network, "hostname": args.hostname, "work_dir": args.workdir,
-                "cap_add": args.cap_add, "cap_drop": args.cap_drop, "seccomp": args.seccomp,
-                "gpus": args.gpus, "replay_of": args.replay or "",
-            }  # fmt: skip
-            # What the command line or the image or the site set is the caller's to see; the
-            # caller's own environment passed through by name only.
-            given = {e.partition("=")[0] for e in args.env if "=" in e}
-            seen = {*policy.image_env(image.config), *policy.site_env(plugin, {}), *given}
-            record = provenance.record(
-                spec, image, datasets, signatures, where, options, seen.__contains__
-            )
+            record = _record(args, who, plugin, spec, image, datasets, signatures)
+    except _Refused as err:
+        return _fail(str(err))
     except (schema.ConfigError, security.PolicyError, StoreError, ValueError) as err:
         return _fail(str(err))
     except OSError as err:
         return _fail(f"{err.filename}: {err.strerror}" if err.filename else str(err))
 
-    def save() -> None:
-        from nomad_driver.images import save as saving
-        from nomad_driver.runtime.container import DISK_SUFFIX
-        from nomad_driver.util.asuser import write_new_as
-
-        assert image.file is not None and isinstance(spec.upper_dir, str)
-        disk = spec.disk_max_mb > 0
-        built = saving.save(
-            image.file.fd,
-            image.file.path,
-            spec.upper_dir + DISK_SUFFIX if disk else spec.upper_dir,
-            disk,
-            saving.id_mapper(*(spec.userns or (None, 0))),
-            run_dir,
-            int(plugin.image_zstd_level),
-        )
-        fd = os.open(built, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            write_new_as(save_to, fd, who.uid, who.gid, who.groups)
-        except OSError as err:
-            raise saving.SaveError(
-                f"cannot write the saved image: {save_to}: {err.strerror}"
-            ) from err
-        finally:
-            os.close(fd)
-        print(f"pyhpc run: saved the container as {save_to}", file=sys.stderr)
-
     def finished(result: Any) -> None:
         """After the command: the saved image, then the provenance record (as the caller)."""
         if save_to and not result.err:
-            save()
+            _save(spec, image, plugin, run_dir, save_to, who)
         if args.provenance:
-            from nomad_driver.driver import provenance
-            from nomad_driver.util.asuser import write_new_as
+            _write_provenance(args.provenance, record, result, who)
 
-            data = json.dumps(provenance.finish(record, result), indent=1, sort_keys=True)
-            fd = os.memfd_create("provenance", os.MFD_CLOEXEC)
-            try:
-                os.write(fd, data.encode() + b"\n")
-                write_new_as(os.path.abspath(args.provenance), fd, who.uid, who.gid, who.groups)
-            except OSError as err:
-                raise RuntimeError(f"--provenance {args.provenance}: {err.strerror}") from err
-            finally:
-                os.close(fd)
-
+    opened = [image, *(d.image for d in datasets)]
     try:
         return supervise(
             spec,
@@ -463,9 +330,205 @@ def run(args: argparse.Namespace) -> int:
             finished if (save_to or args.provenance) else None,
         )
     finally:
-        for opened in (image, *(d.image for d in datasets)):
-            if opened.file is not None:
-                opened.file.close()
+        for file in (o.file for o in opened if o.file is not None):
+            file.close()
+
+
+def _progress(message: str) -> None:
+    print(f"pyhpc run: {message}", file=sys.stderr)
+
+
+def _request(
+    args: argparse.Namespace, who: Caller
+) -> tuple[dict[str, Any] | None, list[str], dict[str, str]]:
+    """What is asked: the replayed record (--replay), the command, the environment."""
+    replayed: dict[str, Any] | None = None
+    if args.replay:
+        try:
+            replayed = replay(args, who)
+        except ValueError as err:
+            raise _Refused(f"--replay {args.replay}: {err}") from err
+    elif not args.image:
+        raise _Refused("give IMAGE (a SquashFS file or a reference), or --replay FILE")
+    command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    env = {"TERM": os.environ.get("TERM", "xterm"), **environment(args.env, args.env_file, who)}
+    return replayed, command, env
+
+
+def _policy(args: argparse.Namespace, who: Caller) -> Any:
+    """The system policy (--config for root), or the built-in defaults where there is none."""
+    from nomad_driver.driver import config
+    from nomad_driver.wire import schema
+
+    config_path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
+    if config_path:
+        plugin = load_policy(config_path)
+    else:
+        plugin = schema.load(config.PluginConfig, {}, "built-in defaults")
+    if args.root and not who.root and not plugin.user_namespace:
+        raise _Refused(
+            "--root: the system policy has user_namespace = false, so the container's "
+            f"root would be the host's; a sudo caller (uid {who.uid}) may not use it"
+        )
+    return plugin
+
+
+def _save_target(args: argparse.Namespace, who: Caller) -> str:
+    """--save's file, absolute, checked as the caller to be new; the layer then on disk."""
+    if not args.save:
+        return ""
+    save_to = os.path.abspath(args.save)
+    if args.writable == "none":
+        raise _Refused("--save: --writable none leaves nothing to save")
+    from nomad_driver.util.asuser import run_as
+
+    try:  # asked as the caller: root tells no one what exists where they cannot look
+        there = run_as(who.uid, who.gid, who.groups, lambda: b"%d" % os.path.lexists(save_to))
+    except OSError as err:
+        raise _Refused(f"--save {args.save}: {err.strerror}") from err
+    if there == b"1":
+        raise _Refused(f"--save {args.save}: the file exists; name a new one")
+    args.writable = "disk"  # the layer outlives the container, to be saved
+    return str(save_to)
+
+
+def _task(args: argparse.Namespace, command: list[str]) -> Any:
+    """The command line as a task config, checked by the driver's own schema."""
+    from nomad_driver.driver import config
+    from nomad_driver.wire import schema
+
+    return schema.load(
+        config.TaskConfig,
+        {
+            "image": image_argument(args.image),
+            "command": command[0] if command else "",
+            "args": command[1:],
+            "work_dir": args.workdir or "",
+            "writable": args.writable,
+            "network": args.network,
+            "mounts": args.mount,
+            "datasets": args.dataset,
+            "devices": args.device,
+            "cap_add": args.cap_add,
+            "cap_drop": args.cap_drop,
+            "seccomp": args.seccomp,
+        },
+        "command line",
+    )
+
+
+def _context(
+    args: argparse.Namespace, who: Caller, task: Any, env: dict[str, str], layer: str
+) -> Any:
+    """The task context the driver would get from Nomad, made from the command line."""
+    from nomad_driver.driver import policy
+    from nomad_driver.runtime.cgroups import CALLER, Limits
+
+    tail = task.image.rstrip("/").rsplit("/", 1)[-1]
+    name = args.hostname or tail.split(".")[0].split(":")[0] or "pyhpc"
+    gpu_mounts, gpu_devices = (), ()
+    if args.gpus:
+        gpu_env, gpu_mounts, gpu_devices = _gpus(args.gpus)
+        env = {**gpu_env, **env}
+    return policy.TaskContext(
+        task_id=f"pyhpc-run/{os.getpid()}",
+        hostname=name,
+        env=env,
+        mounts=gpu_mounts,
+        devices=gpu_devices,
+        user=_default_user(args, who),
+        stdin_path="/proc/self/fd/0",
+        stdout_path="/proc/self/fd/1",
+        stderr_path="/proc/self/fd/2",
+        # Under the caller's own cgroup: a Slurm job's (or a session's) limits bound it.
+        limits=Limits(cgroup_parent=CALLER),
+        upper_dir=layer,
+    )
+
+
+def _check_replay(
+    args: argparse.Namespace, replayed: dict[str, Any], plugin: Any, image: Any, datasets: Any
+) -> None:
+    """--replay: refused where the image or a dataset changed since the record, unless
+    --force (then a warning)."""
+    from nomad_driver.runtime.imagemount import images_dir
+
+    for problem in changed_since(replayed, image, datasets, images_dir(plugin.run_dir)):
+        if not args.force:
+            raise _Refused(f"--replay {args.replay}: {problem}; --force runs it anyway")
+        print(f"pyhpc run: WARNING: {problem} (--force)", file=sys.stderr)
+
+
+def _record(
+    args: argparse.Namespace,
+    who: Caller,
+    plugin: Any,
+    spec: Any,
+    image: Any,
+    datasets: Any,
+    signatures: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The provenance record as the run starts (--provenance)."""
+    from nomad_driver.driver import policy, provenance
+
+    where: dict[str, Any] = {"node": os.uname().nodename, "caller_uid": who.uid}
+    where.update({k: v for k, v in os.environ.items() if k in SLURM_WHERE})
+    options = {
+        "mounts": args.mount, "datasets": args.dataset, "writable": args.writable,
+        "network": args.network, "hostname": args.hostname, "work_dir": args.workdir,
+        "cap_add": args.cap_add, "cap_drop": args.cap_drop, "seccomp": args.seccomp,
+        "gpus": args.gpus, "replay_of": args.replay or "",
+    }  # fmt: skip
+    # What the command line or the image or the site set is the caller's to see; the
+    # caller's own environment passed through by name only.
+    given = {e.partition("=")[0] for e in args.env if "=" in e}
+    seen = {*policy.image_env(image.config), *policy.site_env(plugin, {}), *given}
+    return dict(
+        provenance.record(spec, image, datasets, signatures, where, options, seen.__contains__)
+    )
+
+
+def _save(spec: Any, image: Any, plugin: Any, run_dir: str, save_to: str, who: Caller) -> None:
+    """--save: the image and what the command changed, written new as the caller."""
+    from nomad_driver.images import save as saving
+    from nomad_driver.runtime.container import DISK_SUFFIX
+    from nomad_driver.util.asuser import write_new_as
+
+    assert image.file is not None and isinstance(spec.upper_dir, str)
+    disk = spec.disk_max_mb > 0
+    built = saving.save(
+        image.file.fd,
+        image.file.path,
+        spec.upper_dir + DISK_SUFFIX if disk else spec.upper_dir,
+        disk,
+        saving.id_mapper(*(spec.userns or (None, 0))),
+        run_dir,
+        int(plugin.image_zstd_level),
+    )
+    fd = os.open(built, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        write_new_as(save_to, fd, who.uid, who.gid, who.groups)
+    except OSError as err:
+        raise saving.SaveError(f"cannot write the saved image: {save_to}: {err.strerror}") from err
+    finally:
+        os.close(fd)
+    print(f"pyhpc run: saved the container as {save_to}", file=sys.stderr)
+
+
+def _write_provenance(path: str, record: dict[str, Any], result: Any, who: Caller) -> None:
+    """--provenance: the record, completed with how the run ended, written new as the caller."""
+    from nomad_driver.driver import provenance
+    from nomad_driver.util.asuser import write_new_as
+
+    data = json.dumps(provenance.finish(record, result), indent=1, sort_keys=True)
+    fd = os.memfd_create("provenance", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, data.encode() + b"\n")
+        write_new_as(os.path.abspath(path), fd, who.uid, who.gid, who.groups)
+    except OSError as err:
+        raise RuntimeError(f"--provenance {path}: {err.strerror}") from err
+    finally:
+        os.close(fd)
 
 
 RUNS_DIR = "runs"  # under the policy's run_dir: `pyhpc run`'s run directories, only those

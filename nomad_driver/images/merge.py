@@ -251,27 +251,7 @@ class _Merger:
             here[path] = "file" if kind == "hardlink" else kind
             hidden = self.decided(path)
             if kind == "hardlink":
-                target = _clean(member.linkname, layer)
-                if target in here and here[target] != "file":
-                    raise LayerError(
-                        f"{layer.label}: hard link {member.name!r} -> {member.linkname!r}: "
-                        "not a regular file"
-                    )
-                # Links (from above) to this link's name want its target's content too.
-                group = self.waiting.pop(path, [])
-                if not hidden:
-                    self.record(path, "file", layer, member.name)
-                    group.insert(0, _Link(path, target, index))
-                if not group:
-                    continue
-                if held.get(target):
-                    for link in group:
-                        self.link(link.name, held[target], member)
-                    held[path] = held[target]
-                elif here.get(target) == "file":  # replaced above: read this layer again
-                    self.refetch.setdefault(index, {}).setdefault(target, []).extend(group)
-                else:
-                    self.waiting.setdefault(target, []).extend(group)
+                self.hardlink(index, member, path, bool(hidden), here, held)
                 continue
             if kind == "file":
                 held[path] = self.resolve(path, member, source, visible=not hidden)
@@ -283,6 +263,41 @@ class _Merger:
             self.write(member, path, source)
         self.gone.update(whiteouts)
         self.opaque.update(opaques)
+
+    def hardlink(
+        self,
+        index: int,
+        member: tarfile.TarInfo,
+        path: str,
+        hidden: bool,
+        here: dict[str, str],
+        held: dict[str, str],
+    ) -> None:
+        """A hard link of layer INDEX (at PATH; HIDDEN by a layer above): linked to the name
+        holding its target's content, or left waiting for it (later in this layer, or below),
+        or, where this layer replaced its target, fetched by reading the layer again."""
+        layer = self.layers[index]
+        target = _clean(member.linkname, layer)
+        if target in here and here[target] != "file":
+            raise LayerError(
+                f"{layer.label}: hard link {member.name!r} -> {member.linkname!r}: "
+                "not a regular file"
+            )
+        # Links (from above) to this link's name want its target's content too.
+        group = self.waiting.pop(path, [])
+        if not hidden:
+            self.record(path, "file", layer, member.name)
+            group.insert(0, _Link(path, target, index))
+        if not group:
+            return
+        if held.get(target):
+            for link in group:
+                self.link(link.name, held[target], member)
+            held[path] = held[target]
+        elif here.get(target) == "file":  # replaced above: read this layer again
+            self.refetch.setdefault(index, {}).setdefault(target, []).extend(group)
+        else:
+            self.waiting.setdefault(target, []).extend(group)
 
     def refetched(self) -> None:
         """Re-read the layers whose replaced files are still wanted by their own links."""

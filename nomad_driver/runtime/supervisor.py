@@ -18,7 +18,7 @@ import signal
 import socket
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from nomad_driver.runtime.cgroups import Cgroup
 from nomad_driver.runtime.imagemount import SharedImages
@@ -44,6 +44,69 @@ FORWARDED = [
 
 def _write_line(fd: int, message: dict[str, object]) -> None:
     os.write(fd, (json.dumps(message) + "\n").encode())
+
+
+def _build(
+    spec: ContainerSpec, scratch: str, userns: tuple[int, IdMaps] | None, joined_r: int, disk: int
+) -> tuple[int, int, dict[str, str], str]:
+    """In the init: the container's root built and entered; the task's uid, gid, environment
+    and resolved command; the init in the task's cgroups and a cgroup namespace of its own."""
+    from nomad_driver.runtime import container, ids, linux
+
+    container.build(spec, scratch, spec.image_root, userns, disk)
+    uid, gid = container.resolve_user(spec.user)
+    ids.check_user(spec, uid, gid)  # again: a disk layer's /etc/passwd may differ
+    env = container.with_home(spec.env, uid)
+    path = container.find_command(spec.command, env)
+    if not os.path.isdir(spec.work_dir):
+        raise container.ContainerError(
+            f"work_dir {spec.work_dir!r} is not a directory in the image"
+        )
+    # In the task's cgroup before the task exists, so every process of it is counted;
+    # then a cgroup namespace rooted there: the task sees "/" in /proc/self/cgroup.
+    if joined_r >= 0 and os.read(joined_r, 1) != b"1":
+        raise container.ContainerError(NOT_JOINED)
+    linux.unshare(linux.CLONE_NEWCGROUP)
+    return uid, gid, env, path
+
+
+def _exec_task(
+    spec: ContainerSpec,
+    userns: tuple[int, IdMaps] | None,
+    stdio: tuple[int, int, int],
+    exec_w: int,
+    task_ids: tuple[int, int],
+    path: str,
+    env: dict[str, str],
+) -> NoReturn:
+    """In the task's first process (a child of the init): its stdio, nothing else of ours,
+    the user namespace, the work dir, the restrictions, then the command. What stopped it is
+    written to exec_w."""
+    from nomad_driver.runtime import linux
+
+    try:
+        for s in FORWARDED:
+            signal.signal(s, signal.SIG_DFL)
+        os.setsid()
+        for target, fd in enumerate(stdio):
+            os.dup2(fd, target)
+        # Nothing of the plugin or supervisor crosses into the task but fds 0-2; closed
+        # before the chdir, so no work_dir can be /proc/self/fd/N of a host directory.
+        close_all_but(exec_w, *(userns[:1] if userns else ()))
+        if userns is not None:
+            linux.setns(userns[0], linux.CLONE_NEWUSER)
+            os.close(userns[0])
+        enter_work_dir(spec.work_dir)
+        restrict(spec, *task_ids)
+        os.execve(path, [spec.command, *spec.args], env)
+    except BaseException as error:  # noqa: BLE001 - report whatever stopped the exec
+        why = str(error)
+        if isinstance(error, FileNotFoundError) and os.path.exists(path):
+            # execve's ENOENT for a file that is there: its #! interpreter or its ELF
+            # loader (ld-linux) is missing from the image.
+            why = "its interpreter or dynamic loader is not in the image"
+        os.write(exec_w, f"cannot start {spec.command!r}: {why}".encode())
+    os._exit(127)
 
 
 def run_init(
@@ -77,20 +140,7 @@ def run_init(
     for s in FORWARDED:
         signal.signal(s, forward)
     try:
-        container.build(spec, scratch, spec.image_root, userns, disk)
-        uid, gid = container.resolve_user(spec.user)
-        ids.check_user(spec, uid, gid)  # again: a disk layer's /etc/passwd may differ
-        env = container.with_home(spec.env, uid)
-        path = container.find_command(spec.command, env)
-        if not os.path.isdir(spec.work_dir):
-            raise container.ContainerError(
-                f"work_dir {spec.work_dir!r} is not a directory in the image"
-            )
-        # In the task's cgroup before the task exists, so every process of it is counted;
-        # then a cgroup namespace rooted there: the task sees "/" in /proc/self/cgroup.
-        if joined_r >= 0 and os.read(joined_r, 1) != b"1":
-            raise container.ContainerError(NOT_JOINED)
-        linux.unshare(linux.CLONE_NEWCGROUP)
+        uid, gid, env, path = _build(spec, scratch, userns, joined_r, disk)
     except (OSError, container.ContainerError) as error:
         _write_line(ready_w, {"error": str(error)})
         os._exit(127)
@@ -100,29 +150,7 @@ def run_init(
     exec_r, exec_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
-        try:
-            for s in FORWARDED:
-                signal.signal(s, signal.SIG_DFL)
-            os.setsid()
-            for target, fd in enumerate(stdio):
-                os.dup2(fd, target)
-            # Nothing of the plugin or supervisor crosses into the task but fds 0-2; closed
-            # before the chdir, so no work_dir can be /proc/self/fd/N of a host directory.
-            close_all_but(exec_w, *(userns[:1] if userns else ()))
-            if userns is not None:
-                linux.setns(userns[0], linux.CLONE_NEWUSER)
-                os.close(userns[0])
-            enter_work_dir(spec.work_dir)
-            restrict(spec, uid, gid)
-            os.execve(path, [spec.command, *spec.args], env)
-        except BaseException as error:  # noqa: BLE001 - report whatever stopped the exec
-            why = str(error)
-            if isinstance(error, FileNotFoundError) and os.path.exists(path):
-                # execve's ENOENT for a file that is there: its #! interpreter or its ELF
-                # loader (ld-linux) is missing from the image.
-                why = "its interpreter or dynamic loader is not in the image"
-            os.write(exec_w, f"cannot start {spec.command!r}: {why}".encode())
-        os._exit(127)
+        _exec_task(spec, userns, stdio, exec_w, (uid, gid), path, env)
     app_pid = pid
     if userns is not None:
         os.close(userns[0])

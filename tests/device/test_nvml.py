@@ -7,6 +7,7 @@ second with MIG pending a reset), the L4 cannot do MIG."""
 
 from __future__ import annotations
 
+import functools
 import struct
 import subprocess
 from pathlib import Path
@@ -64,6 +65,49 @@ class NotSupported(Exception):
     """As pynvml's NVMLError_NotSupported."""
 
 
+def _by_uuid(handles: list[dict[str, Any]], uuid: str) -> dict[str, Any]:
+    for h in handles:
+        if h["uuid"] == uuid:
+            return h
+    raise LookupError(f"NVML_ERROR_NOT_FOUND: {uuid}")
+
+
+def _mig(h: dict[str, Any]) -> dict[str, Any]:
+    if h.get("mig") is None:
+        raise NotSupported("mig")
+    return dict(h["mig"])
+
+
+def _mig_handle(h: dict[str, Any], j: int) -> dict[str, Any]:
+    if j not in _mig(h)["devices"]:
+        raise LookupError(f"NVML_ERROR_NOT_FOUND: MIG device {j}")
+    return dict(_mig(h)["devices"][j])
+
+
+def _instance(key: str) -> Any:
+    def query(h: dict[str, Any]) -> int:
+        if key not in h:  # a whole GPU: NVML says invalid argument
+            raise NotSupported(key)
+        return int(h[key])
+
+    return query
+
+
+def _answer(key: str, *expected: str) -> Any:
+    def query(h: dict[str, Any], *args: str) -> Any:
+        if h[key] is None or args != expected[: len(args)]:
+            raise NotSupported(key)
+        return h[key]
+
+    return query
+
+
+def _ecc(h: dict[str, Any], kind: str, counter: str) -> int:
+    if h["ecc"] is None or counter != "volatile":
+        raise NotSupported("ecc")
+    return int(h["ecc"][kind])
+
+
 def recorded_nvml(recorded: list[dict[str, Any]] | None = None) -> Any:
     """A pynvml stand-in answering from `recorded` (RECORDED unless given); `calls` records
     each init and shutdown. Its constants are names, not pynvml's numbers, so a query made
@@ -74,47 +118,8 @@ def recorded_nvml(recorded: list[dict[str, Any]] | None = None) -> Any:
     migs: list[dict[str, Any]] = [
         m for h in recorded for m in (h.get("mig") or {"devices": {}})["devices"].values()
     ]
-
-    def handle(i: int) -> dict[str, Any]:
-        return recorded[i]
-
-    def by_uuid(uuid: str) -> dict[str, Any]:
-        for h in [*recorded, *migs]:
-            if h["uuid"] == uuid:
-                return h
-        raise LookupError(f"NVML_ERROR_NOT_FOUND: {uuid}")
-
-    def mig(h: dict[str, Any]) -> dict[str, Any]:
-        if h.get("mig") is None:
-            raise NotSupported("mig")
-        return dict(h["mig"])
-
-    def mig_handle(h: dict[str, Any], j: int) -> dict[str, Any]:
-        if j not in mig(h)["devices"]:
-            raise LookupError(f"NVML_ERROR_NOT_FOUND: MIG device {j}")
-        return dict(mig(h)["devices"][j])
-
-    def instance(key: str) -> Any:
-        def query(h: dict[str, Any]) -> int:
-            if key not in h:  # a whole GPU: NVML says invalid argument
-                raise NotSupported(key)
-            return int(h[key])
-
-        return query
-
-    def answer(key: str, *expected: str) -> Any:
-        def query(h: dict[str, Any], *args: str) -> Any:
-            if h[key] is None or args != expected[: len(args)]:
-                raise NotSupported(key)
-            return h[key]
-
-        return query
-
-    def ecc(h: dict[str, Any], kind: str, counter: str) -> int:
-        if h["ecc"] is None or counter != "volatile":
-            raise NotSupported("ecc")
-        return int(h["ecc"][kind])
-
+    handle = recorded.__getitem__
+    by_uuid = functools.partial(_by_uuid, [*recorded, *migs])
     return SimpleNamespace(
         calls=calls,
         nvmlInit=lambda: calls.append("init"),
@@ -131,18 +136,18 @@ def recorded_nvml(recorded: list[dict[str, Any]] | None = None) -> Any:
         nvmlDeviceGetPciInfo=lambda h: SimpleNamespace(busId=h["bus"].encode()),
         nvmlDeviceGetPowerManagementLimit=lambda h: 700000,
         nvmlDeviceGetHandleByUUID=by_uuid,
-        nvmlDeviceGetUtilizationRates=answer("util"),
-        nvmlDeviceGetTemperature=answer("temp", "gpu"),
-        nvmlDeviceGetPowerUsage=answer("power_mw"),
-        nvmlDeviceGetEnforcedPowerLimit=answer("limit_mw"),
-        nvmlDeviceGetTotalEccErrors=ecc,
-        nvmlDeviceGetBAR1MemoryInfo=answer("bar1"),
-        nvmlDeviceGetMigMode=lambda h: mig(h)["mode"],
+        nvmlDeviceGetUtilizationRates=_answer("util"),
+        nvmlDeviceGetTemperature=_answer("temp", "gpu"),
+        nvmlDeviceGetPowerUsage=_answer("power_mw"),
+        nvmlDeviceGetEnforcedPowerLimit=_answer("limit_mw"),
+        nvmlDeviceGetTotalEccErrors=_ecc,
+        nvmlDeviceGetBAR1MemoryInfo=_answer("bar1"),
+        nvmlDeviceGetMigMode=lambda h: _mig(h)["mode"],
         nvmlDeviceGetMaxMigDeviceCount=lambda h: 7 if h.get("mig") else 0,
-        nvmlDeviceGetMigDeviceHandleByIndex=mig_handle,
-        nvmlDeviceGetGpuInstanceId=instance("gi"),
-        nvmlDeviceGetComputeInstanceId=instance("ci"),
-        nvmlDeviceGetAttributes=answer("attrs"),
+        nvmlDeviceGetMigDeviceHandleByIndex=_mig_handle,
+        nvmlDeviceGetGpuInstanceId=_instance("gi"),
+        nvmlDeviceGetComputeInstanceId=_instance("ci"),
+        nvmlDeviceGetAttributes=_answer("attrs"),
         NVML_DEVICE_MIG_ENABLE="mig-enabled",
         NVML_TEMPERATURE_GPU="gpu",
         NVML_MEMORY_ERROR_TYPE_CORRECTED="corrected",
