@@ -173,7 +173,6 @@ class SecureBed:
         token_file.chmod(0o600)
 
     def _start_consul(self) -> None:
-        c = self.certs
         config = self.root / "consul.hcl"
         config.write_text(f"""
 datacenter  = "dc1"
@@ -190,11 +189,22 @@ ports {{
   serf_lan = 8701
   serf_wan = 8702
 }}
-tls {{
+{self._consul_security("dc1-server-consul-0", "initial_management")}
+""")
+        self._daemon(
+            "consul", [str(self.bins["consul"]), "agent", "-dev", f"-config-file={config}"]
+        )
+        self._until(lambda: bool(self.consul("GET", "/v1/status/leader")), "Consul's leader")
+
+    def _consul_security(self, cert: str, token: str) -> str:
+        """A Consul agent's TLS (clients verified too) and ACLs (default deny), the
+        management token given as its TOKEN ("initial_management" or "agent")."""
+        c = self.certs
+        return f"""tls {{
   defaults {{
     ca_file         = "{c / "consul-agent-ca.pem"}"
-    cert_file       = "{c / "dc1-server-consul-0.pem"}"
-    key_file        = "{c / "dc1-server-consul-0-key.pem"}"
+    cert_file       = "{c / f"{cert}.pem"}"
+    key_file        = "{c / f"{cert}-key.pem"}"
     verify_incoming = true
     verify_outgoing = true
   }}
@@ -206,14 +216,9 @@ acl {{
   enabled        = true
   default_policy = "deny"
   tokens {{
-    initial_management = "{self.consul_management}"
+    {token} = "{self.consul_management}"
   }}
-}}
-""")
-        self._daemon(
-            "consul", [str(self.bins["consul"]), "agent", "-dev", f"-config-file={config}"]
-        )
-        self._until(lambda: bool(self.consul("GET", "/v1/status/leader")), "Consul's leader")
+}}"""
 
     def _consul_token_for_nomad(self) -> str:
         """Nomad's own Consul token, as a site gives it: services and nodes, nothing else."""
@@ -231,18 +236,7 @@ acl {{
         )
         replicate = f'replication_token = "{replication}"' if replication else ""
         (data / "agent.hcl").write_text(f"""
-name       = "pyhpc-{region}"
-region     = "{region}"
-datacenter = "{region}-dc"
-data_dir   = "{data / "data"}"
-plugin_dir = "{self.plugins}"
-bind_addr  = "127.0.0.1"
-disable_update_check = true
-advertise {{
-  http = "127.0.0.1"
-  rpc  = "127.0.0.1"
-  serf = "127.0.0.1"
-}}
+{self._agent(f"pyhpc-{region}", region, f"{region}-dc", data, "127.0.0.1")}
 ports {{
   http = {port}
   rpc  = {port + 1}
@@ -273,6 +267,22 @@ acl {{
         self._daemon(
             f"nomad-{region}", [str(self.bins["nomad"]), "agent", f"-config={data / 'agent.hcl'}"]
         )
+
+    def _agent(self, name: str, region: str, datacenter: str, data: Path, address: str) -> str:
+        """The head of a Nomad agent's config: who it is, where it keeps its state, the
+        test bed's plugins, and the address it gives others."""
+        return f"""name       = "{name}"
+region     = "{region}"
+datacenter = "{datacenter}"
+data_dir   = "{data / "data"}"
+plugin_dir = "{self.plugins}"
+bind_addr  = "127.0.0.1"
+disable_update_check = true
+advertise {{
+  http = "{address}"
+  rpc  = "{address}"
+  serf = "{address}"
+}}"""
 
     def _plugin(self, **extra: str) -> str:
         """The pyhpc plugin block every secured client loads: Vault over TLS for signatures."""
@@ -423,7 +433,7 @@ acl {{
         subprocess.run(list(argv), check=True, capture_output=True, timeout=60)
 
     def _start_consul_client(self, i: int) -> None:
-        c, data = self.certs, self.root / f"consul-mpi-{i}"
+        data = self.root / f"consul-mpi-{i}"
         data.mkdir()
         (data / "agent.hcl").write_text(f"""
 datacenter     = "dc1"
@@ -441,25 +451,7 @@ ports {{
   dns      = -1
   serf_lan = {8760 + i}
 }}
-tls {{
-  defaults {{
-    ca_file         = "{c / "consul-agent-ca.pem"}"
-    cert_file       = "{c / "dc1-client-consul-0.pem"}"
-    key_file        = "{c / "dc1-client-consul-0-key.pem"}"
-    verify_incoming = true
-    verify_outgoing = true
-  }}
-  internal_rpc {{
-    verify_server_hostname = true
-  }}
-}}
-acl {{
-  enabled        = true
-  default_policy = "deny"
-  tokens {{
-    agent = "{self.consul_management}"
-  }}
-}}
+{self._consul_security("dc1-client-consul-0", "agent")}
 """)
         self.mpi_procs.append(
             self._daemon(
@@ -477,18 +469,7 @@ acl {{
             run_dir=f"/run/pyhpc-smpi-{i}", mpi_nomad_address="https://127.0.0.1:4646"
         )
         (data / "agent.hcl").write_text(f"""
-name       = "secure-mpi-{i}"
-region     = "secure"
-datacenter = "secure-dc"
-data_dir   = "{data / "data"}"
-plugin_dir = "{self.plugins}"
-bind_addr  = "127.0.0.1"
-disable_update_check = true
-advertise {{
-  http = "{MPI_NET}.{i}"
-  rpc  = "{MPI_NET}.{i}"
-  serf = "{MPI_NET}.{i}"
-}}
+{self._agent(f"secure-mpi-{i}", "secure", "secure-dc", data, f"{MPI_NET}.{i}")}
 client {{
   enabled           = true
   servers           = ["127.0.0.1:{REGIONS["secure"] + 1}"]
