@@ -173,6 +173,29 @@ def candidates(rootfs: Path, runs: int) -> list[tuple[str, Callable[[], list[flo
     return found
 
 
+def ch_run_image(work: Path, target: Path) -> Path:
+    """The demo image unpacked in WORK/rootfs (WORK made 0755), given the mount points ch-run
+    expects in an image (pyhpc and podman make their own), and packed again as TARGET (0644),
+    so that every runtime starts the same bytes. Returns the unpacked tree."""
+    os.chmod(work, 0o755)
+    rootfs = work / "rootfs"
+    subprocess.run(
+        ["unsquashfs", "-q", "-d", str(rootfs), str(DEMO_IMAGE)], check=True, capture_output=True
+    )
+    os.chmod(rootfs, 0o755)
+    for d in ("dev", "proc", "sys", "tmp", "home", "mnt", "run", "var/tmp"):
+        (rootfs / d).mkdir(parents=True, exist_ok=True)
+    for f in ("etc/hosts", "etc/resolv.conf", "etc/group"):
+        (rootfs / f).touch()
+    subprocess.run(
+        ["mksquashfs", str(rootfs), str(target), "-noappend", "-quiet", "-comp", "gzip"],
+        check=True,
+        capture_output=True,
+    )
+    os.chmod(target, 0o644)
+    return rootfs
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30)
@@ -183,23 +206,7 @@ def main() -> int:
     if not DEMO_IMAGE.exists():
         sys.exit(f"entry_latency: {DEMO_IMAGE} is missing; run scripts/make-demo-image.sh")
     work = Path(tempfile.mkdtemp(prefix="pyhpc-bench-"))
-    os.chmod(work, 0o755)
-    rootfs = work / "rootfs"
-    subprocess.run(
-        ["unsquashfs", "-q", "-d", str(rootfs), str(DEMO_IMAGE)], check=True, capture_output=True
-    )
-    # The mount points ch-run expects in an image (pyhpc and podman make their own).
-    os.chmod(rootfs, 0o755)
-    for d in ("dev", "proc", "sys", "tmp", "home", "mnt", "run", "var/tmp"):
-        (rootfs / d).mkdir(parents=True, exist_ok=True)
-    for f in ("etc/hosts", "etc/resolv.conf", "etc/group"):
-        (rootfs / f).touch()
-    subprocess.run(
-        ["mksquashfs", str(rootfs), str(IMAGE), "-noappend", "-quiet", "-comp", "gzip"],
-        check=True,
-        capture_output=True,
-    )
-    os.chmod(IMAGE, 0o644)
+    rootfs = ch_run_image(work, IMAGE)
     rows: list[tuple[str, float | None, float | None, str]] = []
     try:
         for name, run in candidates(rootfs, args.runs):

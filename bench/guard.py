@@ -31,6 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.entry_latency import ch_run_image  # noqa: E402
+
 DEMO_IMAGE = Path("/var/lib/pyhpc/images/busybox.sqsh")
 IMAGE = Path("/var/lib/pyhpc/images/guard-busybox.sqsh")  # the demo image with ch-run's dirs
 LIMITS = {
@@ -174,21 +176,7 @@ def main() -> int:
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "nomad_driver")],
                    check=True, capture_output=True)  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="pyhpc-guard-"))
-    os.chmod(work, 0o755)
-    rootfs = work / "rootfs"
-    subprocess.run(
-        ["unsquashfs", "-q", "-d", str(rootfs), str(DEMO_IMAGE)], check=True, capture_output=True
-    )
-    os.chmod(rootfs, 0o755)
-    for d in ("dev", "proc", "sys", "tmp", "home", "mnt", "run", "var/tmp"):
-        (rootfs / d).mkdir(parents=True, exist_ok=True)  # what ch-run expects in an image
-    for f in ("etc/hosts", "etc/resolv.conf", "etc/group"):
-        (rootfs / f).touch()
-    subprocess.run(
-        ["mksquashfs", str(rootfs), str(IMAGE), "-noappend", "-quiet", "-comp", "gzip"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    os.chmod(IMAGE, 0o644)
+    rootfs = ch_run_image(work, IMAGE)
     measured: dict[str, tuple[float, float]] = {}  # measure -> (pyhpc, anchor)
     notes: list[str] = []
     try:

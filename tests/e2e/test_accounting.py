@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from test_foundation import IMAGE, json_str, running_alloc
+from test_foundation import job, running_alloc
 
 from tests.runtime.test_cgroup_tree import host_cgroups
 
@@ -18,31 +18,7 @@ V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "freezer", "cpuset")
 
 
 def spec(name: str, script: str, *, cpu: int = 100, memory: int = 64, cores: int = 0) -> str:
-    amount = f"cores = {cores}" if cores else f"cpu = {cpu}"
-    return f"""
-job "{name}" {{
-  datacenters = ["*"]
-  type        = "service"
-  group "g" {{
-    restart {{
-      attempts = 0
-      mode     = "fail"
-    }}
-    task "t" {{
-      driver = "pyhpc"
-      config {{
-        image   = "{IMAGE}"
-        command = "/bin/sh"
-        args    = ["-c", {json_str(script)}]
-      }}
-      resources {{
-        {amount}
-        memory = {memory}
-      }}
-    }}
-  }}
-}}
-"""
+    return job(name, script, type_="service", cpu=cpu, memory=memory, cores=cores)
 
 
 def host_pid_of(argument: str, timeout: float = 30) -> int:

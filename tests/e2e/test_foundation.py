@@ -45,26 +45,35 @@ def job(
     task_extra: str = "",
     config_extra: str = "",
     command: str | None = "/bin/sh",
+    image: str = IMAGE,
+    job_extra: str = "",
+    cpu: int = 100,
+    memory: int = 64,
+    cores: int = 0,
 ) -> str:
+    """A one-task job (group and task "g" and "t") that is never retried, running SCRIPT
+    with /bin/sh in IMAGE; cores > 0 reserves whole cores instead of cpu MHz."""
     command_line = f'command = "{command}"' if command else ""
+    amount = f"cores = {cores}" if cores else f"cpu    = {cpu}"
     return f"""
 job "{name}" {{
   datacenters = ["*"]
   type        = "{type_}"
+{job_extra}
   group "g" {{
 {NO_RETRY}
     task "t" {{
       driver = "pyhpc"
 {task_extra}
       config {{
-        image = "{IMAGE}"
+        image = "{image}"
         {command_line}
         args  = ["-c", {json_str(script)}]
 {config_extra}
       }}
       resources {{
-        cpu    = 100
-        memory = 64
+        {amount}
+        memory = {memory}
       }}
     }}
   }}

@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 from securebed import NAMESPACE, REGIONS, SIGNED_DIR, SIGNING_KEY, SecureBed
-from test_foundation import IMAGE, json_str
+from test_foundation import IMAGE
+from test_foundation import job as foundation_job
 from test_mpi import mpi_image  # noqa: F401 - the fixture that builds the MPI image
 from test_mpi_multi import SPEC as MPI_SPEC
 from test_mpi_multi import ranks
@@ -31,32 +32,9 @@ BOTH = [a for r in REGIONS for a in ("--region", r)]
 
 
 def job(name: str, script: str, *, kind: str = "batch", image: str = IMAGE, extra: str = "") -> str:
-    return f"""
-job "{name}" {{
-  datacenters = ["*"]
-  namespace   = "{NAMESPACE}"
-  type        = "{kind}"
-{extra}
-  group "g" {{
-    restart {{
-      attempts = 0
-      mode     = "fail"
-    }}
-    task "t" {{
-      driver = "pyhpc"
-      config {{
-        image   = "{image}"
-        command = "/bin/sh"
-        args    = ["-c", {json_str(script)}]
-      }}
-      resources {{
-        cpu    = 100
-        memory = 64
-      }}
-    }}
-  }}
-}}
-"""
+    return foundation_job(
+        name, script, type_=kind, image=image, job_extra=f'  namespace = "{NAMESPACE}"\n{extra}'
+    )
 
 
 PARAMETERIZED = job(

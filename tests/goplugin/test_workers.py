@@ -9,28 +9,20 @@ import time
 import pytest
 
 from nomad_driver.goplugin.workers import ElasticExecutor
-
-
-def wait_for(check: object, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
-            return True
-        time.sleep(0.01)
-    return False
+from tests.waiting import eventually
 
 
 def test_a_burst_gets_a_thread_per_call_and_the_threads_leave_when_idle() -> None:
     pool = ElasticExecutor(64, idle_s=0.2, name="t")
     release = threading.Event()
     calls = [pool.submit(release.wait, 5) for _ in range(40)]
-    assert wait_for(lambda: pool.threads() == 40)  # all 40 at once: none waits for another
+    assert eventually(lambda: pool.threads() == 40)  # all 40 at once: none waits for another
     assert not any(c.done() for c in calls)
     release.set()
     assert [c.result(5) for c in calls] == [True] * 40
     before = threading.active_count()
-    assert wait_for(lambda: pool.threads() == 0)  # the control above: they did exist
-    assert wait_for(lambda: threading.active_count() <= before - 40)
+    assert eventually(lambda: pool.threads() == 0)  # the control above: they did exist
+    assert eventually(lambda: threading.active_count() <= before - 40)
 
 
 def test_results_errors_and_work_beyond_the_bound_all_come_back() -> None:
@@ -38,7 +30,7 @@ def test_results_errors_and_work_beyond_the_bound_all_come_back() -> None:
     gate = threading.Event()
     busy = [pool.submit(gate.wait, 5) for _ in range(3)]
     queued = [pool.submit(lambda i=i: i * i) for i in range(20)]  # the bound is reached
-    assert wait_for(lambda: pool.threads() == 3)
+    assert eventually(lambda: pool.threads() == 3)
     time.sleep(0.05)
     assert not any(q.done() for q in queued) and pool.threads() == 3
     gate.set()

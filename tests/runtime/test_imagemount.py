@@ -14,6 +14,7 @@ from nomad_driver.runtime import client
 from nomad_driver.runtime.imagefile import ImageFile
 from nomad_driver.runtime.imagemount import SharedImages
 from tests.runtime.test_supervisor import loop_devices_of, make_spec
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="containers need root here")
 
@@ -29,15 +30,6 @@ def mounts_under(directory: Path) -> list[str]:
 def start_sleeper(tmp: Path, image: Path, name: str, images: Path) -> client.Started:
     spec = make_spec(tmp, image, "/bin/sh", "-c", "sleep 60")._replace(images_dir=str(images))
     return client.start(spec, str(tmp / name))
-
-
-def eventually(check: object, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_tasks_of_one_image_share_one_mount_released_after_the_last(
