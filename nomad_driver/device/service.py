@@ -19,7 +19,7 @@ from google.protobuf import timestamp_pb2, wrappers_pb2
 from nomad_driver import __version__
 from nomad_driver.device import cdi, nvml
 from nomad_driver.proto import base_pb2, device_pb2, structs_pb2
-from nomad_driver.util.durations import duration, parse_duration
+from nomad_driver.util.durations import duration, seconds
 from nomad_driver.wire import schema
 from nomad_driver.wire.schema import option
 
@@ -45,7 +45,7 @@ class DeviceConfig:
         "string",
         default="1m",
         doc="How often the GPUs are looked at again.",
-        check=duration("1m"),
+        check=duration("1m", positive=True),
     )
     cdi_spec_dirs: tuple[str, ...] = option(
         "list(string)",
@@ -207,7 +207,7 @@ class DeviceService:
     def Fingerprint(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         done = threading.Event()
         context.add_callback(done.set)
-        period = parse_duration(self.config.fingerprint_period) or 60.0
+        period = seconds(self.config.fingerprint_period)
         last: list[str] | None = None
         while not done.is_set() and not self.stop.is_set():
             gpus = self._look()

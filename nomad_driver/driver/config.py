@@ -179,7 +179,7 @@ class PluginConfig:
         "string",
         default="30s",
         doc='How often the driver re-checks its health, as a duration ("30s", "1m").',
-        check=duration("30s"),
+        check=duration("30s", positive=True),
     )
 
     image_dirs: tuple[str, ...] = option(
@@ -249,7 +249,7 @@ class PluginConfig:
         "string",
         default="30s",
         doc="How long a hook may take before the start fails.",
-        check=duration("30s"),
+        check=duration("30s", positive=True),
     )
     allow_devices: tuple[str, ...] = option(
         "list(string)",
@@ -418,7 +418,7 @@ class PluginConfig:
         "string",
         default="5m",
         doc="How long public keys fetched from Vault are used before asking again (when Vault is "
-        "unreachable, cached keys keep verifying).",
+        'unreachable, cached keys keep verifying); "0s" asks at every start.',
         check=duration("5m"),
     )
     vault_address: str = option(
@@ -558,7 +558,7 @@ class MpiConfig:
         default="5m",
         doc="How long the launcher waits for all workers, and a worker for the launcher, "
         "before failing with the count it saw.",
-        check=duration("5m"),
+        check=duration("5m", positive=True),
     )
     worker_task: str = option(
         "string",
@@ -622,7 +622,7 @@ class TaskConfig:
         "string",
         default="5m",
         doc="How long the first start on a node may wait for the image import.",
-        check=duration("5m"),
+        check=duration("5m", positive=True),
     )
     args: tuple[str, ...] = option(
         "list(string)", default=(), doc="Arguments passed to the command.", check=_no_nul

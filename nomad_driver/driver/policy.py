@@ -29,7 +29,7 @@ from nomad_driver.runtime.imagemount import images_dir
 from nomad_driver.runtime.paths import parse_bind
 from nomad_driver.runtime.security import PolicyError
 from nomad_driver.runtime.spec import BindMount, ContainerSpec
-from nomad_driver.util.durations import parse_duration
+from nomad_driver.util.durations import seconds
 
 if TYPE_CHECKING:
     from nomad_driver.images.credentials import Keychain
@@ -271,7 +271,7 @@ def mpi_env(mpi: MpiConfig | None, nomad_address: str) -> dict[str, str]:
         return {}
     env = {}
     if mpi.mode != "local":
-        timeout = parse_duration(mpi.barrier_timeout) or 300.0
+        timeout = seconds(mpi.barrier_timeout)
         env = {
             "PYHPC_MPI_IMPLEMENTATION": mpi.implementation,
             "PYHPC_MPI_RANKS_PER_NODE": str(mpi.ranks_per_node),
@@ -517,7 +517,7 @@ def container_spec(
         devices=tuple(devices),
         netns_path=ctx.netns_path,
         images_dir=images_dir(plugin.run_dir),
-        image_linger=parse_duration(plugin.image_mount_linger) or 0.0,
+        image_linger=seconds(plugin.image_mount_linger),
         userns=parse_id_range(plugin.root_id_range) if plugin.user_namespace else None,
         allowed_uids=ids.parse_ranges(plugin.allowed_uids),
         allowed_gids=ids.parse_ranges(plugin.allowed_gids),
@@ -526,7 +526,7 @@ def container_spec(
         return spec
     from nomad_driver.driver import hooks
 
-    timeout = parse_duration(plugin.hook_timeout) or 30.0
+    timeout = seconds(plugin.hook_timeout)
     return hooks.apply(
         spec, hooks.find(plugin.hooks_dir), resolved.reference or resolved.path, timeout
     )
@@ -648,6 +648,6 @@ def verifier(plugin: PluginConfig) -> Any:
         vault,
         tuple(plugin.signature_keys),
         cache_dir(plugin.run_dir),
-        ttl=parse_duration(plugin.signature_key_ttl) or 300.0,
+        ttl=seconds(plugin.signature_key_ttl),
         cosign_keys=tuple(plugin.cosign_keys),
     )

@@ -41,7 +41,7 @@ from nomad_driver.runtime.imagemount import SharedImages, images_dir
 from nomad_driver.runtime.spec import BindMount, ContainerSpec, ExitStatus
 from nomad_driver.runtime.stats import cpu_mhz
 from nomad_driver.util import heap
-from nomad_driver.util.durations import parse_duration
+from nomad_driver.util.durations import seconds
 from nomad_driver.wire import schema
 
 log = logging.getLogger("pyhpc.driver")
@@ -323,7 +323,7 @@ class DriverService:
     def _collect_images(self) -> None:
         """Start the periodic image GC when it is due (in its own thread: deleting gigabytes
         must not hold up the fingerprint stream); one at a time."""
-        interval = parse_duration(self.config.image_gc_interval) or 0.0
+        interval = seconds(self.config.image_gc_interval)
         if interval <= 0 or time.monotonic() < self.gc_due or not self.gc_running.acquire(False):
             return
         self.gc_due = time.monotonic() + interval
@@ -335,7 +335,7 @@ class DriverService:
             try:
                 if not os.path.isdir(plugin.store_dir):
                     return
-                min_age = parse_duration(plugin.image_gc_min_age) or 0.0
+                min_age = seconds(plugin.image_gc_min_age)
                 for digest in Store(plugin.store_dir).collect(min_age):
                     log.info(
                         "image GC deleted an unused image",
@@ -351,7 +351,7 @@ class DriverService:
     def Fingerprint(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         done = threading.Event()
         context.add_callback(done.set)
-        period = parse_duration(self.config.fingerprint_period) or 30.0
+        period = seconds(self.config.fingerprint_period)
         while not done.is_set() and not self.stop.is_set():
             yield self._fingerprint()
             # Image mounts and cgroups whose tasks' supervisors were killed: found here.
@@ -430,7 +430,7 @@ class DriverService:
             self.events.emit_for(task.id, task.alloc_id, task.name, f"Image: {message}")
 
         reader = policy.image_reader(self.config, task.user)
-        timeout = parse_duration(cfg.image_pull_timeout)
+        timeout = seconds(cfg.image_pull_timeout)
         datasets: list[policy.Dataset] = []
         try:
             image = policy.resolve_image(

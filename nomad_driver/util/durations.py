@@ -29,6 +29,22 @@ def parse_duration(text: Any) -> float | None:
     return total
 
 
-def duration(example: str) -> Callable[[Any], str | None]:
-    wanted = f'must be a duration like "{example}"'
-    return lambda v: None if parse_duration(v) is not None else wanted
+def duration(example: str, positive: bool = False) -> Callable[[Any], str | None]:
+    """The schema check of a duration option; positive: zero is refused too (a period, a
+    timeout), where it could only mean a busy loop or an instant failure."""
+    wanted = f'must be a duration like "{example}"' + (", above zero" if positive else "")
+
+    def check(value: Any) -> str | None:
+        found = parse_duration(value)
+        return None if found is not None and (found > 0 or not positive) else wanted
+
+    return check
+
+
+def seconds(text: Any) -> float:
+    """A duration option's value in seconds, once the schema has checked it: "0s" is 0, never
+    replaced by a default; ValueError for what no check would have let through."""
+    found = parse_duration(text)
+    if found is None:
+        raise ValueError(f"not a duration: {text!r}")
+    return found

@@ -71,6 +71,22 @@ def test_new_plugin_options_refuse_nonsense_naming_each() -> None:
         assert f"option {name!r}" in str(err.value), name
 
 
+def test_a_zero_duration_means_zero_where_it_means_anything_and_is_refused_elsewhere() -> None:
+    # "0s" once became the default (300 s) where it was read: it must reach the verifier.
+    no_cache = plugin(signature_key_ttl="0s", vault_address="http://127.0.0.1:8200")
+    assert policy.verifier(no_cache).ttl == 0.0
+    assert policy.verifier(plugin(vault_address="http://127.0.0.1:8200")).ttl == 300.0
+    for name in ("fingerprint_period", "hook_timeout"):
+        with pytest.raises(schema.ConfigError) as err:
+            plugin(**{name: "0s"})
+        assert f"option {name!r}" in str(err.value) and "above zero" in str(err.value)
+    for name in ("image_mount_linger", "image_gc_interval", "image_gc_min_age"):
+        assert getattr(plugin(**{name: "0"}), name) == "0"  # off / none: allowed
+    with pytest.raises(schema.ConfigError) as err:
+        schema.load(config.TaskConfig, {"image": "/i.sqsh", "image_pull_timeout": "0s"}, "task")
+    assert "option 'image_pull_timeout'" in str(err.value)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="root-owned profiles need root")
 def test_seccomp_reads_profiles_only_from_the_plugins_profile_dirs(tmp_path: Path) -> None:
     image = tmp_path / "img.sqsh"
@@ -189,7 +205,7 @@ def test_mpi_launcher_without_workers_and_bad_options_are_refused(tmp_path: Path
         mpi_task(image, implementation="openmpi", mode="leader", barrier_timeout="soon")
     assert err.value.problems == [
         'mpi block: option \'mode\' = \'leader\': must be "local", "launcher" or "worker"',
-        "mpi block: option 'barrier_timeout' = 'soon': must be a duration like \"5m\"",
+        "mpi block: option 'barrier_timeout' = 'soon': must be a duration like \"5m\", above zero",
     ]
     with pytest.raises(schema.ConfigError, match="option 'hostname' = '-x'"):
         schema.load(config.TaskConfig, {"image": "/i", "hostname": "-x"}, "t")
