@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 from collections.abc import Callable, Iterable
 
 LIMIT = 1 << 20
@@ -34,7 +35,15 @@ def run_as(uid: int, gid: int, groups: Iterable[int], work: Callable[[], bytes])
     if os.geteuid() == 0:
         children_in_own_pid_namespace()
     r, w = os.pipe()
-    pid = os.fork()
+    parent = os.getpid()
+    # No signal handler of this root process may run in the child (it would carry on as
+    # root, or as the user, outside work()): signals stay blocked there until it exits.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        pid = os.fork()
+    finally:
+        if os.getpid() == parent:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     if pid == 0:
         os.close(r)
         try:
