@@ -58,9 +58,13 @@ def _feed(requests: Iterator[Any], stdin: IO[bytes], tty: bool) -> None:
             pass
 
 
-def _out(channel: str, data: bytes = b"", close: bool = False) -> Any:
+def _out(
+    channel: str, data: bytes = b"", close: bool = False
+) -> driver_pb2.ExecTaskStreamingResponse:
     op = driver_pb2.ExecTaskStreamingIOOperation(data=data, close=close)
-    return driver_pb2.ExecTaskStreamingResponse(**{channel: op})
+    if channel == "stdout":
+        return driver_pb2.ExecTaskStreamingResponse(stdout=op)
+    return driver_pb2.ExecTaskStreamingResponse(stderr=op)
 
 
 def stream(

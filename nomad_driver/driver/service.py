@@ -100,7 +100,7 @@ def run_key(task_id: str, name: str) -> str:
     return f"{safe}-{digest}"
 
 
-def group_netns(task: Any, cfg: config.TaskConfig) -> str:
+def group_netns(task: driver_pb2.TaskConfig, cfg: config.TaskConfig) -> str:
     """The network namespace Nomad created for the group, if the group asked for one."""
     iso = task.network_isolation_spec
     if iso.mode != driver_pb2.NetworkIsolationSpec.GROUP or not iso.path:
@@ -112,7 +112,7 @@ def group_netns(task: Any, cfg: config.TaskConfig) -> str:
     return str(iso.path)
 
 
-def limits_of(resources: Any) -> Limits:
+def limits_of(resources: driver_pb2.Resources) -> Limits:
     """Nomad's allocation as cgroup limits: memory (soft), memory_max (hard), shares, cores."""
     mib = 1024 * 1024
     memory = resources.allocated_resources.memory
@@ -140,7 +140,7 @@ MEMORY_FIELDS = {  # Nomad's names for the memory figures, as handle.Usage keys 
 }
 
 
-def resource_usage(usage: Usage, mhz: float) -> Any:
+def resource_usage(usage: Usage, mhz: float) -> driver_pb2.TaskResourceUsage:
     """One TaskResourceUsage as Nomad's executor fills it: CPU in percent of one core over the
     interval, TotalTicks the MHz that share is worth, and measured_fields naming exactly what
     this node measured."""
@@ -254,7 +254,9 @@ class DriverService:
 
     # ---- BasePlugin -------------------------------------------------------------------------
 
-    def PluginInfo(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def PluginInfo(
+        self, request: base_pb2.PluginInfoRequest, context: grpc.ServicerContext
+    ) -> base_pb2.PluginInfoResponse:
         return base_pb2.PluginInfoResponse(
             type=base_pb2.DRIVER,
             plugin_api_versions=[API_VERSION],
@@ -262,10 +264,14 @@ class DriverService:
             name=config.PLUGIN_NAME,
         )
 
-    def ConfigSchema(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def ConfigSchema(
+        self, request: base_pb2.ConfigSchemaRequest, context: grpc.ServicerContext
+    ) -> base_pb2.ConfigSchemaResponse:
         return base_pb2.ConfigSchemaResponse(spec=schema.hclspec(config.PluginConfig))
 
-    def SetConfig(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def SetConfig(
+        self, request: base_pb2.SetConfigRequest, context: grpc.ServicerContext
+    ) -> base_pb2.SetConfigResponse:
         try:
             loaded = schema.load(
                 config.PluginConfig, request.msgpack_config, 'plugin "pyhpc" config'
@@ -282,10 +288,14 @@ class DriverService:
 
     # ---- Driver: node-level -----------------------------------------------------------------
 
-    def TaskConfigSchema(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def TaskConfigSchema(
+        self, request: driver_pb2.TaskConfigSchemaRequest, context: grpc.ServicerContext
+    ) -> driver_pb2.TaskConfigSchemaResponse:
         return driver_pb2.TaskConfigSchemaResponse(spec=schema.hclspec(config.TaskConfig))
 
-    def Capabilities(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def Capabilities(
+        self, request: driver_pb2.CapabilitiesRequest, context: grpc.ServicerContext
+    ) -> driver_pb2.CapabilitiesResponse:
         caps = driver_pb2.DriverCapabilities(
             send_signals=True,
             exec=True,
@@ -298,7 +308,7 @@ class DriverService:
         )
         return driver_pb2.CapabilitiesResponse(capabilities=caps)
 
-    def _fingerprint(self) -> Any:
+    def _fingerprint(self) -> driver_pb2.FingerprintResponse:
         problems = health_problems()
         attrs = {
             "driver.pyhpc": structs_pb2.Attribute(bool_val=True),
@@ -348,7 +358,9 @@ class DriverService:
 
         threading.Thread(target=collect, name="image gc", daemon=True).start()
 
-    def Fingerprint(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+    def Fingerprint(
+        self, request: driver_pb2.FingerprintRequest, context: grpc.ServicerContext
+    ) -> Iterator[driver_pb2.FingerprintResponse]:
         done = threading.Event()
         context.add_callback(done.set)
         period = seconds(self.config.fingerprint_period)
@@ -364,7 +376,9 @@ class DriverService:
             heap.trim()  # what a burst of tasks' calls left free in the C heap goes back
             done.wait(period)
 
-    def TaskEvents(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+    def TaskEvents(
+        self, request: driver_pb2.TaskEventsRequest, context: grpc.ServicerContext
+    ) -> Iterator[driver_pb2.DriverTaskEvent]:
         q = self.events.subscribe()
         done = threading.Event()
         context.add_callback(done.set)
@@ -392,7 +406,7 @@ class DriverService:
         return self.verifier
 
     def _container_spec(
-        self, task: Any, cfg: config.TaskConfig, image: policy.ResolvedImage
+        self, task: driver_pb2.TaskConfig, cfg: config.TaskConfig, image: policy.ResolvedImage
     ) -> ContainerSpec:
         task_dir = os.path.join(task.alloc_dir, task.name)
         mounts = [
@@ -417,7 +431,9 @@ class DriverService:
         )
         return policy.container_spec(self.config, cfg, image, ctx)
 
-    def StartTask(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def StartTask(
+        self, request: driver_pb2.StartTaskRequest, context: grpc.ServicerContext
+    ) -> driver_pb2.StartTaskResponse:
         cgroups.prewarm()  # the task's attach then need not wait out a grace period of its own
         task = request.task
         where = f'task "{task.name}" config'
@@ -481,7 +497,7 @@ class DriverService:
 
     def _start(
         self,
-        task: Any,
+        task: driver_pb2.TaskConfig,
         cfg: config.TaskConfig,
         image: policy.ResolvedImage,
         datasets: list[policy.Dataset],
@@ -540,7 +556,7 @@ class DriverService:
 
     def _provenance(
         self,
-        task: Any,
+        task: driver_pb2.TaskConfig,
         cfg: config.TaskConfig,
         spec: ContainerSpec,
         image: policy.ResolvedImage,
@@ -593,7 +609,9 @@ class DriverService:
         except OSError:
             return ""
 
-    def RecoverTask(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def RecoverTask(
+        self, request: driver_pb2.RecoverTaskRequest, context: grpc.ServicerContext
+    ) -> driver_pb2.RecoverTaskResponse:
         task = request.handle.config
         task_id = task.id or request.task_id
         with self.lock:
@@ -642,7 +660,9 @@ class DriverService:
             except (OSError, KeyError, TypeError) as err:
                 log.warning("provenance record not completed", extra={"kv": {"error": str(err)}})
 
-    def WaitTask(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def WaitTask(
+        self, request: driver_pb2.WaitTaskRequest, context: grpc.ServicerContext
+    ) -> driver_pb2.WaitTaskResponse:
         handle = self._handle(request.task_id, context)
         while context.is_active():
             result = handle.wait(1.0)
@@ -650,7 +670,9 @@ class DriverService:
                 return driver_pb2.WaitTaskResponse(result=exit_result(result), err=result.err)
         abort(context, grpc.StatusCode.CANCELLED, "wait cancelled")
 
-    def StopTask(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def StopTask(
+        self, request: driver_pb2.StopTaskRequest, context: grpc.ServicerContext
+    ) -> driver_pb2.StopTaskResponse:
         with self.lock:
             handle = self.tasks.get(request.task_id)
         if handle is None or handle.exited.is_set():
@@ -682,7 +704,9 @@ class DriverService:
             pass  # the supervisor is gone: the task has exited
         handle.wait(STOP_GRACE_AFTER_KILL)
 
-    def DestroyTask(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def DestroyTask(
+        self, request: driver_pb2.DestroyTaskRequest, context: grpc.ServicerContext
+    ) -> driver_pb2.DestroyTaskResponse:
         with self.lock:
             handle = self.tasks.get(request.task_id)
         if handle is None:
@@ -700,7 +724,9 @@ class DriverService:
         client.remove(handle.run_dir)
         return driver_pb2.DestroyTaskResponse()
 
-    def InspectTask(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def InspectTask(
+        self, request: driver_pb2.InspectTaskRequest, context: grpc.ServicerContext
+    ) -> driver_pb2.InspectTaskResponse:
         handle = self._handle(request.task_id, context)
         result = handle.result if handle.exited.is_set() else None
         status = driver_pb2.TaskStatus(
@@ -714,7 +740,9 @@ class DriverService:
         driver = driver_pb2.TaskDriverStatus(attributes={"run_dir": handle.run_dir})
         return driver_pb2.InspectTaskResponse(task=status, driver=driver)
 
-    def TaskStats(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+    def TaskStats(
+        self, request: driver_pb2.TaskStatsRequest, context: grpc.ServicerContext
+    ) -> Iterator[driver_pb2.TaskStatsResponse]:
         with self.lock:
             handle = self.tasks.get(request.task_id)
         if handle is None:
@@ -726,7 +754,7 @@ class DriverService:
             yield driver_pb2.TaskStatsResponse(stats=self._task_stats(handle))
             handle.exited.wait(interval)
 
-    def _task_stats(self, handle: TaskHandle) -> Any:
+    def _task_stats(self, handle: TaskHandle) -> driver_pb2.TaskStats:
         sample = handle.usage()
         return driver_pb2.TaskStats(
             id=handle.task_id,
@@ -737,7 +765,9 @@ class DriverService:
             },
         )
 
-    def SignalTask(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def SignalTask(
+        self, request: driver_pb2.SignalTaskRequest, context: grpc.ServicerContext
+    ) -> driver_pb2.SignalTaskResponse:
         handle = self._handle(request.task_id, context)
         try:
             signum = parse_signal(request.signal)
@@ -764,7 +794,9 @@ class DriverService:
         except ContainerError as err:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
 
-    def ExecTask(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def ExecTask(
+        self, request: driver_pb2.ExecTaskRequest, context: grpc.ServicerContext
+    ) -> driver_pb2.ExecTaskResponse:
         argv = self._exec_argv(request.task_id, list(request.command), context)
         timeout = None
         if request.HasField("timeout") and request.timeout.ToTimedelta().total_seconds() > 0:
@@ -791,8 +823,10 @@ class DriverService:
         return driver_pb2.ExecTaskResponse(stdout=done.stdout, stderr=done.stderr, result=result)
 
     def ExecTaskStreaming(
-        self, request_iterator: Iterator[Any], context: grpc.ServicerContext
-    ) -> Iterator[Any]:
+        self,
+        request_iterator: Iterator[driver_pb2.ExecTaskStreamingRequest],
+        context: grpc.ServicerContext,
+    ) -> Iterator[driver_pb2.ExecTaskStreamingResponse]:
         first = next(request_iterator, None)
         if first is None or not first.HasField("setup"):
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, "the first message must be setup")
@@ -800,8 +834,12 @@ class DriverService:
         argv = self._exec_argv(setup.task_id, list(setup.command), context)
         yield from execio.stream(argv, client.helper_env(), setup.tty, request_iterator, context)
 
-    def CreateNetwork(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def CreateNetwork(
+        self, request: driver_pb2.CreateNetworkRequest, context: grpc.ServicerContext
+    ) -> driver_pb2.CreateNetworkResponse:
         abort(context, grpc.StatusCode.UNIMPLEMENTED, "pyhpc does not create networks")
 
-    def DestroyNetwork(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def DestroyNetwork(
+        self, request: driver_pb2.DestroyNetworkRequest, context: grpc.ServicerContext
+    ) -> driver_pb2.DestroyNetworkResponse:
         abort(context, grpc.StatusCode.UNIMPLEMENTED, "pyhpc does not create networks")

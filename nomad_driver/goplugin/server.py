@@ -154,7 +154,8 @@ def serve(
     sock_dir = tempfile.mkdtemp(prefix=f"{SOCKET_DIR_PREFIX}{os.getpid()}-")
     sock_path = os.path.join(sock_dir, "plugin.sock")
     server = grpc.server(
-        ElasticExecutor(MAX_WORKERS, name="rpc"),
+        # grpc takes any futures.Executor; its stubs name ThreadPoolExecutor.
+        ElasticExecutor(MAX_WORKERS, name="rpc"),  # type: ignore[arg-type]
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE),

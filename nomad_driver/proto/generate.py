@@ -17,7 +17,8 @@ PROTOS = sorted(p.name for p in PROTO_DIR.glob("*.proto"))
 
 
 def generate(out_dir: Path) -> list[Path]:
-    """Compile every .proto into out_dir (mirroring nomad_driver/proto/) and return the files."""
+    """Compile every .proto into out_dir (mirroring nomad_driver/proto/): the modules, their
+    gRPC services and the messages' type stubs (.pyi); returns the files."""
     from grpc_tools import protoc
 
     include = str(resources.files("grpc_tools") / "_proto")
@@ -28,11 +29,12 @@ def generate(out_dir: Path) -> list[Path]:
         f"-I{include}",
         f"--python_out={out_dir}",
         f"--grpc_python_out={out_dir}",
+        f"--pyi_out={out_dir}",  # typed messages for mypy
         *(f"nomad_driver/proto/{name}" for name in PROTOS),
     ]
     if protoc.main(args) != 0:
         raise RuntimeError("protoc failed: " + " ".join(args))
-    return sorted((out_dir / "nomad_driver" / "proto").glob("*_pb2*.py"))
+    return sorted((out_dir / "nomad_driver" / "proto").glob("*_pb2*.py*"))
 
 
 def main() -> int:
