@@ -15,6 +15,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from nomad_driver.util.errors import PyhpcError
+
 DEFAULT_STORE = "/var/lib/pyhpc/store"
 DIGEST_FORMS = (
     "a reference, a sha256 digest, or a unique start of one as `pyhpc image ls` prints it"
@@ -141,7 +143,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     prune.add_argument("--all", action="store_true", help="delete every image no task uses")
 
 
-class Refused(Exception):
+class Refused(PyhpcError):
     """A one-line answer to the user; nothing was changed."""
 
 

@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 from nomad_driver.cli.signals import FORWARDED
+from nomad_driver.util.errors import PyhpcError
 
 DEFAULT_CONFIG = "/etc/pyhpc/pyhpc.hcl"
 
@@ -263,15 +264,12 @@ def _default_user(args: argparse.Namespace, who: Caller) -> str:
     return ""
 
 
-class _Refused(Exception):
+class _Refused(PyhpcError):
     """What `pyhpc run` refuses, in one line (exit 125)."""
 
 
 def run(args: argparse.Namespace) -> int:
     from nomad_driver.driver import policy
-    from nomad_driver.images.errors import StoreError
-    from nomad_driver.runtime import security
-    from nomad_driver.wire import schema
 
     if os.geteuid() != 0:
         return _fail("needs root for loop mounts and namespaces; run it with sudo")
@@ -306,9 +304,7 @@ def run(args: argparse.Namespace) -> int:
         record: dict[str, Any] = {}
         if args.provenance:
             record = _record(args, who, plugin, spec, image, datasets, signatures)
-    except _Refused as err:
-        return _fail(str(err))
-    except (schema.ConfigError, security.PolicyError, StoreError, ValueError) as err:
+    except (PyhpcError, ValueError) as err:  # a refusal, a bad option, an image not to be had
         return _fail(str(err))
     except OSError as err:
         return _fail(f"{err.filename}: {err.strerror}" if err.filename else str(err))

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nomad_driver.device import nvml
+from nomad_driver.util.errors import InvalidArgument
 
 KIND = "nvidia.com/gpu"
 DEFAULT_DIRS = ("/etc/cdi", "/var/run/cdi")
@@ -77,7 +78,7 @@ class Injection:
     sources: tuple[str, ...] = ()
 
 
-class SpecError(ValueError):
+class SpecError(InvalidArgument, ValueError):
     """Why a spec, or one device entry of it, is not used."""
 
 

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
+from nomad_driver.util.errors import PyhpcError
+
 CONTROL_NODES = (
     "/dev/nvidiactl",
     "/dev/nvidia-uvm",
@@ -72,7 +74,7 @@ class Gpu(NamedTuple):
     mig: Mig | None = None
 
 
-class Unavailable(Exception):
+class Unavailable(PyhpcError):
     """A reserved device exists but the host cannot give it now (its MIG capability unreadable
     or its device node missing): what is missing is named."""
 

@@ -14,6 +14,7 @@ import hcl2
 from hcl2.rules.base import AttributeRule, BlockRule
 from hcl2.utils import SerializationOptions, process_escape_sequences
 
+from nomad_driver.util.errors import InvalidArgument
 from nomad_driver.wire.cty import UNKNOWN
 
 # Strings keep their quotes, so a literal "a" and an expression a can be told apart.
@@ -61,7 +62,7 @@ class Node:
         return next((n for n in self.body or () if n.body is None and n.name == name), None)
 
 
-class SyntaxProblem(ValueError):
+class SyntaxProblem(InvalidArgument, ValueError):
     """The text is not HCL: where, and what was found there, in one line."""
 
     def __init__(self, line: int, column: int, message: str) -> None:

@@ -11,6 +11,8 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from nomad_driver.util.errors import InvalidArgument
+
 # "stdin:7,9-14: Attribute redefined; ..." (an HCL diagnostic), or "<nil>: Unset variable ...".
 _DIAGNOSTIC = re.compile(
     r"^(?P<file>\S.*?):(?P<line>\d+),(?P<column>\d+)(?:-\d+(?:,\d+)?)?: (?P<m>.+)"
@@ -20,7 +22,7 @@ _UNPLACED = re.compile(r"^<nil>: (?P<m>.+)")
 _STDIN = re.compile(r"\bstdin:(\d+),\d+(?:-\d+(?:,\d+)?)?")
 
 
-class NomadRefused(Exception):
+class NomadRefused(InvalidArgument):
     """Nomad would not parse the jobspec: its first diagnostic, in one line. file is "" for the
     jobspec itself, else the -var-file the diagnostic is in; line 0 when Nomad names none."""
 

@@ -32,7 +32,6 @@ from nomad_driver.driver import config, execio, policy, provenance
 from nomad_driver.driver.handle import TaskHandle, Usage
 from nomad_driver.driver.state import DriverState, StateError
 from nomad_driver.goplugin import hclog
-from nomad_driver.images.store import StoreError
 from nomad_driver.proto import base_pb2, driver_pb2, structs_pb2
 from nomad_driver.runtime import cgroups, client, enter, security
 from nomad_driver.runtime.cgroups import Limits
@@ -42,6 +41,7 @@ from nomad_driver.runtime.spec import BindMount, ContainerSpec, ExitStatus
 from nomad_driver.runtime.stats import cpu_mhz
 from nomad_driver.util import heap
 from nomad_driver.util.durations import seconds
+from nomad_driver.util.errors import PyhpcError
 from nomad_driver.wire import schema
 
 log = logging.getLogger("pyhpc.driver")
@@ -64,6 +64,26 @@ def abort(
     status = status_pb2.Status(code=code.value[0], message=message, details=[detail])
     context.abort_with_status(rpc_status.to_status(status))
     raise AssertionError("unreachable")  # abort_with_status raises
+
+
+def status_of(err: BaseException) -> tuple[grpc.StatusCode, bool | None]:
+    """The one table of how an error reaches Nomad: its gRPC status, and whether the restart
+    policy may retry (None: nothing claimed). pyhpc's own errors say it themselves."""
+    if isinstance(err, PyhpcError):
+        return grpc.StatusCode[err.grpc_status], err.recoverable or None
+    if isinstance(err, TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, True
+    if isinstance(err, FileNotFoundError):
+        return grpc.StatusCode.FAILED_PRECONDITION, None
+    if isinstance(err, OSError):  # the node's trouble (a full disk, a busy device): try again
+        return grpc.StatusCode.FAILED_PRECONDITION, True
+    return grpc.StatusCode.FAILED_PRECONDITION, None  # ValueError: what a source said was wrong
+
+
+def fail(context: grpc.ServicerContext, err: BaseException, message: str) -> NoReturn:
+    """End the RPC with err, as status_of says, and message."""
+    code, recoverable = status_of(err)
+    abort(context, code, message, recoverable)
 
 
 def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
@@ -277,7 +297,7 @@ class DriverService:
                 config.PluginConfig, request.msgpack_config, 'plugin "pyhpc" config'
             )
         except schema.ConfigError as err:
-            abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            fail(context, err, str(err))
         self.config = loaded
         self.verifier = None
         self.serving_agent = request.HasField("nomad_config")
@@ -440,7 +460,7 @@ class DriverService:
         try:
             cfg = schema.load(config.TaskConfig, task.msgpack_driver_config, where)
         except schema.ConfigError as err:
-            abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            fail(context, err, str(err))
 
         def progress(message: str) -> None:
             self.events.emit_for(task.id, task.alloc_id, task.name, f"Image: {message}")
@@ -458,18 +478,10 @@ class DriverService:
                 if image.file is not None:
                     image.file.close()
                 raise
-        except security.PolicyError as err:
-            abort(context, grpc.StatusCode.PERMISSION_DENIED, f"{where}: {err}")
         except FileNotFoundError as err:
-            abort(
-                context,
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"{where}: {err} on node {task.node_name!r}",
-            )
-        except TimeoutError as err:
-            abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, f"{where}: {err}", recoverable=True)
-        except (StoreError, ValueError) as err:
-            abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"{where}: {err}")
+            fail(context, err, f"{where}: {err} on node {task.node_name!r}")
+        except (PyhpcError, TimeoutError, ValueError) as err:
+            fail(context, err, f"{where}: {err}")
         try:
             started, adopted = self._start(task, cfg, image, datasets, where, progress, context)
         finally:
@@ -510,8 +522,8 @@ class DriverService:
         signatures: list[dict[str, Any]] = []
         try:
             said = policy.check_signatures(self.config, self._verifier, image, datasets, signatures)
-        except policy.SignatureRefused as err:
-            abort(context, grpc.StatusCode.PERMISSION_DENIED, f"{where}: {err}")
+        except PyhpcError as err:  # refused, or Vault unreachable (then Nomad may retry)
+            fail(context, err, f"{where}: {err}")
         for checked in said:
             progress(checked if "WARNING" in checked else f"{checked}; pyhpc {__version__}")
         with self.lock:
@@ -522,7 +534,7 @@ class DriverService:
         try:
             spec = self._container_spec(task, cfg, image)
         except security.PolicyError as err:
-            abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"{where}: {err}")
+            fail(context, err, f"{where}: {err}")
         run_dir = os.path.join(self.config.run_dir, "tasks", run_key(task.id, task.name))
         os.makedirs(os.path.dirname(run_dir), mode=0o700, exist_ok=True)
         adopted = None
@@ -543,13 +555,7 @@ class DriverService:
             client.remove(run_dir)
             # Recoverable errors let Nomad apply the job's restart policy; a bad image or
             # command would only fail again.
-            retry = isinstance(err, OSError) or err.recoverable
-            abort(
-                context,
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"{where}: {err}",
-                recoverable=True if retry else None,
-            )
+            fail(context, err, f"{where}: {err}")
         if adopted is None:
             self._provenance(task, cfg, spec, image, datasets, signatures, run_dir, progress)
         return started, adopted
@@ -620,7 +626,7 @@ class DriverService:
         try:
             state = DriverState.decode(request.handle.driver_state)
         except StateError as err:
-            abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"cannot recover {task_id!r}: {err}")
+            fail(context, err, f"cannot recover {task_id!r}: {err}")
         if not os.path.isdir(state.run_dir):
             abort(
                 context,

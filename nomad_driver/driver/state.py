@@ -6,10 +6,12 @@ from dataclasses import asdict, dataclass
 
 import msgpack
 
+from nomad_driver.util.errors import InvalidArgument
+
 FORMAT = "pyhpc/1"
 
 
-class StateError(ValueError):
+class StateError(InvalidArgument, ValueError):
     """driver_state bytes that this plugin cannot use."""
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 from urllib.parse import quote
 
+from nomad_driver.util.errors import PyhpcError
+
 DEFAULT_ADDRESS = "http://127.0.0.1:4646"
 # What a Nomad agent answers (HTTP 500) when it cannot reach another region's servers.
 TRANSPORT = (
@@ -28,7 +30,7 @@ TRANSPORT = (
 )
 
 
-class NomadError(RuntimeError):
+class NomadError(PyhpcError, RuntimeError):
     """A call Nomad refused or could not answer. status: the HTTP status (0: no answer);
     unreachable: the region (or the agent itself) could not be reached, so another region may
     still serve."""

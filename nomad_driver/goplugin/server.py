@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from nomad_driver.goplugin.workers import ElasticExecutor
 from nomad_driver.proto import goplugin_pb2, goplugin_pb2_grpc
+from nomad_driver.util.errors import PyhpcError
 
 log = logging.getLogger("pyhpc.goplugin")
 
@@ -48,7 +49,7 @@ NOMAD_HANDSHAKE = Handshake(
 )
 
 
-class HandshakeError(Exception):
+class HandshakeError(PyhpcError):
     """The process was not started by a go-plugin host that speaks our protocol."""
 
 

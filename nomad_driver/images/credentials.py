@@ -30,6 +30,8 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from nomad_driver.util.errors import Refused
+
 # Docker keeps Docker Hub's logins under this key, whatever host a reference names.
 DOCKER_HUB_KEYS = ("docker.io", "index.docker.io", "registry-1.docker.io")
 DOCKER_HUB_SERVER = "https://index.docker.io/v1/"
@@ -38,7 +40,7 @@ HELPER_TIMEOUT = 30.0
 IDENTITY_TOKEN_USER = "<token>"  # what a helper returns as Username for an OAuth refresh token
 
 
-class CredentialError(RuntimeError):
+class CredentialError(Refused, RuntimeError):
     """A credential source failed (a helper that broke, an unreadable auth entry)."""
 
 

@@ -3,6 +3,8 @@ without loading the store."""
 
 from __future__ import annotations
 
+from nomad_driver.util.errors import PyhpcError
 
-class StoreError(RuntimeError):
+
+class StoreError(PyhpcError, RuntimeError):
     """An import or store operation failed; nothing half-written was left behind."""

@@ -28,12 +28,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO
 
+from nomad_driver.util.errors import PyhpcError
+
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 ROOT = ""
 
 
-class LayerError(ValueError):
+class LayerError(PyhpcError, ValueError):
     """A layer is malformed or hostile; the message names the layer and the path."""
 
 

@@ -20,6 +20,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from nomad_driver.util.errors import InvalidArgument
+
 TRANSPORTS = ("docker", "oras", "oci", "oci-archive", "docker-archive", "dir", "file")
 LOCAL = ("oci", "oci-archive", "docker-archive", "dir")
 _REPO = re.compile(
@@ -32,7 +34,7 @@ _HOST = re.compile(
 )
 
 
-class ReferenceError(ValueError):
+class ReferenceError(InvalidArgument, ValueError):
     """The reference is malformed; the message says which part and what is accepted."""
 
 

@@ -39,6 +39,7 @@ from urllib3.response import BaseHTTPResponse
 from urllib3.util.retry import Retry
 
 from nomad_driver.images.credentials import CredentialError, Credentials, Keychain
+from nomad_driver.util.errors import PyhpcError
 
 MANIFEST_TYPES = (
     "application/vnd.oci.image.index.v1+json",
@@ -53,7 +54,7 @@ DEFAULT_PULL_TIMEOUT = 300.0  # as the task option image_pull_timeout's default,
 Progress = Callable[[int], None]
 
 
-class RegistryError(RuntimeError):
+class RegistryError(PyhpcError, RuntimeError):
     """The registry refused, or answered something we cannot use; the message says what."""
 
 

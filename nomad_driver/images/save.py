@@ -22,9 +22,10 @@ from nomad_driver.images.sources import DirTree, LocalAccess, SourceError
 from nomad_driver.runtime import linux
 from nomad_driver.runtime.container import attach_loop, fd_path, mount_image
 from nomad_driver.util.asuser import children_in_own_pid_namespace
+from nomad_driver.util.errors import PyhpcError
 
 
-class SaveError(RuntimeError):
+class SaveError(PyhpcError, RuntimeError):
     """The layer could not be saved; the message says why."""
 
 

@@ -27,6 +27,7 @@ from nomad_driver.images.merge import Layer
 from nomad_driver.images.reference import Reference
 from nomad_driver.images.registry import INDEX_TYPES, Registry, RegistryError, select_platform
 from nomad_driver.runtime import linux
+from nomad_driver.util.errors import PyhpcError
 
 SQUASHFS_ARTIFACT = "application/vnd.pyhpc.squashfs.v1"
 SQUASHFS_CONFIG = "application/vnd.pyhpc.image.config.v1+json"
@@ -35,7 +36,7 @@ ARTIFACT_TYPE = "application/vnd.pyhpc.squashfs.image.v1"
 Progress = Callable[[str], None]
 
 
-class SourceError(RuntimeError):
+class SourceError(PyhpcError, RuntimeError):
     """The source is missing, malformed or does not match its digests."""
 
 

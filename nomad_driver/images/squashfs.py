@@ -9,10 +9,12 @@ import threading
 from collections.abc import Callable
 from typing import IO
 
+from nomad_driver.util.errors import PyhpcError
+
 DEFAULT_LEVEL = 3
 
 
-class BuildError(RuntimeError):
+class BuildError(PyhpcError, RuntimeError):
     def __init__(self, message: str, written: int = 0) -> None:
         super().__init__(message)
         self.written = written  # the most of dest seen on disk (gone: the builder removes it)

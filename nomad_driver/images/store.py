@@ -48,6 +48,8 @@ LOOP_BACKING = "/sys/block/loop*/loop/backing_file"
 class StoreAccessError(StoreError):
     """This user may not write the store."""
 
+    grpc_status = "PERMISSION_DENIED"
+
 
 @dataclass(frozen=True)
 class StoredImage:

@@ -8,6 +8,8 @@ import stat
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
+from nomad_driver.util.errors import PyhpcError
+
 ROOT = "/sys/fs/cgroup"
 # Every v1 controller Nomad's own exec driver places a task in (devices only for host root).
 V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "freezer", "cpuset", "devices")
@@ -33,7 +35,7 @@ STANDARD_DEVICES = (
 NS_PER_TICK = 1e9 / os.sysconf("SC_CLK_TCK")
 
 
-class CgroupError(RuntimeError):
+class CgroupError(PyhpcError, RuntimeError):
     """A task's cgroup cannot be made as its security needs; the message says why."""
 
 

@@ -23,6 +23,7 @@ from nomad_driver.runtime.imagefile import ImageError, ImageFile, open_image
 from nomad_driver.runtime.imagemount import SharedImages
 from nomad_driver.runtime.spec import BindMount, ContainerSpec, ExitStatus
 from nomad_driver.runtime.supervisor import EXIT_FILE, SOCKET_FILE, SPEC_FILE, STARTED_FILE
+from nomad_driver.util.errors import PyhpcError
 
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 
@@ -50,7 +51,7 @@ def helper_path() -> str:
 PYTHON = [sys.executable, "-S"]
 
 
-class StartError(Exception):
+class StartError(PyhpcError):
     """The container did not start; the message says why, for the task's events.
     recoverable: a retry may succeed (the node was slow), unlike a bad image or command."""
 

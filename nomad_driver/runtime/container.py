@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 from nomad_driver.runtime import linux
 from nomad_driver.runtime.spec import BindMount, ContainerSpec
+from nomad_driver.util.errors import PyhpcError
 
 LOOP_CTL_GET_FREE = 0x4C82
 LOOP_CONFIGURE = 0x4C0A
@@ -25,7 +26,7 @@ LO_FLAGS_AUTOCLEAR = 4
 DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 
 
-class ContainerError(Exception):
+class ContainerError(PyhpcError):
     """A step failed; the message names the step and the path involved."""
 
 

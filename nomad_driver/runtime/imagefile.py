@@ -16,6 +16,7 @@ import struct
 from typing import NamedTuple
 
 from nomad_driver.runtime import linux
+from nomad_driver.util.errors import PyhpcError
 
 SQUASHFS_MAGIC = b"hsqs"
 SUPERBLOCK = 96
@@ -23,7 +24,7 @@ SUPERBLOCK = 96
 PAD = 4096
 
 
-class ImageError(Exception):
+class ImageError(PyhpcError):
     """The file cannot be used as an image; the message names it and the reason."""
 
 

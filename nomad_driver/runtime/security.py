@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from nomad_driver.runtime import linux
+from nomad_driver.util.errors import Refused
 
 CAPABILITIES = (
     "CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID KILL SETGID SETUID SETPCAP LINUX_IMMUTABLE "
@@ -85,7 +86,7 @@ OPERATORS = {
 }
 
 
-class PolicyError(ValueError):
+class PolicyError(Refused, ValueError):
     """A capability name or seccomp profile that cannot be used; the message says which."""
 
 

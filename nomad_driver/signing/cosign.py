@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from nomad_driver.images.registry import Registry, RegistryError
+from nomad_driver.util.errors import Refused
 
 SIGNATURE_LAYER = "application/vnd.dev.cosign.simplesigning.v1+json"
 SIGNATURE_ANNOTATION = "dev.cosignproject.cosign/signature"
@@ -34,7 +35,7 @@ MAX_PAYLOAD = 64 << 10
 Check = Callable[[bytes, bytes], bool]
 
 
-class CosignError(RuntimeError):
+class CosignError(Refused, RuntimeError):
     """No trusted cosign signature; the message says what was found instead."""
 
 

@@ -20,12 +20,14 @@ import stat
 from dataclasses import dataclass
 from typing import Any
 
+from nomad_driver.util.errors import Refused
+
 PAYLOAD_TYPE = "application/vnd.pyhpc.image-signature.v1+json"
 SUFFIX = ".dsse.json"
 MAX_BYTES = 1 << 20
 
 
-class EnvelopeError(ValueError):
+class EnvelopeError(Refused, ValueError):
     pass
 
 

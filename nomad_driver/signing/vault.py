@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from nomad_driver.util.errors import Unavailable
+
 ALGORITHMS = ("ed25519", "ecdsa-p256")
 SIGNER_POLICY = """# pyhpc: sign images with transit key {key}
 path "{mount}/sign/{key}" {{ capabilities = ["update"] }}
@@ -19,7 +21,7 @@ path "{mount}/keys/{key}" {{ capabilities = ["read"] }}
 """
 
 
-class VaultError(RuntimeError):
+class VaultError(Unavailable, RuntimeError):
     """Vault refused or could not be reached; the message says which and why."""
 
 

@@ -19,6 +19,7 @@ from nomad_driver.runtime.imagefile import ImageFile
 from nomad_driver.signing import envelope, mode_for  # noqa: F401 - mode_for: its old home
 from nomad_driver.signing.vault import PublicKey, Vault, VaultError
 from nomad_driver.util.digest import fd_digest, file_digest
+from nomad_driver.util.errors import Refused
 
 
 def cache_dir(run_dir: str) -> str:
@@ -26,7 +27,7 @@ def cache_dir(run_dir: str) -> str:
     return os.path.join(run_dir, "signing")
 
 
-class SignatureError(RuntimeError):
+class SignatureError(Refused, RuntimeError):
     """The image failed a check; the message names the check."""
 
 

@@ -14,6 +14,8 @@ from typing import Any, Final, TypeAlias, TypeVar
 
 import msgpack
 
+from nomad_driver.util.errors import InvalidArgument
+
 __all__ = ["UNKNOWN", "CtyDecodeError", "CtyEncodeError", "CtyType", "TypeExprError", "TypeJSON"]
 __all__ += ["decode", "encode", "parse_type"]
 
@@ -31,15 +33,15 @@ _NUMBER_TEXT: Final = re.compile(r"[+-]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d
 _TOKEN: Final = re.compile(r'(\s*)(?:([A-Za-z_][A-Za-z0-9_-]*)|("(?:[^"\\]|\\.)*")|(\S))')
 
 
-class TypeExprError(ValueError):
+class TypeExprError(InvalidArgument, ValueError):
     """An HCL type expression or a go-cty type JSON document is malformed."""
 
 
-class CtyDecodeError(ValueError):
+class CtyDecodeError(InvalidArgument, ValueError):
     """msgpack data does not match the declared cty type."""
 
 
-class CtyEncodeError(ValueError):
+class CtyEncodeError(InvalidArgument, ValueError):
     """A Python value cannot be written as the declared cty type."""
 
 

@@ -12,6 +12,7 @@ import json
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from nomad_driver.util.errors import InvalidArgument
 from nomad_driver.wire import cty
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ class OptionSpec:
     block: type[Any] | None = None  # a nested `name { ... }` block declared by this dataclass
 
 
-class ConfigError(ValueError):
+class ConfigError(InvalidArgument, ValueError):
     """Every problem found in one configuration, each naming its option."""
 
     def __init__(self, where: str, problems: list[str]) -> None:

@@ -63,3 +63,51 @@ def test_plain_error_has_no_detail(stub: tuple[Any, Failing]) -> None:
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert err.details() == "no luck"
     assert rpc_status.from_call(err) is None
+
+
+def every_error_class() -> list[type[BaseException]]:
+    import importlib
+    import pkgutil
+
+    import nomad_driver
+    from nomad_driver.util.errors import PyhpcError
+
+    for info in pkgutil.walk_packages(nomad_driver.__path__, "nomad_driver."):
+        if ".proto." not in info.name and not info.name.endswith("__main__"):
+            importlib.import_module(info.name)
+    found: list[type[BaseException]] = []
+    todo: list[type[BaseException]] = [PyhpcError]
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+def test_every_error_of_pyhpc_names_a_status_the_driver_can_send() -> None:
+    from nomad_driver.driver.service import status_of
+
+    classes = every_error_class()
+    assert len(classes) > 25, classes  # the package's errors, not an empty walk
+    for cls in classes:
+        assert cls.grpc_status in grpc.StatusCode.__members__, cls  # type: ignore[attr-defined]
+        code, _ = status_of(cls.__new__(cls))
+        assert code.name == cls.grpc_status, cls  # type: ignore[attr-defined]
+
+
+def test_the_table_gives_each_kind_its_status_and_retry() -> None:
+    from nomad_driver.driver.service import status_of
+    from nomad_driver.runtime.client import StartError
+    from nomad_driver.runtime.security import PolicyError
+    from nomad_driver.signing.vault import VaultError
+    from nomad_driver.wire.schema import ConfigError
+
+    S = grpc.StatusCode
+    assert status_of(PolicyError("no")) == (S.PERMISSION_DENIED, None)
+    assert status_of(ConfigError("task", ["bad"])) == (S.INVALID_ARGUMENT, None)
+    assert status_of(StartError("slow node", recoverable=True)) == (S.FAILED_PRECONDITION, True)
+    assert status_of(StartError("bad command")) == (S.FAILED_PRECONDITION, None)
+    assert status_of(VaultError("down")) == (S.UNAVAILABLE, True)
+    assert status_of(TimeoutError("pull")) == (S.DEADLINE_EXCEEDED, True)
+    assert status_of(FileNotFoundError("gone")) == (S.FAILED_PRECONDITION, None)
+    assert status_of(OSError(28, "full")) == (S.FAILED_PRECONDITION, True)
