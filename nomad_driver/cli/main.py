@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             return run.run(parser("run").parse_args(argv))
         except signals.Interrupted as stop:
             name = signal.Signals(stop.signum).name
-            print(f"pyhpc run: stopped by {name} before the container started", file=sys.stderr)
+            print(f"pyhpc run: stopped by {name}", file=sys.stderr)
             return 128 + stop.signum
     args = parser("").parse_args(argv)
     if args.command == "install-plugin":

@@ -22,7 +22,8 @@ import sys
 import time
 from typing import Any
 
-from nomad_driver.cli.signals import FORWARDED
+from nomad_driver.cli.signals import FORWARDED, stop_on_signals
+from nomad_driver.driver import choices
 from nomad_driver.util.errors import PyhpcError
 
 DEFAULT_CONFIG = "/etc/pyhpc/pyhpc.hcl"
@@ -55,8 +56,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     p.add_argument(
         "--writable",
-        choices=("tmpfs", "disk", "none"),
-        default="tmpfs",
+        choices=choices.WRITABLE,
+        default=choices.WRITABLE[0],
         help="writable layer over the image (default tmpfs; disk: in --layer-dir)",
     )
     p.add_argument("--layer-dir", metavar="DIR", help="where --writable disk keeps its layer")
@@ -84,7 +85,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="when the command ends, save the container (the image and what the command "
         "changed) as a new SquashFS image, written as you (a new file, never replaced)",
     )
-    p.add_argument("--network", choices=("host", "none"), default="host")
+    p.add_argument("--network", choices=choices.NETWORK, default=choices.NETWORK[0])
     p.add_argument(
         "--seccomp",
         default="default",
@@ -703,7 +704,7 @@ def supervise(
     assert isinstance(spec, ContainerSpec)
     # From here signals are held, not raised, until the init exists, then forwarded: a command
     # may run (and print) before start() returns, and nothing made on the way is left half-made.
-    init: list[int] = []
+    init: list[int] = []  # a pidfd of the init: never another process that got its pid
     held: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
@@ -711,7 +712,7 @@ def supervise(
             held.append(signum)
             return
         try:
-            os.kill(init[0], signum)
+            signal.pidfd_send_signal(init[0], signum)
         except ProcessLookupError:
             pass
 
@@ -734,10 +735,14 @@ def supervise(
         except (OSError, ContainerError, ImageError, RuntimeError) as err:
             images.release(owner)
             return _fail(str(err))
-        init.append(supervisor.init_pid)
+        # The init is this process's child, not yet reaped: the pidfd is of it.
+        init.append(os.pidfd_open(supervisor.init_pid))
         for signum in held:
             forward(signum, None)
         result = supervisor.finish()
+        # The command has ended: from here (saving, the provenance record) a signal stops
+        # the run, and nothing is sent on.
+        stop_on_signals()
         if finished is not None:
             from nomad_driver.images.save import SaveError
 
@@ -746,6 +751,8 @@ def supervise(
             except (SaveError, RuntimeError) as err:
                 return _fail(str(err))
     finally:
+        for fd in init:
+            os.close(fd)
         shutil.rmtree(run_dir, ignore_errors=True)
     if result.err:
         return _fail(result.err)

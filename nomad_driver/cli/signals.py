@@ -16,8 +16,9 @@ FORWARDED = (
 
 
 class Interrupted(BaseException):
-    """A signal that came before the container's start began: the run stops where it is
-    (what it holds is let go on the way out, as for KeyboardInterrupt)."""
+    """A signal that came before the container's start began, or after its command ended:
+    the run stops where it is (what it holds is let go on the way out, as for
+    KeyboardInterrupt)."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
@@ -26,7 +27,8 @@ class Interrupted(BaseException):
 
 def stop_on_signals() -> None:
     """From pyhpc run's first step until supervise() takes over (holding signals until the
-    container's init exists, then forwarding them): a signal ends the run cleanly."""
+    container's init exists, then forwarding them), and again once the command has ended: a
+    signal ends the run cleanly."""
 
     def stop(signum: int, _frame: object) -> None:
         raise Interrupted(signum)

@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from nomad_driver.driver import choices
 from nomad_driver.runtime import ids
 from nomad_driver.runtime.security import CAP_NUMBER, DEFAULT_CAPS, PROFILE_NAME
 from nomad_driver.util.durations import duration
@@ -642,16 +643,16 @@ class TaskConfig:
     )
     writable: str = option(
         "string",
-        default="tmpfs",
+        default=choices.WRITABLE[0],
         doc='Writable layer over the image: "tmpfs" (in memory), "disk" (in the task directory) '
         'or "none" (read-only root; /alloc, /local and /secrets stay writable).',
-        check=_one_of("tmpfs", "disk", "none"),
+        check=_one_of(*choices.WRITABLE),
     )
     network: str = option(
         "string",
-        default="host",
+        default=choices.NETWORK[0],
         doc='"host" (the node\'s network, the HPC default) or "none" (loopback only).',
-        check=_one_of("host", "none"),
+        check=_one_of(*choices.NETWORK),
     )
     mounts: tuple[str, ...] = option(
         "list(string)",

@@ -153,9 +153,14 @@ def resolve_image(
         except Exception as err:  # noqa: BLE001 - handed to the caller below
             outcome.append(err)
 
-    worker = threading.Thread(target=work, name=f"import {name}", daemon=True)
-    worker.start()
-    worker.join(timeout)
+    if timeout is None:
+        # Here, in this thread: a signal that stops `pyhpc run` unwinds the import, which
+        # then removes its work directory (a thread would be frozen at exit with it).
+        work()
+    else:
+        worker = threading.Thread(target=work, name=f"import {name}", daemon=True)
+        worker.start()
+        worker.join(timeout)
     if not outcome:
         raise TimeoutError(
             f"importing {name} took longer than image_pull_timeout ({timeout:g}s); it goes on "

@@ -12,6 +12,7 @@ host ids of its user namespace; they are written back as the container's ids.
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import tempfile
 from collections.abc import Callable
@@ -53,17 +54,24 @@ def save(
     errors_r, errors_w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: its mounts go with it
-        os.close(errors_r)
-        code = 0
+        code = 1
         try:
-            _build(image_fd, image_name, layer, disk_file, ids, work, out, level)
-        except BaseException as err:  # noqa: BLE001 - reported to the parent, then exit
-            os.write(errors_w, str(err).encode(errors="replace")[:4000])
-            code = 1
-        os._exit(code)
+            os.close(errors_r)
+            try:
+                _build(image_fd, image_name, layer, disk_file, ids, work, out, level)
+                code = 0
+            except BaseException as err:  # noqa: BLE001 - reported to the parent, then exit
+                os.write(errors_w, str(err).encode(errors="replace")[:4000])
+        finally:
+            os._exit(code)  # whatever happened (a stop, a parent gone), never past here
     os.close(errors_w)
-    with os.fdopen(errors_r, "rb") as errors:
-        said = errors.read().decode(errors="replace")
+    try:
+        with os.fdopen(errors_r, "rb") as errors:
+            said = errors.read().decode(errors="replace")
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)  # a stopped run leaves no builder behind
+        os.waitpid(pid, 0)
+        raise
     _, status = os.waitpid(pid, 0)
     if status != 0 or not os.path.isfile(out):
         raise SaveError(f"cannot save the container: {said or 'the builder died'}")

@@ -35,36 +35,45 @@ def run_as(uid: int, gid: int, groups: Iterable[int], work: Callable[[], bytes])
     if os.geteuid() == 0:
         children_in_own_pid_namespace()
     r, w = os.pipe()
-    parent = os.getpid()
     # No signal handler of this root process may run in the child (it would carry on as
     # root, or as the user, outside work()): signals stay blocked there until it exits.
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
     try:
         pid = os.fork()
-    finally:
-        if os.getpid() == parent:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-    if pid == 0:
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         os.close(r)
+        os.close(w)
+        raise
+    if pid == 0:
         try:
-            os.setgroups(sorted(set(groups)))
-            os.setresgid(gid, gid, gid)
-            os.setresuid(uid, uid, uid)
-            out = b"+" + work()
-        except OSError as err:
-            out = f"-{err.errno or errno.EIO} {err.strerror or err}".encode()
-        except BaseException as err:  # noqa: BLE001 - reported, then the child ends
-            out = f"-{errno.EIO} {err}".encode()
-        view = memoryview(out)
-        while view:
-            view = view[os.write(w, view) :]
-        os._exit(0)
-    os.close(w)
+            os.close(r)
+            try:
+                os.setgroups(sorted(set(groups)))
+                os.setresgid(gid, gid, gid)
+                os.setresuid(uid, uid, uid)
+                out = b"+" + work()
+            except OSError as err:
+                out = f"-{err.errno or errno.EIO} {err.strerror or err}".encode()
+            except BaseException as err:  # noqa: BLE001 - reported, then the child ends
+                out = f"-{errno.EIO} {err}".encode()
+            view = memoryview(out)
+            while view:
+                view = view[os.write(w, view) :]
+        finally:
+            os._exit(0)  # whatever happened (a parent gone: EPIPE), never past here
     chunks = []
-    while chunk := os.read(r, 1 << 16):
-        chunks.append(chunk)
-    os.close(r)
-    os.waitpid(pid, 0)
+    try:
+        os.close(w)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a pending handler may run here
+        while chunk := os.read(r, 1 << 16):
+            chunks.append(chunk)
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)  # the child does not outlive a parent that gave up
+        raise
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
     said = b"".join(chunks)
     if said[:1] == b"+":
         return said[1:]

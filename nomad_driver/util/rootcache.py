@@ -65,10 +65,12 @@ def write(name: str, data: bytes, directory: str = "") -> None:
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp, name, src_dir_fd=cache, dst_dir_fd=cache)
-    except OSError:
+    except BaseException as err:  # a signal that stops the run, too: no half-written entry
         try:
             os.unlink(tmp, dir_fd=cache)
         except OSError:
             pass
+        if not isinstance(err, OSError):  # a cache that cannot be written is only slower
+            raise
     finally:
         os.close(cache)

@@ -585,3 +585,82 @@ def test_a_signal_at_any_point_of_a_start_leaves_nothing_behind(
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
         image.unlink()
+
+
+def fork_at(pid: int, tries: int = 50) -> tuple[int, int] | None:
+    """A child of this process with exactly that pid (as root: ns_last_pid), recording in a
+    pipe each SIGINT or SIGTERM it gets; (pid, the pipe's read end), or None."""
+    r, w = os.pipe()
+    for _ in range(tries):
+        Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+        child = os.fork()
+        if child == 0:
+            try:
+                if os.getpid() == pid:
+
+                    def got(signum: int, _frame: object) -> None:
+                        os.write(w, b"%d\n" % signum)
+
+                    signal.signal(signal.SIGINT, got)
+                    signal.signal(signal.SIGTERM, got)
+                    os.write(w, b"ready\n")
+                    time.sleep(60)
+            finally:
+                os._exit(0)
+        if child == pid:
+            os.close(w)
+            assert os.read(r, 6) == b"ready\n"
+            return child, r
+        os.waitpid(child, 0)
+    os.close(r)
+    os.close(w)
+    return None
+
+
+def test_once_the_command_ended_no_signal_reaches_a_process_that_took_the_inits_pid(
+    tmp_path: Path, busybox_image: Path
+) -> None:
+    """Red team: while --save built the image after the command, pyhpc run (root) forwarded
+    the caller's ^C and a scheduler's SIGTERM to the init's pid, by then anyone's. Here
+    another process takes that pid during the save; the signals stop the run and it gets
+    none. The control: the same process does get a signal sent to it."""
+    import select
+
+    out = tmp_path / "saved.sqsh"
+    script = "head -c 150000000 /dev/urandom >/tmp/big"
+    proc = subprocess.Popen(
+        [*PYHPC, "--save", str(out), str(busybox_image), "--", "sh", "-c", script],
+        stderr=subprocess.PIPE, text=True, env=AS_ROOT,
+    )  # fmt: skip
+    init = 0
+    deadline = time.monotonic() + 30
+    while not init:
+        assert time.monotonic() < deadline, "no container init seen"
+        for task in Path(f"/proc/{proc.pid}/task").glob("*"):
+            for child in (task / "children").read_text().split():
+                status = Path(f"/proc/{child}/status").read_text()
+                if re.search(r"^NSpid:\t\d+\t1$", status, re.M):
+                    init = int(child)
+        time.sleep(0.005)
+    while Path(f"/proc/{init}").exists():  # the command runs, then its init is reaped
+        assert time.monotonic() < deadline + 60, "the command did not end"
+        time.sleep(0.005)
+    assert proc.poll() is None, "the save ended before it could be interrupted"
+    taken = fork_at(init)
+    if taken is None:
+        proc.kill()
+        pytest.skip(f"pid {init} could not be taken again (another process got it first)")
+    victim, pipe = taken
+    try:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130 and "pyhpc run: stopped by SIGINT" in err, err
+        assert select.select([pipe], [], [], 0.5)[0] == [], os.read(pipe, 64)
+        assert not out.exists()  # no half-written image
+        os.kill(victim, signal.SIGINT)  # the control
+        assert select.select([pipe], [], [], 5)[0] == [pipe]
+        assert os.read(pipe, 64) == b"2\n"
+    finally:
+        os.kill(victim, signal.SIGKILL)
+        os.waitpid(victim, 0)
+        os.close(pipe)

@@ -340,3 +340,29 @@ def test_site_defaults_reach_every_task_under_the_task_allowlists(
         plugin(default_env=["OMP"])
     with pytest.raises(schema.ConfigError, match="'SLURM_\\*X' must be a NAME or PREFIX"):
         plugin(env_passthrough=["SLURM_*X"])
+
+
+def test_without_a_timeout_the_import_runs_in_the_callers_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`pyhpc run` (no timeout) imports in its own thread, so a signal that stops it unwinds
+    the import and its clean-up runs; a worker thread would be frozen at exit with its work
+    directory left (red team). The driver's (a timeout) uses a worker: the control."""
+    import threading
+
+    from nomad_driver.images import store as store_module
+
+    seen: list[threading.Thread] = []
+
+    def ensure(self: object, text: str, progress: object, **kw: object) -> None:
+        seen.append(threading.current_thread())
+        raise StoreError("stopped here")
+
+    monkeypatch.setattr(store_module.Store, "ensure", ensure)
+    (tmp_path / "src").mkdir()
+    cfg = plugin(store_dir=str(tmp_path / "store"), image_sources=[f"dir:{tmp_path}/"])
+    for timeout in (None, 5.0):
+        with pytest.raises(StoreError):
+            policy.resolve_image(cfg, f"dir:{tmp_path}/src", None, timeout)
+    assert seen[0] is threading.current_thread(), seen
+    assert seen[1] is not threading.current_thread(), seen

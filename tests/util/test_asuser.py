@@ -53,3 +53,47 @@ def test_a_signal_in_the_child_never_runs_a_handler_of_the_root_process() -> Non
         assert signal.SIGUSR1 not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
     finally:
         signal.signal(signal.SIGUSR1, old)
+
+
+def test_a_parent_that_gives_up_leaves_no_child_and_the_child_never_returns() -> None:
+    """The root process stops (a signal) while the child works: the child is ended and
+    reaped; it never goes on past run_as as the user (red team: EPIPE carried it out)."""
+    import threading
+
+    def stop(signum: int, _frame: object) -> None:
+        raise InterruptedError("stopped")
+
+    def work() -> bytes:
+        time.sleep(0.5)
+        return b"x" * (1 << 20)  # more than a pipe holds: the write meets the parent gone
+
+    me = os.getpid()
+    before = Path(f"/proc/{me}/task/{me}/children").read_text().split()
+    old = signal.signal(signal.SIGUSR2, stop)
+    try:
+        threading.Timer(0.1, os.kill, (me, signal.SIGUSR2)).start()
+        with pytest.raises(InterruptedError):
+            run_as(65534, 65534, [65534], work)
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+    assert os.getpid() == me  # (a child that escaped would be here, running the tests)
+    time.sleep(0.6)
+    children = Path(f"/proc/{me}/task/{me}/children").read_text().split()
+    assert children == before, (children, before)  # the child ended and was reaped
+
+
+def test_an_interrupted_cache_write_leaves_no_half_written_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nomad_driver.util import rootcache
+
+    def stopped(fd: int) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rootcache.os, "fsync", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        rootcache.write("entry", b"data", str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    rootcache.write("entry", b"data", str(tmp_path))  # the control: written, whole
+    assert (tmp_path / "entry").read_bytes() == b"data"
