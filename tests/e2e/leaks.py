@@ -174,3 +174,13 @@ def leaked(before: dict[str, Any], after: dict[str, Any], fd_slack: int = 4) -> 
     if after["plugin fds"] > before["plugin fds"] + fd_slack:
         diff["plugin fds"] = (before["plugin fds"], after["plugin fds"])
     return diff
+
+
+def quiet_baseline(state_dir: Path, timeout: float = 60) -> dict[str, Any]:
+    """The snapshot to compare a test's end with, once an earlier test's tasks have ended (CI
+    saw a dispatched `solver` end mid-test and count as a difference): up to timeout for
+    them, then the count, settled."""
+    deadline = time.monotonic() + timeout
+    while supervisors() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return settle(state_dir, snapshot(state_dir), timeout=10)

@@ -102,12 +102,7 @@ def assert_nothing_leaked(cluster: Any, before: dict[str, Any]) -> None:
 
 @pytest.fixture
 def baseline(cluster: Any) -> dict[str, Any]:
-    # An earlier test's task may still be ending (CI saw a dispatched `solver` end mid-test and
-    # count as a difference): its end is awaited, up to a minute, before the count.
-    deadline = time.monotonic() + 60
-    while leaks.supervisors() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return leaks.settle(cluster.state_dir, leaks.snapshot(cluster.state_dir), timeout=10)
+    return leaks.quiet_baseline(cluster.state_dir)
 
 
 @pytest.mark.parametrize("delay", [0.02, 0.06, 0.12, 0.3])

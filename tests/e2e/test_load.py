@@ -82,7 +82,7 @@ def exit_code(alloc: dict[str, Any]) -> int | None:
 
 
 def test_many_at_once_then_many_in_a_row_through_nomad_leave_nothing(cluster: Any) -> None:
-    before = leaks.settle(cluster.state_dir, leaks.snapshot(cluster.state_dir), timeout=10)
+    before = leaks.quiet_baseline(cluster.state_dir)
     sampler = Sampler(driver_pid(cluster))
     sampler.sample()
     sampler.start()
