@@ -180,7 +180,7 @@ def settings(args: argparse.Namespace) -> Settings:
         store=args.store or os.environ.get("PYHPC_STORE") or plugin.store_dir,
         run_dir=args.run_dir or plugin.run_dir,
         level=args.level or int(plugin.image_zstd_level),
-        max_bytes=int(plugin.store_max_mb) * 1_000_000,
+        max_bytes=plugin.store_max_bytes,
         registry_ca=args.registry_ca or plugin.registry_ca_file,
         keys=tuple(getattr(args, "key", None) or plugin.signature_keys),
         transit=getattr(args, "transit", None) or plugin.vault_transit_mount,

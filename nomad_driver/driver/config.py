@@ -500,6 +500,21 @@ class PluginConfig:
         check=_url("http://127.0.0.1:4646"),
     )
 
+    # Typed views of options the schema has checked: one decoding, used wherever they are.
+
+    @property
+    def root_ids(self) -> tuple[int, int]:
+        """root_id_range as (first host id, count)."""
+        found = parse_id_range(self.root_id_range)
+        if found is None:
+            raise ValueError(f"root_id_range {self.root_id_range!r} was not checked")
+        return found
+
+    @property
+    def store_max_bytes(self) -> int:
+        """store_max_mb in bytes (0: no cap)."""
+        return int(self.store_max_mb) * 1_000_000
+
 
 MPI_LAUNCHERS = {"openmpi": "mpirun", "mpich": "mpiexec.hydra"}
 MPI_MODES = ("local", "launcher", "worker")

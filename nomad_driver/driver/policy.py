@@ -20,7 +20,6 @@ from nomad_driver.driver.config import (
     PluginConfig,
     TaskAuth,
     TaskConfig,
-    parse_id_range,
 )
 from nomad_driver.runtime import container, ids, imagefile, security
 from nomad_driver.runtime.cgroups import Limits
@@ -130,7 +129,7 @@ def resolve_image(
         )
     store = Store(
         plugin.store_dir,
-        max_bytes=int(plugin.store_max_mb) * 1_000_000,
+        max_bytes=plugin.store_max_bytes,
         level=int(plugin.image_zstd_level),
     )
     kw: dict[str, Any] = {}
@@ -376,7 +375,7 @@ def open_image(
             )
         from nomad_driver.images.store import Store
 
-        stored = Store(plugin.store_dir, max_bytes=int(plugin.store_max_mb) * 1_000_000)
+        stored = Store(plugin.store_dir, max_bytes=plugin.store_max_bytes)
         copy = open_stored(plugin, stored.copy_in(opened.fd, opened.path).path)
         # Run from the copy; the task's user must still be able to read the original, and the
         # original's path is what signature rules and its signature envelope refer to.
@@ -400,7 +399,7 @@ def image_reader(plugin: PluginConfig, user: str) -> tuple[int, int]:
     namespaces), a numeric uid[:gid], or ANYONE for a name (resolved later, in the image)."""
     if not user:
         if plugin.user_namespace:
-            first = (parse_id_range(plugin.root_id_range) or (0, 0))[0]
+            first = plugin.root_ids[0]
             return first, first
         return 0, 0
     name, _, group = user.partition(":")
@@ -523,7 +522,7 @@ def container_spec(
         netns_path=ctx.netns_path,
         images_dir=images_dir(plugin.run_dir),
         image_linger=seconds(plugin.image_mount_linger),
-        userns=parse_id_range(plugin.root_id_range) if plugin.user_namespace else None,
+        userns=plugin.root_ids if plugin.user_namespace else None,
         allowed_uids=ids.parse_ranges(plugin.allowed_uids),
         allowed_gids=ids.parse_ranges(plugin.allowed_gids),
     )
