@@ -193,11 +193,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             from nomad_driver.cli import run
 
-            return run.run(parser("run").parse_args(argv))
+            code = run.run(parser("run").parse_args(argv))
         except signals.Interrupted as stop:
             name = signal.Signals(stop.signum).name
             print(f"pyhpc run: stopped by {name}", file=sys.stderr)
-            return 128 + stop.signum
+            code = 128 + stop.signum
+        finally:
+            signals.ignore()  # the run is over: a late signal does not change how it ended
+        return code
     args = parser("").parse_args(argv)
     if args.command == "install-plugin":
         name = args.name or ("pyhpc-gpu" if args.gpu else "pyhpc")

@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Any
 
-from nomad_driver.cli.signals import FORWARDED, stop_on_signals
+from nomad_driver.cli.signals import FORWARDED, Interrupted, stop_on_signals
 from nomad_driver.driver import choices
 from nomad_driver.util.errors import PyhpcError
 
@@ -705,7 +705,8 @@ def supervise(
     # From here signals are held, not raised, until the init exists, then forwarded: a command
     # may run (and print) before start() returns, and nothing made on the way is left half-made.
     init: list[int] = []  # a pidfd of the init: never another process that got its pid
-    held: list[int] = []
+    held: list[int] = []  # before the init exists
+    late: list[int] = []  # after the init has ended: they stop the run instead
 
     def forward(signum: int, _frame: object) -> None:
         if not init:
@@ -714,7 +715,7 @@ def supervise(
         try:
             signal.pidfd_send_signal(init[0], signum)
         except ProcessLookupError:
-            pass
+            late.append(signum)
 
     for s in FORWARDED:
         signal.signal(s, forward)
@@ -741,8 +742,10 @@ def supervise(
             forward(signum, None)
         result = supervisor.finish()
         # The command has ended: from here (saving, the provenance record) a signal stops
-        # the run, and nothing is sent on.
+        # the run, and nothing is sent on; one that came while it was ending does too.
         stop_on_signals()
+        if late:
+            raise Interrupted(late[0])
         if finished is not None:
             from nomad_driver.images.save import SaveError
 
@@ -751,9 +754,12 @@ def supervise(
             except (SaveError, RuntimeError) as err:
                 return _fail(str(err))
     finally:
+        # The clean-up is not cut short: a signal now waits until the run dir is gone.
+        stopped = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
         for fd in init:
             os.close(fd)
         shutil.rmtree(run_dir, ignore_errors=True)
+        signal.pthread_sigmask(signal.SIG_SETMASK, stopped)
     if result.err:
         return _fail(result.err)
     return result.exit_code

@@ -367,6 +367,23 @@ def pause(run_dir: str, paused: bool) -> None:
         raise OSError(reply.removeprefix("error "))
 
 
+def _running_since(pid: int, made_ns: str) -> bool:
+    """Whether the process that made a run (at made_ns, wall clock) still runs: pid exists
+    and started before the run was made. A process that got the pid later (pids wrap; a
+    tenant can make one land on a given pid) does not keep a dead run's leftovers alive."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return False
+    if not made_ns.isdigit():
+        return True  # a name without its time: trust the pid, as before
+    with open("/proc/stat", "rb") as f:
+        boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+    started = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime
+    return started <= int(made_ns) / 1e9 + 1.0  # btime is whole seconds
+
+
 def clear_dead_runs(tasks_dir: str, images_dir: str, prefix: str = "run-") -> list[str]:
     """Clear what `pyhpc run`s killed outright left (run directory, image reference, cgroups):
     runs named PREFIX<pid>-..., whose pid is gone and whose cgroups are empty (a container
@@ -380,8 +397,8 @@ def clear_dead_runs(tasks_dir: str, images_dir: str, prefix: str = "run-") -> li
     except OSError:
         return cleared
     for name in names:
-        pid = name[len(prefix) :].split("-", 1)[0]
-        if not pid.isdigit() or os.path.exists(f"/proc/{pid}"):
+        pid, _, when = name[len(prefix) :].partition("-")
+        if not pid.isdigit() or _running_since(int(pid), when.partition("-")[0]):
             continue
         run_dir = os.path.join(tasks_dir, name)
         try:

@@ -106,21 +106,38 @@ def write_new_as(
     path: str, source_fd: int, uid: int, gid: int, groups: Iterable[int], mode: int = 0o644
 ) -> None:
     """Create path anew as the user (never through a symlink, never over a file) with the
-    contents of source_fd, opened by the caller."""
+    contents of source_fd, opened by the caller. Whole or not at all: written unnamed
+    (O_TMPFILE) and named only once complete, so a write cut short (the child killed when the
+    run is stopped) leaves nothing; where the filesystem has no O_TMPFILE, created in place
+    and removed on failure."""
 
     def write() -> bytes:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        out = os.open(path, flags, mode)
+        where = os.open(os.path.dirname(path) or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        name = os.path.basename(path)
         try:
-            os.lseek(source_fd, 0, os.SEEK_SET)
-            while os.sendfile(out, source_fd, None, 1 << 24):
-                pass
-            os.fsync(out)
-        except BaseException:
-            os.unlink(path)
-            raise
+            try:
+                unnamed_flags = os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC
+                out, unnamed = os.open(".", unnamed_flags, mode, dir_fd=where), True
+            except OSError as err:
+                if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.EISDIR):
+                    raise
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                out, unnamed = os.open(name, flags, mode, dir_fd=where), False
+            try:
+                os.lseek(source_fd, 0, os.SEEK_SET)
+                while os.sendfile(out, source_fd, None, 1 << 24):
+                    pass
+                os.fsync(out)
+                if unnamed:  # linkat, following the fd's link; never over what is there: EEXIST
+                    os.link(f"/proc/self/fd/{out}", name, dst_dir_fd=where)
+            except BaseException:
+                if not unnamed:
+                    os.unlink(name, dir_fd=where)
+                raise
+            finally:
+                os.close(out)
         finally:
-            os.close(out)
+            os.close(where)
         return b""
 
     run_as(uid, gid, groups, write)

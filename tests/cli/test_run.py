@@ -311,6 +311,10 @@ def test_a_run_killed_outright_is_cleared_by_the_next(busybox_image: Path) -> No
     assert made and run_dir.exists()
     time.sleep(2)  # the container's sleep ends; its cgroups are empty, still there
     assert all(Path(p).is_dir() for p in made)  # the control: the kill left them
+    # A process that takes the dead run's pid (a tenant can make one land there: red team)
+    # does not keep its leftovers: it started after the run was made.
+    taken = fork_at(proc.pid)
+    assert taken is not None, f"pid {proc.pid} could not be taken again"
     # A Nomad task named run-99999 has a run directory that looks like a dead run's (red
     # team): the driver's live tasks/ is never cleared by `pyhpc run`.
     nomad_task = Path("/run/pyhpc/tasks/run-99999-1a20adf0167e723c")
@@ -320,6 +324,9 @@ def test_a_run_killed_outright_is_cleared_by_the_next(busybox_image: Path) -> No
         assert nomad_task.is_dir()
     finally:
         nomad_task.rmdir()
+        os.kill(taken[0], signal.SIGKILL)
+        os.waitpid(taken[0], 0)
+        os.close(taken[1])
     assert not run_dir.exists()  # the control: the dead run's own directory was cleared
     assert not any(Path(p).exists() for p in made)
 

@@ -97,3 +97,47 @@ def test_an_interrupted_cache_write_leaves_no_half_written_entry(
     monkeypatch.undo()
     rootcache.write("entry", b"data", str(tmp_path))  # the control: written, whole
     assert (tmp_path / "entry").read_bytes() == b"data"
+
+
+def test_a_new_file_cut_short_is_not_left_half_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pyhpc run --save` stopped while the image is written as the caller: the child is
+    killed, so it cannot remove what it made; the file is named only once complete (red team:
+    truncated images were left in the caller's directory)."""
+    from nomad_driver.util.asuser import write_new_as
+
+    source = os.memfd_create("source")
+    os.write(source, b"image bytes " * 1000)
+    import shutil
+    import tempfile
+
+    where = Path(tempfile.mkdtemp(prefix="pyhpc-asuser-"))  # a directory the user can reach
+    where.chmod(0o777)
+    target = where / "saved.sqsh"
+
+    def slow_disk(fd: int) -> None:  # in the child (forked with this patch): a long fsync
+        time.sleep(5)
+
+    def stop(signum: int, _frame: object) -> None:
+        raise InterruptedError("stopped")
+
+    import threading
+
+    monkeypatch.setattr(os, "fsync", slow_disk)
+    old = signal.signal(signal.SIGUSR2, stop)
+    try:
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGUSR2)).start()
+        with pytest.raises(InterruptedError):
+            write_new_as(str(target), source, 65534, 65534, [65534])
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+    try:
+        assert list(where.iterdir()) == []
+        monkeypatch.undo()
+        write_new_as(str(target), source, 65534, 65534, [65534])  # the control: whole, the user's
+        assert target.read_bytes() == b"image bytes " * 1000 and target.stat().st_uid == 65534
+        with pytest.raises(OSError) as err:  # and never over a file
+            write_new_as(str(target), source, 65534, 65534, [65534])
+        assert err.value.errno == 17
+    finally:
+        os.close(source)
+        shutil.rmtree(where)
