@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 from nomad_driver.cli.signals import FORWARDED, Interrupted, stop_on_signals
+from nomad_driver.cli.signals import check as check_stopped
 from nomad_driver.driver import choices
 from nomad_driver.util.errors import PyhpcError
 
@@ -719,6 +720,7 @@ def supervise(
 
     for s in FORWARDED:
         signal.signal(s, forward)
+    check_stopped()  # a stop that Python swallowed earlier still stops the run, here
     if spec.limits is not None:
         from nomad_driver.runtime import cgroups
 
@@ -746,6 +748,7 @@ def supervise(
         stop_on_signals()
         if late:
             raise Interrupted(late[0])
+        check_stopped()
         if finished is not None:
             from nomad_driver.images.save import SaveError
 

@@ -15,6 +15,17 @@ FORWARDED = (
 )
 
 
+PENDING: list[int] = []  # every signal stop() raised for
+
+
+def check() -> None:
+    """Raise again for a signal whose Interrupted Python swallowed: raised where exceptions
+    are only reported ("Exception ignored in ...", a callback of the import machinery), it
+    would not have stopped the run."""
+    if PENDING:
+        raise Interrupted(PENDING[0])
+
+
 class Interrupted(BaseException):
     """A signal that came before the container's start began, or after its command ended:
     the run stops where it is (what it holds is let go on the way out, as for
@@ -31,6 +42,7 @@ def stop_on_signals() -> None:
     signal ends the run cleanly."""
 
     def stop(signum: int, _frame: object) -> None:
+        PENDING.append(signum)
         raise Interrupted(signum)
 
     for s in FORWARDED:

@@ -585,7 +585,10 @@ def test_a_signal_at_any_point_of_a_start_leaves_nothing_behind(
             starting = proc.returncode in (1, -signum) and "KeyboardInterrupt" in err
             starting = starting and all(f == "<module>" for f in frames)
             assert starting or proc.returncode in (0, 128 + signum, -signum), (signum, err)
-            assert starting or "Traceback" not in err, err
+            # Python swallows an exception raised in an import-lock callback, saying so: the
+            # stop then comes at pyhpc's next check, still with the signal's status.
+            swallowed = "Exception ignored in" in err and proc.returncode == 128 + signum
+            assert starting or swallowed or "Traceback" not in err, err
             assert leftovers(run_dir, image) == [], (signum, proc.returncode, err)
         # The signals did land at different points: some before the command, some after.
         assert len(set(statuses)) >= 2, statuses
