@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# A one-node Slurm on loopback for the tests: Debian's munge, slurmctld and slurmd, all state
-# under $PYHPC_SLURM_DIR (default /tmp/pyhpc-slurm), nothing in /etc touched.
+# Slurm on loopback for the tests: Debian's munge, slurmctld and slurmd, all state under
+# $PYHPC_SLURM_DIR (default /var/tmp/pyhpc-slurm), nothing in /etc touched.
 #
-#   scripts/testbed/slurm.sh up|down|env
+#   scripts/testbed/slurm.sh up [N]|down|env
 #
+# N = 1 (the default): one slurmd, this machine's own node. N > 1: N nodes, node1..nodeN, each
+# slurmd in a network namespace of its own (pyhpc-slurm-I, address 10.97.0.I on a bridge; this
+# machine reaches them as 10.97.0.254, where slurmctld listens) and a mount namespace with a
+# /tmp of its own (Slurm's PMIx plugin makes per-step directories there that two nodes on one
+# machine would share). The state dir must not be under /tmp for that reason.
 # `env` prints the SLURM_CONF line that srun/sinfo need. Needs root and the Debian packages
-# slurmctld, slurmd, slurm-client and munge (scripts/setup.sh installs them).
+# slurmctld, slurmd, slurm-client, munge and libpmix-dev (scripts/setup.sh installs them).
 set -euo pipefail
 
-STATE="${PYHPC_SLURM_DIR:-/tmp/pyhpc-slurm}"
+STATE="${PYHPC_SLURM_DIR:-/var/tmp/pyhpc-slurm}"
+NET=10.97.0
 CONF="$STATE/slurm.conf"
 log() { printf '[slurm %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 die() { printf 'slurm.sh: error: %s\n' "$*" >&2; exit 1; }
@@ -16,7 +22,10 @@ die() { printf 'slurm.sh: error: %s\n' "$*" >&2; exit 1; }
 pid_alive() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 up() {
+  local nodes=${1:-1} i
+  [[ "$nodes" =~ ^[0-9]+$ ]] && ((nodes >= 1 && nodes <= 8)) || die "N must be 1 to 8, not '$nodes'"
   [[ $(id -u) == 0 ]] || die "needs root (slurmd runs jobs as their users)"
+  ((nodes == 1)) || [[ "$STATE" != /tmp/* ]] || die "$STATE: with N > 1 the state dir must not be under /tmp"
   for b in munged slurmctld slurmd srun; do
     command -v "$b" >/dev/null || die "$b is not installed (apt-get install slurmctld slurmd slurm-client munge)"
   done
@@ -31,12 +40,13 @@ up() {
       --seed-file="$STATE/munge/seed"
     log "munged started"
   fi
-  local host cpus
+  local host cpus ctld_addr=127.0.0.1
   host=$(hostname -s)
   cpus=$(nproc)
+  ((nodes == 1)) || { netns_up "$nodes"; ctld_addr=$NET.254; }
   cat >"$CONF" <<EOF
 ClusterName=pyhpc-test
-SlurmctldHost=$host(127.0.0.1)
+SlurmctldHost=$host($ctld_addr)
 SlurmctldPort=6917
 SlurmdPort=6918
 AuthType=auth/munge
@@ -45,11 +55,11 @@ AuthInfo=socket=$STATE/munge/munge.sock
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation=$STATE/ctld
-SlurmdSpoolDir=$STATE/spool
+SlurmdSpoolDir=$STATE/spool/%n
 SlurmctldPidFile=$STATE/run/slurmctld.pid
-SlurmdPidFile=$STATE/run/slurmd.pid
+SlurmdPidFile=$STATE/run/slurmd-%n.pid
 SlurmctldLogFile=$STATE/log/slurmctld.log
-SlurmdLogFile=$STATE/log/slurmd.log
+SlurmdLogFile=$STATE/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
@@ -60,14 +70,32 @@ ReturnToService=2
 SlurmdTimeout=30
 InactiveLimit=0
 KillWait=5
-NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus State=UNKNOWN
-PartitionName=test Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 EOF
+  if ((nodes == 1)); then
+    echo "NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus State=UNKNOWN" >>"$CONF"
+    echo "PartitionName=test Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES" >>"$CONF"
+  else
+    for ((i = 1; i <= nodes; i++)); do
+      echo "NodeName=node$i NodeAddr=$NET.$i CPUs=$cpus State=UNKNOWN" >>"$CONF"
+    done
+    echo "PartitionName=test Nodes=node[1-$nodes] Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES" >>"$CONF"
+  fi
   export SLURM_CONF="$CONF"
   pid_alive "$STATE/run/slurmctld.pid" || { slurmctld -f "$CONF"; log "slurmctld started"; }
-  pid_alive "$STATE/run/slurmd.pid" || { slurmd -f "$CONF"; log "slurmd started"; }
+  if ((nodes == 1)); then
+    mkdir -p "$STATE/spool/$host"
+    pid_alive "$STATE/run/slurmd-$host.pid" || { slurmd -f "$CONF"; log "slurmd started"; }
+  else
+    for ((i = 1; i <= nodes; i++)); do
+      mkdir -p "$STATE/spool/node$i"
+      pid_alive "$STATE/run/slurmd-node$i.pid" && continue
+      nsenter --net="/run/netns/pyhpc-slurm-$i" unshare -m --propagation private \
+        sh -c "mount -t tmpfs tmpfs /tmp && exec slurmd -f '$CONF' -N node$i"
+      log "slurmd node$i started ($NET.$i)"
+    done
+  fi
   for _ in $(seq 1 60); do
-    if sinfo -h -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
+    if [[ $(sinfo -h -N -o '%T' 2>/dev/null | grep -cE '^(idle|mixed|allocated)') -ge $nodes ]]; then
       log "ready: $(sinfo -h -o '%N %T %c')"
       return 0
     fi
@@ -76,19 +104,47 @@ EOF
   die "the node did not come up: $(sinfo 2>&1 | tail -2); see $STATE/log"
 }
 
+netns_up() {
+  local n=$1 i
+  netns_down
+  ip netns add pyhpc-slurm-sw
+  ip -n pyhpc-slurm-sw link add br0 type bridge
+  ip -n pyhpc-slurm-sw link set br0 up
+  for ((i = 1; i <= n; i++)); do
+    ip netns add "pyhpc-slurm-$i"
+    ip -n "pyhpc-slurm-$i" link set lo up
+    ip link add "slurm$i" netns "pyhpc-slurm-$i" type veth peer name "slurm$i-sw" netns pyhpc-slurm-sw
+    ip -n pyhpc-slurm-sw link set "slurm$i-sw" master br0 up
+    ip -n "pyhpc-slurm-$i" addr add "$NET.$i/24" dev "slurm$i"
+    ip -n "pyhpc-slurm-$i" link set "slurm$i" up
+  done
+  # This machine on the same bridge: slurmctld and srun reach the nodes, and they it.
+  ip link add slurmhost type veth peer name slurmhost-sw netns pyhpc-slurm-sw
+  ip -n pyhpc-slurm-sw link set slurmhost-sw master br0 up
+  ip addr add "$NET.254/24" dev slurmhost
+  ip link set slurmhost up
+}
+
+netns_down() {
+  local ns
+  ip link del slurmhost 2>/dev/null || true
+  for ns in $(ip netns list 2>/dev/null | awk '/^pyhpc-slurm-/ {print $1}'); do ip netns del "$ns"; done
+}
+
 down() {
   local f
-  for f in slurmd slurmctld munged; do
-    if pid_alive "$STATE/run/$f.pid"; then
-      kill "$(cat "$STATE/run/$f.pid")" 2>/dev/null || true
+  for f in "$STATE"/run/slurmd-*.pid "$STATE/run/slurmctld.pid" "$STATE/run/munged.pid"; do
+    if pid_alive "$f"; then
+      kill "$(cat "$f")" 2>/dev/null || true
     fi
   done
   sleep 1
+  netns_down
   log "stopped"
 }
 
 case "${1:-}" in
-  up) up ;;
+  up) shift; up "${1:-1}" ;;
   down) down ;;
   env) echo "SLURM_CONF=$CONF" ;;
   *) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;

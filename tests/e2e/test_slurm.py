@@ -2,7 +2,7 @@
 by scripts/testbed/slurm.sh): each srun task's SLURM_* reaches its container under the site's
 env_passthrough (and not without it: the control), and `srun --mpi=pmix` wires up the image's
 Open MPI through slurmd's PMIx server, whose step directory is bound into each container.
-One node: the two-node run (two slurmd in network namespaces) is not built yet."""
+One node; test_slurm_nodes.py runs MPI across two."""
 
 from __future__ import annotations
 
