@@ -19,7 +19,6 @@ import os
 import re
 import signal
 import sys
-import time
 from typing import Any
 
 from nomad_driver.cli.signals import FORWARDED, Interrupted, stop_on_signals
@@ -293,7 +292,9 @@ def run(args: argparse.Namespace) -> int:
             task = dataclasses.replace(task, command="/bin/sh")  # a shell, as enroot start
         # Apart from the driver's tasks/: clear_dead_runs takes a run-<pid>-... it finds there
         # for a dead `pyhpc run`, and a Nomad task may be named run-99999 (red team).
-        run_dir = os.path.join(plugin.run_dir, RUNS_DIR, f"run-{os.getpid()}-{time.time_ns()}")
+        from nomad_driver.runtime.client import run_name
+
+        run_dir = os.path.join(plugin.run_dir, RUNS_DIR, run_name(os.getpid()))
         ctx = _context(args, who, task, env, args.layer_dir or os.path.join(run_dir, "layer"))
         # The verifier, made on first use and shared by every check.
         verifier = functools.cache(functools.partial(policy.verifier, plugin))

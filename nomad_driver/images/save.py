@@ -52,7 +52,15 @@ def save(
     out = os.path.join(work, "saved.sqsh")
     children_in_own_pid_namespace()
     errors_r, errors_w = os.pipe()
-    pid = os.fork()
+    parent = os.getpid()
+    # The root process's handlers (a signal stops the run by raising) must not run in the
+    # child: signals stay blocked there; the parent, stopped, kills it.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        pid = os.fork()
+    finally:
+        if os.getpid() == parent:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     if pid == 0:  # the child: its mounts go with it
         code = 1
         try:

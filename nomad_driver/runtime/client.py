@@ -367,21 +367,26 @@ def pause(run_dir: str, paused: bool) -> None:
         raise OSError(reply.removeprefix("error "))
 
 
-def _running_since(pid: int, made_ns: str) -> bool:
-    """Whether the process that made a run (at made_ns, wall clock) still runs: pid exists
-    and started before the run was made. A process that got the pid later (pids wrap; a
-    tenant can make one land on a given pid) does not keep a dead run's leftovers alive."""
+def start_ticks(pid: int) -> int | None:
+    """When the process started, in clock ticks since boot (/proc/PID/stat field 22): with
+    the pid, what names one process for good (a later one with the pid starts later)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except OSError:
-        return False
-    if not made_ns.isdigit():
-        return True  # a name without its time: trust the pid, as before
-    with open("/proc/stat", "rb") as f:
-        boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
-    started = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime
-    return started <= int(made_ns) / 1e9 + 1.0  # btime is whole seconds
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def run_name(pid: int) -> str:
+    """A `pyhpc run`'s run directory name: run-PID-STARTTICKS-NS."""
+    return f"run-{pid}-{start_ticks(pid)}-{time.time_ns()}"
+
+
+def _running_since(pid: int, ticks: str) -> bool:
+    """Whether the process that made a run still runs: the pid's process started at the very
+    tick recorded in the run's name. A process that got the pid later (pids wrap; a tenant can
+    make one land on a given pid) does not keep a dead run's leftovers alive."""
+    return ticks.isdigit() and start_ticks(pid) == int(ticks)
 
 
 def clear_dead_runs(tasks_dir: str, images_dir: str, prefix: str = "run-") -> list[str]:

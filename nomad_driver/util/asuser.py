@@ -107,9 +107,11 @@ def write_new_as(
 ) -> None:
     """Create path anew as the user (never through a symlink, never over a file) with the
     contents of source_fd, opened by the caller. Whole or not at all: written unnamed
-    (O_TMPFILE) and named only once complete, so a write cut short (the child killed when the
-    run is stopped) leaves nothing; where the filesystem has no O_TMPFILE, created in place
-    and removed on failure."""
+    (O_TMPFILE) and linked in only once complete, so a write cut short (the child killed when
+    the run is stopped) leaves nothing. Where the filesystem has no O_TMPFILE (NFS), written
+    under a hidden name, linked in when complete, and on any failure or stop the hidden name
+    is removed, as the user, by a second child."""
+    hidden = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.pyhpc-{os.getpid()}")
 
     def write() -> bytes:
         where = os.open(os.path.dirname(path) or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -117,27 +119,42 @@ def write_new_as(
         try:
             try:
                 unnamed_flags = os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC
-                out, unnamed = os.open(".", unnamed_flags, mode, dir_fd=where), True
+                out, temp = os.open(".", unnamed_flags, mode, dir_fd=where), ""
             except OSError as err:
                 if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.EISDIR):
                     raise
                 flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-                out, unnamed = os.open(name, flags, mode, dir_fd=where), False
+                temp = os.path.basename(hidden)
+                out = os.open(temp, flags, mode, dir_fd=where)
             try:
                 os.lseek(source_fd, 0, os.SEEK_SET)
                 while os.sendfile(out, source_fd, None, 1 << 24):
                     pass
                 os.fsync(out)
-                if unnamed:  # linkat, following the fd's link; never over what is there: EEXIST
-                    os.link(f"/proc/self/fd/{out}", name, dst_dir_fd=where)
-            except BaseException:
-                if not unnamed:
-                    os.unlink(name, dir_fd=where)
-                raise
+                # link(): never over what is at name (EEXIST); for the unnamed file, linkat
+                # following its descriptor's link.
+                source = temp or f"/proc/self/fd/{out}"
+                os.link(source, name, src_dir_fd=where if temp else None, dst_dir_fd=where)
             finally:
                 os.close(out)
+                if temp:
+                    os.unlink(temp, dir_fd=where)
         finally:
             os.close(where)
         return b""
 
-    run_as(uid, gid, groups, write)
+    def forget() -> bytes:
+        try:
+            os.unlink(hidden)
+        except FileNotFoundError:
+            pass
+        return b""
+
+    try:
+        run_as(uid, gid, groups, write)
+    except BaseException:
+        try:  # the child may have been killed mid-write: its hidden name goes, as the user
+            run_as(uid, gid, groups, forget)
+        except OSError:
+            pass
+        raise

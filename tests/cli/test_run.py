@@ -307,14 +307,14 @@ def test_a_run_killed_outright_is_cleared_by_the_next(busybox_image: Path) -> No
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    # A process that takes the dead run's pid at once (a tenant can make one land there: red
+    # team) does not keep its leftovers: it is not the process that made the run.
+    taken = fork_at(proc.pid)
+    assert taken is not None, f"pid {proc.pid} could not be taken again"
     made = json.loads((run_dir / "cgroups.json").read_text())
     assert made and run_dir.exists()
     time.sleep(2)  # the container's sleep ends; its cgroups are empty, still there
     assert all(Path(p).is_dir() for p in made)  # the control: the kill left them
-    # A process that takes the dead run's pid (a tenant can make one land there: red team)
-    # does not keep its leftovers: it started after the run was made.
-    taken = fork_at(proc.pid)
-    assert taken is not None, f"pid {proc.pid} could not be taken again"
     # A Nomad task named run-99999 has a run directory that looks like a dead run's (red
     # team): the driver's live tasks/ is never cleared by `pyhpc run`.
     nomad_task = Path("/run/pyhpc/tasks/run-99999-1a20adf0167e723c")

@@ -99,11 +99,25 @@ def test_an_interrupted_cache_write_leaves_no_half_written_entry(
     assert (tmp_path / "entry").read_bytes() == b"data"
 
 
-def test_a_new_file_cut_short_is_not_left_half_written(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("o_tmpfile", [True, False], ids=["O_TMPFILE", "no-O_TMPFILE"])
+def test_a_new_file_cut_short_is_not_left_half_written(
+    monkeypatch: pytest.MonkeyPatch, o_tmpfile: bool
+) -> None:
     """`pyhpc run --save` stopped while the image is written as the caller: the child is
     killed, so it cannot remove what it made; the file is named only once complete (red team:
-    truncated images were left in the caller's directory)."""
+    truncated images were left in the caller's directory), also where the filesystem has no
+    O_TMPFILE (NFS, red team: there the fallback left them)."""
     from nomad_driver.util.asuser import write_new_as
+
+    if not o_tmpfile:  # as NFS answers (the child, forked with this patch, sees it too)
+        real_open = os.open
+
+        def no_tmpfile(path: str, flags: int, *args: object, **kw: object) -> int:
+            if flags & os.O_TMPFILE == os.O_TMPFILE:
+                raise OSError(95, "Operation not supported")
+            return real_open(path, flags, *args, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(os, "open", no_tmpfile)
 
     source = os.memfd_create("source")
     os.write(source, b"image bytes " * 1000)
@@ -122,6 +136,7 @@ def test_a_new_file_cut_short_is_not_left_half_written(monkeypatch: pytest.Monke
 
     import threading
 
+    real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", slow_disk)
     old = signal.signal(signal.SIGUSR2, stop)
     try:
@@ -132,12 +147,13 @@ def test_a_new_file_cut_short_is_not_left_half_written(monkeypatch: pytest.Monke
         signal.signal(signal.SIGUSR2, old)
     try:
         assert list(where.iterdir()) == []
-        monkeypatch.undo()
+        monkeypatch.setattr(os, "fsync", real_fsync)
         write_new_as(str(target), source, 65534, 65534, [65534])  # the control: whole, the user's
         assert target.read_bytes() == b"image bytes " * 1000 and target.stat().st_uid == 65534
         with pytest.raises(OSError) as err:  # and never over a file
             write_new_as(str(target), source, 65534, 65534, [65534])
         assert err.value.errno == 17
+        assert sorted(p.name for p in where.iterdir()) == ["saved.sqsh"]  # no hidden name left
     finally:
         os.close(source)
         shutil.rmtree(where)
