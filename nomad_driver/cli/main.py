@@ -189,12 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     if given[:1] == ["run"]:
         from nomad_driver.cli import signals
 
-        signals.stop_on_signals()
         try:
+            signals.stop_on_signals()
             from nomad_driver.cli import run
 
             code = run.run(parser("run").parse_args(argv))
         except signals.Interrupted as stop:
+            signals.ignore()
             name = signal.Signals(stop.signum).name
             print(f"pyhpc run: stopped by {name}", file=sys.stderr)
             code = 128 + stop.signum

@@ -50,6 +50,9 @@ def stop_on_signals() -> None:
 
 
 def ignore() -> None:
-    """Once the run is over: its exit status is decided, and a signal no longer changes it."""
+    """Once the run is over: its exit status is decided, and a signal no longer changes it
+    (blocked while the handlers change, so none lands halfway; what was pending is dropped)."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
     for s in FORWARDED:
         signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)

@@ -6,9 +6,10 @@
 #
 # N = 1 (the default): one slurmd, this machine's own node. N > 1: N nodes, node1..nodeN, each
 # slurmd in a network namespace of its own (pyhpc-slurm-I, address 10.97.0.I on a bridge; this
-# machine reaches them as 10.97.0.254, where slurmctld listens) and a mount namespace with a
-# /tmp of its own (Slurm's PMIx plugin makes per-step directories there that two nodes on one
-# machine would share). The state dir must not be under /tmp for that reason.
+# machine reaches them as 10.97.0.254, where slurmctld listens) and a mount namespace whose /tmp
+# keeps the node's own writes (an overlay on this machine's /tmp: Slurm's PMIx plugin makes
+# per-step directories there that two nodes on one machine would share). The state dir must not
+# be under /tmp for that reason.
 # `env` prints the SLURM_CONF line that srun/sinfo need. Needs root and the Debian packages
 # slurmctld, slurmd, slurm-client, munge and libpmix-dev (scripts/setup.sh installs them).
 set -euo pipefail
@@ -89,8 +90,11 @@ EOF
     for ((i = 1; i <= nodes; i++)); do
       mkdir -p "$STATE/spool/node$i"
       pid_alive "$STATE/run/slurmd-node$i.pid" && continue
-      nsenter --net="/run/netns/pyhpc-slurm-$i" unshare -m --propagation private \
-        sh -c "mount -t tmpfs tmpfs /tmp && exec slurmd -f '$CONF' -N node$i"
+      # /tmp as this machine has it, with the node's own writes over it (an overlay): what is
+      # under /tmp (a checkout, a test's files) stays visible, what Slurm makes there is not shared.
+      mkdir -p "$STATE/tmp/node$i/upper" "$STATE/tmp/node$i/work"
+      nsenter --net="/run/netns/pyhpc-slurm-$i" unshare -m --propagation private sh -c \
+        "mount -t overlay overlay -o lowerdir=/tmp,upperdir='$STATE/tmp/node$i/upper',workdir='$STATE/tmp/node$i/work' /tmp && exec slurmd -f '$CONF' -N node$i"
       log "slurmd node$i started ($NET.$i)"
     done
   fi
