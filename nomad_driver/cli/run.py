@@ -21,7 +21,7 @@ import signal
 import sys
 from typing import Any
 
-from nomad_driver.cli.signals import FORWARDED, Interrupted, stop_on_signals
+from nomad_driver.cli.signals import FORWARDED, PENDING, stop_on_signals
 from nomad_driver.cli.signals import check as check_stopped
 from nomad_driver.driver import choices
 from nomad_driver.util.errors import PyhpcError
@@ -708,7 +708,6 @@ def supervise(
     # may run (and print) before start() returns, and nothing made on the way is left half-made.
     init: list[int] = []  # a pidfd of the init: never another process that got its pid
     held: list[int] = []  # before the init exists
-    late: list[int] = []  # after the init has ended: they stop the run instead
 
     def forward(signum: int, _frame: object) -> None:
         if not init:
@@ -716,8 +715,8 @@ def supervise(
             return
         try:
             signal.pidfd_send_signal(init[0], signum)
-        except ProcessLookupError:
-            late.append(signum)
+        except ProcessLookupError:  # the command has ended: the signal stops the run instead
+            PENDING.append(signum)
 
     for s in FORWARDED:
         signal.signal(s, forward)
@@ -747,8 +746,6 @@ def supervise(
         # The command has ended: from here (saving, the provenance record) a signal stops
         # the run, and nothing is sent on; one that came while it was ending does too.
         stop_on_signals()
-        if late:
-            raise Interrupted(late[0])
         check_stopped()
         if finished is not None:
             from nomad_driver.images.save import SaveError

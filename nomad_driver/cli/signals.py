@@ -15,13 +15,14 @@ FORWARDED = (
 )
 
 
-PENDING: list[int] = []  # every signal stop() raised for
+PENDING: list[int] = []  # signals that stop the run: each stop() raised for, and those that
+# found the command already ended
 
 
 def check() -> None:
-    """Raise again for a signal whose Interrupted Python swallowed: raised where exceptions
-    are only reported ("Exception ignored in ...", a callback of the import machinery), it
-    would not have stopped the run."""
+    """Raise for a stop not yet acted on: one whose Interrupted Python swallowed (raised where
+    exceptions are only reported, "Exception ignored in ...", a callback of the import
+    machinery), or one that came as the command ended."""
     if PENDING:
         raise Interrupted(PENDING[0])
 

@@ -22,7 +22,7 @@ from nomad_driver.images.reference import Reference
 from nomad_driver.images.sources import DirTree, LocalAccess, SourceError
 from nomad_driver.runtime import linux
 from nomad_driver.runtime.container import attach_loop, fd_path, mount_image
-from nomad_driver.util.asuser import children_in_own_pid_namespace
+from nomad_driver.util.asuser import children_in_own_pid_namespace, fork_blocked
 from nomad_driver.util.errors import PyhpcError
 
 
@@ -52,15 +52,7 @@ def save(
     out = os.path.join(work, "saved.sqsh")
     children_in_own_pid_namespace()
     errors_r, errors_w = os.pipe()
-    parent = os.getpid()
-    # The root process's handlers (a signal stops the run by raising) must not run in the
-    # child: signals stay blocked there; the parent, stopped, kills it.
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
-    try:
-        pid = os.fork()
-    finally:
-        if os.getpid() == parent:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    pid, blocked = fork_blocked()
     if pid == 0:  # the child: its mounts go with it
         code = 1
         try:
@@ -74,6 +66,7 @@ def save(
             os._exit(code)  # whatever happened (a stop, a parent gone), never past here
     os.close(errors_w)
     try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a pending stop may land here
         with os.fdopen(errors_r, "rb") as errors:
             said = errors.read().decode(errors="replace")
     except BaseException:

@@ -26,6 +26,19 @@ def children_in_own_pid_namespace() -> None:
         os.close(fd)
 
 
+def fork_blocked() -> tuple[int, set[int | signal.Signals]]:
+    """os.fork() with every signal blocked, and the mask to restore. No handler of this root
+    process may run in the child (it would carry on, as root or as the user, outside what it
+    was forked for): there signals stay blocked until it exits. The parent restores the mask
+    where a stop may come, that is where it is ready to end the child."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        return os.fork(), blocked
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        raise
+
+
 def run_as(uid: int, gid: int, groups: Iterable[int], work: Callable[[], bytes]) -> bytes:
     """work()'s bytes, as it returned them in a child running as uid/gid/groups; its OSError
     raised here (errno and text, no path beyond what work put in the message). Root (uid 0)
@@ -35,13 +48,9 @@ def run_as(uid: int, gid: int, groups: Iterable[int], work: Callable[[], bytes])
     if os.geteuid() == 0:
         children_in_own_pid_namespace()
     r, w = os.pipe()
-    # No signal handler of this root process may run in the child (it would carry on as
-    # root, or as the user, outside work()): signals stay blocked there until it exits.
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
     try:
-        pid = os.fork()
+        pid, blocked = fork_blocked()
     except BaseException:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         os.close(r)
         os.close(w)
         raise
