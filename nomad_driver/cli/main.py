@@ -200,7 +200,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pyhpc run: stopped by {name}", file=sys.stderr)
             code = 128 + stop.signum
         finally:
-            signals.ignore()  # the run is over: a late signal does not change how it ended
+            try:
+                signals.ignore()  # the run is over: a late signal does not change how it ended
+            except signals.Interrupted:  # one pending as the mask changed (Python ran it)
+                signals.ignore()
         return code
     args = parser("").parse_args(argv)
     if args.command == "install-plugin":

@@ -21,7 +21,7 @@ import signal
 import sys
 from typing import Any
 
-from nomad_driver.cli.signals import FORWARDED, PENDING, stop_on_signals
+from nomad_driver.cli.signals import FORWARDED, PENDING, Interrupted, stop_on_signals
 from nomad_driver.cli.signals import check as check_stopped
 from nomad_driver.driver import choices
 from nomad_driver.util.errors import PyhpcError
@@ -755,12 +755,21 @@ def supervise(
             except (SaveError, RuntimeError) as err:
                 return _fail(str(err))
     finally:
-        # The clean-up is not cut short: a signal now waits until the run dir is gone.
-        stopped = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+        # The clean-up is not cut short: a signal now waits until the run dir is gone. One
+        # already pending runs its handler as the mask changes (Python checks then): its stop
+        # is acted on after the clean-up.
+        late: Interrupted | None = None
+        try:
+            stopped = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+        except Interrupted as stop:
+            late, stopped = stop, signal.pthread_sigmask(signal.SIG_BLOCK, [])
+            stopped -= set(FORWARDED)
         for fd in init:
             os.close(fd)
         shutil.rmtree(run_dir, ignore_errors=True)
         signal.pthread_sigmask(signal.SIG_SETMASK, stopped)
+        if late is not None:
+            raise late
     if result.err:
         return _fail(result.err)
     return result.exit_code
