@@ -22,7 +22,9 @@ from __future__ import annotations
 import hashlib
 import io
 import posixpath
+import queue
 import tarfile
+import threading
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,6 +35,14 @@ from nomad_driver.util.errors import PyhpcError
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 ROOT = ""
+
+
+def _decode_errors() -> tuple[type[Exception], ...]:
+    try:
+        from isal.isal_zlib import error as isal_error
+    except ImportError:
+        return (zlib.error,)
+    return (zlib.error, isal_error)
 
 
 class LayerError(PyhpcError, ValueError):
@@ -54,11 +64,28 @@ Meter = Callable[[str, int, int], None]  # (layer label, bytes read so far, expe
 
 
 class _Hashing(io.RawIOBase):
-    def __init__(self, raw: IO[bytes], meter: Callable[[int], None] | None = None) -> None:
+    """Reads raw through, hashing what passes. With behind=True the hashing happens in a
+    thread of its own (hashlib lets go of the GIL for large buffers), off the reader's path;
+    at most a few chunks wait for it."""
+
+    def __init__(
+        self, raw: IO[bytes], meter: Callable[[int], None] | None = None, behind: bool = False
+    ) -> None:
         self.raw = raw
         self.sha = hashlib.sha256()
         self.size = 0
         self.meter = meter
+        self.pending: queue.Queue[bytes | None] | None = None
+        self.hasher: threading.Thread | None = None
+        if behind:
+            self.pending = queue.Queue(8)
+            self.hasher = threading.Thread(target=self._hash, name="layer-hash", daemon=True)
+            self.hasher.start()
+
+    def _hash(self) -> None:
+        assert self.pending is not None
+        while (data := self.pending.get()) is not None:
+            self.sha.update(data)
 
     def readable(self) -> bool:
         return True
@@ -67,7 +94,10 @@ class _Hashing(io.RawIOBase):
         data = self.raw.read(len(buffer))
         n = len(data)
         buffer[:n] = data
-        self.sha.update(data)
+        if self.pending is not None:
+            self.pending.put(bytes(data))
+        else:
+            self.sha.update(data)
         self.size += n
         if self.meter is not None:
             self.meter(self.size)
@@ -76,16 +106,31 @@ class _Hashing(io.RawIOBase):
     def drain(self) -> str:
         while self.read(1 << 20):
             pass
+        self.stop()
         return "sha256:" + self.sha.hexdigest()
+
+    def stop(self) -> None:
+        """Wait for the hashing thread (if any) to finish what it was given."""
+        if self.hasher is not None and self.pending is not None:
+            self.pending.put(None)
+            self.hasher.join()
+            self.hasher = None
 
 
 def _decompressed(raw: IO[bytes]) -> IO[bytes]:
+    """The decompressed stream of raw (gzip, zstd or plain). gzip is read with ISA-L's
+    decoder in a thread of its own when python-isal is installed (reading raw there too, so a
+    digest of it is taken off the caller's path), else with zlib."""
     buffered = io.BufferedReader(raw, 1 << 20)  # type: ignore[type-var]
     magic = buffered.peek(4)[:4]
     if magic[:2] == b"\x1f\x8b":
-        import gzip
+        try:
+            from isal import igzip_threaded
+        except ImportError:
+            import gzip
 
-        return gzip.GzipFile(fileobj=buffered, mode="rb")  # type: ignore[return-value]
+            return gzip.GzipFile(fileobj=buffered, mode="rb")  # type: ignore[return-value]
+        return igzip_threaded.open(buffered, "rb", threads=1)  # type: ignore[no-any-return]
     if magic == b"\x28\xb5\x2f\xfd":
         import zstandard
 
@@ -98,16 +143,20 @@ def _members(
 ) -> Iterator[tuple[int, tarfile.TarInfo, tarfile.TarFile]]:
     """(index, member, archive) of every member, verifying the digests at the end."""
     raw = layer.open()
+    stream: IO[bytes] | None = None
+    inner: _Hashing | None = None
     try:
         counted = None if meter is None else (lambda n: meter(layer.label, n, layer.size))
         outer = _Hashing(raw, counted) if layer.digest else None
         stream = _decompressed(outer if outer else raw)  # type: ignore[arg-type]
-        inner = _Hashing(stream) if layer.diff_id else None
+        inner = _Hashing(stream, behind=True) if layer.diff_id else None
+        # Read in large chunks: tarfile's own reads are 10 KB, each a Python call below.
+        source = io.BufferedReader(inner, 1 << 20) if inner else stream  # type: ignore[arg-type]
         try:
-            archive = tarfile.open(fileobj=inner or stream, mode="r|")
+            archive = tarfile.open(fileobj=source, mode="r|")
             for index, member in enumerate(archive):
                 yield index, member, archive
-        except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as err:
+        except (tarfile.TarError, EOFError, OSError, ValueError, *_decode_errors()) as err:
             short = ""
             if outer is not None and layer.size and outer.size < layer.size:
                 short = f"; truncated: {outer.size} of {layer.size} bytes arrived"
@@ -122,6 +171,10 @@ def _members(
                     f"{layer.label}: digest mismatch: expected {layer.digest}, got {got}"
                 )
     finally:
+        if inner is not None:
+            inner.stop()
+        if stream is not None:
+            stream.close()  # ends the decoder's thread, if any
         raw.close()
 
 
@@ -358,7 +411,7 @@ def merge(
                 merger.layer(index)
             except BrokenPipeError:
                 raise  # the builder stopped; its own message says why
-            except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
+            except (tarfile.TarError, EOFError, OSError, *_decode_errors()) as err:
                 raise LayerError(f"{layers[index].label}: unreadable data ({err})") from err
         merger.refetched()
         if merger.waiting:

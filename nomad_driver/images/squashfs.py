@@ -58,6 +58,7 @@ def from_tar(write: Callable[[IO[bytes]], object], dest: str, level: int = DEFAU
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        bufsize=1 << 20,  # the tar writer's 10 KB records reach the pipe 1 MB at a time
     )
     assert proc.stdin is not None and proc.stderr is not None
     growth = _Growth(dest)

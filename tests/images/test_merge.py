@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import subprocess
+import sys
+import tarfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -188,3 +193,67 @@ def test_the_meter_sees_every_byte_of_every_layer(tmp_path: Path) -> None:
         layers, io.BytesIO(), meter=lambda label, done, total: seen.update({label: (done, total)})
     )
     assert seen == {f"layer {i}": (len(b), len(b)) for i, b in enumerate(blobs)}
+
+
+@pytest.fixture(params=["isal", "zlib"])
+def decoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each gzip decoder the merge may use: python-isal's threaded one, or zlib without it."""
+    if request.param == "isal":
+        pytest.importorskip("isal.igzip_threaded")
+    else:
+        monkeypatch.setitem(sys.modules, "isal", None)  # import isal fails: the fallback
+    return str(request.param)
+
+
+def layer_with_ids(blob: bytes, diff_id: str = "") -> merge.Layer:
+    """A gzip layer whose digest and uncompressed digest (the hashing thread's) are checked."""
+    return merge.Layer(
+        "layer 1",
+        lambda: io.BytesIO(blob),
+        digest=sha(blob),
+        diff_id=diff_id or sha(gzip.decompress(blob)),
+    )
+
+
+def helper_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+
+
+def test_both_digests_are_checked_with_either_decoder(decoder: str) -> None:
+    blob = layer_tar([("f", "file", os.urandom(3 << 20)), ("g", "file", b"small")])
+    out = io.BytesIO()
+    assert merge.merge([layer_with_ids(blob)], out) == 2
+    with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as merged:
+        assert sorted(merged.getnames()) == ["f", "g"]
+    wrong = layer_with_ids(blob, diff_id=sha(b"other"))
+    with pytest.raises(merge.LayerError, match="uncompressed content does not match"):
+        merge.merge([wrong], io.BytesIO())
+    assert helper_threads() == []
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt", "hostile"])
+def test_a_refused_layer_leaves_no_thread_or_traceback(decoder: str, damage: str) -> None:
+    """The decoder's and the hasher's threads end with the layer, however it ends: a plugin
+    refusing one bad image after another must not pile them up."""
+    # Refused at its first entry, the hostile layer leaves the decoder with 16 MB still to give.
+    entries: list[Entry] = [("big", "file", os.urandom(16 << 20)), ("next", "file", b"x")]
+    if damage == "hostile":
+        entries.insert(0, ("../escape", "file", b"x"))
+    blob = layer_tar(entries)
+    if damage == "truncated":
+        blob = blob[: len(blob) // 2]
+    elif damage == "corrupt":
+        middle = len(blob) // 2
+        blob = (
+            blob[:middle]
+            + bytes(b ^ 0x5A for b in blob[middle : middle + 4096])
+            + blob[middle + 4096 :]
+        )
+    layer = merge.Layer("layer 1", lambda: io.BytesIO(blob), digest=sha(blob),
+                        diff_id=sha(b"unknown"))  # fmt: skip
+    with pytest.raises(merge.LayerError, match="layer 1"):
+        merge.merge([layer], io.BytesIO())
+    deadline = time.monotonic() + 5
+    while helper_threads() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert helper_threads() == []
