@@ -6,7 +6,9 @@ skopeo to a throwaway docker-registry on 127.0.0.1, then times, each into a fres
   pyhpc       `pyhpc image import docker://...` (two-pass streaming merge into tar2sqfs)
   enroot way  download (skopeo), unpack every layer (umoci), `mksquashfs` with its defaults
   ch-image    `ch-image pull` then `ch-convert` to SquashFS (Charliecloud), when installed
-  tar2sqfs    `tar2sqfs -j N -c zstd -X level=3` on the already flattened tree: the bound
+  tar2sqfs    `tar2sqfs -j N -c zstd -X level=3` on the already flattened tree, alone
+  bound       the pipeline bound: that tree gzip'd as the layers are, decoded by ISA-L
+              (python-isal's igzip) straight into the same tar2sqfs, on the same cores
 
 and records wall time, peak RSS of the whole process tree, and peak extra disk. Needs root.
 
@@ -210,23 +212,41 @@ def main() -> int:
             )
             shutil.rmtree(enroot)
             out = work / "bound.sqsh"
+            tar2sqfs = ["tar2sqfs", "-q", "-f", "-j", JOBS, "-c", "zstd", "-X", "level=3", str(out)]
             with open(flat, "rb") as stdin:
                 start = time.perf_counter()
-                subprocess.run(
-                    ["tar2sqfs", "-q", "-f", "-j", JOBS, "-c", "zstd", "-X", "level=3", str(out)],
-                    stdin=stdin,
-                    check=True,
-                )
-                bound = time.perf_counter() - start
+                subprocess.run(tar2sqfs, stdin=stdin, check=True)
+                alone = time.perf_counter() - start
             rows.append(
                 (
-                    f"tar2sqfs -j {JOBS} on the flattened tar (bound)",
+                    f"tar2sqfs -j {JOBS} alone on the flattened tar",
+                    alone,
+                    0.0,
+                    0.0,
+                    f"image {out.stat().st_size / 1e6:.0f} MB",
+                )
+            )
+            # The pipeline bound: the same tree gzip'd as the layers are, decoded by the
+            # fastest decoder here (ISA-L) into tar2sqfs on the same cores, as pyhpc must.
+            zipped = work / "flat.tar.gz"
+            with open(flat, "rb") as src, open(zipped, "wb") as dst:
+                subprocess.run(["gzip", "-6", "-n"], stdin=src, stdout=dst, check=True)
+            out.unlink()
+            decode = f"{sys.executable} -m isal.igzip -d -c {zipped}"
+            start = time.perf_counter()
+            subprocess.run(["bash", "-c", f"set -o pipefail; {decode} | {' '.join(tar2sqfs)}"],
+                           check=True)  # fmt: skip
+            bound = time.perf_counter() - start
+            rows.append(
+                (
+                    f"pipeline bound: ISA-L gunzip into tar2sqfs -j {JOBS}",
                     bound,
                     0.0,
                     0.0,
                     f"image {out.stat().st_size / 1e6:.0f} MB",
                 )
             )
+            zipped.unlink()
             flat.unlink()
             out.unlink()
 
@@ -297,7 +317,10 @@ def main() -> int:
             lines.append(f"| {name} | {t:.1f} | {t / ours:.2f} | {rss:.0f} | {disk:.0f} | {note} |")
         else:
             lines.append(f"| {name} | - | - | - | - | {note} |")
+    bound = next(r[1] for r in rows if r[0].startswith("pipeline bound"))
     lines += [
+        "",
+        f"pyhpc over the pipeline bound: **{ours / bound:.2f}x** (target: at most 1.3x).",
         "",
         "Starting `/bin/busybox true` from the imported image with `pyhpc run` (the "
         "image is mounted where it lies in the store, never copied):",

@@ -28,7 +28,7 @@ import threading
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, cast
 
 from nomad_driver.util.errors import PyhpcError
 
@@ -37,12 +37,14 @@ OPAQUE = ".wh..wh..opq"
 ROOT = ""
 
 
-def _decode_errors() -> tuple[type[Exception], ...]:
+def _unreadable() -> tuple[type[BaseException], ...]:
+    """What reading a damaged layer raises, whichever decoder reads it."""
+    errors: tuple[type[BaseException], ...] = (tarfile.TarError, EOFError, OSError, zlib.error)
     try:
         from isal.isal_zlib import error as isal_error
     except ImportError:
-        return (zlib.error,)
-    return (zlib.error, isal_error)
+        return errors
+    return (*errors, cast("type[BaseException]", isal_error))
 
 
 class LayerError(PyhpcError, ValueError):
@@ -117,6 +119,48 @@ class _Hashing(io.RawIOBase):
             self.hasher = None
 
 
+class _Forward:
+    """A stream that tarfile may treat as a file: tell() counts, seek() only goes forward (by
+    reading), so tarfile's seekable mode reads member data straight from the stream, without
+    the copies and 10 KB steps of its stream mode."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self.stream = stream
+        self.pos = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.pos += len(data)
+        return data
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence != 0 or pos < self.pos:
+            raise OSError(f"cannot seek back in a layer stream (to {pos} from {self.pos})")
+        while pos > self.pos:
+            if not self.read(min(pos - self.pos, 1 << 20)):
+                break
+        return self.pos
+
+
+class _Counting:
+    """A write-only stream with tell(), for tarfile's plain (not stream) writing mode."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self.out = out
+        self.pos = 0
+
+    def write(self, data: bytes) -> int:
+        self.out.write(data)
+        self.pos += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.pos
+
+
 def _decompressed(raw: IO[bytes]) -> IO[bytes]:
     """The decompressed stream of raw (gzip, zstd or plain). gzip is read with ISA-L's
     decoder in a thread of its own when python-isal is installed (reading raw there too, so a
@@ -130,7 +174,7 @@ def _decompressed(raw: IO[bytes]) -> IO[bytes]:
             import gzip
 
             return gzip.GzipFile(fileobj=buffered, mode="rb")  # type: ignore[return-value]
-        return igzip_threaded.open(buffered, "rb", threads=1)  # type: ignore[no-any-return]
+        return igzip_threaded.open(buffered, "rb", threads=1)  # type: ignore[no-untyped-call,no-any-return]
     if magic == b"\x28\xb5\x2f\xfd":
         import zstandard
 
@@ -150,13 +194,14 @@ def _members(
         outer = _Hashing(raw, counted) if layer.digest else None
         stream = _decompressed(outer if outer else raw)  # type: ignore[arg-type]
         inner = _Hashing(stream, behind=True) if layer.diff_id else None
-        # Read in large chunks: tarfile's own reads are 10 KB, each a Python call below.
-        source = io.BufferedReader(inner, 1 << 20) if inner else stream  # type: ignore[arg-type]
+        # Read in large chunks, one Python call below each.
+        source = io.BufferedReader(inner, 1 << 20) if inner else stream
+        unreadable: tuple[type[BaseException], ...] = (ValueError, *_unreadable())
         try:
-            archive = tarfile.open(fileobj=source, mode="r|")
+            archive = tarfile.open(fileobj=cast(IO[bytes], _Forward(source)), mode="r:")
             for index, member in enumerate(archive):
                 yield index, member, archive
-        except (tarfile.TarError, EOFError, OSError, ValueError, *_decode_errors()) as err:
+        except unreadable as err:
             short = ""
             if outer is not None and layer.size and outer.size < layer.size:
                 short = f"; truncated: {outer.size} of {layer.size} bytes arrived"
@@ -402,7 +447,11 @@ def merge(
 ) -> int:
     """Write the merged tree of layers (bottom layer first in the list) to out as one tar
     stream; returns the entries written."""
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as archive:
+    counting = _Counting(out)
+    with tarfile.open(
+        fileobj=cast(IO[bytes], counting), mode="w", format=tarfile.PAX_FORMAT
+    ) as archive:
+        archive.copybufsize = 1 << 20  # type: ignore[attr-defined]  # (not in typeshed)
         merger = _Merger(layers, archive, meter=meter)
         for index in reversed(range(len(layers))):
             if progress:
@@ -411,7 +460,7 @@ def merge(
                 merger.layer(index)
             except BrokenPipeError:
                 raise  # the builder stopped; its own message says why
-            except (tarfile.TarError, EOFError, OSError, *_decode_errors()) as err:
+            except _unreadable() as err:
                 raise LayerError(f"{layers[index].label}: unreadable data ({err})") from err
         merger.refetched()
         if merger.waiting:
