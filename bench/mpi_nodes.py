@@ -18,6 +18,7 @@ bench/results/mpi_nodes.md and .json. Target: bandwidth within 5 % of the host.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +90,11 @@ def launcher_log(job: str) -> str:
     return r.text if r.status_code == 200 else ""
 
 
-def run_job(job: str, *variables: str) -> float:
-    text = SPEC.read_text().replace('job "mpi-multi"', f'job "{job}"')
+def run_job(job: str, *variables: str, spec: Path = SPEC) -> float:
+    """Submit SPEC renamed to JOB; the time it was submitted."""
+    name = re.search(r'^job "([^"]+)"', spec.read_text(), re.M)
+    assert name, spec
+    text = spec.read_text().replace(name.group(0), f'job "{job}"')
     path = Path(tempfile.mkdtemp()) / "job.nomad"
     path.write_text(text)
     args = [a for v in variables for a in ("-var", v)]
@@ -129,11 +134,13 @@ def in_pyhpc(impl: str, n: int) -> tuple[float, float]:
         stop(job)
 
 
-def on_host(root: Path, impl: str) -> tuple[float, float]:
+def host_run(root: Path, launch: list[str], until: str) -> str:
+    """Run LAUNCH (mpirun or mpiexec.hydra and the program, its remote shell /tmp/agent) in
+    the image ROOT under chroot in namespace 1; its output up to the first line holding UNTIL,
+    even should MPI_Finalize not return."""
     # A mount namespace of its own, for a sysfs of namespace 1 (its network devices).
-    launch = " ".join([*HOST_LAUNCH[impl], f"/opt/mpi/{impl}/pingpong"])
     argv = ["nsenter", "--net=/run/netns/pyhpc-mpi-1", "unshare", "--mount", CHROOT, str(root),
-            "/bin/sh", "-c", f"mount -t sysfs sysfs /sys && exec {launch}"]  # fmt: skip
+            "/bin/sh", "-c", f"mount -t sysfs sysfs /sys && exec {' '.join(launch)}"]  # fmt: skip
     env = {k: v for k, v in ENV.items() if not k.endswith("_agent")}
     env["PRTE_MCA_plm_ssh_agent"] = "/tmp/agent"  # Open MPI 5; 4 takes HOST_LAUNCH's --mca
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -141,15 +148,51 @@ def on_host(root: Path, impl: str) -> tuple[float, float]:
     out = ""
     try:
         assert proc.stdout is not None
-        for line in proc.stdout:  # the result, even should MPI_Finalize not return
+        for line in proc.stdout:
             out += line
-            if "pingpong latency_us=" in line:
-                return parse(out)
-        raise RuntimeError(f"host {impl}: no result: {out[-1500:]}")
+            if until in line:
+                return out
+        raise RuntimeError(f"host: no {until!r} from {launch[-1]}: {out[-1500:]}")
     finally:
         proc.kill()
         proc.wait()
-        subprocess.run(["pkill", "-f", f"/opt/mpi/{impl}/pingpong"], check=False)
+        subprocess.run(["pkill", "-f", launch[-1]], check=False)
+
+
+def on_host(root: Path, impl: str) -> tuple[float, float]:
+    program = f"/opt/mpi/{impl}/pingpong"
+    return parse(host_run(root, [*HOST_LAUNCH[impl], program], "pingpong latency_us="))
+
+
+@contextlib.contextmanager
+def host_nodes(image: str, nodes: int) -> Iterator[Path]:
+    """NODES MPI nodes up (and down after), and IMAGE mounted as a root for host_run."""
+    subprocess.run([str(NODES_SH), "down"], capture_output=True, check=False)
+    subprocess.run([str(NODES_SH), "up", str(nodes)], check=True)
+    root = Path(tempfile.mkdtemp(prefix="pyhpc-mpi-host-"))
+    subprocess.run(["mount", "-o", "loop,ro", image, str(root)], check=True)
+    mounts = [
+        ("proc", root / "proc", ["-t", "proc"]),
+        ("/dev", root / "dev", ["--rbind"]),
+        ("tmpfs", root / "tmp", ["-t", "tmpfs"]),
+        ("tmpfs", root / "run", ["-t", "tmpfs"]),
+    ]
+    try:
+        for src, dst, how in mounts:
+            subprocess.run(["mount", *how, src, str(dst)], check=True)
+        (root / "run" / "netns").mkdir()
+        subprocess.run(["mount", "--rbind", "/run/netns", str(root / "run" / "netns")], check=True)
+        # Else unmounting it at the end would propagate back and detach the nodes' namespaces.
+        subprocess.run(["mount", "--make-rslave", str(root / "run" / "netns")], check=True)
+        (root / "tmp" / "agent").write_text(AGENT)
+        (root / "tmp" / "agent").chmod(0o755)
+        yield root
+    finally:
+        for _, dst, _ in reversed(mounts):
+            subprocess.run(["umount", "-R", str(dst)], check=False)
+        subprocess.run(["umount", str(root)], check=False)
+        os.rmdir(root)
+        subprocess.run([str(NODES_SH), "down"], capture_output=True, check=False)
 
 
 def start_time(workers: int, n: int) -> float:
@@ -169,27 +212,9 @@ def main() -> int:
     parser.add_argument("--starts", type=int, default=5)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "mpi_nodes.md"))
     args = parser.parse_args()
-    subprocess.run([str(NODES_SH), "down"], capture_output=True, check=False)
-    subprocess.run([str(NODES_SH), "up", "4"], check=True)
-    root = Path(tempfile.mkdtemp(prefix="pyhpc-mpi-host-"))
-    subprocess.run(["mount", "-o", "loop,ro", args.image, str(root)], check=True)
-    mounts = [
-        ("proc", root / "proc", ["-t", "proc"]),
-        ("/dev", root / "dev", ["--rbind"]),
-        ("tmpfs", root / "tmp", ["-t", "tmpfs"]),
-        ("tmpfs", root / "run", ["-t", "tmpfs"]),
-    ]
     pingpong: dict[str, dict[str, list[tuple[float, float]]]] = {}
     starts: dict[int, list[float]] = {2: [], 4: []}
-    try:
-        for src, dst, how in mounts:
-            subprocess.run(["mount", *how, src, str(dst)], check=True)
-        (root / "run" / "netns").mkdir()
-        subprocess.run(["mount", "--rbind", "/run/netns", str(root / "run" / "netns")], check=True)
-        # Else unmounting it at the end would propagate back and detach the nodes' namespaces.
-        subprocess.run(["mount", "--make-rslave", str(root / "run" / "netns")], check=True)
-        (root / "tmp" / "agent").write_text(AGENT)
-        (root / "tmp" / "agent").chmod(0o755)
+    with host_nodes(args.image, 4) as root:
         for impl in HOST_LAUNCH:
             pingpong[impl] = {"host": [], "pyhpc": []}
             for i in range(args.runs):  # interleaved, so drift hits both alike
@@ -200,12 +225,6 @@ def main() -> int:
             for workers in starts:
                 starts[workers].append(start_time(workers, i))
         print("starts", starts, flush=True)
-    finally:
-        for _, dst, _ in reversed(mounts):
-            subprocess.run(["umount", "-R", str(dst)], check=False)
-        subprocess.run(["umount", str(root)], check=False)
-        os.rmdir(root)
-        subprocess.run([str(NODES_SH), "down"], capture_output=True, check=False)
     summary: dict[str, Any] = {"pingpong": {}, "start_s": {}}
     lines = [
         "# MPI across two nodes: pyhpc through Nomad vs the same binaries on the host",

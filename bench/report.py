@@ -51,6 +51,8 @@ def benchmarks(quick: bool) -> dict[str, list[str]]:
         + (["--runs", "3"] if quick else []),
         "mpi_nodes": [py, "bench/mpi_nodes.py", "--out", str(RESULTS / "mpi_nodes.md")]
         + (["--runs", "3", "--starts", "3"] if quick else []),
+        "lammps": [py, "bench/lammps.py", "--out", str(RESULTS / "lammps.md")]
+        + (["--runs", "3"] if quick else []),
         "gpu": [py, "bench/gpu.py"],  # exits 77 without a GPU: the recorded results stay
         "images": [py, "bench/import_speed.py", "--out", out["images"]],
         "foundation": [py, "bench/start_latency.py", "--out", out["foundation"]]
@@ -196,6 +198,16 @@ def _mpi(ratios: Ratios) -> None:
                     "-",
                 )
             )
+    lammps = load("lammps")
+    if lammps:
+        ratios.append(
+            (
+                f"LAMMPS LJ melt, {lammps['atoms']:,} atoms, two nodes, vs the host",
+                f"{lammps['pyhpc']:.2f} timesteps/s",
+                f"{lammps['host']:.2f} timesteps/s",
+                f"{lammps['ratio']:.2f}x",
+            )
+        )
 
 
 def report() -> str:
@@ -319,7 +331,7 @@ def report() -> str:
         "Tables: [foundation.md](foundation.md) (Nomad start latency, throughput, memory), "
         "[runtime.md](runtime.md) (container entry), [images.md](images.md) (import), "
         "[signing.md](signing.md), [dispatch.md](dispatch.md), [mpi.md](mpi.md), "
-        "[mpi_nodes.md](mpi_nodes.md), [gpu.md](gpu.md), and the load "
+        "[mpi_nodes.md](mpi_nodes.md), [lammps.md](lammps.md), [gpu.md](gpu.md), and the load "
         "summary in "
         "[load.json](load.json).",
         "",

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Build the MPI test image: Debian (debootstrap, minbase) with Open MPI and MPICH side by side,
-# and scripts/mpi/{hello,allreduce,pingpong}.c compiled for each:
+# Build the MPI image: Debian (debootstrap, minbase) with Open MPI and MPICH side by side,
+# scripts/mpi/{hello,allreduce,pingpong}.c compiled for each, and Debian's LAMMPS (built
+# against Open MPI) with the Lennard-Jones benchmark input:
 #   /opt/mpi/openmpi/{hello,allreduce,pingpong}   (mpicc.openmpi; run with mpirun.openmpi)
 #   /opt/mpi/mpich/{hello,allreduce,pingpong}     (mpicc.mpich;   run with mpiexec.hydra)
+#   /usr/bin/lmp, /opt/lammps/in.lj                (jobspecs/lammps.nomad; bench/lammps.py)
 #   scripts/make-mpi-image.sh [OUTPUT]   (default /var/lib/pyhpc/images/mpi.sqsh)
 # The image is built once and kept in ${PYHPC_IMAGE_CACHE:-~/.cache/pyhpc/images}; a rebuild
 # happens only when this script or the C sources change. Needs root, debootstrap, mksquashfs.
@@ -25,7 +27,7 @@ if [[ -z "$mirror" ]]; then
   echo "make-mpi-image: no Debian mirror: none in /etc/apt/sources.list(.d); set PYHPC_MPI_MIRROR" >&2
   exit 2
 fi
-key=$(cat "$0" "$here"/mpi/*.c | sha256sum | cut -c1-16)
+key=$(cat "$0" "$here"/mpi/*.c "$here"/lammps/* | sha256sum | cut -c1-16)
 cached="$cache/mpi-$suite-$key.sqsh"
 for tool in debootstrap mksquashfs; do
   command -v "$tool" >/dev/null || { echo "make-mpi-image: install $tool first" >&2; exit 1; }
@@ -38,14 +40,15 @@ if [[ ! -s "$cached" ]]; then
   debootstrap --variant=minbase "$suite" "$root" "$mirror" >"$root.log" 2>&1 \
     || { tail -20 "$root.log" >&2; echo "make-mpi-image: debootstrap failed" >&2; exit 1; }
   # apt inside the new root resolves what debootstrap's --include cannot (virtual packages).
-  echo "make-mpi-image: apt-get install Open MPI, MPICH, gcc" >&2
+  echo "make-mpi-image: apt-get install Open MPI, MPICH, gcc, LAMMPS" >&2
   chroot "$root" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
     --no-install-recommends openmpi-bin libopenmpi-dev mpich libmpich-dev gcc libc6-dev \
-    procps >"$root.log" 2>&1 \
+    procps lammps >"$root.log" 2>&1 \
     || { tail -20 "$root.log" >&2; echo "make-mpi-image: apt-get failed" >&2; exit 1; }
   rm -f "$root.log"
-  mkdir -p "$root/src" "$root/opt/mpi/openmpi" "$root/opt/mpi/mpich"
+  mkdir -p "$root/src" "$root/opt/mpi/openmpi" "$root/opt/mpi/mpich" "$root/opt/lammps"
   cp "$here"/mpi/*.c "$root/src/"
+  cp "$here"/lammps/* "$root/opt/lammps/"
   for prog in hello allreduce pingpong; do
     chroot "$root" mpicc.openmpi -O2 -o "/opt/mpi/openmpi/$prog" "/src/$prog.c"
     chroot "$root" mpicc.mpich -O2 -o "/opt/mpi/mpich/$prog" "/src/$prog.c"

@@ -32,25 +32,8 @@ die() { printf 'mpi-nodes.sh: error: %s\n' "$*" >&2; exit 1; }
 
 count() { [[ -f "$M/count" ]] && cat "$M/count" || echo 0; }
 
-netns_up() {
-  local n=$1 i
-  ip netns add pyhpc-mpi-sw
-  ip -n pyhpc-mpi-sw link add br0 type bridge
-  ip -n pyhpc-mpi-sw link set br0 up
-  for ((i = 1; i <= n; i++)); do
-    ip netns add "pyhpc-mpi-$i"
-    ip -n "pyhpc-mpi-$i" link set lo up
-    ip link add "mpi$i" netns "pyhpc-mpi-$i" type veth peer name "mpi$i-sw" netns pyhpc-mpi-sw
-    ip -n pyhpc-mpi-sw link set "mpi$i-sw" master br0 up
-    ip -n "pyhpc-mpi-$i" addr add "$NET.$i/24" dev "mpi$i"
-    ip -n "pyhpc-mpi-$i" link set "mpi$i" up
-  done
-}
-
-netns_down() {
-  local ns
-  for ns in $(ip netns list 2>/dev/null | awk '/^pyhpc-mpi-/ {print $1}'); do ip netns del "$ns"; done
-}
+netns_up() { "$here/netns.sh" up pyhpc-mpi mpi "$NET" "$1"; }
+netns_down() { "$here/netns.sh" down pyhpc-mpi; }
 
 node_config() {   # node_config I -> agent HCL for node I
   local i=$1 cgroup

@@ -14,6 +14,7 @@
 # slurmctld, slurmd, slurm-client, munge and libpmix-dev (scripts/setup.sh installs them).
 set -euo pipefail
 
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
 STATE="${PYHPC_SLURM_DIR:-/var/tmp/pyhpc-slurm}"
 NET=10.97.0
 CONF="$STATE/slurm.conf"
@@ -108,32 +109,8 @@ EOF
   die "the node did not come up: $(sinfo 2>&1 | tail -2); see $STATE/log"
 }
 
-netns_up() {
-  local n=$1 i
-  netns_down
-  ip netns add pyhpc-slurm-sw
-  ip -n pyhpc-slurm-sw link add br0 type bridge
-  ip -n pyhpc-slurm-sw link set br0 up
-  for ((i = 1; i <= n; i++)); do
-    ip netns add "pyhpc-slurm-$i"
-    ip -n "pyhpc-slurm-$i" link set lo up
-    ip link add "slurm$i" netns "pyhpc-slurm-$i" type veth peer name "slurm$i-sw" netns pyhpc-slurm-sw
-    ip -n pyhpc-slurm-sw link set "slurm$i-sw" master br0 up
-    ip -n "pyhpc-slurm-$i" addr add "$NET.$i/24" dev "slurm$i"
-    ip -n "pyhpc-slurm-$i" link set "slurm$i" up
-  done
-  # This machine on the same bridge: slurmctld and srun reach the nodes, and they it.
-  ip link add slurmhost type veth peer name slurmhost-sw netns pyhpc-slurm-sw
-  ip -n pyhpc-slurm-sw link set slurmhost-sw master br0 up
-  ip addr add "$NET.254/24" dev slurmhost
-  ip link set slurmhost up
-}
-
-netns_down() {
-  local ns
-  ip link del slurmhost 2>/dev/null || true
-  for ns in $(ip netns list 2>/dev/null | awk '/^pyhpc-slurm-/ {print $1}'); do ip netns del "$ns"; done
-}
+netns_up() { "$here/netns.sh" up pyhpc-slurm slurm "$NET" "$1" slurmhost; }
+netns_down() { "$here/netns.sh" down pyhpc-slurm slurmhost; }
 
 down() {
   local f

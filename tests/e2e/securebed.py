@@ -27,8 +27,9 @@ from tests.vaultbed import dev_vault
 
 REGIONS = {"secure": 4846, "secure2": 4946}  # http; rpc and serf the next two
 CONSUL_HTTPS = 8743
-MPI_NET, MPI_SWITCH = "10.98.0", "pyhpc-smpi-sw"  # the MPI nodes' network, as mpi-nodes.sh's
-NSBRIDGE = Path(__file__).resolve().parents[2] / "scripts" / "testbed" / "nsbridge.py"
+MPI_NET, MPI_PREFIX = "10.98.0", "pyhpc-smpi"  # the MPI nodes' network (scripts/testbed/netns.sh)
+TESTBED = Path(__file__).resolve().parents[2] / "scripts" / "testbed"
+NSBRIDGE, NETNS_SH = TESTBED / "nsbridge.py", TESTBED / "netns.sh"
 NAMESPACE = "hpc"
 SIGNED_DIR = Path("/var/lib/pyhpc/images/secured")
 SIGNING_KEY = "pyhpc-secured"
@@ -53,7 +54,6 @@ class SecureBed:
         self._vault: Any = None
         self.nomad_consul_token = ""
         self.mpi_procs: list[subprocess.Popen[bytes]] = []
-        self.mpi_netns: list[str] = []
 
     # -- what a user of the bed needs -------------------------------------------------------
 
@@ -396,19 +396,9 @@ advertise {{
         RPC port and the node's Consul HTTPS port reach the namespace through nsbridge.py.
         Their plugin reaches the node's agent over HTTPS for the MPI launchers' remote shell."""
         run = self._run_quiet
-        run("ip", "netns", "add", MPI_SWITCH)
-        run("ip", "-n", MPI_SWITCH, "link", "add", "br0", "type", "bridge")
-        run("ip", "-n", MPI_SWITCH, "link", "set", "br0", "up")
+        run(str(NETNS_SH), "up", MPI_PREFIX, "smpi", MPI_NET, str(count))
         for i in range(1, count + 1):
-            ns, veth = f"pyhpc-smpi-{i}", f"smpi{i}"
-            self.mpi_netns.append(ns)
-            run("ip", "netns", "add", ns)
-            run("ip", "-n", ns, "link", "set", "lo", "up")
-            run("ip", "link", "add", veth, "netns", ns, "type", "veth",
-                "peer", "name", f"{veth}-sw", "netns", MPI_SWITCH)  # fmt: skip
-            run("ip", "-n", MPI_SWITCH, "link", "set", f"{veth}-sw", "master", "br0", "up")
-            run("ip", "-n", ns, "addr", "add", f"{MPI_NET}.{i}/24", "dev", veth)
-            run("ip", "-n", ns, "link", "set", veth, "up")
+            ns, veth = f"{MPI_PREFIX}-{i}", f"smpi{i}"
             self._start_consul_client(i)
             self.mpi_procs.append(
                 self._daemon(
@@ -511,9 +501,7 @@ acl {{
         self.mpi_procs.clear()
         # The nodes' supervisors and tasks, should a job have been left running.
         subprocess.run(["pkill", "-f", f"{self.root}/mpi-"], check=False)
-        for ns in [*self.mpi_netns, MPI_SWITCH]:
-            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
-        self.mpi_netns.clear()
+        subprocess.run([str(NETNS_SH), "down", MPI_PREFIX], check=False, capture_output=True)
         for i in range(1, 17):
             unmount_under(Path(f"/run/pyhpc-smpi-{i}"))
             shutil.rmtree(f"/run/pyhpc-smpi-{i}", ignore_errors=True)

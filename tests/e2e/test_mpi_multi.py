@@ -2,13 +2,15 @@
 nodes on this machine, each in its own network namespace (scripts/testbed/mpi-nodes.sh), a
 worker allocation on each with 2 ranks, and a launcher that waits for both and starts the MPI
 daemons in the workers' containers through Nomad's exec API. For Open MPI and MPICH: hello and
-allreduce show every rank and both hosts; the rendezvous works through Consul as through
+allreduce show every rank and both hosts; the LAMMPS example (jobspecs/lammps.nomad) runs its
+benchmark across both; the rendezvous works through Consul as through
 Nomad's own catalog; a killed worker fails the run within 30 s naming it,
 and a rerun works; the start barrier gives up with a count; a stopped job leaves no rank."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -49,8 +51,10 @@ def log(cluster: Any, alloc_id: str, task: str, kind: str = "stdout") -> str:
     return str(r.text) if r.status_code == 200 else ""
 
 
-def submit(cluster: Any, name: str, *variables: str, edit: tuple[str, str] = ("", "")) -> str:
-    text = SPEC.read_text().replace('job "mpi-multi"', f'job "{name}"')
+def submit(
+    cluster: Any, name: str, *variables: str, edit: tuple[str, str] = ("", ""), spec: Path = SPEC
+) -> str:
+    text = re.sub(r'^job "[^"]+"', f'job "{name}"', spec.read_text(), count=1, flags=re.M)
     if edit[0]:
         assert edit[0] in text
         text = text.replace(*edit)
@@ -250,6 +254,26 @@ def test_the_start_barrier_gives_up_with_the_count_it_saw(cluster: Any, mpi_node
         stub, out, err = finish(cluster, job, timeout=60)
         assert stub["ClientStatus"] == "failed"
         assert "pyhpc-mpi: start barrier: 2 of 3 workers registered within 6s" in err, err
+    finally:
+        cluster.stop_job(job)
+
+
+def test_lammps_runs_the_lj_melt_across_two_nodes(cluster: Any, mpi_nodes: int) -> None:
+    """The shipped LAMMPS example as a user runs it, shortened: Debian's lmp, one rank on each
+    node, the launcher's log ending with LAMMPS' timing and performance lines."""
+    job = submit(cluster, "e2e-mpim-lammps", "steps=50", spec=REPO / "jobspecs" / "lammps.nomad")
+    try:
+        stub, out, err = finish(cluster, job, timeout=300)
+        assert stub["ClientStatus"] == "complete", out + err
+        assert "pyhpc-mpi: 2 workers ready" in err
+        assert "32000 atoms" in out, out
+        assert re.search(r"\d by \d by \d MPI processor grid", out), out
+        assert "2 MPI tasks x 1 OpenMP threads" in out, out
+        assert re.search(r"Loop time of [\d.]+ on 2 procs for 50 steps with 32000 atoms", out), out
+        assert re.search(r"Performance: .* [\d.]+ timesteps/s", out), out
+        workers = [a for a in cluster.allocs(job) if a["TaskGroup"] == "worker"]
+        assert len({w["NodeID"] for w in workers}) == 2
+        workers_end(cluster, job)
     finally:
         cluster.stop_job(job)
 
