@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import posixpath
 import queue
 import tarfile
@@ -33,6 +34,8 @@ from typing import IO, cast
 from nomad_driver.util.errors import PyhpcError
 
 WHITEOUT = ".wh."
+READ_MAX = 1 << 20  # the largest read of a layer stream: a member's data chunk, or a header
+NAME_MAX = 4096  # PATH_MAX: a longer name or link target is refused
 OPAQUE = ".wh..wh..opq"
 ROOT = ""
 
@@ -127,10 +130,17 @@ class _Forward:
     def __init__(self, stream: IO[bytes]) -> None:
         self.stream = stream
         self.pos = 0
+        self.block = b""  # the last header-sized read: where tarfile stopped, at the end
 
     def read(self, size: int = -1) -> bytes:
+        # Member data comes in reads of at most 1 MiB; only a header (PAX, GNU long name) asks
+        # for more at once, and tarfile would hold all of it in memory.
+        if size < 0 or size > READ_MAX:
+            raise tarfile.ReadError(f"a tar header of {size} bytes (at most {READ_MAX} allowed)")
         data = self.stream.read(size)
         self.pos += len(data)
+        if size == tarfile.BLOCKSIZE:
+            self.block = data
         return data
 
     def tell(self) -> int:
@@ -197,10 +207,20 @@ def _members(
         # Read in large chunks, one Python call below each.
         source = io.BufferedReader(inner, 1 << 20) if inner else stream
         unreadable: tuple[type[BaseException], ...] = (ValueError, *_unreadable())
+        forward = _Forward(source)
         try:
-            archive = tarfile.open(fileobj=cast(IO[bytes], _Forward(source)), mode="r:")
+            archive = tarfile.open(fileobj=cast(IO[bytes], forward), mode="r:")
             for index, member in enumerate(archive):
                 yield index, member, archive
+                # tarfile would keep every member, and its headers, to the end
+                archive.members.clear()  # type: ignore[attr-defined]
+            if any(forward.block):  # tarfile ends quietly at a header it cannot parse
+                raise LayerError(
+                    f"{layer.label}: not a tar header at byte {forward.pos - len(forward.block)}"
+                    " (a tar reader that skips it would see other content)"
+                )
+        except LayerError:
+            raise
         except unreadable as err:
             short = ""
             if outer is not None and layer.size and outer.size < layer.size:
@@ -224,6 +244,7 @@ def _members(
 
 
 def _clean(name: str, layer: Layer) -> str:
+    _name_ok(name, layer)
     parts = []
     for part in name.split("/"):
         if part in ("", "."):
@@ -232,6 +253,28 @@ def _clean(name: str, layer: Layer) -> str:
             raise LayerError(f"{layer.label}: {name!r} climbs out of the image root")
         parts.append(part)
     return "/".join(parts)
+
+
+def _name_ok(name: str, layer: Layer) -> None:
+    """A name or link target the kernel could hold: no NUL (where a tar reader in C would cut
+    it short, and see another name than this merge did), at most PATH_MAX long."""
+    if "\0" in name:
+        raise LayerError(f"{layer.label}: {name!r} holds a NUL byte")
+    if len(name) > NAME_MAX:
+        raise LayerError(f"{layer.label}: a name of {len(name)} characters ({name[:60]!r}...)")
+
+
+def _numbers_ok(member: tarfile.TarInfo, layer: Layer) -> None:
+    """Owner ids and time as the SquashFS can hold them; no sparse member (whose holes a
+    header of a few bytes can make petabytes long)."""
+    if member.issparse():
+        raise LayerError(f"{layer.label}: {member.name!r} is a sparse file, not supported")
+    for what, value in (("uid", member.uid), ("gid", member.gid)):
+        if not isinstance(value, int) or not 0 <= value < 1 << 32:
+            raise LayerError(f"{layer.label}: {member.name!r} has {what} {value!r}")
+    mtime = member.mtime
+    if not isinstance(mtime, (int, float)) or not math.isfinite(mtime) or abs(mtime) >= 1 << 62:
+        raise LayerError(f"{layer.label}: {member.name!r} has modification time {mtime!r}")
 
 
 def _ancestors(path: str) -> Iterator[str]:
@@ -342,6 +385,7 @@ class _Merger:
                         raise LayerError(f"{layer.label}: whiteout {member.name!r} names nothing")
                     whiteouts.append(posixpath.join(directory, target))
                 continue
+            _numbers_ok(member, layer)
             kind = _kind(member, path, layer)
             for parent in _ancestors(path):  # a layer may not write through its own non-dirs
                 if here.get(parent, "dir") not in ("dir",):
@@ -409,8 +453,8 @@ class _Merger:
                     self.write(member, links[0].name, source)
                     for link in links[1:]:
                         self.link(link.name, links[0].name, member)
-                if not wanted:
-                    break
+                # Read on to the end even once nothing is wanted: the digests are checked
+                # there, and these bytes were fetched again.
 
 
 def _kind(member: tarfile.TarInfo, path: str, layer: Layer) -> str:
@@ -423,6 +467,7 @@ def _kind(member: tarfile.TarInfo, path: str, layer: Layer) -> str:
     if member.issym():
         if not member.linkname:
             raise LayerError(f"{layer.label}: symlink {member.name!r} has no target")
+        _name_ok(member.linkname, layer)
         if not member.linkname.startswith("/"):
             depth = len(posixpath.dirname(path).split("/")) if "/" in path else 0
             target = posixpath.normpath(posixpath.join("x/" * depth, member.linkname))
@@ -453,14 +498,16 @@ def merge(
     ) as archive:
         archive.copybufsize = 1 << 20  # type: ignore[attr-defined]  # (not in typeshed)
         merger = _Merger(layers, archive, meter=meter)
+        # What tarfile raises writing numbers it cannot, or reading what it cannot parse.
+        bad_numbers: tuple[type[BaseException], ...] = (ValueError, OverflowError, *_unreadable())
         for index in reversed(range(len(layers))):
             if progress:
                 progress(f"applying {layers[index].label}")
             try:
                 merger.layer(index)
-            except BrokenPipeError:
-                raise  # the builder stopped; its own message says why
-            except _unreadable() as err:
+            except (BrokenPipeError, LayerError):
+                raise  # the builder stopped (its own message says why), or said already
+            except bad_numbers as err:
                 raise LayerError(f"{layers[index].label}: unreadable data ({err})") from err
         merger.refetched()
         if merger.waiting:

@@ -257,3 +257,112 @@ def test_a_refused_layer_leaves_no_thread_or_traceback(decoder: str, damage: str
     while helper_threads() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert helper_threads() == []
+
+
+def raw_tar(
+    members: list[tuple[tarfile.TarInfo, bytes | None]], fmt: int = tarfile.PAX_FORMAT
+) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as archive:
+        for info, data in members:
+            archive.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+
+
+def member(name: str, data: bytes = b"x", **pax: str) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 1700000000, 0o644
+    info.pax_headers = dict(pax)
+    return info, data
+
+
+class Capped(io.BytesIO):
+    """An output that refuses more than 64 MB."""
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        if self.tell() + len(data) > 64 << 20:
+            raise OSError("more than 64 MB written")
+        return super().write(data)
+
+
+def blocks(name: str) -> bytes:
+    """One member's header and data blocks, without the archive's end."""
+    info, data = member(name)
+    return info.tobuf(tarfile.PAX_FORMAT) + data.ljust(tarfile.BLOCKSIZE, b"\0")
+
+
+def sparse_member() -> bytes:
+    """A PAX 1.0 sparse file of 10 KB on the wire claiming 1 PiB of holes."""
+    info, _ = member("sparse", b"")
+    info.size = 512  # the sparse map block
+    info.pax_headers = {
+        "GNU.sparse.major": "1",
+        "GNU.sparse.minor": "0",
+        "GNU.sparse.name": "sparse",
+        "GNU.sparse.realsize": str(1 << 50),
+    }
+    return raw_tar([(info, b"1\n0\n0\n".ljust(512, b"\0"))])
+
+
+# (what the layer tries, the layer's bytes, what the refusal says)
+HOSTILE_HEADERS = {
+    "a 64 MB PAX header held in memory": (
+        lambda: raw_tar([member("f", comment="A" * (64 << 20))]),
+        "a tar header of",
+    ),
+    "a 64 MB GNU long name": (
+        lambda: raw_tar([member("d/" + "n" * (64 << 20))], fmt=tarfile.GNU_FORMAT),
+        "a tar header of",
+    ),
+    "a name longer than PATH_MAX": (lambda: raw_tar([member("n" * 5000)]), "a name of 5000"),
+    "a NUL byte that cuts the name short for tar2sqfs": (
+        lambda: raw_tar([member("secret", b"resurrected", path="secret\0z")]),
+        "holds a NUL byte",
+    ),
+    "a sparse file of 1 PiB in 10 KB": (sparse_member, "is a sparse file"),
+    "an infinite modification time": (lambda: raw_tar([member("f", mtime="inf")]), "time inf"),
+    "a NaN modification time": (lambda: raw_tar([member("f", mtime="nan")]), "time nan"),
+    "a uid beyond 32 bits": (lambda: raw_tar([member("f", uid=str(10**30))]), "has uid"),
+    "a garbage block hiding the members after it": (
+        lambda: blocks("a") + b"\x01" * 512 + blocks("b") + bytes(1024),
+        "not a tar header at byte 1024",
+    ),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(HOSTILE_HEADERS))
+def test_hostile_headers_are_refused_in_bounded_memory_naming_the_layer(attack: str) -> None:
+    build, message = HOSTILE_HEADERS[attack]
+    blob = gzip.compress(build(), mtime=0)
+    layer = merge.Layer("layer 1", lambda: io.BytesIO(blob), digest=sha(blob))
+    with pytest.raises(merge.LayerError, match="^layer 1: ") as err:
+        merge.merge([layer], Capped())  # a merge that would write on fails, not the machine
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+    # The control: the same kinds of member, ordinary, merge.
+    plain = gzip.compress(raw_tar([member("a"), member("f", b"y" * 5000, comment="ok")]))
+    ok = merge.Layer("layer 1", lambda: io.BytesIO(plain), digest=sha(plain))
+    assert merge.merge([ok], io.BytesIO()) == 2
+
+
+def test_a_layer_read_twice_is_checked_the_second_time_too() -> None:
+    """A hard link to a file a higher layer replaced makes the merge read the lower layer
+    again: bytes that change between the two reads must meet the digest as the first did."""
+    lower = layer_tar([("a", "file", b"ORIGINAL"), ("b", "hardlink", "a"), ("z", "file", b"z")])
+    upper = layer_tar([("a", "file", b"replaced")])
+    swapped = layer_tar([("a", "file", b"EVIL-BYT"), ("b", "hardlink", "a"), ("z", "file", b"z")])
+    for second, refused in ((lower, False), (swapped, True)):
+        served = iter([lower, second])
+        layers = [
+            merge.Layer("layer 1", lambda s=served: io.BytesIO(next(s)), digest=sha(lower)),
+            merge.Layer("layer 2", lambda: io.BytesIO(upper), digest=sha(upper)),
+        ]
+        out = io.BytesIO()
+        if refused:
+            with pytest.raises(merge.LayerError, match="layer 1: digest mismatch"):
+                merge.merge(layers, out)
+        else:
+            merge.merge(layers, out)
+            with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as merged:
+                data = merged.extractfile("b")
+                assert data is not None and data.read() == b"ORIGINAL"
