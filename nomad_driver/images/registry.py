@@ -637,8 +637,14 @@ class BlobStream(io.RawIOBase):
             skip -= got
 
 
+def is_digest(value: object) -> bool:
+    """value is a digest pyhpc checks: sha256:<64 lowercase hex>."""
+    return isinstance(value, str) and re.fullmatch(r"sha256:[0-9a-f]{64}", value) is not None
+
+
 def select_platform(index: dict[str, Any], where: str) -> str:
-    """The digest of the index entry for this node's platform (linux and its architecture)."""
+    """The digest of the index entry for this node's platform (linux and its architecture).
+    Only a digest: fetched by anything else (a tag), the entry would bind nothing."""
     machine = os.uname().machine
     arch = {"x86_64": "amd64", "aarch64": "arm64", "ppc64le": "ppc64le", "s390x": "s390x"}.get(
         machine, machine
@@ -648,5 +654,10 @@ def select_platform(index: dict[str, Any], where: str) -> str:
         platform = entry.get("platform", {})
         seen.append(f"{platform.get('os')}/{platform.get('architecture')}")
         if platform.get("os") == "linux" and platform.get("architecture") == arch:
+            if not is_digest(entry.get("digest")):
+                raise RegistryError(
+                    f"{where}: the index entry for linux/{arch} has digest "
+                    f"{entry.get('digest')!r}, not sha256:<64 hex>"
+                )
             return str(entry["digest"])
     raise RegistryError(f"{where}: no linux/{arch} image in the index (it has {', '.join(seen)})")

@@ -25,7 +25,13 @@ from typing import IO, Any
 from nomad_driver.images.credentials import Keychain
 from nomad_driver.images.merge import Layer
 from nomad_driver.images.reference import Reference
-from nomad_driver.images.registry import INDEX_TYPES, Registry, RegistryError, select_platform
+from nomad_driver.images.registry import (
+    INDEX_TYPES,
+    Registry,
+    RegistryError,
+    is_digest,
+    select_platform,
+)
 from nomad_driver.runtime import linux
 from nomad_driver.util.errors import PyhpcError
 
@@ -77,16 +83,9 @@ def _verified(data: bytes, digest: str, what: str) -> bytes:
 
 
 def _blob_name(digest: str) -> str:
-    if not isinstance(digest, str):
-        raise SourceError(f"malformed digest {digest!r} (sha256:<64 hex> expected)")
-    algorithm, _, hexpart = digest.partition(":")
-    if (
-        algorithm != "sha256"
-        or len(hexpart) != 64
-        or not all(c in "0123456789abcdef" for c in hexpart)
-    ):
-        raise SourceError(f"unsupported or malformed digest {digest!r} (sha256 only)")
-    return f"blobs/sha256/{hexpart}"
+    if not is_digest(digest):
+        raise SourceError(f"unsupported or malformed digest {digest!r} (sha256:<64 hex> only)")
+    return f"blobs/sha256/{digest[7:]}"
 
 
 @dataclass(frozen=True)

@@ -416,3 +416,17 @@ def test_a_local_reference_is_imported_again_when_another_tree_takes_its_path(
     shutil.rmtree(shared / "app")
     tree("tenant A", 1000)
     assert who(store.ensure(ref, local=access)) == "tenant A"
+
+
+@pytest.mark.parametrize("entry", ["moving", "sha256:" + "A" * 64, None, "sha256:abc"])
+def test_an_index_entry_must_name_its_manifest_by_digest(entry: str | None) -> None:
+    """An index (pinned by digest) whose entry for this platform names a tag would be fetched
+    by that tag, which its publisher can move after the pin: refused; a digest is taken."""
+    from nomad_driver.images.registry import RegistryError, select_platform
+
+    machine = {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
+    platform = {"os": "linux", "architecture": machine}
+    with pytest.raises(RegistryError, match=f"index entry for linux/{machine} has digest"):
+        select_platform({"manifests": [{"digest": entry, "platform": platform}]}, "ref")
+    good = "sha256:" + "a" * 64
+    assert select_platform({"manifests": [{"digest": good, "platform": platform}]}, "ref") == good
