@@ -51,6 +51,11 @@ INDEX_TYPES = MANIFEST_TYPES[0], MANIFEST_TYPES[2]
 CHUNK = 1 << 20
 RETRY_STATUS = (429, 500, 502, 503, 504)
 DEFAULT_PULL_TIMEOUT = 300.0  # as the task option image_pull_timeout's default, "5m"
+# The slowest a blob may arrive: at least SLOW_BYTES in every SLOW_WINDOW seconds (10 KiB/s),
+# else the pull ends. Without it, a registry sending a byte a minute would hold an import (and
+# its reference's lock) for ever: every read, and so the socket timeout, succeeds.
+SLOW_WINDOW = 60.0
+SLOW_BYTES = 600 << 10
 Progress = Callable[[int], None]
 
 
@@ -572,6 +577,7 @@ class BlobStream(io.RawIOBase):
         self.offset = 0  # bytes handed to the reader
         self.failures = 0  # resumes in a row that brought nothing
         self.started = time.monotonic()
+        self.window, self.window_bytes = self.started, 0  # the speed floor's current window
         self.response = registry._blob_response(repository, digest, 0)
         self.length = int(self.response.headers.get("Content-Length") or 0)
 
@@ -582,7 +588,8 @@ class BlobStream(io.RawIOBase):
         view = memoryview(buffer).cast("B")
         while True:
             try:
-                data = self.response.raw.read(len(view))
+                # read1: what has arrived, so a trickling registry meets the speed floor
+                data = self.response.raw.read1(len(view))
             except _READ_ERRORS as err:
                 self._resume(err)
                 continue
@@ -593,7 +600,22 @@ class BlobStream(io.RawIOBase):
             self.offset += len(data)
             if data:
                 self.failures = 0
+            self._keeps_pace(len(data))
             return len(data)
+
+    def _keeps_pace(self, got: int) -> None:
+        now = time.monotonic()
+        self.window_bytes += got
+        if now - self.window < SLOW_WINDOW:
+            return
+        if self.window_bytes < SLOW_BYTES * (now - self.window) / SLOW_WINDOW:
+            raise RegistryError(
+                f"registry {self.registry.host}: blob {self.digest[:19]}: "
+                f"{self.window_bytes} bytes in the last {now - self.window:.0f}s, under "
+                f"{SLOW_BYTES // SLOW_WINDOW // 1024:.0f} KiB/s (after {self.offset} of "
+                f"{self.length or '?'} bytes): too slow, given up"
+            )
+        self.window, self.window_bytes = now, 0
 
     def close(self) -> None:
         if not self.closed:

@@ -18,7 +18,7 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", 
 # Faults: "drop" closes the connection without an answer; "429" answers Too Many Requests with
 # Retry-After: 1; "503" answers Service Unavailable; "cut" (blob GETs only) sends the headers
 # and half the body, then closes; "empty" (any blob GET, ranged too) sends the headers, then
-# closes.
+# closes; "trickle" (blob GETs) sends the body 1 KiB every 0.25 s.
 
 
 @dataclass
@@ -45,7 +45,9 @@ class FlakyProxy:
         blob = method == "GET" and "/blobs/sha256:" in path
 
         def applies(fault: str) -> bool:
-            return (fault != "cut" or (blob and not has_range)) and (fault != "empty" or blob)
+            return (fault != "cut" or (blob and not has_range)) and (
+                fault not in ("empty", "trickle") or blob
+            )
 
         with self.lock:
             for i, fault in enumerate(self.faults):
@@ -115,6 +117,15 @@ def _handler(proxy: FlakyProxy) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             if self.command == "HEAD":
+                return
+            if fault == "trickle":  # 1 KiB every 0.25 s, as a stalling registry sends
+                try:
+                    for start in range(0, len(data), 1024):
+                        self.wfile.write(data[start : start + 1024])
+                        self.wfile.flush()
+                        time.sleep(0.25)
+                except OSError:
+                    self.close_connection = True  # the reader gave up
                 return
             if fault in ("cut", "empty") and len(data) > 1:
                 self.wfile.write(data[: len(data) // 2 if fault == "cut" else 0])

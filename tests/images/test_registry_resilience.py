@@ -203,3 +203,28 @@ def test_the_cli_import_stops_at_its_pull_timeout_with_one_line(
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     assert lines[0].startswith(f"pyhpc image: importing docker://{proxy.host}/{REPO}:1: ")
     assert "HTTP 503" in lines[0] and "(pull timeout 2s)" in lines[0]
+
+
+def test_a_registry_that_trickles_a_blob_is_given_up_under_the_speed_floor(
+    registry: RunningRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A registry sending a blob a little at a time (each read succeeds, so no socket timeout
+    fires) would hold the import, and its reference's lock, for as long as it liked: under
+    the floor (here 32 KiB/s over 2 s, in place of 10 KiB/s over 60 s) the pull ends, naming
+    the blob. The control: the same proxy at full speed, with the same floor, imports."""
+    from nomad_driver.images import registry as registry_module
+
+    monkeypatch.setattr(registry_module, "SLOW_WINDOW", 2.0)
+    monkeypatch.setattr(registry_module, "SLOW_BYTES", 64 << 10)
+    with flaky_proxy(registry.host) as proxy:
+        assert Store(str(tmp_path / "control")).ensure(f"docker://{proxy.host}/{REPO}:1").digest
+    with flaky_proxy(registry.host, forever="trickle") as proxy:
+        ref = f"docker://{proxy.host}/{REPO}:1"
+        started = time.monotonic()
+        with pytest.raises(StoreError) as failed:
+            Store(str(tmp_path / "store")).ensure(ref, registry=Registry(proxy.host, retries=0))
+        took = time.monotonic() - started
+    message = str(failed.value)
+    one_line(message)
+    assert f"registry {proxy.host}: blob sha256:" in message and "too slow" in message
+    assert took < 20, took  # 256 KiB at 4 KiB/s would take a minute
