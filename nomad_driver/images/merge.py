@@ -226,15 +226,18 @@ def _members(
             if outer is not None and layer.size and outer.size < layer.size:
                 short = f"; truncated: {outer.size} of {layer.size} bytes arrived"
             raise LayerError(f"{layer.label}: not a readable tar stream ({err}{short})") from err
-        if inner is not None and inner.drain() != layer.diff_id:
-            raise LayerError(f"{layer.label}: uncompressed content does not match {layer.diff_id}")
+        # Whatever follows the tar's end still counts toward both digests; the blob's own
+        # digest is named first, as the plainer of the two.
+        uncompressed = inner.drain() if inner is not None else ""
         if outer is not None:
-            stream.read()  # whatever follows the tar's end still counts toward the digest
+            stream.read()
             got = outer.drain()
             if got != layer.digest:
                 raise LayerError(
                     f"{layer.label}: digest mismatch: expected {layer.digest}, got {got}"
                 )
+        if inner is not None and uncompressed != layer.diff_id:
+            raise LayerError(f"{layer.label}: uncompressed content does not match {layer.diff_id}")
     finally:
         if inner is not None:
             inner.stop()

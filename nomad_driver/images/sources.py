@@ -281,6 +281,15 @@ def _from_manifest(
         _verified(read(_blob_name(config_digest)), config_digest, f"{ref}: config"),
         f"{ref}: config",
     )
+    # The config names each layer's uncompressed content too, and the image's identity rests
+    # on both: each is checked as the layer is read.
+    rootfs = config.get("rootfs") if isinstance(config, dict) else None
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list) or len(diff_ids) != len(descriptors):
+        count = len(diff_ids) if isinstance(diff_ids, list) else "no"
+        raise SourceError(f"{ref}: {len(descriptors)} layers but {count} rootfs.diff_ids")
+    if not all(is_digest(d) for d in diff_ids):
+        raise SourceError(f"{ref}: the config's rootfs.diff_ids are not all sha256 digests")
     layers = []
     for i, d in enumerate(descriptors):
         name = _blob_name(d["digest"])
@@ -289,6 +298,7 @@ def _from_manifest(
                 f"layer {i + 1} {d['digest'][:19]}",
                 _opener(open_blob, name),
                 digest=d["digest"],
+                diff_id=diff_ids[i],
                 size=int(d.get("size") or 0),
             )
         )

@@ -53,9 +53,14 @@ def sha(data: bytes) -> str:
 
 
 def write_layout(
-    root: Path, layers: list[bytes], config: dict[str, Any] | None = None, tag: str = "latest"
+    root: Path,
+    layers: list[bytes],
+    config: dict[str, Any] | None = None,
+    tag: str = "latest",
+    diff_ids: list[str] | None = None,
 ) -> Path:
-    """An OCI image layout at root with one manifest tagged `tag`."""
+    """An OCI image layout at root with one manifest tagged `tag` (its config's diff_ids
+    computed, unless given)."""
     blobs = root / "blobs" / "sha256"
     blobs.mkdir(parents=True, exist_ok=True)
 
@@ -64,9 +69,10 @@ def write_layout(
         (blobs / digest.split(":")[1]).write_bytes(data)
         return digest
 
-    diff_ids = [
-        sha(gzip.decompress(layer) if layer[:2] == b"\x1f\x8b" else layer) for layer in layers
-    ]
+    if diff_ids is None:
+        diff_ids = [
+            sha(gzip.decompress(layer) if layer[:2] == b"\x1f\x8b" else layer) for layer in layers
+        ]
     cfg = {
         "architecture": "amd64",
         "os": "linux",

@@ -430,3 +430,24 @@ def test_an_index_entry_must_name_its_manifest_by_digest(entry: str | None) -> N
         select_platform({"manifests": [{"digest": entry, "platform": platform}]}, "ref")
     good = "sha256:" + "a" * 64
     assert select_platform({"manifests": [{"digest": good, "platform": platform}]}, "ref") == good
+
+
+@pytest.mark.parametrize(
+    ("diff_ids", "message"),
+    [
+        (["sha256:" + "0" * 64], "uncompressed content does not match sha256:000"),
+        ([], "1 layers but 0 rootfs.diff_ids"),
+        (["moving"], "rootfs.diff_ids are not all sha256 digests"),
+    ],
+)
+def test_the_configs_diff_ids_are_checked_against_each_layer(
+    tmp_path: Path, diff_ids: list[str], message: str
+) -> None:
+    """An image whose config names other uncompressed content than its layers hold is refused
+    (the image's identity rests on both); the same image with the right diff_ids imports."""
+    layer = layer_tar([("etc/motd", "file", b"hi\n")])
+    bad = write_layout(tmp_path / "bad", [layer], tag="1", diff_ids=diff_ids)
+    with pytest.raises(StoreError, match=message):
+        Store(str(tmp_path / "s1")).ensure(f"oci:{bad}:1")
+    good = write_layout(tmp_path / "good", [layer], tag="1")
+    assert Store(str(tmp_path / "s2")).ensure(f"oci:{good}:1").digest
