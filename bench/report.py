@@ -51,6 +51,7 @@ def benchmarks(quick: bool) -> dict[str, list[str]]:
         + (["--runs", "3"] if quick else []),
         "mpi_nodes": [py, "bench/mpi_nodes.py", "--out", str(RESULTS / "mpi_nodes.md")]
         + (["--runs", "3", "--starts", "3"] if quick else []),
+        "scale": [py, "bench/scale.py", "--out", str(RESULTS / "scale.md")],
         "lammps": [py, "bench/lammps.py", "--out", str(RESULTS / "lammps.md")]
         + (["--runs", "3"] if quick else []),
         "gpu": [py, "bench/gpu.py"],  # exits 77 without a GPU: the recorded results stay
@@ -315,6 +316,29 @@ def report() -> str:
             )
         )
 
+    for size in load("scale") or []:  # bench/scale.py: one entry per size, its own plot
+        plots.append(f"scale-{size['tasks']}.png")
+        if "recover_all_s" in size:
+            ratios.append(
+                (
+                    f"{size['tasks']} concurrent tasks: all up / all recovered after a driver "
+                    "kill -9 / driver CPU and RSS while they run",
+                    f"{size['start_all_s']} s / {size['recover_all_s']} s / "
+                    f"{size['steady_cpu_pct']} %, {size['steady_rss_mb']} MB",
+                    "-",
+                    "-",
+                )
+            )
+        else:
+            ratios.append(
+                (
+                    f"{size['tasks']} concurrent tasks: the limit on this machine",
+                    f"{size['reached']} up, then {size['stopped_short']}",
+                    "-",
+                    "-",
+                )
+            )
+
     lines = [
         "# pyhpc benchmark report",
         "",
@@ -331,8 +355,8 @@ def report() -> str:
         "Tables: [foundation.md](foundation.md) (Nomad start latency, throughput, memory), "
         "[runtime.md](runtime.md) (container entry), [images.md](images.md) (import), "
         "[signing.md](signing.md), [dispatch.md](dispatch.md), [mpi.md](mpi.md), "
-        "[mpi_nodes.md](mpi_nodes.md), [lammps.md](lammps.md), [gpu.md](gpu.md), and the load "
-        "summary in "
+        "[mpi_nodes.md](mpi_nodes.md), [lammps.md](lammps.md), [scale.md](scale.md), "
+        "[gpu.md](gpu.md), and the load summary in "
         "[load.json](load.json).",
         "",
         *(f"![{p}]({p})" for p in plots),

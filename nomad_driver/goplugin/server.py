@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from nomad_driver.goplugin import timing
 from nomad_driver.goplugin.workers import ElasticExecutor
 from nomad_driver.proto import goplugin_pb2, goplugin_pb2_grpc
 from nomad_driver.util.errors import PyhpcError
@@ -27,8 +28,10 @@ log = logging.getLogger("pyhpc.goplugin")
 
 CORE_PROTOCOL_VERSION = 1
 # Sized for Nomad's long-lived calls: 4 per plugin plus WaitTask and TaskStats per task,
-# plus exec sessions (protocol fact sheet §8.12).
-MAX_WORKERS = 512
+# plus exec sessions (protocol fact sheet §8.12). Each holds a thread for as long as it lasts:
+# at 512, a node stopped starting tasks at about 250 running, every StartTask queued behind
+# the streams (bench/results/scale.md). Threads are made only as calls come (workers.py).
+MAX_WORKERS = 4096
 MAX_MESSAGE = 2**31 - 1
 
 
@@ -161,6 +164,7 @@ def serve(
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE),
         ],
+        interceptors=timing.from_env(),
     )
     health_servicer = health.HealthServicer()
     health_servicer.set("plugin", health_pb2.HealthCheckResponse.SERVING)

@@ -60,6 +60,8 @@ LOGS="$STATE/logs"
 PIDS="$STATE/pids"
 PLUGIN_DIR="$STATE/plugins"
 PYHPC_HCL="$repo/plugin-config/pyhpc.hcl"
+# Where the test bed's plugin runs its tasks (run_dir/tasks, from its config).
+TASKS_DIR="$(awk -F'"' '$1 ~ /^ *run_dir *= *$/ { print $2; exit }' "$PYHPC_HCL")/tasks"
 
 NOMAD_ADDR_LOCAL="http://127.0.0.1:4646"
 CONSUL_ADDR_LOCAL="127.0.0.1:8500"
@@ -565,8 +567,10 @@ cluster_pids() {
     cwd=$(readlink "$d/cwd" 2>/dev/null) || continue
     exe=$(readlink "$d/exe" 2>/dev/null) || exe=""
     cmd=$(tr '\0' ' ' <"$d/cmdline" 2>/dev/null) || cmd=""
+    # Task supervisors work in the plugin's run_dir: found there, with their tasks, even
+    # when the agent went before it could stop them (they outlive it by design).
     if [[ "$cwd" == "$STATE" || "$cwd" == "$STATE"/* || "$exe" == "$STATE"/* \
-          || "$cmd" == *"$STATE"* ]]; then
+          || "$cmd" == *"$STATE"* || "$cwd" == "$TASKS_DIR"/* ]]; then
       seeds+=("$pid")
     fi
   done

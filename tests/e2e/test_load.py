@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -20,41 +19,18 @@ import leaks
 from test_faults import driver_pid
 from test_foundation import IMAGE
 
-from bench.jobs import allocs, batch_job, purge, register
-from nomad_driver.runtime import client
+from bench.jobs import Sampler, allocs, batch_job, purge, register
 
 FULL = os.environ.get("PYHPC_SOAK") == "full"
 CONCURRENT = 200 if FULL else 30
 SEQUENTIAL = 1000 if FULL else 60
 NOMAD = "http://127.0.0.1:4646"
-TICK = os.sysconf("SC_CLK_TCK")
 # What the driver may keep (MB) after a burst of CONCURRENT tasks, and gain over the jobs in
 # a row. Before the elastic thread pool and heap trims, 200 at once left it 28 MB larger and
 # 1,000 in a row added 8 MB more (bench/results/load.json of 2026-12-01); on 2026-12-03,
 # +8.9 MB and +0.0 MB.
 BURST_MB = 10.0
 IN_A_ROW_MB = 2.0
-
-
-class Sampler(threading.Thread):
-    """The driver's RSS (MB) and CPU seconds, once a second."""
-
-    def __init__(self, pid: int) -> None:
-        super().__init__(daemon=True)
-        self.pid, self.samples, self.stop = pid, [], threading.Event()
-        self.t0 = time.monotonic()
-
-    def sample(self) -> None:
-        status = Path(f"/proc/{self.pid}/status").read_text()
-        rss = int(next(x for x in status.splitlines() if x.startswith("VmRSS:")).split()[1])
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        cpu = (int(fields[11]) + int(fields[12])) / TICK
-        running = len(client.supervisors())  # tasks up (one supervisor each)
-        self.samples.append((round(time.monotonic() - self.t0, 1), rss / 1024, cpu, running))
-
-    def run(self) -> None:
-        while not self.stop.wait(1.0):
-            self.sample()
 
 
 def settled_rss(sampler: Sampler, limit: float, wait: float = 75.0) -> float:
