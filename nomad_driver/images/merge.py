@@ -24,6 +24,7 @@ import io
 import math
 import posixpath
 import queue
+import re
 import tarfile
 import threading
 import zlib
@@ -42,7 +43,13 @@ ROOT = ""
 
 def _unreadable() -> tuple[type[BaseException], ...]:
     """What reading a damaged layer raises, whichever decoder reads it."""
-    errors: tuple[type[BaseException], ...] = (tarfile.TarError, EOFError, OSError, zlib.error)
+    errors: tuple[type[BaseException], ...] = (
+        tarfile.TarError,
+        EOFError,
+        OSError,
+        RecursionError,  # tarfile follows a chain of headers by recursion
+        zlib.error,
+    )
     try:
         from isal.isal_zlib import error as isal_error
     except ImportError:
@@ -131,17 +138,27 @@ class _Forward:
         self.stream = stream
         self.pos = 0
         self.block = b""  # the last header-sized read: where tarfile stopped, at the end
+        self.pending = b""  # given back by unread(), read again first
 
     def read(self, size: int = -1) -> bytes:
         # Member data comes in reads of at most 1 MiB; only a header (PAX, GNU long name) asks
         # for more at once, and tarfile would hold all of it in memory.
         if size < 0 or size > READ_MAX:
             raise tarfile.ReadError(f"a tar header of {size} bytes (at most {READ_MAX} allowed)")
-        data = self.stream.read(size)
+        if self.pending:
+            data, self.pending = self.pending[:size], self.pending[size:]
+            data += self.stream.read(size - len(data)) if len(data) < size else b""
+        else:
+            data = self.stream.read(size)
         self.pos += len(data)
         if size == tarfile.BLOCKSIZE:
             self.block = data
         return data
+
+    def unread(self, data: bytes) -> None:
+        """Give back what the last read returned (a header checked before tarfile parses it)."""
+        self.pending = data + self.pending
+        self.pos -= len(data)
 
     def tell(self) -> int:
         return self.pos
@@ -153,6 +170,61 @@ class _Forward:
             if not self.read(min(pos - self.pos, 1 << 20)):
                 break
         return self.pos
+
+
+class _Checked(tarfile.TarInfo):
+    """tarfile's member headers, checked before tarfile parses them: a PAX header must be
+    well-formed records (Python 3.11's parser backtracks for hours on a header of digits) with
+    no long run of digits; global PAX headers may not add up past 1 MiB (tarfile keeps them for
+    the rest of the layer); and a member has at most one extended header of each kind, never
+    PAX with a GNU long name or link: tar readers differ on which wins (tarfile takes the
+    first PAX path, others the last, or the GNU name), so another reader, or a reviewer, would
+    see another tree, a whiteout there or not."""
+
+    def _proc_pax(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        forward = cast(_Forward, archive.fileobj)
+        data = forward.read(self._block(self.size))  # type: ignore[attr-defined]
+        forward.unread(data)
+        _pax_ok(data[: self.size])
+        if self.type == tarfile.XGLTYPE:
+            held = sum(len(k) + len(v) for k, v in archive.pax_headers.items())
+            if held + self.size > READ_MAX:
+                raise tarfile.ReadError(f"global PAX headers of over {READ_MAX} bytes")
+        else:
+            _extended(archive, "PAX")
+        return super()._proc_pax(archive)  # type: ignore[misc, no-any-return]
+
+    def _proc_gnulong(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        _extended(archive, "GNU long name" if self.type == tarfile.GNUTYPE_LONGNAME else "link")
+        return super()._proc_gnulong(archive)  # type: ignore[misc, no-any-return]
+
+
+def _extended(archive: tarfile.TarFile, kind: str) -> None:
+    seen: set[str] = archive.__dict__.setdefault("pyhpc_extended", set())
+    if kind in seen or (kind == "PAX" and seen) or "PAX" in seen:
+        raise tarfile.ReadError(
+            f"a member with a {kind} header after {' and '.join(sorted(seen))} headers "
+            "(tar readers disagree on which wins)"
+        )
+    seen.add(kind)
+
+
+def _pax_ok(data: bytes) -> None:
+    """PAX records ("LENGTH KEY=VALUE\n", LENGTH counting the whole record), read in one
+    linear pass; and no run of more than 64 digits anywhere."""
+    pos = 0
+    while pos < len(data):
+        space = data.find(b" ", pos, pos + 8)
+        if space <= pos or not data[pos:space].isdigit():
+            raise tarfile.ReadError(f"a malformed PAX header (at byte {pos})")
+        end = pos + int(data[pos:space])
+        if end <= space + 2 or end > len(data) or data[end - 1] != 0x0A:
+            raise tarfile.ReadError(f"a malformed PAX record (at byte {pos})")
+        if data.find(b"=", space + 2, end) < 0:
+            raise tarfile.ReadError(f"a PAX record without a value (at byte {pos})")
+        pos = end
+    if re.search(rb"[0-9]{65}", data):
+        raise tarfile.ReadError("a PAX header with a run of more than 64 digits")
 
 
 class _Counting:
@@ -209,8 +281,9 @@ def _members(
         unreadable: tuple[type[BaseException], ...] = (ValueError, *_unreadable())
         forward = _Forward(source)
         try:
-            archive = tarfile.open(fileobj=cast(IO[bytes], forward), mode="r:")
+            archive = tarfile.open(fileobj=cast(IO[bytes], forward), mode="r:", tarinfo=_Checked)
             for index, member in enumerate(archive):
+                archive.__dict__.pop("pyhpc_extended", None)  # counted again for the next
                 yield index, member, archive
                 # tarfile would keep every member, and its headers, to the end
                 archive.members.clear()  # type: ignore[attr-defined]
@@ -395,6 +468,11 @@ class _Merger:
                     raise LayerError(
                         f"{layer.label}: {member.name!r} goes through /{parent}, a {here[parent]}"
                     )
+            if path in here and (here[path] != "dir" or kind != "dir"):
+                raise LayerError(
+                    f"{layer.label}: {member.name!r} appears twice (tar readers disagree on "
+                    "which copy wins)"
+                )
             here[path] = "file" if kind == "hardlink" else kind
             hidden = self.decided(path)
             if kind == "hardlink":
@@ -425,6 +503,8 @@ class _Merger:
         or, where this layer replaced its target, fetched by reading the layer again."""
         layer = self.layers[index]
         target = _clean(member.linkname, layer)
+        if target == path:
+            raise LayerError(f"{layer.label}: hard link {member.name!r} points to itself")
         if target in here and here[target] != "file":
             raise LayerError(
                 f"{layer.label}: hard link {member.name!r} -> {member.linkname!r}: "
@@ -458,6 +538,12 @@ class _Merger:
                         self.link(link.name, links[0].name, member)
                 # Read on to the end even once nothing is wanted: the digests are checked
                 # there, and these bytes were fetched again.
+            if wanted:
+                target, links = next(iter(wanted.items()))
+                raise LayerError(
+                    f"{self.layers[index].label}: hard link {links[0].name!r} -> {target!r}: "
+                    "no such file in its layer"
+                )
 
 
 def _kind(member: tarfile.TarInfo, path: str, layer: Layer) -> str:
@@ -530,7 +616,18 @@ def _copy(member: tarfile.TarInfo, name: str) -> tarfile.TarInfo:
     info.mode, info.uid, info.gid = member.mode & 0o7777, member.uid, member.gid
     info.mtime, info.size, info.linkname = member.mtime, member.size, member.linkname
     info.uname, info.gname = "", ""
-    info.pax_headers = {
-        k: v for k, v in member.pax_headers.items() if k.startswith("SCHILY.xattr.")
-    }
+    info.pax_headers = {k: v for k, v in member.pax_headers.items() if _xattr_kept(k)}
     return info
+
+
+def _xattr_kept(key: str) -> bool:
+    """The extended attributes an image may carry: user.* and file capabilities (which count
+    only inside the task's user namespace, and not at all under no_new_privs). Never trusted.*
+    (overlayfs reads its own opaque and redirect marks there) nor other security.* labels, nor
+    a name with control characters."""
+    if not key.startswith("SCHILY.xattr."):
+        return False
+    name = key[len("SCHILY.xattr.") :]
+    if not name.isprintable() or " " in name:
+        return False
+    return name.startswith("user.") or name == "security.capability"

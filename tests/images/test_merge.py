@@ -366,3 +366,110 @@ def test_a_layer_read_twice_is_checked_the_second_time_too() -> None:
             with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as merged:
                 data = merged.extractfile("b")
                 assert data is not None and data.read() == b"ORIGINAL"
+
+
+def ext(kind: bytes, data: bytes) -> bytes:
+    """An extended header block of tar type kind (x, g: PAX; L: GNU long name) holding data."""
+    info = tarfile.TarInfo("././@ext")
+    info.type, info.size = kind, len(data)
+    return info.tobuf(tarfile.USTAR_FORMAT) + data.ljust(-(-len(data) // 512) * 512, b"\0")
+
+
+def record(key: str, value: str) -> bytes:
+    """One PAX record, its length prefix counting itself."""
+    body = f" {key}={value}\n".encode()
+    size = len(body) + 1
+    while len(str(size)) + len(body) != size:
+        size += 1
+    return str(size).encode() + body
+
+
+def end() -> bytes:
+    return bytes(1024)
+
+
+# (what the layer does, its bytes, what the refusal says); found by the second import red team
+READER_DISAGREEMENTS = {
+    "a PAX header of digits (hours in Python 3.11's parser)": (
+        lambda: ext(b"x", b"1" * 160000) + blocks("f") + end(),
+        "malformed PAX header",
+    ),
+    "a well-formed PAX record holding a long run of digits": (
+        lambda: ext(b"x", record("comment", "1" * 5000)) + blocks("f") + end(),
+        "run of more than 64 digits",
+    ),
+    "global PAX headers piling up past 1 MiB": (
+        lambda: b"".join(ext(b"g", record(f"c{i}", "a" * 600000)) + blocks(f"f{i}")
+                         for i in range(4)) + end(),
+        "global PAX headers of over",
+    ),
+    "a chain of 3000 PAX headers (recursion in tarfile)": (
+        lambda: ext(b"x", record("comment", "a")) * 3000 + blocks("f") + end(),
+        "a PAX header after PAX headers",
+    ),
+    "a PAX path and a GNU long name for one member": (
+        lambda: ext(b"x", record("path", "harmless")) + ext(b"L", b".wh.secret\0") + blocks("x")
+        + end(),
+        "GNU long name header after PAX",
+    ),
+    "a file twice in one layer (first or last copy wins, by reader)": (
+        lambda: blocks("etc/motd") + blocks("etc/motd") + end(),
+        "appears twice",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(READER_DISAGREEMENTS))
+def test_headers_tar_readers_disagree_on_are_refused(case: str) -> None:
+    build, message = READER_DISAGREEMENTS[case]
+    blob = gzip.compress(build(), mtime=0)
+    layer = merge.Layer("layer 1", lambda: io.BytesIO(blob), digest=sha(blob))
+    started = time.monotonic()
+    with pytest.raises(merge.LayerError, match="^layer 1: ") as err:
+        merge.merge([layer], Capped())
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert time.monotonic() - started < 5
+    # Controls: one PAX header, one global header, a GNU long name alone, each file once.
+    plain = gzip.compress(
+        ext(b"g", record("comment", "1700000000")) + ext(b"x", record("path", "a" * 300))
+        + blocks("x") + ext(b"L", b"b" * 300 + b"\0") + blocks("y") + blocks("etc/motd") + end()
+    )  # fmt: skip
+    ok = merge.Layer("layer 1", lambda: io.BytesIO(plain), digest=sha(plain))
+    out = io.BytesIO()
+    assert merge.merge([ok], out) == 3
+    with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as merged:
+        assert sorted(merged.getnames()) == ["a" * 300, "b" * 300, "etc/motd"]
+
+
+def test_a_hard_link_to_itself_is_refused_not_a_deletion() -> None:
+    lower = layer_tar([("etc/passwd", "file", b"root:x:0:0\n")])
+    upper = layer_tar([("etc/passwd", "hardlink", "etc/passwd")])
+    layers = [
+        merge.Layer("layer 1", lambda: io.BytesIO(lower), digest=sha(lower)),
+        merge.Layer("layer 2", lambda: io.BytesIO(upper), digest=sha(upper)),
+    ]
+    with pytest.raises(merge.LayerError, match="layer 2: hard link 'etc/passwd' points to itself"):
+        merge.merge(layers, io.BytesIO())
+    control = layer_tar([("other", "hardlink", "etc/passwd")])
+    layers[1] = merge.Layer("layer 2", lambda: io.BytesIO(control), digest=sha(control))
+    assert merge.merge(layers, io.BytesIO()) == 2
+
+
+def test_only_user_xattrs_and_file_capabilities_reach_the_image() -> None:
+    """trusted.* (overlayfs' own opaque and redirect marks), other security.* labels and
+    names with control characters are dropped; user.* and security.capability kept."""
+    info, data = member("f", b"x")
+    info.pax_headers = {
+        "SCHILY.xattr.user.note": "kept",
+        "SCHILY.xattr.security.capability": "\x01\x00\x00\x02",
+        "SCHILY.xattr.trusted.overlay.opaque": "y",
+        "SCHILY.xattr.trusted.overlay.redirect": "/etc",
+        "SCHILY.xattr.security.selinux": "system_u:object_r:shadow_t:s0",
+        "SCHILY.xattr.user.a\nb": "x",
+    }
+    blob = raw_tar([(info, data)])
+    out = io.BytesIO()
+    merge.merge([merge.Layer("layer 1", lambda: io.BytesIO(blob), digest=sha(blob))], out)
+    with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as merged:
+        kept = {k for k in merged.getmember("f").pax_headers if k.startswith("SCHILY.xattr.")}
+    assert kept == {"SCHILY.xattr.user.note", "SCHILY.xattr.security.capability"}
