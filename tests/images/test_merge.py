@@ -215,11 +215,13 @@ def layer_with_ids(blob: bytes, diff_id: str = "") -> merge.Layer:
     )
 
 
-def helper_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+def new_threads(before: set[threading.Thread]) -> list[str]:
+    """Threads started since before, still alive (others, e.g. an earlier test's, not counted)."""
+    return [t.name for t in threading.enumerate() if t not in before]
 
 
 def test_both_digests_are_checked_with_either_decoder(decoder: str) -> None:
+    before = set(threading.enumerate())
     blob = layer_tar([("f", "file", os.urandom(3 << 20)), ("g", "file", b"small")])
     out = io.BytesIO()
     assert merge.merge([layer_with_ids(blob)], out) == 2
@@ -228,13 +230,14 @@ def test_both_digests_are_checked_with_either_decoder(decoder: str) -> None:
     wrong = layer_with_ids(blob, diff_id=sha(b"other"))
     with pytest.raises(merge.LayerError, match="uncompressed content does not match"):
         merge.merge([wrong], io.BytesIO())
-    assert helper_threads() == []
+    assert new_threads(before) == []
 
 
 @pytest.mark.parametrize("damage", ["truncated", "corrupt", "hostile"])
 def test_a_refused_layer_leaves_no_thread_or_traceback(decoder: str, damage: str) -> None:
     """The decoder's and the hasher's threads end with the layer, however it ends: a plugin
     refusing one bad image after another must not pile them up."""
+    before = set(threading.enumerate())
     # Refused at its first entry, the hostile layer leaves the decoder with 16 MB still to give.
     entries: list[Entry] = [("big", "file", os.urandom(16 << 20)), ("next", "file", b"x")]
     if damage == "hostile":
@@ -254,9 +257,9 @@ def test_a_refused_layer_leaves_no_thread_or_traceback(decoder: str, damage: str
     with pytest.raises(merge.LayerError, match="layer 1"):
         merge.merge([layer], io.BytesIO())
     deadline = time.monotonic() + 5
-    while helper_threads() and time.monotonic() < deadline:
+    while new_threads(before) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert helper_threads() == []
+    assert new_threads(before) == []
 
 
 def raw_tar(
