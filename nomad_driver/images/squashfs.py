@@ -22,18 +22,33 @@ class BuildError(PyhpcError, RuntimeError):
 
 class _Growth(threading.Thread):
     """Watches how large a file being written gets (tar2sqfs deletes its output on failure;
-    this is how a full disk can still be told apart from another I/O error)."""
+    this is how a full disk can still be told apart from another I/O error). It holds the file
+    open from when it appears, so finish() reads the size it last had even after the unlink,
+    however the sampling thread was scheduled."""
 
     def __init__(self, path: str) -> None:
         super().__init__(daemon=True, name="sqfs-growth")
         self.path, self.peak, self.done = path, 0, threading.Event()
+        self.fd: int | None = None
 
     def run(self) -> None:
         while not self.done.wait(0.01):
             try:
-                self.peak = max(self.peak, os.stat(self.path).st_size)
+                if self.fd is None:
+                    self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                self.peak = max(self.peak, os.fstat(self.fd).st_size)
             except OSError:
                 continue
+
+    def finish(self) -> int:
+        """Stop watching; the largest size seen, the last included. Lets go of the file."""
+        self.done.set()
+        self.join()
+        if self.fd is not None:
+            self.peak = max(self.peak, os.fstat(self.fd).st_size)
+            os.close(self.fd)
+            self.fd = None
+        return self.peak
 
 
 def from_tar(write: Callable[[IO[bytes]], object], dest: str, level: int = DEFAULT_LEVEL) -> None:
@@ -71,12 +86,13 @@ def from_tar(write: Callable[[IO[bytes]], object], dest: str, level: int = DEFAU
     except BaseException:
         proc.kill()
         proc.wait()
+        growth.finish()
         raise
-    finally:
-        growth.done.set()
     err = proc.stderr.read().decode(errors="replace").strip()
-    if proc.wait() != 0:
-        raise BuildError(f"tar2sqfs failed: {err or 'exit ' + str(proc.returncode)}", growth.peak)
+    failed = proc.wait() != 0
+    peak = growth.finish()  # after tar2sqfs is done: its last size, even once it deleted it
+    if failed:
+        raise BuildError(f"tar2sqfs failed: {err or 'exit ' + str(proc.returncode)}", peak)
 
 
 def from_directory(root: str, dest: str, level: int = DEFAULT_LEVEL) -> None:

@@ -207,11 +207,16 @@ def test_prune_and_rm_never_touch_an_image_in_use(
     assert os.path.exists(used.path) and not os.path.exists(other.path)
 
 
-def test_a_full_store_disk_fails_clearly_and_leaves_nothing(tmp_path: Path) -> None:
-    big = write_layout(tmp_path / "big", [layer_tar([("noise", "file", os.urandom(1 << 20))])])
+@pytest.mark.parametrize(("disk", "noise"), [("64k", 1 << 20), ("16m", 48 << 20)])
+def test_a_full_store_disk_fails_clearly_and_leaves_nothing(
+    tmp_path: Path, disk: str, noise: int
+) -> None:
+    """tar2sqfs says only "I/O error" and deletes its output: the store tells a full disk by
+    the size the output reached (16 MB filled in a moment, between two samples of it)."""
+    big = write_layout(tmp_path / "big", [layer_tar([("noise", "file", os.urandom(noise))])])
     small = tmp_path / "small"
     small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={disk}", "tmpfs", str(small)], check=True)
     try:
         store = Store(str(small / "store"))
         with pytest.raises(StoreError, match="no space left in the store"):
