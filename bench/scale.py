@@ -34,6 +34,7 @@ import requests  # noqa: E402
 
 from bench.jobs import Sampler, allocs, batch_job, purge, register  # noqa: E402
 from nomad_driver.runtime import client  # noqa: E402
+from tests.e2e.leaks import plugin_pids  # noqa: E402
 
 CLUSTER_SH = REPO / "scripts" / "testbed" / "cluster.sh"
 STATE = Path(os.environ.get("PYHPC_CLUSTER_DIR", "/tmp/pyhpc-cluster"))
@@ -43,30 +44,19 @@ JOB = "bench-scale"
 
 
 def _drivers(old: int) -> list[int]:
-    """Processes running the test bed's pyhpc plugin, but not a child of one (between fork
-    and exec it shows the same command line) and not old."""
-    found = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                cmd = Path(entry.path, "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if any(c.endswith(f"{STATE}/plugins/pyhpc".encode()) for c in cmd[:2]):
-                found.append(int(entry.name))
-    return [p for p in found if p != old and _status(p, "PPid") not in found]
+    """The test bed's pyhpc driver processes (tests/e2e/leaks.py knows them), but not old."""
+    return [p for p in plugin_pids(STATE) if p != old]
 
 
-def _status(pid: int, key: str) -> int:
-    """A number from /proc/PID/status (hex for the signal masks); -1 once pid is gone."""
+def _catches_sigusr1(pid: int) -> bool:
+    """Whether pid has a handler for SIGUSR1 (/proc/PID/status SigCgt); False once gone."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                value = line.split()[1]
-                return int(value, 16 if key.startswith("Sig") else 10)
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) & 1 << (signal.SIGUSR1 - 1))
     except OSError:
         pass
-    return -1
+    return False
 
 
 def driver_pid(old: int = 0, timeout: float = 120) -> int:
@@ -77,8 +67,7 @@ def driver_pid(old: int = 0, timeout: float = 120) -> int:
         first = _drivers(old)
         time.sleep(1)
         if len(first) == 1 and _drivers(old) == first:
-            caught = _status(first[0], "SigCgt")
-            if caught > 0 and caught & (1 << (signal.SIGUSR1 - 1)):
+            if _catches_sigusr1(first[0]):
                 return first[0]
     raise RuntimeError(f"no single pyhpc driver with its RPC timing on (found {_drivers(old)})")
 

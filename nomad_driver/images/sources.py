@@ -258,6 +258,20 @@ def _from_layout(ref: Reference, access: LocalAccess) -> Fetched:
     return _from_manifest(ref, manifest, descriptor["digest"], layout.read, layout.open)
 
 
+def _diff_ids(ref: Reference, config: Any, layers: int) -> list[str]:
+    """The config's rootfs.diff_ids, one sha256 digest per layer. The config names each
+    layer's uncompressed content too, and the image's identity rests on both: each is checked
+    as the layer is read."""
+    rootfs = config.get("rootfs") if isinstance(config, dict) else None
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list) or len(diff_ids) != layers:
+        count = len(diff_ids) if isinstance(diff_ids, list) else "no"
+        raise SourceError(f"{ref}: {layers} layers but {count} rootfs.diff_ids")
+    if not all(is_digest(d) for d in diff_ids):
+        raise SourceError(f"{ref}: the config's rootfs.diff_ids are not all sha256 digests")
+    return diff_ids
+
+
 def _from_manifest(
     ref: Reference,
     manifest: dict[str, Any],
@@ -281,15 +295,7 @@ def _from_manifest(
         _verified(read(_blob_name(config_digest)), config_digest, f"{ref}: config"),
         f"{ref}: config",
     )
-    # The config names each layer's uncompressed content too, and the image's identity rests
-    # on both: each is checked as the layer is read.
-    rootfs = config.get("rootfs") if isinstance(config, dict) else None
-    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-    if not isinstance(diff_ids, list) or len(diff_ids) != len(descriptors):
-        count = len(diff_ids) if isinstance(diff_ids, list) else "no"
-        raise SourceError(f"{ref}: {len(descriptors)} layers but {count} rootfs.diff_ids")
-    if not all(is_digest(d) for d in diff_ids):
-        raise SourceError(f"{ref}: the config's rootfs.diff_ids are not all sha256 digests")
+    diff_ids = _diff_ids(ref, config, len(descriptors))
     layers = []
     for i, d in enumerate(descriptors):
         name = _blob_name(d["digest"])
@@ -330,9 +336,7 @@ def _from_docker_archive(ref: Reference, access: LocalAccess) -> Fetched:
     with open_member(entry["Config"]) as f:
         config_bytes = f.read()
     config = _json(config_bytes, f"{ref}: config")
-    diff_ids = config.get("rootfs", {}).get("diff_ids", [])
-    if len(diff_ids) != len(entry["Layers"]):
-        raise SourceError(f"{ref}: {len(entry['Layers'])} layers but {len(diff_ids)} diff_ids")
+    diff_ids = _diff_ids(ref, config, len(entry["Layers"]))
     layers = [
         Layer(f"layer {i + 1} {name}", _opener(open_member, name), diff_id=diff_ids[i])
         for i, name in enumerate(entry["Layers"])
