@@ -245,9 +245,21 @@ def one_size(n: int, timings: Path, out: Path) -> dict[str, Any]:
     return r
 
 
+def sizes(text: str) -> list[int]:
+    """--tasks: positive task counts, comma-separated."""
+    try:
+        counts = [int(n) for n in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected task counts such as 250,500")
+    return counts
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", default="250,500", help="sizes to run, comma-separated")
+    parser.add_argument("--tasks", default="250,500", type=sizes,
+                        help="sizes to run, comma-separated")  # fmt: skip
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "scale.md"))
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the test bed still comes down
@@ -255,7 +267,7 @@ def main() -> int:
     timings = Path(tempfile.mkdtemp(prefix="pyhpc-rpc-timing-"))
     was_up = subprocess.run([str(CLUSTER_SH), "status"], capture_output=True).returncode == 0
     try:
-        results = [one_size(int(n), timings, out) for n in args.tasks.split(",")]
+        results = [one_size(n, timings, out) for n in args.tasks]
     finally:
         if was_up:  # as it was: the other benchmarks run on the usual test bed
             subprocess.run([str(CLUSTER_SH), "up"], capture_output=True, check=False,
@@ -263,7 +275,8 @@ def main() -> int:
     out.with_suffix(".json").write_text(json.dumps(results))
     lines = [f"# Concurrent tasks on one node: {', '.join(str(r['tasks']) for r in results)}", ""]
     lines += [
-        f"Measured by `python bench/scale.py --tasks {args.tasks}` on {os.cpu_count()} CPUs, "
+        f"Measured by `python bench/scale.py --tasks {','.join(map(str, args.tasks))}` on "
+        f"{os.cpu_count()} CPUs, "
         f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') >> 30} GB, "
         f"{time.strftime('%Y-%m-%d')}: the test bed's one Nomad client (server and client in "
         "one agent, one region), `sleep` tasks of one batch job (cpu 5 MHz, 16 MB each) "

@@ -6,6 +6,7 @@ a task or a stats subscription does."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import time
@@ -16,6 +17,7 @@ from typing import Any
 import grpc
 
 KEEP = 500_000
+log = logging.getLogger("pyhpc.goplugin")
 
 
 class Timing(grpc.ServerInterceptor):
@@ -48,10 +50,15 @@ class Timing(grpc.ServerInterceptor):
         )
 
     def dump(self, *_: object) -> None:
+        """Write the calls out; a directory that cannot take them is logged, never raised
+        (this runs as a signal handler, in the plugin's main thread)."""
         tmp = f"{self.path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(list(self.calls), f)
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(list(self.calls), f)
+            os.replace(tmp, self.path)
+        except OSError as err:
+            log.warning("PYHPC_RPC_TIMING: cannot write %s: %s", self.path, err)
 
 
 def from_env() -> list[grpc.ServerInterceptor]:

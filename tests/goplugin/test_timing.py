@@ -51,3 +51,14 @@ def test_unary_calls_are_timed_and_dumped_on_sigusr1(
 def test_nothing_is_timed_without_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PYHPC_RPC_TIMING", raising=False)
     assert timing.from_env() == []
+
+
+def test_a_directory_that_cannot_take_the_dump_is_logged_not_raised(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The dump runs as a signal handler in the plugin's main thread: raising there would end
+    the plugin."""
+    missing = tmp_path / "nowhere"
+    timing.Timing(str(missing)).dump()
+    assert not missing.exists()
+    assert "PYHPC_RPC_TIMING: cannot write" in caplog.text
